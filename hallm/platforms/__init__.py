@@ -1,0 +1,63 @@
+"""hallm's public plugin API: everything a device plugin or extension may import.
+
+A plugin imports from `hallm.platforms` (the contracts) and `hallm.ops` (portable reference and
+Triton kernels), nothing else of the core. Importing this module imports no torch and no
+device runtime.
+"""
+
+from __future__ import annotations
+
+from hallm.platforms.attention import (
+    FEATURE_SLIDING_WINDOW,
+    FEATURE_SOFT_CAP,
+    KNOWN_FEATURES,
+    AttentionBackend,
+    AttentionSpec,
+    BatchLayout,
+    LayoutTensors,
+)
+from hallm.platforms.errors import (
+    BackendSelectionError,
+    ConfigError,
+    DeviceSelectionError,
+    HallmError,
+    PluginAPIVersionError,
+    PluginConflictError,
+    PluginLoadError,
+)
+from hallm.platforms.executor import Executor
+from hallm.platforms.hookspecs import HallmHookSpecs, hookimpl, hookspec
+from hallm.platforms.kv_connector import KVConnector, KVConnectorRole
+from hallm.platforms.platform import DTYPE_NAMES, Capabilities, Platform, Probe
+
+#: The plugin API version ("MAJOR.MINOR"). A plugin whose `Platform.api_version` has another
+#: major version is refused at load; a newer minor version than the core's gets a warning.
+API_VERSION = "1.0"
+
+__all__ = [
+    "API_VERSION",
+    "DTYPE_NAMES",
+    "FEATURE_SLIDING_WINDOW",
+    "FEATURE_SOFT_CAP",
+    "KNOWN_FEATURES",
+    "AttentionBackend",
+    "AttentionSpec",
+    "BackendSelectionError",
+    "BatchLayout",
+    "Capabilities",
+    "ConfigError",
+    "DeviceSelectionError",
+    "Executor",
+    "HallmError",
+    "HallmHookSpecs",
+    "KVConnector",
+    "KVConnectorRole",
+    "LayoutTensors",
+    "Platform",
+    "PluginAPIVersionError",
+    "PluginConflictError",
+    "PluginLoadError",
+    "Probe",
+    "hookimpl",
+    "hookspec",
+]

@@ -1,0 +1,200 @@
+"""The Platform contract: one implementation per device type.
+
+A platform plugin returns its Platform subclass from the `hallm_platform` hook. The class
+carries the device's identity as data, a cheap `probe()` that never raises, its capabilities,
+its attention backends in order of preference, and the device runtime the engine needs.
+Everything else has a documented default, so a minimal plugin overrides only what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from hallm.platforms.attention import AttentionBackend
+
+#: Model/activation dtypes by the names used in configs and on the command line.
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What `Platform.probe()` found.
+
+    available: the device can run a model in this process.
+    reason: why it is (or is not) available, in words a user can act on.
+    device_count: how many devices of this type are visible.
+    """
+
+    available: bool
+    reason: str
+    device_count: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a platform can do, as data (never a list of boolean methods).
+
+    dtypes: model dtypes by name ("float32", "bfloat16", "float16"); the first is the default
+        when the user asks for `--dtype auto` and the checkpoint's dtype is not supported.
+    kv_cache_dtypes: KV-cache dtypes beyond "auto" (which means: the model dtype).
+    graph_capture: the platform can capture and replay decode steps (`step_graphs`).
+    max_world_size: the most ranks for tensor parallelism (None: no limit known; 1: none).
+    torch_compile: `compile_model` does something useful on this device.
+    pin_memory: host buffers can be pinned for faster host-to-device copies.
+    """
+
+    dtypes: tuple[str, ...]
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
+    graph_capture: bool = False
+    max_world_size: int | None = 1
+    torch_compile: bool = False
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.dtypes:
+            raise ValueError("Capabilities.dtypes must name at least one dtype")
+        unknown = [d for d in self.dtypes if d not in DTYPE_NAMES]
+        if unknown:
+            raise ValueError(f"Capabilities.dtypes has unknown names {unknown}; use {DTYPE_NAMES}")
+
+
+class Platform(ABC):
+    """A device type (cuda, rocm, tpu, cpu, neuron, xpu, or a vendor's own).
+
+    Identity is class data. `probe()` is a classmethod so it runs before any instance exists;
+    the engine then makes exactly one instance per process. Required: `probe`,
+    `capabilities`, `attention_backends`, `memory_info`. Everything else has a default.
+    """
+
+    #: Device id; equals the entry-point name in group `hallm.platforms`.
+    name: ClassVar[str]
+    #: torch device type used for tensors ("cuda", "cpu", "xpu", "xla", ...).
+    device_type: ClassVar[str]
+    #: torch.distributed backend for tensor parallelism ("nccl", "gloo", "xccl", ...).
+    dist_backend: ClassVar[str] = "gloo"
+    #: Environment variable that restricts visible devices (e.g. CUDA_VISIBLE_DEVICES).
+    visible_devices_env: ClassVar[str | None] = None
+    #: Ray resource name of one device (e.g. "GPU"), None when Ray cannot schedule it.
+    ray_resource: ClassVar[str | None] = None
+    #: Higher wins under `--device auto` among available platforms.
+    auto_priority: ClassVar[int] = 0
+    #: The plugin API version this platform was written against ("MAJOR.MINOR").
+    api_version: ClassVar[str]
+
+    _REQUIRED_CLASS_ATTRS: ClassVar[tuple[str, ...]] = ("name", "device_type", "api_version")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "__abstractmethods__", None):
+            return  # an intermediate abstract base; checked on its concrete subclasses
+        missing = [a for a in cls._REQUIRED_CLASS_ATTRS if not isinstance(getattr(cls, a, None), str)]
+        if missing:
+            raise TypeError(f"Platform subclass {cls.__qualname__} must set class attributes {missing}")
+
+    # ---- required --------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> Probe:
+        """Say whether the device is usable here. Cheap, side-effect free, never raises.
+
+        Must not initialize a device runtime needlessly (the registry runs every probe in the
+        parent process under `--device auto`) and must return within a second or two.
+        """
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """The platform's capabilities (see `Capabilities`)."""
+
+    @abstractmethod
+    def attention_backends(self) -> Sequence[type[AttentionBackend]]:
+        """This platform's attention backends, most preferred first.
+
+        The core selects among these plus those contributed through the
+        `hallm_attention_backends` hook: the user's `--attention-backend` if given, else the
+        first whose `validate()` returns no reasons.
+        """
+
+    @abstractmethod
+    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
+        """(free_bytes, total_bytes) of the device memory that can hold weights and KV cache."""
+
+    # ---- device runtime, with defaults ------------------------------------------------------
+
+    def device(self, index: int = 0) -> torch.device:
+        """The torch device for local device `index`. Default: `torch.device(device_type, index)`."""
+        import torch
+
+        return torch.device(self.device_type, index)
+
+    def device_name(self, index: int = 0) -> str:
+        """A human-readable name of the device, for logs and reports. Default: the device id."""
+        return self.name
+
+    def set_device(self, index: int) -> None:
+        """Bind the calling process/thread to local device `index`. Default: nothing."""
+
+    def synchronize(self) -> None:
+        """Wait for all queued device work. Default: nothing (a synchronous device)."""
+
+    def empty_cache(self) -> None:
+        """Return cached, unused device memory to the system. Default: nothing."""
+
+    def manual_seed(self, seed: int) -> None:
+        """Seed every random generator the device uses. Default: `torch.manual_seed`."""
+        import torch
+
+        torch.manual_seed(seed)
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak device memory allocated since the last `reset_peak_memory()`, if measurable.
+
+        Default: None (the engine then sizes the KV cache from `memory_info()` alone).
+        """
+        return None
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory measurement. Default: nothing."""
+
+    # ---- engine hooks, with defaults --------------------------------------------------------
+
+    def update_config(self, config: Any) -> None:
+        """Validate and adjust the engine config for this device, in place.
+
+        Raise `ConfigError` with an actionable message for what the device cannot do; never
+        assert. The core has already checked the dtype against `capabilities()`.
+        Default: nothing.
+        """
+
+    def compile_model(self, model: Any, config: Any) -> Any:
+        """Return the model to run (compiled, or otherwise transformed). Default: unchanged."""
+        return model
+
+    def step_graphs(self, runner: Any) -> Any | None:
+        """Return a graph runner that captures and replays decode steps, or None for eager.
+
+        Called once by the model runner after the KV cache is allocated. Default: None.
+        """
+        return None
+
+    def worker_class(self) -> type | None:
+        """A Worker class replacing the core's (e.g. a JAX worker). Default: None (the core's)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Identity as plain data, for `hallm plugins` and reports."""
+        return {
+            "name": self.name,
+            "device_type": self.device_type,
+            "dist_backend": self.dist_backend,
+            "visible_devices_env": self.visible_devices_env,
+            "ray_resource": self.ray_resource,
+            "auto_priority": self.auto_priority,
+            "api_version": self.api_version,
+        }
