@@ -2,7 +2,8 @@
 
 The core ships `uni` (in process), `mp` (one process per rank) and `ray`; a plugin may
 contribute another through the `hallm_executors` hook. The engine calls, in order:
-`start()`, `available_kv_cache_bytes()`, `init_kv_cache(num_blocks)`, then `execute(step)`
+`start()`, `available_kv_cache_bytes()`, `kv_cache_bytes_per_block()`,
+`init_kv_cache(num_blocks)`, then `execute(step)`
 once per step, `check_health()` at will, and `shutdown()` last.
 """
 
@@ -37,6 +38,10 @@ class Executor(ABC):
     @abstractmethod
     def available_kv_cache_bytes(self) -> int:
         """Bytes each rank can give the KV cache, measured after a worst-case dummy step."""
+
+    @abstractmethod
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes one KV-cache block takes on each rank, over all layers."""
 
     @abstractmethod
     def init_kv_cache(self, num_blocks: int) -> None:

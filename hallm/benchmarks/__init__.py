@@ -1,0 +1,1 @@
+"""Benchmarks behind `hallm bench`: each measures hallm and a peer in the same run."""

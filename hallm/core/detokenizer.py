@@ -1,0 +1,289 @@
+"""Incremental detokenization: token ids in, streamable text deltas out, stop strings applied.
+
+Two decoding strategies behind one class:
+  * `tokenizers.decoders.DecodeStream` (the library's own streaming decoder) for fast tokenizers
+    that expose `backend_tokenizer`. It buffers tokens until they decode to complete UTF-8, so a
+    character split over byte-level tokens (emoji, CJK) never surfaces as U+FFFD mid-stream.
+  * vLLM's prefix-offset/read-offset algorithm for anything else (slow tokenizers, custom ones),
+    decoding a short sliding window of ids and emitting only what grew past the previous window.
+
+Stop strings: text is searched only where a match could end in the newly added text; a match
+truncates `output_text` (before the stop string, or after it with include_stop_str_in_output).
+While streaming, up to len(longest stop string) - 1 characters are held back, so a delta never
+contains text that a later token turns into (the start of) a stop string.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from hallm.core.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+try:  # tokenizers >= 0.21
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers
+    DecodeStream = None  # type: ignore[misc,assignment]
+
+_REPLACEMENT = "\ufffd"
+_INVALID_PREFIX = "Invalid prefix encountered"
+# Prompt ids kept as left context so the first output token decodes as it would mid-text
+# (e.g. SentencePiece's leading-space handling), as vLLM does.
+_PROMPT_CONTEXT_MIN = 4
+_PROMPT_CONTEXT_MAX = 24
+_OFFSETS_PROMPT_CONTEXT = 5
+
+
+class _StreamDecoder:
+    """Text deltas from `tokenizers.decoders.DecodeStream` (vLLM's FastIncrementalDetokenizer)."""
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        self._backend = tokenizer.backend_tokenizer
+        self._skip_special = params.skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=self._skip_special)
+        # The Rust decoder always joins added tokens its own way; emulate
+        # spaces_between_special_tokens=False by emitting consecutive added tokens verbatim.
+        self._added: dict[int, str] | None = None
+        self._last_added = False
+        if not (params.skip_special_tokens or params.spaces_between_special_tokens):
+            added = {tid: tok.content for tid, tok in tokenizer.added_tokens_decoder.items()}
+            self._added = added or None
+
+        for tid in self._prompt_context(tokenizer, prompt_token_ids):
+            self._step(tid)
+
+    @staticmethod
+    def _prompt_context(tokenizer: Any, prompt: Sequence[int]) -> Sequence[int]:
+        """A short prompt suffix that decodes cleanly (does not start mid-character)."""
+        if len(prompt) <= _PROMPT_CONTEXT_MIN:
+            return prompt
+        for i in range(_PROMPT_CONTEXT_MIN, min(len(prompt), _PROMPT_CONTEXT_MAX) + 1):
+            suffix = prompt[-i:]
+            if _REPLACEMENT not in tokenizer.decode(list(suffix)):
+                return suffix
+        return prompt[-_PROMPT_CONTEXT_MAX:]
+
+    def _step(self, token_id: int) -> str | None:
+        try:
+            return self._stream.step(self._backend, token_id)
+        except (OverflowError, TypeError):
+            logger.warning("detokenizer: invalid token id %r, rendered as empty text", token_id)
+            return None
+        except Exception as e:
+            if not str(e).startswith(_INVALID_PREFIX):
+                raise
+            # Rare non-monotonic decodes break DecodeStream's prefix; restart it (vLLM does too).
+            logger.warning("detokenizer: DecodeStream lost its prefix; restarting it")
+            self._stream = DecodeStream(skip_special_tokens=self._skip_special)
+            return self._stream.step(self._backend, token_id)
+
+    def step(self, token_id: int) -> str:
+        text = self._step(token_id)
+        if self._added is not None:
+            content = self._added.get(token_id)
+            if content is not None and self._last_added:
+                text = content
+            self._last_added = content is not None
+        return text or ""
+
+
+class _OffsetsDecoder:
+    """vLLM's classic `detokenize_incrementally`, over ids with `tokenizer.decode` (any tokenizer).
+
+    ids[prefix:read] is text already emitted (kept as context); ids[prefix:] is decoded after each
+    new id and whatever extends past the context's text is the delta, unless it ends in U+FFFD
+    (an incomplete UTF-8 sequence: wait for the next token).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        self._tokenizer = tokenizer
+        self._decode_kwargs = {
+            "skip_special_tokens": params.skip_special_tokens,
+            "spaces_between_special_tokens": params.spaces_between_special_tokens,
+            "clean_up_tokenization_spaces": False,
+        }
+        self._ids = list(prompt_token_ids[-(_OFFSETS_PROMPT_CONTEXT + 2) :])
+        self._read = len(self._ids)
+        self._prefix = max(self._read - _OFFSETS_PROMPT_CONTEXT, 0)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, **self._decode_kwargs) if ids else ""
+
+    def step(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        if self._prefix > 64:  # drop ids that are no longer context, keeping the window small
+            del self._ids[: self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+        return new_text[len(prefix_text) :]
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's output token ids into text, incrementally, with stop strings.
+
+    tokenizer:        a transformers tokenizer (fast ones use DecodeStream)
+    prompt_token_ids: the prompt (its tail is left context for decoding the first output tokens)
+    params:           skip_special_tokens, spaces_between_special_tokens, stop,
+                      include_stop_str_in_output, min_tokens, detokenize are honoured
+    use_decode_stream: force (True) or forbid (False) the DecodeStream path; None = when possible
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        use_decode_stream: bool | None = None,
+    ) -> None:
+        self.params = params
+        self.token_ids: list[int] = []
+        self._text = ""
+        self._decoder: _StreamDecoder | _OffsetsDecoder | None = None
+        if params.detokenize:
+            stream_ok = DecodeStream is not None and hasattr(tokenizer, "backend_tokenizer")
+            if use_decode_stream and not stream_ok:
+                raise ValueError(
+                    "use_decode_stream=True needs tokenizers>=0.21 and a fast tokenizer "
+                    f"(with backend_tokenizer); got {type(tokenizer).__name__}"
+                )
+            if stream_ok and use_decode_stream is not False:
+                self._decoder = _StreamDecoder(tokenizer, prompt_token_ids, params)
+            else:
+                self._decoder = _OffsetsDecoder(tokenizer, prompt_token_ids, params)
+
+        self._stop: list[str] = list(params.stop or ()) if params.detokenize else []
+        # Characters held back from streamed deltas: a stop string's first len-1 characters could
+        # already be in the text. With include_stop_str_in_output the stop string is emitted
+        # anyway (and nothing after it ever is), so nothing needs holding back.
+        self._hold_back = (
+            max(len(s) for s in self._stop) - 1 if self._stop and not params.include_stop_str_in_output else 0
+        )
+        self._emitted = 0  # characters of output_text already returned as deltas
+        self._searched = 0  # stop strings are matched only where they end past this offset
+        self._stop_string: str | None = None
+        self._finished = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def output_text(self) -> str:
+        """All text so far (held-back characters included; truncated at a matched stop string)."""
+        return self._text
+
+    @property
+    def visible_text(self) -> str:
+        """The text safe to show while streaming: output_text minus the held-back tail until finished."""
+        if self._finished or not self._hold_back:
+            return self._text
+        return self._text[: max(0, len(self._text) - self._hold_back)]
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the sequence, if one did."""
+        return self._stop_string
+
+    @property
+    def finished(self) -> bool:
+        """True once a stop string matched, a stop token ended the sequence, or flush() ran."""
+        return self._finished
+
+    # ------------------------------------------------------------------ streaming
+
+    def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str:
+        """Add newly sampled tokens; return the text delta that is safe to stream now.
+
+        Stop strings from `params.stop` are checked here (see `check_stop_strings`); when one
+        matches, the sequence is finished and the delta runs up to the truncation point.
+        stop_terminated: the last token is EOS or a stop token id (the engine's token-level stop);
+        its text is left out unless include_stop_str_in_output, and held-back text is released.
+        """
+        if self._finished:
+            return ""
+        ids = list(new_token_ids)
+        skipped: int | None = None
+        if stop_terminated and ids and not self.params.include_stop_str_in_output:
+            skipped = ids.pop()
+        min_tokens = self.params.min_tokens
+        for tid in ids:
+            self.token_ids.append(tid)
+            if self._decoder is not None:
+                self._text += self._decoder.step(tid)
+            if len(self.token_ids) <= min_tokens:
+                # Text of the first min_tokens tokens cannot end a match (vLLM's min_tokens rule).
+                self._searched = len(self._text)
+        if skipped is not None:
+            self.token_ids.append(skipped)
+
+        if self._stop and len(self.token_ids) > min_tokens:
+            self.check_stop_strings(self._stop, self.params.include_stop_str_in_output)
+        if stop_terminated:
+            self._finished = True
+        return self._next_delta()
+
+    def flush(self) -> str:
+        """Finish the sequence (EOS, length, abort): return the held-back text not yet streamed."""
+        self._finished = True
+        return self._next_delta()
+
+    def _next_delta(self) -> str:
+        end = len(self._text) if self._finished else len(self._text) - self._hold_back
+        if end <= self._emitted:
+            return ""
+        delta = self._text[self._emitted : end]
+        self._emitted = end
+        return delta
+
+    # ------------------------------------------------------------------ stop strings
+
+    def check_stop_strings(self, stop: Sequence[str], include_stop_str_in_output: bool) -> str | None:
+        """Search the new text for stop strings; on a match truncate output_text and return it.
+
+        Only matches that end in text added since the previous check are looked for (the tail
+        plus len(stop string) - 1 characters of overlap), so the cost per call is bounded by the
+        new text, not the whole output. With several matches the earliest in the text wins.
+        Once a stop string has matched, returns it again on every call.
+        Truncation: before the stop string, or after it with include_stop_str_in_output.
+        """
+        if self._stop_string is not None:
+            return self._stop_string
+        text = self._text
+        if len(text) <= self._searched or not stop:
+            return None
+        best_index = -1
+        best: str | None = None
+        for s in stop:
+            index = text.find(s, max(0, self._searched - len(s) + 1))
+            if index != -1 and (best is None or index < best_index):
+                best_index, best = index, s
+        self._searched = len(text)
+        if best is None:
+            return None
+        end = best_index + len(best) if include_stop_str_in_output else best_index
+        # Never cut into what was already streamed (possible only when `stop` differs from the
+        # params' stop strings that sized the hold-back).
+        self._text = text[: max(end, self._emitted)]
+        self._stop_string = best
+        self._finished = True
+        return best
+
+
+def decode_logprob_token(tokenizer: Any, token_id: int) -> str:
+    """The text shown for one token in a logprobs entry (vLLM: `tokenizer.decode([id])`).
+
+    Special tokens are shown as themselves; a token that is part of a multi-byte character
+    decodes to U+FFFD, as in vLLM. An id outside the tokenizer's vocabulary gives "".
+    """
+    try:
+        text = tokenizer.decode([token_id])
+    except (IndexError, KeyError, OverflowError, TypeError, ValueError):
+        return ""
+    return text or ""

@@ -1,0 +1,239 @@
+"""LLMEngine: requests in, outputs out, one `step()` at a time.
+
+It owns the scheduler, the executor (which owns the workers), the tokenizer and the output
+processor. It validates every request before accepting it, so bad input is refused with a
+clear error and never disturbs the requests already running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hallm.core.config import EngineConfig
+from hallm.core.engine_args import EngineArgs
+from hallm.core.output_processor import OutputProcessor
+from hallm.core.outputs import RequestOutput
+from hallm.core.request import Request, RequestStatus
+from hallm.core.sampling_params import SamplingParams
+from hallm.core.scheduler import Scheduler
+from hallm.platforms import ConfigError, Executor, HallmError
+from hallm.platforms.registry import platform_from_choice
+
+logger = logging.getLogger("hallm.engine")
+
+PromptType = str | Sequence[int] | dict[str, Any]
+
+
+class InvalidRequestError(HallmError, ValueError):
+    """A request the engine refuses; the message names the field and the limit."""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        platform_cls = platform_from_choice(config.device)
+        self.platform = platform_cls()
+        self.executor = self._make_executor()
+        self.executor.start()
+        config.cache.num_blocks = self._num_blocks()
+        self.executor.init_kv_cache(config.cache.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, config.model.max_model_len)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.eos_token_ids = self._eos_token_ids()
+        self.start_time = time.monotonic()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        from hallm.core.model_loader import load_tokenizer
+
+        config = args.create_engine_config()
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        return cls(config, tokenizer)
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def _make_executor(self) -> Executor:
+        from hallm.core.executors import BUILTIN_EXECUTORS
+        from hallm.platforms.registry import executors as contributed_executors
+
+        available = {**BUILTIN_EXECUTORS, **contributed_executors()}
+        name = self.config.parallel.distributed_executor_backend
+        if name not in available:
+            raise ConfigError(f"unknown executor {name!r}; available: {sorted(available)}")
+        return available[name](self.config, self.platform)
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        per_block = self.executor.kv_cache_bytes_per_block()
+        if cache.num_gpu_blocks_override is not None:
+            num_blocks = cache.num_gpu_blocks_override
+        else:
+            budget = self.executor.available_kv_cache_bytes()
+            if cache.kv_cache_memory_bytes is not None:
+                budget = min(budget, cache.kv_cache_memory_bytes)
+            num_blocks = budget // per_block
+            # More blocks than every sequence at full length can use is wasted memory.
+            ceiling = self.config.scheduler.max_num_seqs * -(
+                -self.config.model.max_model_len // cache.block_size
+            )
+            num_blocks = min(num_blocks, ceiling + 1)
+        if num_blocks < 2:
+            raise ConfigError(
+                f"no room for the KV cache ({num_blocks} blocks of {per_block} bytes): raise "
+                "--gpu-memory-utilization, lower --max-model-len, or use a smaller model"
+            )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            num_blocks,
+            cache.block_size,
+            num_blocks * per_block / 2**30,
+        )
+        return int(num_blocks)
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(self.config.model.hf_config, "eos_token_id", None)
+        for value in (getattr(self.tokenizer, "eos_token_id", None), gen_eos):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer; pass prompt_token_ids")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_token_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize_prompt(prompt["prompt"])
+            raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        return None, self._check_token_ids(prompt)
+
+    def _check_token_ids(self, ids: Any) -> list[int]:
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
+            raise InvalidRequestError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+        vocab = int(self.config.model.hf_config.vocab_size)
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequestError(f"prompt_token_ids must be ints in [0, {vocab}), got {t!r}")
+            out.append(int(t))
+        return out
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request. Raises InvalidRequestError (a ValueError) for bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.output_processor.parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self._validate(token_ids, params)
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:
+                # Each sample is its own sequence; a seeded request gets distinct, reproducible seeds.
+                child_params = params.clone()
+                child_params.n = 1
+                if params.seed is not None:
+                    child_params.seed = params.seed + i
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(
+                Request(
+                    child_id,
+                    token_ids,
+                    child_params,
+                    self.eos_token_ids,
+                    self.config.model.max_model_len,
+                    arrival_time,
+                )
+            )
+        self.output_processor.add(request_id, text, children)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_len = self.config.model.max_model_len
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        if len(token_ids) >= max_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens, but the model's context limit (max_model_len) is "
+                f"{max_len} and at least one token must be generated; shorten the prompt"
+            )
+        if (
+            params.prompt_logprobs is not None
+            and len(token_ids) > self.config.scheduler.max_num_batched_tokens
+        ):
+            pass  # chunked prefill handles it
+        needed = self.scheduler.kv.blocks_needed(len(token_ids) + 1)
+        usable = self.scheduler.kv.pool.num_usable_blocks
+        if needed > usable:
+            raise InvalidRequestError(
+                f"the prompt needs {needed} KV-cache blocks but the whole pool has {usable}; it can never fit: "
+                "shorten it, or give the engine more KV-cache memory (--gpu-memory-utilization, "
+                "--num-gpu-blocks-override)"
+            )
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        child_ids = [c for rid in ids for c in self.output_processor.child_ids(rid)]
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        return self.output_processor.finish_aborted(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one step on the executor, and return the requests that changed."""
+        step = self.scheduler.schedule()
+        if step.is_empty:
+            if self.scheduler.has_unfinished_requests() and not step.finished_req_ids:
+                raise RuntimeError("scheduler made no progress with requests pending (KV pool too small?)")
+            self.executor.execute(step)  # lets the workers drop finished requests
+            return []
+        output = self.executor.execute(step)
+        touched = self.scheduler.update(step, output)
+        outputs, stopped = self.output_processor.process(touched, output)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def get_stats(self) -> dict[str, Any]:
+        pool = self.scheduler.kv.pool
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": pool.usage(),
+            "num_free_blocks": pool.num_free_blocks,
+            "num_blocks": pool.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": pool.stats.queries,
+            "prefix_cache_hits": pool.stats.hits,
+            "prefix_cache_hit_rate": pool.stats.hit_rate,
+        }
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

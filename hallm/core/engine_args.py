@@ -1,0 +1,150 @@
+"""EngineArgs: the user-facing engine options (the offline API's keywords, the CLI's flags),
+checked and turned into an EngineConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from hallm.core.config import (
+    DTYPE_CHOICES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    check_fraction,
+    check_positive,
+)
+from hallm.platforms import ConfigError
+
+logger = logging.getLogger("hallm.engine")
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    load_format: str = "auto"
+    attention_backend: str | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    served_model_name: str | None = None
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}")
+        check_positive("block_size", self.block_size)
+        check_positive("max_num_seqs", self.max_num_seqs)
+        check_positive("max_model_len", self.max_model_len, allow_none=True)
+        check_positive("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        check_positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        check_positive("tensor_parallel_size", self.tensor_parallel_size)
+        check_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+
+    def create_engine_config(self) -> EngineConfig:
+        """Validate, resolve the device (once, here) and the model, and build the config."""
+        from hallm.core.model_loader import resolve_model
+        from hallm.platforms.registry import select_platform
+
+        self.validate()
+        source = resolve_model(self.model, self.load_format, self.tokenizer)
+        choice = select_platform(self.device)
+        platform = choice.platform_cls()
+        caps = platform.capabilities()
+        dtype = resolve_dtype(self.dtype, source.hf_config, caps.dtypes, choice.device_id)
+
+        limit = _model_context_length(source.hf_config)
+        max_model_len = self.max_model_len or limit
+        if limit is not None and max_model_len > limit:
+            raise ConfigError(
+                f"max_model_len {max_model_len} exceeds the model's context length {limit} "
+                f"(max_position_embeddings in its config); pass --max-model-len <= {limit}"
+            )
+        max_batched = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
+        if self.tensor_parallel_size > 1:
+            raise ConfigError("tensor_parallel_size > 1 is not supported yet; use 1")
+        config = EngineConfig(
+            model=ModelConfig(
+                model=source.model_dir,
+                tokenizer=source.tokenizer_dir,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                seed=self.seed,
+                load_format=source.load_format,
+                hf_config=source.hf_config,
+                served_model_name=self.served_model_name or source.display_name,
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=max_batched,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+            ),
+            parallel=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend or "uni",
+            ),
+            device=choice.to_dict(),
+            attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
+        )
+        if not config.scheduler.enable_chunked_prefill and max_batched < max_model_len:
+            raise ConfigError(
+                f"without chunked prefill max_num_batched_tokens ({max_batched}) must be >= max_model_len "
+                f"({max_model_len})"
+            )
+        platform.update_config(config)
+        return config
+
+
+def _model_context_length(hf_config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_dtype(requested: str, hf_config: Any, supported: tuple[str, ...], device_id: str) -> str:
+    """`auto`: the checkpoint's dtype if the device supports it, else the device's default."""
+    if requested == "auto":
+        ckpt = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        name = str(ckpt).replace("torch.", "") if ckpt is not None else None
+        chosen = name if name in supported else supported[0]
+        if name is not None and name != chosen:
+            logger.info("checkpoint dtype %s is not supported on %s; using %s", name, device_id, chosen)
+        return chosen
+    if requested not in supported:
+        raise ConfigError(
+            f"dtype {requested} is not supported on device '{device_id}' (supported: {list(supported)}); "
+            f"pass --dtype {supported[0]} or --dtype auto"
+        )
+    return requested

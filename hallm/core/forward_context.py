@@ -1,0 +1,41 @@
+"""Per-step state the attention layers read during one model forward.
+
+The model runner sets it around each forward, so model code keeps the plain
+`forward(input_ids, positions)` signature of a torch module and stays device-neutral.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from hallm.platforms import BatchLayout
+
+
+@dataclasses.dataclass
+class ForwardContext:
+    """layout: the step's BatchLayout; metadata: each backend class's metadata for this step."""
+
+    layout: BatchLayout
+    metadata: dict[type, Any]
+
+
+_current: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError("attention layer called outside set_forward_context(); the model runner sets it")
+    return _current
+
+
+@contextlib.contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
+    global _current
+    prev, _current = _current, ctx
+    try:
+        yield
+    finally:
+        _current = prev

@@ -1,0 +1,132 @@
+"""Per-request state the model runner keeps between steps, and the step's input buffers.
+
+Buffers are allocated once at the largest step size and reused, so building a step copies a few
+small arrays and launches no allocations; on a device other than the CPU the host arrays are
+copied into persistent device tensors (which a captured graph can read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from hallm.core.sampling_params import SamplingParams
+from hallm.platforms import BatchLayout, LayoutTensors
+
+
+@dataclasses.dataclass
+class CachedRequestState:
+    req_id: str
+    params: SamplingParams
+    token_ids: np.ndarray  # int64 [max_model_len]: prompt then outputs
+    num_tokens: int
+    num_prompt_tokens: int
+    block_table: np.ndarray  # int32 [max_blocks_per_req]
+    num_blocks: int
+    num_computed_tokens: int
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None
+
+    def append_blocks(self, block_ids: list[int]) -> None:
+        n = len(block_ids)
+        self.block_table[self.num_blocks : self.num_blocks + n] = block_ids
+        self.num_blocks += n
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids[self.num_tokens] = token_id
+        self.num_tokens += 1
+        self.output_token_ids.append(token_id)
+
+
+class StepBuffers:
+    """Host (numpy) and device (torch) buffers for the largest step the config allows."""
+
+    def __init__(
+        self, max_num_tokens: int, max_num_reqs: int, max_blocks_per_req: int, device: torch.device, pin: bool
+    ) -> None:
+        self.device = device
+        self.input_ids = np.zeros(max_num_tokens, dtype=np.int64)
+        self.positions = np.zeros(max_num_tokens, dtype=np.int64)
+        self.slot_mapping = np.zeros(max_num_tokens, dtype=np.int64)
+        self.query_start_loc = np.zeros(max_num_reqs + 1, dtype=np.int32)
+        self.seq_lens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.context_lens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.block_tables = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
+        self._on_host = device.type == "cpu"
+        if not self._on_host:
+
+            def dev(a: np.ndarray) -> torch.Tensor:
+                return torch.empty(a.shape, dtype=torch.from_numpy(a[:0]).dtype, device=device)
+
+            self.d_input_ids = dev(self.input_ids)
+            self.d_positions = dev(self.positions)
+            self.d_slot_mapping = dev(self.slot_mapping)
+            self.d_query_start_loc = dev(self.query_start_loc)
+            self.d_seq_lens = dev(self.seq_lens)
+            self.d_context_lens = dev(self.context_lens)
+            self.d_block_tables = dev(self.block_tables)
+
+    def _to_device(self, host: np.ndarray, dev_buf: torch.Tensor | None, n: int) -> torch.Tensor:
+        src = torch.from_numpy(host[:n])
+        if dev_buf is None:
+            return src  # CPU: the host array is the tensor (zero copy)
+        dst = dev_buf[:n]
+        dst.copy_(src, non_blocking=True)
+        return dst
+
+    def build(
+        self, num_reqs: int, num_tokens: int, block_size: int, max_blocks: int
+    ) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+        """Make the step's layout and (input_ids, positions) device tensors from filled host arrays.
+
+        Callers fill input_ids[:T], query_start_loc[:R+1], context_lens[:R], block_tables[:R]
+        first; positions, seq_lens and slot_mapping are derived here, vectorized.
+        """
+        qsl = self.query_start_loc[: num_reqs + 1]
+        query_lens = np.diff(qsl)
+        ctx = self.context_lens[:num_reqs]
+        np.add(ctx, query_lens, out=self.seq_lens[:num_reqs])
+        req_idx = np.repeat(np.arange(num_reqs), query_lens)
+        # position of token t = context_len of its request + its offset in the request's chunk
+        positions = self.positions[:num_tokens]
+        np.subtract(np.arange(num_tokens), np.repeat(qsl[:-1] - ctx, query_lens), out=positions)
+        block_idx = positions // block_size
+        self.slot_mapping[:num_tokens] = (
+            self.block_tables[req_idx, block_idx].astype(np.int64) * block_size + positions % block_size
+        )
+        on_dev = not self._on_host
+        tensors = LayoutTensors(
+            query_start_loc=self._to_device(
+                self.query_start_loc, self.d_query_start_loc if on_dev else None, num_reqs + 1
+            ),
+            seq_lens=self._to_device(self.seq_lens, self.d_seq_lens if on_dev else None, num_reqs),
+            context_lens=self._to_device(
+                self.context_lens, self.d_context_lens if on_dev else None, num_reqs
+            ),
+            block_tables=self._to_device(
+                self.block_tables, self.d_block_tables if on_dev else None, num_reqs
+            )[:, :max_blocks],
+            slot_mapping=self._to_device(
+                self.slot_mapping, self.d_slot_mapping if on_dev else None, num_tokens
+            ),
+        )
+        layout = BatchLayout(
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            num_prefill_reqs=int(np.count_nonzero(query_lens > 1)),
+            max_query_len=int(query_lens.max()) if num_reqs else 0,
+            max_seq_len=int(self.seq_lens[:num_reqs].max()) if num_reqs else 0,
+            query_start_loc=qsl,
+            seq_lens=self.seq_lens[:num_reqs],
+            context_lens=ctx,
+            block_tables=self.block_tables[:num_reqs, :max_blocks],
+            slot_mapping=self.slot_mapping[:num_tokens],
+            block_size=block_size,
+            tensors=tensors,
+        )
+        input_ids = self._to_device(self.input_ids, self.d_input_ids if on_dev else None, num_tokens)
+        pos = self._to_device(self.positions, self.d_positions if on_dev else None, num_tokens)
+        return layout, input_ids, pos

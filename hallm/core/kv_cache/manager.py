@@ -1,0 +1,93 @@
+"""Per-request block tables on top of the block pool, with prefix-cache admission."""
+
+from __future__ import annotations
+
+from hallm.core.kv_cache.block_pool import BlockPool, KVBlock
+from hallm.core.kv_cache.hashing import extend_block_hashes
+from hallm.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.num_hashed_blocks: dict[str, int] = {}  # per request: blocks already made findable
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """The longest cached prefix of a request being admitted: (blocks, tokens they hold).
+
+        At least one token is always left to compute, so the step produces logits to sample.
+        """
+        if not self.enable_caching:
+            return [], 0
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        if request.num_preemptions == 0:  # a resumed request's lookup is not a new query
+            stats = self.pool.stats
+            stats.requests += 1
+            stats.queries += request.num_prompt_tokens
+            stats.hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
+    ) -> list[int] | None:
+        """Make room for `num_new_tokens` more tokens; return the new block ids, or None if full.
+
+        `computed_blocks` are prefix-cache hits of a request being admitted; they are taken
+        (referenced) here, together with the new blocks, or not at all.
+        """
+        computed_blocks = computed_blocks or []
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_new_blocks = max(0, self.blocks_needed(total) - len(blocks) - len(computed_blocks))
+        # Hit blocks that sit in the free queue are about to leave it, so they do not count.
+        evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - evictable_hits:
+            return None
+        self.pool.touch(computed_blocks)
+        new_blocks = self.pool.allocate(num_new_blocks)
+        blocks = blocks + computed_blocks + new_blocks
+        self.req_blocks[request.request_id] = blocks
+        if self.enable_caching:
+            # Blocks full after this step are hashed now: their content is written this step, and
+            # a backend writes a step's KV before any attention reads it.
+            known = min(total, request.num_tokens)
+            extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, known)
+            start = self.num_hashed_blocks.get(request.request_id, 0)
+            for i in range(start, known // self.block_size):
+                self.pool.cache_block(blocks[i], request.block_hashes[i])
+            self.num_hashed_blocks[request.request_id] = max(start, known // self.block_size)
+        return [b.block_id for b in computed_blocks + new_blocks]
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.num_hashed_blocks.pop(request.request_id, None)
+        self.pool.free(blocks[::-1])
+
+    def reset_prefix_cache(self) -> bool:
+        self.pool.reset_prefix_cache()
+        return True

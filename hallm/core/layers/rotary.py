@@ -1,0 +1,115 @@
+"""Rotary position embedding (RoPE), with every rope type transformers knows.
+
+Inverse frequencies come from transformers' own `ROPE_INIT_FUNCTIONS` (linear, dynamic, yarn,
+longrope, llama3, ...), so scaled variants match HF exactly; only the unscaled "default" form
+is computed here (it is not in that table). cos/sin are computed per step from the positions
+([T] x [rotary_dim/2] multiplies), which is as cheap as a table lookup and needs no
+max-length cache.
+
+Static-cache notes (the KV cache holds keys rotated at write time):
+- "dynamic" (NTK) uses the frequencies HF starts with (those for `max_position_embeddings`);
+  HF re-scales once a batch grows past that length, which a paged cache cannot follow.
+- "longrope" picks the long factors for the whole step when any position is at or past
+  `original_max_position_embeddings`, as HF does for a batch of one sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hallm.platforms import ConfigError
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's rope parameters in transformers' v5 form (`rope_type`, `rope_theta`, ...)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.setdefault("rope_type", "default")
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    return params
+
+
+def _default_inv_freq(config: Any, head_size: int, params: dict[str, Any]) -> torch.Tensor:
+    dim = int(head_size * params.get("partial_rotary_factor", 1.0))
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    return 1.0 / (params["rope_theta"] ** exponent)
+
+
+def compute_inv_freq(config: Any, head_size: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq float32 [rotary_dim/2] on CPU, attention scaling of cos/sin) for `config`."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return _default_inv_freq(config, head_size, params), 1.0
+    init_fn = ROPE_INIT_FUNCTIONS.get(rope_type)
+    if init_fn is None:
+        known = ["default", *sorted(ROPE_INIT_FUNCTIONS)]
+        raise ConfigError(f"rope type {rope_type!r} is not known to transformers; known types: {known}")
+    inv_freq, scaling = init_fn(config, torch.device("cpu"), seq_len=seq_len)
+    return inv_freq.float(), float(scaling)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `2 * cos.shape[-1]` dims of x [T, H, D] (NeoX "rotate half" layout).
+
+    cos/sin [T, 1, rotary_dim/2]. Returns a new tensor; dims past rotary_dim pass through.
+    """
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    if 2 * half == x.shape[-1]:
+        return torch.cat((out1, out2), dim=-1)
+    return torch.cat((out1, out2, x[..., 2 * half :]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """forward(positions [T], q [T, Hq, D], k [T, Hk, D]) -> (q, k) rotated by position."""
+
+    inv_freq: torch.Tensor  # float32 [rotary_dim / 2]
+    long_inv_freq: torch.Tensor  # longrope only: the long factors' frequencies
+
+    def __init__(self, config: Any, head_size: int) -> None:
+        super().__init__()
+        # On CPU even under a `torch.device("meta")` build: the loader keeps real buffers
+        # (see hallm.core.models.interface) and moves them to the model's device.
+        with torch.device("cpu"):
+            inv_freq, self.attention_scaling = compute_inv_freq(config, head_size)
+            long_inv_freq = self._long_inv_freq(config, head_size)
+        self.rotary_dim = 2 * inv_freq.numel()
+        if self.rotary_dim > head_size:
+            raise ConfigError(f"rotary dim {self.rotary_dim} exceeds head size {head_size}; check the config")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.original_max_position: int | None = None
+        if long_inv_freq is not None:
+            self.original_max_position = int(rope_parameters(config)["original_max_position_embeddings"])
+            self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+
+    @staticmethod
+    def _long_inv_freq(config: Any, head_size: int) -> torch.Tensor | None:
+        params = rope_parameters(config)
+        if params["rope_type"] != "longrope":
+            return None
+        seq_len = int(params["original_max_position_embeddings"]) + 1
+        return compute_inv_freq(config, head_size, seq_len=seq_len)[0]
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.original_max_position is not None:
+            # A 0-d tensor condition: no host sync, graph-capturable.
+            use_long = positions.max() >= self.original_max_position
+            inv_freq = torch.where(use_long, self.long_inv_freq, self.inv_freq)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, rotary_dim/2]
+        cos = (freqs.cos() * self.attention_scaling).to(q.dtype)[:, None, :]  # [T, 1, rotary_dim/2]
+        sin = (freqs.sin() * self.attention_scaling).to(q.dtype)[:, None, :]
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"rotary_dim={self.rotary_dim}, attention_scaling={self.attention_scaling}"

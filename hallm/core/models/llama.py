@@ -1,0 +1,185 @@
+"""The Llama family, natively: Llama 2/3 (any rope scaling), Mistral, Qwen2, Qwen3, SmolLM2.
+
+The members differ only in flags read from the config or fixed per class:
+- Llama/SmolLM2/Mistral: biases on q/k/v/o iff `attention_bias`; Mistral may set a sliding
+  window (per layer via `layer_types` where the config has them);
+- Qwen2: bias on q/k/v only;
+- Qwen3: biases iff `attention_bias`, and an RMSNorm over each head of q and k before rope.
+Tied input/output embeddings follow `tie_word_embeddings`.
+
+Layout: every tensor is over the step's packed tokens, T = all requests' new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hallm.core.layers.attention import Attention
+from hallm.core.layers.mlp import GatedMLP
+from hallm.core.layers.norm import RMSNorm
+from hallm.core.layers.rotary import RotaryEmbedding
+from hallm.core.models.interface import ModelBase, layer_sliding_window
+from hallm.core.models.weights import load_checkpoint_weights, stacked_shards
+
+
+def head_size_of(config: Any) -> int:
+    """`config.head_dim` when set, else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    """x [T, hidden] -> [T, hidden]: fused qkv projection, (q/k norm), rope, paged attention, o_proj."""
+
+    def __init__(self, config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_size = head_size_of(config)
+        self.q_size = self.num_heads * self.head_size
+        self.kv_size = self.num_kv_heads * self.head_size
+        # Rows: [q (q_size) | k (kv_size) | v (kv_size)] -- one matmul instead of three.
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
+        self.attn = Attention(
+            self.num_heads,
+            self.head_size,
+            self.head_size**-0.5,
+            self.num_kv_heads,
+            layer_idx,
+            sliding_window=layer_sliding_window(config, layer_idx),
+        )
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_size)
+        k = k.view(t, self.num_kv_heads, self.head_size)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, over head_size
+        q, k = rotary(positions, q, k)
+        out = self.attn(q.reshape(t, self.q_size), k.reshape(t, self.kv_size), v)
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block; carries the residual stream so each norm fuses the residual add."""
+
+    def __init__(self, config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias, qk_norm)
+        self.mlp = GatedMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            bias=bool(getattr(config, "mlp_bias", False)),
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        rotary: RotaryEmbedding,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, rotary)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """input_ids [T], positions [T] -> final-normed hidden states [T, hidden]."""
+
+    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, head_size_of(config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, self.rotary_emb)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(ModelBase):
+    """Llama 2/3 and SmolLM2. Subclasses only change the attention flags."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        qkv_bias, o_bias, qk_norm = self.attention_flags(config)
+        self.model = LlamaModel(config, qkv_bias, o_bias, qk_norm)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def attention_flags(cls, config: Any) -> tuple[bool, bool, bool]:
+        """(bias on q/k/v, bias on o, per-head q/k RMSNorm)."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias, False
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids [T], positions [T] -> hidden [T, hidden_size]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named weights, fusing q/k/v and gate/up; see `load_checkpoint_weights`."""
+        attn: LlamaAttention = self.model.layers[0].self_attn  # type: ignore[assignment]
+        shards = stacked_shards(
+            qkv={"q": attn.q_size, "k": attn.kv_size, "v": attn.kv_size},
+            gate_up=self.config.intermediate_size,
+        )
+        # Tied checkpoints sometimes still carry lm_head.weight (a copy of the embedding).
+        ignore = frozenset({"lm_head.weight"}) if self.tie_word_embeddings else frozenset()
+        loaded = load_checkpoint_weights(
+            self, weights, shards, ignore_suffixes=("rotary_emb.inv_freq",), ignore_names=ignore
+        )
+        if self.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        return loaded
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama with an optional sliding window (handled by the attention layer)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: bias on q/k/v, none on o."""
+
+    @classmethod
+    def attention_flags(cls, config: Any) -> tuple[bool, bool, bool]:
+        return True, False, False
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: RMSNorm over each q and k head before rope."""
+
+    @classmethod
+    def attention_flags(cls, config: Any) -> tuple[bool, bool, bool]:
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias, True

@@ -1,0 +1,73 @@
+"""Which model class runs a checkpoint: plugin models, then native ones, then the generic path."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from hallm.platforms import ConfigError
+
+#: HF architecture name -> "module:Class" of hallm's native implementation (imported lazily).
+NATIVE_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "hallm.core.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "hallm.core.models.llama:MistralForCausalLM",
+    "Qwen2ForCausalLM": "hallm.core.models.llama:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "hallm.core.models.llama:Qwen3ForCausalLM",
+}
+
+_GENERIC_NOTE = (
+    "any other transformers causal LM whose attention goes through transformers' attention-function "
+    "interface runs through hallm's generic path"
+)
+
+
+def supported_architectures(extra: Mapping[str, type] | None = None) -> list[str]:
+    """Architectures with a dedicated (native or plugin-contributed) implementation."""
+    return sorted({*NATIVE_MODELS, *(extra or {})})
+
+
+def architecture_of(hf_config: Any) -> str:
+    """`config.architectures[0]`, else the causal-LM class transformers maps `model_type` to."""
+    archs = getattr(hf_config, "architectures", None) or []
+    if archs:
+        return str(archs[0])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", ""))
+    if name is None:
+        raise ConfigError(
+            "config.json names no architecture ('architectures' is empty) and its model_type "
+            f"{getattr(hf_config, 'model_type', None)!r} has no causal-LM class; supported: "
+            f"{supported_architectures()}"
+        )
+    return name
+
+
+def _import(target: str) -> type:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def resolve_model_class(hf_config: Any, extra: Mapping[str, type] | None = None) -> type:
+    """The model class for `hf_config`.
+
+    Order: `extra` (plugin-contributed, from the `hallm_models` hook), hallm's native models,
+    then `GenericCausalLM` if transformers can run the architecture through hallm's attention.
+    Raises ConfigError listing the supported architectures otherwise.
+    """
+    arch = architecture_of(hf_config)
+    if extra and arch in extra:
+        return extra[arch]
+    if arch in NATIVE_MODELS:
+        return _import(NATIVE_MODELS[arch])
+    from hallm.core.models.generic import GenericCausalLM, generic_unsupported_reason
+
+    reason = generic_unsupported_reason(hf_config)
+    if reason is None:
+        return GenericCausalLM
+    raise ConfigError(
+        f"model architecture {arch!r} is not supported ({reason}). Natively supported: "
+        f"{', '.join(supported_architectures(extra))}; {_GENERIC_NOTE}. A plugin can add an "
+        "architecture through the hallm_models hook."
+    )

@@ -1,0 +1,165 @@
+"""Turns sampled tokens into user-facing outputs: detokenization, stop strings, logprobs.
+
+Runs in the engine's process after each step (later in the API process, off the engine loop).
+A request with `n` > 1 is one parent with `n` child sequences; its RequestOutput lists all `n`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hallm.core.detokenizer import IncrementalDetokenizer, decode_logprob_token
+from hallm.core.outputs import CompletionOutput, Logprob, ModelRunnerOutput, PositionLogprobs, RequestOutput
+from hallm.core.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class SequenceState:
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    logprobs: list[PositionLogprobs] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclasses.dataclass
+class ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[SequenceState]
+    prompt_logprobs: list[PositionLogprobs | None] | None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.parents: dict[str, ParentState] = {}
+        self.child_to_parent: dict[str, tuple[ParentState, SequenceState]] = {}
+
+    def add(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
+        first = children[0]
+        params = first.sampling_params
+        parent = ParentState(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            children=[],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        for i, child in enumerate(children):
+            detok = None
+            if params.detokenize and self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, params)
+            seq = SequenceState(
+                index=i,
+                request=child,
+                detokenizer=detok,
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            parent.children.append(seq)
+            self.child_to_parent[child.request_id] = (parent, seq)
+        self.parents[request_id] = parent
+
+    def child_ids(self, request_id: str) -> list[str]:
+        parent = self.parents.get(request_id)
+        return [c.request.request_id for c in parent.children] if parent else []
+
+    def process(
+        self, touched: list[Request], output: ModelRunnerOutput
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Update the touched sequences; return (outputs of changed parents, ids stopped by a stop string)."""
+        changed: dict[str, ParentState] = {}
+        stopped: list[str] = []
+        for request in touched:
+            entry = self.child_to_parent.get(request.request_id)
+            if entry is None:
+                continue
+            parent, seq = entry
+            changed[parent.request_id] = parent
+            if (
+                request.request_id in output.prompt_logprobs
+                and parent.prompt_logprobs is not None
+                and seq.index == 0
+            ):
+                ids, vals, ranks = output.prompt_logprobs[request.request_id]
+                parent.prompt_logprobs.extend(
+                    self._position_logprobs(i, v, r) for i, v, r in zip(ids, vals, ranks, strict=True)
+                )
+            token = output.sampled_token_ids.get(request.request_id)
+            if token is None:
+                continue
+            if seq.logprobs is not None and request.request_id in output.logprobs:
+                ids, vals, rank = output.logprobs[request.request_id]
+                seq.logprobs.append(self._position_logprobs(ids, vals, rank))
+                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + vals[0]
+            if seq.detokenizer is not None:
+                seq.detokenizer.update([token])
+                params = request.sampling_params
+                if params.stop and not request.status.finished:
+                    hit = seq.detokenizer.check_stop_strings(params.stop, params.include_stop_str_in_output)
+                    if hit is not None:
+                        seq.finish_reason = RequestStatus.FINISHED_STOPPED.finish_reason
+                        seq.stop_reason = hit
+                        stopped.append(request.request_id)
+            if request.status.finished and seq.finish_reason is None:
+                seq.finish_reason = request.status.finish_reason
+                seq.stop_reason = request.stop_reason
+        return [self._make_output(p) for p in changed.values()], stopped
+
+    def finish_aborted(self, request_ids: list[str]) -> list[RequestOutput]:
+        outs = []
+        for rid in request_ids:
+            parent = self.parents.get(rid)
+            if parent is None:
+                continue
+            for seq in parent.children:
+                if seq.finish_reason is None:
+                    seq.finish_reason = RequestStatus.FINISHED_ABORTED.finish_reason
+            outs.append(self._make_output(parent))
+        return outs
+
+    def _position_logprobs(self, ids: list[int], vals: list[float], rank: int) -> PositionLogprobs:
+        # Entry 0 is the chosen token with its rank; the rest are the top-k, ranked 1..k.
+        out: PositionLogprobs = {}
+        for j, (tid, val) in enumerate(zip(ids, vals, strict=True)):
+            if tid in out:
+                continue
+            out[tid] = Logprob(val, rank if j == 0 else j, decode_logprob_token(self.tokenizer, tid))
+        return out
+
+    def _make_output(self, parent: ParentState) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.detokenizer.output_text if seq.detokenizer is not None else "",
+                token_ids=list(seq.request.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=seq.logprobs,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in parent.children
+        ]
+        finished = parent.finished
+        if finished:
+            del self.parents[parent.request_id]
+            for seq in parent.children:
+                self.child_to_parent.pop(seq.request.request_id, None)
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            prompt_logprobs=parent.prompt_logprobs,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=max(0, parent.children[0].request.num_cached_tokens),
+        )

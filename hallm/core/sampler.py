@@ -1,0 +1,215 @@
+"""The Sampler: logits [N, V] -> one token per row (+ logprobs), pure torch, any device.
+
+Pipeline, in vLLM's order:
+  1. raw logprobs = log_softmax(logits)            (only when some row asks for logprobs)
+  2. logit_bias, min_tokens mask, penalties         (penalties.py; greedy rows included)
+  3. greedy rows: argmax
+  4. random rows: temperature -> min_p -> top-k/top-p -> softmax -> exponential race
+  5. gather the sampled token's logprob, rank and the top-k from the raw logprobs
+
+Random sampling uses the exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. is an
+exact sample from p, needs no cumsum/searchsorted, and lets each seeded row draw its noise from
+its own generator, so a seeded request's tokens do not depend on the rest of the batch. Stages
+no row needs are skipped using host-side flags from SamplingMetadata; nothing here reads a
+device value back (no sync) until the caller copies the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from hallm.core.logprobs import LogprobsTensors, compute_logprobs, compute_prompt_logprobs, gather_logprobs
+from hallm.core.penalties import apply_logit_bias, apply_min_tokens, apply_penalties
+from hallm.core.sampling_metadata import RequestSamplingState, SamplingMetadata
+
+__all__ = [
+    "LogprobsTensors",
+    "RequestSamplingState",
+    "Sampler",
+    "SamplerOutput",
+    "SamplingMetadata",
+    "apply_min_p",
+    "apply_top_k_only",
+    "apply_top_k_top_p",
+    "apply_top_p_within_top_k",
+    "compute_prompt_logprobs",
+    "random_sample",
+]
+
+_NEG_INF = float("-inf")
+# With top-k on every top-p row and k up to this, top-p works on topk(k) values instead of sorting
+# the whole vocabulary (several times faster at V=150k; beyond this topk is no cheaper than sort).
+_MAX_K_WITHOUT_SORT = 4096
+
+
+@dataclasses.dataclass
+class SamplerOutput:
+    """sampled_token_ids: LongTensor [N]; logprobs: None unless some row asked for logprobs."""
+
+    sampled_token_ids: torch.Tensor
+    logprobs: LogprobsTensors | None
+
+
+class Sampler:
+    """Samples one token per row. Stateless; one instance serves every step.
+
+    The caller's logits are never modified (the first in-place stage works on a copy).
+    """
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [N, V] (any float dtype; processed in float32), rows in `meta`'s order."""
+        if logits.dim() != 2 or logits.shape[0] != meta.num_reqs:
+            raise ValueError(
+                f"logits must be [num_reqs={meta.num_reqs}, vocab], got shape {tuple(logits.shape)}"
+            )
+        if logits.shape[1] != meta.vocab_size:
+            raise ValueError(
+                f"logits vocab dimension {logits.shape[1]} != SamplingMetadata.vocab_size {meta.vocab_size}"
+            )
+        raw_logprobs = compute_logprobs(logits) if meta.max_num_logprobs is not None else None
+
+        owned = logits.dtype != torch.float32  # a dtype conversion makes a private copy
+        logits = logits.to(torch.float32)
+        logits, owned = apply_logit_bias(logits, meta, owned)
+        logits, owned = apply_min_tokens(logits, meta, owned)
+        logits = apply_penalties(logits, meta)
+
+        sampled = self.sample(logits, meta)
+
+        logprobs = None
+        if raw_logprobs is not None:
+            assert meta.max_num_logprobs is not None
+            logprobs = gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """[N, V] float32 processed logits -> [N] long token ids (greedy and random rows mixed)."""
+        greedy = None if meta.all_random else logits.argmax(dim=-1)
+        if meta.all_greedy:
+            assert greedy is not None
+            return greedy
+
+        assert meta.temperature is not None
+        # Out of place: from here on `logits` is ours to modify.
+        logits = logits / meta.temperature.unsqueeze(1)
+        if not meta.no_min_p:
+            assert meta.min_p is not None
+            logits = apply_min_p(logits, meta.min_p)
+        if not meta.no_top_p:
+            if meta.top_p_within_top_k and meta.max_top_k <= _MAX_K_WITHOUT_SORT:
+                assert meta.top_k is not None and meta.top_p is not None
+                logits = apply_top_p_within_top_k(logits, meta.top_k, meta.max_top_k, meta.top_p)
+            else:
+                logits = apply_top_k_top_p(logits, None if meta.no_top_k else meta.top_k, meta.top_p)
+        elif not meta.no_top_k:
+            assert meta.top_k is not None
+            logits = apply_top_k_only(logits, meta.top_k, meta.max_top_k)
+
+        probs = torch.softmax(logits, dim=-1)
+        sampled = random_sample(probs, meta.generators)
+        if greedy is not None:
+            assert meta.is_greedy is not None
+            sampled = torch.where(meta.is_greedy, greedy, sampled)
+        return sampled
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p * (the row's top probability). In place.
+
+    logits: [N, V] float32 (temperature applied); min_p: [N], 0 on rows without min-p.
+    """
+    probs = torch.softmax(logits, dim=-1)  # [N, V]
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)  # [N, 1]
+    return logits.masked_fill_(probs < threshold, _NEG_INF)
+
+
+def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Keep each row's top_k largest logits (ties at the k-th value are kept). In place.
+
+    logits: [N, V]; top_k: [N] long, V on rows without top-k; max_top_k: max over rows using it.
+    Uses topk(max_top_k) instead of a full sort.
+    """
+    vocab = logits.shape[1]
+    no_top_k = top_k >= vocab  # [N]
+    k_index = top_k.clamp(min=1, max=max_top_k).sub(1).unsqueeze(1)  # [N, 1], 0-based
+    threshold = logits.topk(max_top_k, dim=1).values.gather(1, k_index)  # [N, 1]
+    threshold.masked_fill_(no_top_k.unsqueeze(1), _NEG_INF)
+    return logits.masked_fill_(logits < threshold, _NEG_INF)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Top-k then top-p (on the top-k-renormalized distribution) with a single sort.
+
+    logits: [N, V]; top_k: [N] long (V = off) or None; top_p: [N] float32 (1.0 = off) or None.
+    Top-p keeps the smallest set of most likely tokens whose mass reaches p (always >= 1 token).
+    """
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)  # [N, V] ascending
+    vocab = logits.shape[1]
+    if top_k is not None:
+        # The k-th largest sits at ascending index V - k; everything strictly below it goes.
+        kth = sorted_logits.gather(1, (vocab - top_k).clamp(0, vocab - 1).unsqueeze(1))  # [N, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth, _NEG_INF)
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = torch.cumsum(probs, dim=-1)  # ascending: mass of this token and all less likely
+        # Drop a token when the tokens strictly more likely than it already hold >= p.
+        drop = cum <= (1.0 - top_p).unsqueeze(1)
+        drop[:, -1] = False  # the most likely token always stays
+        sorted_logits.masked_fill_(drop, _NEG_INF)
+    return sorted_logits.scatter(1, order, sorted_logits)
+
+
+def apply_top_p_within_top_k(
+    logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Top-k then top-p, for batches where every row with top-p < 1 also has top-k. In place.
+
+    Same result as `apply_top_k_top_p`, but only the top `max_top_k` logits per row are sorted
+    (by topk): the top-p cut always falls inside the row's top k.
+    logits: [N, V]; top_k: [N] long (V = off, only on rows with top_p == 1); top_p: [N] float32.
+    """
+    vocab = logits.shape[1]
+    values = logits.topk(max_top_k, dim=1).values  # [N, K] descending
+    position = torch.arange(max_top_k, device=logits.device)  # [K]
+    in_top_k = position < top_k.unsqueeze(1)  # [N, K]
+    values = values.masked_fill(~in_top_k, _NEG_INF)
+    probs = values.softmax(dim=-1)  # the top-k-renormalized distribution
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    # A prefix of each row survives; its length is >= 1 because mass_before[:, 0] == 0.
+    keep = in_top_k & ((mass_before < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1))
+    threshold = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1)  # [N, 1] smallest kept logit
+    threshold.masked_fill_((top_k >= vocab).unsqueeze(1), _NEG_INF)
+    return logits.masked_fill_(logits < threshold, _NEG_INF)
+
+
+def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(probs / E), E ~ Exp(1). [N, V] probs -> [N] long.
+
+    Unseeded rows share one draw from the device's default generator; each seeded row draws its
+    own [V] noise from its generator (a loop over seeded rows only), so its tokens are independent
+    of batch composition and position.
+    """
+    n, vocab = probs.shape
+    noise = torch.empty_like(probs)  # [N, V]
+    if len(generators) < n:
+        noise.exponential_()
+    for row, gen in generators.items():
+        if _same_device(gen.device, noise.device):
+            noise[row].exponential_(generator=gen)
+        else:  # a device without its own generators: draw on the generator's device, copy over
+            draw = torch.empty(vocab, dtype=noise.dtype, device=gen.device).exponential_(generator=gen)
+            noise[row].copy_(draw)
+    # An exact 0 draw would turn a masked token (p=0) into 0/0 = NaN, which argmax would pick.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return probs.div_(noise).argmax(dim=-1)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" and "cuda:0" name the same device when one side leaves the index implicit.
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

@@ -1,0 +1,77 @@
+"""A worker: one device, its model runner, and the memory accounting that sizes the KV cache."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from hallm.core.config import EngineConfig
+from hallm.core.model_runner import ModelRunner
+from hallm.core.outputs import ModelRunnerOutput
+from hallm.core.scheduler_output import SchedulerOutput
+from hallm.platforms import Platform
+
+logger = logging.getLogger("hallm.worker")
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, platform: Platform, local_rank: int = 0) -> None:
+        self.config = config
+        self.platform = platform
+        self.local_rank = local_rank
+        self.runner: ModelRunner | None = None
+
+    def init_device(self) -> None:
+        self.platform.set_device(self.local_rank)
+        self.device = self.platform.device(self.local_rank)
+        self.platform.manual_seed(self.config.model.seed)
+
+    def load_model(self) -> None:
+        self.runner = ModelRunner(self.config, self.platform, self.device)
+        self.runner.load_model()
+
+    def available_kv_cache_bytes(self) -> int:
+        """Device memory left for the KV cache under `gpu_memory_utilization`.
+
+        budget = total * utilization - (memory in use after loading the model) - (the activation
+        peak of a worst-case step, where the platform can measure it).
+        """
+        assert self.runner is not None
+        self.platform.empty_cache()
+        self.platform.reset_peak_memory()
+        self.runner.profile_run()
+        gc.collect()
+        self.platform.empty_cache()
+        free, total = self.platform.memory_info(self.local_rank)
+        peak = self.platform.peak_memory_bytes()
+        activation_peak = 0
+        if peak is not None:
+            activation_peak = max(0, peak - self._allocated_now())
+        budget = int(total * self.config.cache.gpu_memory_utilization) - (total - free) - activation_peak
+        logger.info(
+            "memory: total %.2f GiB, in use %.2f GiB, activation peak %.2f GiB -> KV budget %.2f GiB",
+            total / 2**30,
+            (total - free) / 2**30,
+            activation_peak / 2**30,
+            budget / 2**30,
+        )
+        return max(0, budget)
+
+    def _allocated_now(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return 0
+
+    def bytes_per_block(self) -> int:
+        assert self.runner is not None
+        return self.runner.bytes_per_block()
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        assert self.runner is not None
+        self.runner.init_kv_cache(num_blocks)
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.runner is not None
+        return self.runner.execute(step)
