@@ -56,6 +56,9 @@ class ModelRunner:
         self.backends: list[AttentionBackend] = []
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
+        # A platform's graph runner (see Platform.step_graphs): `can_replay(layout) -> bool` and
+        # `replay(layout, input_ids, positions) -> hidden`; it reads this runner's buffers.
+        self.graphs: Any = None
         self.buffers = StepBuffers(
             self.max_num_tokens,
             self.max_num_reqs,
@@ -123,6 +126,13 @@ class ModelRunner:
         ]
         for layer, backend, cache in zip(self.attn_layers, self.backends, self.kv_caches, strict=True):
             layer.bind(backend, cache)
+
+    def capture_graphs(self) -> None:
+        """Ask the platform for a graph runner (after the real KV cache exists); None means eager."""
+        if self.config.enforce_eager or not self.platform.capabilities().graph_capture:
+            self.graphs = None
+            return
+        self.graphs = self.platform.step_graphs(self)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -217,7 +227,10 @@ class ModelRunner:
                 sample_rows.append(i)
         b.query_start_loc[0] = 0
         layout, input_ids, positions = b.build(num_reqs, offset, self.block_size, max_blocks)
-        hidden = self._forward(layout, input_ids, positions)
+        if self.graphs is not None and self.graphs.can_replay(layout):
+            hidden = self.graphs.replay(layout, input_ids, positions)
+        else:
+            hidden = self._forward(layout, input_ids, positions)
 
         out = ModelRunnerOutput(sampled_token_ids={})
         self._prompt_logprobs(states, step, layout, hidden, out)

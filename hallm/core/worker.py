@@ -71,6 +71,7 @@ class Worker:
     def init_kv_cache(self, num_blocks: int) -> None:
         assert self.runner is not None
         self.runner.init_kv_cache(num_blocks)
+        self.runner.capture_graphs()
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None
