@@ -11,7 +11,7 @@ import platform as _host
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil  # type: ignore[import-untyped]
 
@@ -70,6 +70,12 @@ class CpuPlatform(Platform):
         from hallm_cpu.attention import CpuReferenceAttention
 
         return [CpuReferenceAttention]
+
+    def compile_model(self, model: Any, config: Any) -> Any:
+        """Swap linear layers for CPU-friendly layouts (see `hallm_cpu.linear`)."""
+        from hallm_cpu.linear import optimize_linears
+
+        return optimize_linears(model)
 
     def memory_info(self, device_index: int = 0) -> tuple[int, int]:
         """(available, total) host memory in bytes, capped by the container's cgroup limit."""
