@@ -48,8 +48,8 @@ class EngineArgs:
     served_model_name: str | None = None
 
     def validate(self) -> None:
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if not isinstance(self.dtype, str):
+            raise ConfigError(f"dtype must be a string such as {list(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}")
         check_positive("block_size", self.block_size)
@@ -65,7 +65,7 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         """Validate, resolve the device (once, here) and the model, and build the config."""
-        from hallm.core.model_loader import resolve_model
+        from hallm.core.model_loader import dtype_name, resolve_dtype, resolve_model
         from hallm.platforms.registry import select_platform
 
         self.validate()
@@ -73,7 +73,10 @@ class EngineArgs:
         choice = select_platform(self.device)
         platform = choice.platform_cls()
         caps = platform.capabilities()
-        dtype = resolve_dtype(self.dtype, source.hf_config, caps.dtypes, choice.device_id)
+        ckpt_dtype = getattr(source.hf_config, "dtype", None)
+        dtype = dtype_name(resolve_dtype(self.dtype, ckpt_dtype, caps.dtypes))
+        if self.dtype == "auto" and dtype_name(ckpt_dtype) not in (None, dtype):
+            logger.info("checkpoint dtype %s is not supported on %s; using %s", ckpt_dtype, choice.device_id, dtype)
 
         limit = _model_context_length(source.hf_config)
         max_model_len = self.max_model_len or limit
@@ -131,20 +134,3 @@ def _model_context_length(hf_config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def resolve_dtype(requested: str, hf_config: Any, supported: tuple[str, ...], device_id: str) -> str:
-    """`auto`: the checkpoint's dtype if the device supports it, else the device's default."""
-    if requested == "auto":
-        ckpt = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
-        name = str(ckpt).replace("torch.", "") if ckpt is not None else None
-        chosen = name if name in supported else supported[0]
-        if name is not None and name != chosen:
-            logger.info("checkpoint dtype %s is not supported on %s; using %s", name, device_id, chosen)
-        return chosen
-    if requested not in supported:
-        raise ConfigError(
-            f"dtype {requested} is not supported on device '{device_id}' (supported: {list(supported)}); "
-            f"pass --dtype {supported[0]} or --dtype auto"
-        )
-    return requested
