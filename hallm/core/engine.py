@@ -51,7 +51,7 @@ class LLMEngine:
         from hallm.core.model_loader import load_tokenizer
 
         config = args.create_engine_config()
-        tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+        tokenizer = None if args.skip_tokenizer_init else load_tokenizer(config.model.tokenizer or config.model.model)
         return cls(config, tokenizer)
 
     # ---- setup ------------------------------------------------------------------------------
@@ -191,6 +191,21 @@ class LLMEngine:
                 "shorten it, or give the engine more KV-cache memory (--gpu-memory-utilization, "
                 "--num-gpu-blocks-override)"
             )
+        # At its longest a request holds the KV of its prompt and of every output token but the
+        # last. One that could outgrow the whole pool would stall the engine when it got there.
+        room = max_len - len(token_ids)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        needed = self.scheduler.kv.blocks_needed(len(token_ids) + max_new - 1)
+        if needed > usable:
+            raise InvalidRequestError(
+                f"the request can grow to {needed} KV-cache blocks ({len(token_ids)} prompt tokens + "
+                f"max_tokens={max_new}) but the whole pool has {usable}; it can never fit: lower "
+                "max_tokens, shorten the prompt, or give the engine more KV-cache memory"
+            )
+        try:
+            params.verify_vocab(int(self.config.model.hf_config.vocab_size))
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
 
     def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -230,6 +245,9 @@ class LLMEngine:
             "prefix_cache_queries": pool.stats.queries,
             "prefix_cache_hits": pool.stats.hits,
             "prefix_cache_hit_rate": pool.stats.hit_rate,
+            "prefix_cache_requests": pool.stats.requests,
+            "prefix_cache_tokens_saved": pool.stats.tokens_saved,
+            "prefix_cache_evictions": pool.stats.evictions,
         }
 
     def reset_prefix_cache(self) -> bool:

@@ -46,6 +46,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     served_model_name: str | None = None
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
 
     def validate(self) -> None:
         if not isinstance(self.dtype, str):

@@ -44,6 +44,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy (random weights)")
     g.add_argument("--attention-backend", default=None, help="force an attention backend by name")
     g.add_argument("--enforce-eager", action="store_true", help="never capture device graphs")
+    g.add_argument("--skip-tokenizer-init", action="store_true", help="load no tokenizer: token ids in and out")
     g.add_argument("--served-model-name", default=None, help="model name reported to clients")
 
 
@@ -68,4 +69,5 @@ def engine_args_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         served_model_name=args.served_model_name,
+        skip_tokenizer_init=args.skip_tokenizer_init,
     )
