@@ -51,7 +51,9 @@ class LLMEngine:
         from hallm.core.model_loader import load_tokenizer
 
         config = args.create_engine_config()
-        tokenizer = None if args.skip_tokenizer_init else load_tokenizer(config.model.tokenizer or config.model.model)
+        tokenizer = (
+            None if args.skip_tokenizer_init else load_tokenizer(config.model.tokenizer or config.model.model)
+        )
         return cls(config, tokenizer)
 
     # ---- setup ------------------------------------------------------------------------------

@@ -91,9 +91,12 @@ class OutputProcessor:
                 and seq.index == 0
             ):
                 ids, vals, ranks = output.prompt_logprobs[request.request_id]
-                parent.prompt_logprobs.extend(
+                # By position, not appended: a request preempted and resumed computes (and
+                # scores) its prompt again, which must overwrite, not repeat, what it gave.
+                end = min(request.num_computed_tokens, request.num_prompt_tokens - 1) + 1
+                parent.prompt_logprobs[end - len(ids) : end] = [
                     self._position_logprobs(i, v, r) for i, v, r in zip(ids, vals, ranks, strict=True)
-                )
+                ]
             token = output.sampled_token_ids.get(request.request_id)
             if token is None:
                 continue
@@ -102,17 +105,23 @@ class OutputProcessor:
                 seq.logprobs.append(self._position_logprobs(ids, vals, rank))
                 seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + vals[0]
             if seq.detokenizer is not None:
-                seq.detokenizer.update([token])
-                params = request.sampling_params
-                if params.stop and not request.status.finished:
-                    hit = seq.detokenizer.check_stop_strings(params.stop, params.include_stop_str_in_output)
-                    if hit is not None:
-                        seq.finish_reason = RequestStatus.FINISHED_STOPPED.finish_reason
-                        seq.stop_reason = hit
+                # A token-level stop (EOS, a stop token id) leaves the token's text out unless
+                # include_stop_str_in_output; update() also applies the stop strings.
+                stop_terminated = request.status == RequestStatus.FINISHED_STOPPED
+                seq.detokenizer.update([token], stop_terminated=stop_terminated)
+                hit = seq.detokenizer.stop_string
+                if hit is not None:
+                    # The text is cut at the stop string even when this token also ended the
+                    # request (max_tokens, EOS): then it finished on the stop string (vLLM).
+                    seq.finish_reason = RequestStatus.FINISHED_STOPPED.finish_reason
+                    seq.stop_reason = hit
+                    if not request.status.finished:
                         stopped.append(request.request_id)
             if request.status.finished and seq.finish_reason is None:
                 seq.finish_reason = request.status.finish_reason
                 seq.stop_reason = request.stop_reason
+            if seq.finish_reason is not None and seq.detokenizer is not None:
+                seq.detokenizer.flush()  # releases the text held back for stop strings
         return [self._make_output(p) for p in changed.values()], stopped
 
     def finish_aborted(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -124,6 +133,8 @@ class OutputProcessor:
             for seq in parent.children:
                 if seq.finish_reason is None:
                     seq.finish_reason = RequestStatus.FINISHED_ABORTED.finish_reason
+                    if seq.detokenizer is not None:
+                        seq.detokenizer.flush()
             outs.append(self._make_output(parent))
         return outs
 
@@ -140,7 +151,7 @@ class OutputProcessor:
         outputs = [
             CompletionOutput(
                 index=seq.index,
-                text=seq.detokenizer.output_text if seq.detokenizer is not None else "",
+                text=_text(seq),
                 token_ids=list(seq.request.output_token_ids),
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=seq.logprobs,
@@ -163,3 +174,10 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=max(0, parent.children[0].request.num_cached_tokens),
         )
+
+
+def _text(seq: SequenceState) -> str:
+    """All the text once finished; while streaming, only what no later stop string can cut."""
+    if seq.detokenizer is None:
+        return ""
+    return seq.detokenizer.output_text if seq.finish_reason is not None else seq.detokenizer.visible_text
