@@ -1,0 +1,391 @@
+"""The kit's pytest plugin: options, applicability, xfails, outcomes, device-error abort, report.
+
+pytest loads this module in every session of an environment where hallm is installed (entry
+point `pytest11: hallm.conformance.plugin`), so it imports only the standard library, pytest
+and the kit's stdlib-only modules, and every hook is inert unless the kit's own tests are
+collected. The device under test, torch and the engine load lazily, from the kit's fixtures.
+With plugin autoloading disabled, pass `-p hallm.conformance.plugin`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform as _host
+import re
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from hallm.conformance import KIT_VERSION
+from hallm.conformance import outcomes as oc
+from hallm.conformance.report import build_report, matrix, run_passed, summarize, write_reports
+from hallm.conformance.xfails import XfailEntry, XfailsFileError, find_entry, load_xfails
+
+if TYPE_CHECKING:
+    from hallm.conformance.target import Target
+
+KIT_DIR = Path(__file__).resolve().parent
+DEVICE_ENV = "HALLM_DEVICE"
+MAX_LEVEL = 3
+
+#: Exception text that means the device itself is in trouble; later tests would fail spuriously.
+DEVICE_ERROR = re.compile(
+    r"CUDA error|CUDA driver error|cudaError|CUBLAS_STATUS|CUDNN_STATUS|device-side assert|"
+    r"illegal memory access|unspecified launch failure|misaligned address|illegal instruction|"
+    r"HIP error|hipError|XPU error|UR_RESULT_ERROR|NPU error|ACL error|XlaRuntimeError|"
+    r"device lost|DEVICE_LOST|ECC error|AcceleratorError|NRT error|Neuron runtime error"
+)
+
+
+class KitState:
+    """Per-session state of the kit (kept in `config.stash`)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.active = False
+        self.level = int(config.getoption("hallm_level"))
+        self.quick = bool(config.getoption("hallm_quick"))
+        self.require_device = bool(config.getoption("hallm_require_device"))
+        self.report_path: str | None = config.getoption("hallm_report")
+        self.xfails_file: str | None = config.getoption("hallm_xfails")
+        self.xfails: list[XfailEntry] = []
+        self.records: dict[str, oc.TestRecord] = {}
+        self.items: dict[str, pytest.Item] = {}
+        self.abort_reason: str | None = None
+        self.started = time.time()
+        self._target: Target | None = None
+
+    @property
+    def device_id(self) -> str:
+        """The device under test: --hallm-device, else $HALLM_DEVICE."""
+        device = self.config.getoption("hallm_device") or os.environ.get(DEVICE_ENV, "")
+        device = device.strip()
+        if not device or device == "auto":
+            raise pytest.UsageError(
+                "the hallm conformance kit tests one device plugin: pass --hallm-device ID "
+                "(an installed device id, see `hallm plugins`), or set HALLM_DEVICE"
+            )
+        return device
+
+    def target(self) -> Target:
+        """The device under test, loaded on first use (this is where torch may load)."""
+        if self._target is None:
+            from hallm.conformance.target import Target
+
+            self._target = Target.load(self.device_id)
+        return self._target
+
+    def activate(self) -> None:
+        """The kit's tests were collected: check the options and read the xfails file."""
+        if self.active:
+            return
+        _ = self.device_id
+        if not 0 <= self.level <= MAX_LEVEL:
+            raise pytest.UsageError(f"--hallm-level must be 0..{MAX_LEVEL}, got {self.level}")
+        if self.xfails_file:
+            try:
+                self.xfails = load_xfails(self.xfails_file)
+            except XfailsFileError as exc:
+                raise pytest.UsageError(str(exc)) from exc
+        self.active = True
+
+    def platform_if_loaded(self) -> Any:
+        """The platform instance if the kit made one for an available device, else None."""
+        target = self._target
+        return target.instance if target is not None and target.available else None
+
+    def meta(self) -> dict[str, Any]:
+        """The report's header: versions, device, options."""
+        from hallm.platforms import API_VERSION
+
+        torch = sys.modules.get("torch")
+        data: dict[str, Any] = {
+            "kit_version": KIT_VERSION,
+            "core_version": KIT_VERSION,
+            "api_version": API_VERSION,
+            "torch_version": getattr(torch, "__version__", None),
+            "python_version": _host.python_version(),
+            "host": _host.platform(),
+            "level": self.level,
+            "quick": self.quick,
+            "xfails_file": self.xfails_file,
+            "started": datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - self.started, 2),
+            "abort_reason": self.abort_reason,
+        }
+        try:
+            data.update(self.target().describe())
+        except pytest.UsageError:
+            data["device_id"] = None
+        return data
+
+
+STATE_KEY = pytest.StashKey[KitState]()
+
+
+def kit_state(config: pytest.Config) -> KitState:
+    """The session's kit state (the kit's fixtures and hooks share it)."""
+    return config.stash[STATE_KEY]
+
+
+def is_kit_item(item: pytest.Item) -> bool:
+    """True for the kit's own tests (files of the hallm.conformance package)."""
+    return KIT_DIR in Path(str(item.path)).resolve().parents
+
+
+def kit_test_id(item: pytest.Item) -> str:
+    """The id xfails entries match: "<file>::<name[params]>", independent of the rootdir."""
+    return f"{Path(str(item.path)).name}::{item.name}"
+
+
+# ---- hooks --------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hallm-conformance", "hallm conformance kit (pytest --pyargs hallm.conformance)")
+    group.addoption("--hallm-device", default=None, metavar="ID", help="device id of the plugin under test")
+    group.addoption(
+        "--hallm-level",
+        type=int,
+        default=MAX_LEVEL,
+        metavar="N",
+        help="run tiers 0..N: 0 discovery, 1 kernels, 2 components, 3 end to end (default 3)",
+    )
+    group.addoption(
+        "--hallm-xfails", default=None, metavar="FILE", help="the vendor's known failures (strict)"
+    )
+    group.addoption("--hallm-report", default=None, metavar="FILE.json", help="write JSON + Markdown reports")
+    group.addoption(
+        "--hallm-quick", action="store_true", help="a covering sample of the L1 matrix instead of all of it"
+    )
+    group.addoption(
+        "--hallm-require-device",
+        action="store_true",
+        help="fail (instead of skipping) the tests that need the device when its probe says unavailable",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "hallm_level(n): conformance tier of the test (0..3)")
+    config.addinivalue_line("markers", "hallm_group(name): the report row the test belongs to")
+    config.addinivalue_line("markers", "hallm_requires(*tokens): capabilities the test needs")
+    config.addinivalue_line("markers", "hallm_params(kind): parametrize from the device's declarations")
+    state = KitState(config)
+    config.stash[STATE_KEY] = state
+    config.pluginmanager.register(KitHooks(state), "hallm-conformance-session")
+    if _targets_kit(config):
+        state.activate()  # a missing --hallm-device is one clear usage error, before collection
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Leave the kit out of a broad run (`pytest .` in a checkout) that names no device."""
+    path = collection_path.resolve()
+    inside = path == KIT_DIR or KIT_DIR in path.parents
+    if not inside or _targets_kit(config):
+        return None
+    return not (config.getoption("hallm_device") or os.environ.get(DEVICE_ENV))
+
+
+def _targets_kit(config: pytest.Config) -> bool:
+    """True when the command line names the kit (--pyargs hallm.conformance, or its files)."""
+    for arg in config.args:
+        name = str(arg).split("::")[0]
+        if name == "hallm.conformance" or name.startswith("hallm.conformance."):
+            return True
+        path = Path(name)
+        if path.exists() and (path.resolve() == KIT_DIR or KIT_DIR in path.resolve().parents):
+            return True
+    return False
+
+
+class KitHooks:
+    """The hooks that need the session's state; inert until the kit's tests are collected."""
+
+    def __init__(self, state: KitState) -> None:
+        self.state = state
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        kit_items = [item for item in items if is_kit_item(item)]
+        if not kit_items:
+            return
+        state = self.state
+        state.activate()
+        deselected = [i for i in kit_items if _level(i) > state.level]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            dropped = set(map(id, deselected))
+            items[:] = [i for i in items if id(i) not in dropped]
+        for item in items:
+            if not is_kit_item(item):
+                continue
+            state.items[item.nodeid] = item
+            entry = find_entry(state.xfails, kit_test_id(item))
+            if entry is not None:
+                item.add_marker(pytest.mark.xfail(reason=f"{entry.reason} [{entry.source}]", strict=True))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if not is_kit_item(item):
+            return
+        state = self.state
+        if state.abort_reason:
+            pytest.skip(oc.ABORTED_PREFIX + state.abort_reason)
+        tokens = [t for mark in item.iter_markers("hallm_requires") for t in mark.args]
+        reason = state.target().missing(tokens)
+        if reason is None:
+            return
+        if state.require_device and not state.target().available and oc.classify_skip(reason) == oc.ENV_SKIP:
+            pytest.fail(f"--hallm-require-device: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        report = yield
+        if is_kit_item(item) and call.excinfo is not None and report.failed:
+            report.hallm_message = _message(call.excinfo)
+            if call.when in ("setup", "call"):
+                self._check_device(item, call.excinfo.value)
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        state = self.state
+        item = state.items.get(report.nodeid)
+        if item is None:
+            return
+        outcome, message = _classify(report)
+        if outcome is None:
+            return
+        record = state.records.get(report.nodeid)
+        if record is None:
+            record = state.records[report.nodeid] = _record(item, outcome, message)
+        elif outcome != record.outcome and oc.worse(outcome, record.outcome) == outcome:
+            record.outcome, record.message = outcome, message
+        record.duration += report.duration
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        state = self.state
+        if not state.active:
+            return
+        stop = state.abort_reason or str(session.shouldstop or session.shouldfail or "the run stopped early")
+        for nodeid, item in state.items.items():
+            if nodeid not in state.records:
+                state.records[nodeid] = _record(item, oc.ABORTED, f"not run: {stop}")
+        records = list(state.records.values())
+        if state.report_path:
+            report = build_report(state.meta(), records, state.xfails)
+            self.paths = (state.report_path, str(write_reports(report, state.report_path)))
+        if not run_passed(records) and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        state = self.state
+        if not state.active:
+            return
+        records = list(state.records.values())
+        tr = terminalreporter
+        tr.section(f"hallm conformance: device {state.device_id}")
+        tr.write_line(", ".join(f"{k} {v}" for k, v in summarize(records).items()))
+        tr.write_line(matrix(records))
+        if state.abort_reason:
+            tr.write_line(f"ABORTED after a device error: {state.abort_reason}", red=True)
+        for entry in state.xfails:
+            if not entry.matched:
+                tr.write_line(f"xfails entry matched no test: {entry.pattern} ({entry.source})", yellow=True)
+        paths = getattr(self, "paths", None)
+        if paths:
+            tr.write_line(f"report: {paths[0]} and {paths[1]}")
+        passed = run_passed(records)
+        tr.write_line(
+            f"hallm conformance {'PASSED' if passed else 'FAILED'}", green=passed, red=not passed, bold=True
+        )
+
+    def _check_device(self, item: pytest.Item, exc: BaseException) -> None:
+        """After a failure: is the device dead? Then stop its run; the rest is marked aborted."""
+        state = self.state
+        if state.abort_reason:
+            return
+        cause: str | None = None
+        text = str(exc).strip()
+        if not isinstance(exc, (AssertionError, pytest.fail.Exception)) and DEVICE_ERROR.search(
+            f"{type(exc).__name__}: {text}"
+        ):
+            cause = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        else:
+            platform = state.platform_if_loaded()
+            if platform is not None:
+                try:
+                    platform.synchronize()
+                except Exception as sync_exc:
+                    cause = f"synchronize() raised {type(sync_exc).__name__}: {sync_exc}"
+        if cause is None:
+            return
+        state.abort_reason = f"device error in {kit_test_id(item)}: {cause}"
+        item.session.shouldstop = (
+            f"hallm conformance: {state.abort_reason}; the remaining tests are marked aborted"
+        )
+
+
+def _record(item: pytest.Item, outcome: str, message: str) -> oc.TestRecord:
+    return oc.TestRecord(
+        test_id=kit_test_id(item),
+        group=_group(item),
+        level=_level(item),
+        dtype=_dtype(item),
+        outcome=outcome,
+        message=message,
+    )
+
+
+def _level(item: pytest.Item) -> int:
+    mark = item.get_closest_marker("hallm_level")
+    return int(mark.args[0]) if mark else MAX_LEVEL
+
+
+def _group(item: pytest.Item) -> str:
+    mark = item.get_closest_marker("hallm_group")
+    return str(mark.args[0]) if mark else f"L{_level(item)} {getattr(item, 'originalname', item.name)}"
+
+
+def _dtype(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    value = callspec.params.get("dtype") if callspec is not None else None
+    return str(value) if value is not None else None
+
+
+def _message(excinfo: pytest.ExceptionInfo[BaseException]) -> str:
+    exc = excinfo.value
+    if isinstance(exc, pytest.fail.Exception):
+        return str(exc.msg or "")[:4000]
+    return excinfo.exconly()[:4000]
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr or "")
+
+
+def _classify(report: pytest.TestReport) -> tuple[str | None, str]:
+    """The outcome one report (setup, call or teardown) contributes, and its message."""
+    wasxfail = getattr(report, "wasxfail", None)
+    if report.skipped:
+        if wasxfail is not None:
+            return oc.XFAIL, str(wasxfail)
+        reason = _skip_reason(report).removeprefix("Skipped: ")
+        return oc.classify_skip(reason), reason
+    if report.failed:
+        text = report.longreprtext
+        if report.when == "call" and text.startswith("[XPASS(strict)]"):
+            return oc.UNEXPECTED_PASS, "passed, but the xfails file says: " + text[len("[XPASS(strict)] ") :]
+        message = getattr(report, "hallm_message", None) or text[:4000]
+        return oc.FAIL, ("teardown: " if report.when == "teardown" else "") + message
+    if report.when != "call":
+        return None, ""
+    if wasxfail is not None:
+        return oc.UNEXPECTED_PASS, f"passed, but the xfails file says: {wasxfail}"
+    return oc.PASS, "; ".join(str(v) for k, v in report.user_properties if k == "hallm_note")

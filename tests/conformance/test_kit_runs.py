@@ -1,0 +1,166 @@
+"""The conformance kit, run for real: it passes on the in-tree plugins and on a correct
+third-party plugin, and it fails, pointing at the fault, on each deliberately broken one.
+
+Every run is a subprocess over the installed cpu/template plugins or the fake distributions of
+`fakes.py` (see conftest.py); the assertions read the kit's JSON report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conformance.conftest import KitRun, KitRunner
+
+
+def _passes(run: KitRun, levels: int) -> None:
+    summary = run.report["summary"]
+    assert run.returncode == 0, run.explain()
+    assert summary["fail"] == summary["unexpected_pass"] == summary["aborted"] == 0, run.explain()
+    ran_levels = {t["level"] for t in run.tests("pass")}
+    assert ran_levels == set(range(levels + 1)), f"passing tests only at levels {ran_levels}\n{run.explain()}"
+
+
+@pytest.mark.parametrize("name", ["cpu", "template"])
+def test_kit_passes_on_in_tree_plugins(kit: KitRunner, name: str) -> None:
+    """L0-L3 over the CPU plugin (via `hallm conformance`) and the template (via pytest --pyargs)."""
+    run = kit.get(name)
+    _passes(run, levels=3)
+    groups = {t["group"] for t in run.tests("pass")}
+    assert {"L1 paged attention", "L2 executor lifecycle", "L3 greedy tokens vs CPU"} <= groups
+    # Undeclared float16 is reported as not applicable, never silently dropped.
+    assert any(t["dtype"] == "float16" for t in run.tests("not_applicable")), run.explain()
+    assert not run.tests("env_skip"), run.tests("env_skip")
+
+
+def test_report_identifies_the_run_and_has_the_matrix(kit: KitRunner) -> None:
+    run = kit.get("cpu")
+    report = run.report
+    assert report["plugin"]["distribution"] == "hallm-cpu" and report["plugin"]["version"]
+    assert report["core_version"] and report["torch_version"] and report["device_name"]
+    assert report["passed"] is True and report["quick"] is True and report["level"] == 3
+    markdown = Path(report_path(kit, "cpu")).with_suffix(".md").read_text()
+    assert "| test group | float32 | bfloat16 | float16 | any |" in markdown
+    assert "| L1 paged attention | 6/6/6 | 6/6/6 | 0/0/6 |" in markdown
+    assert "hallm-cpu 0.1.0" in markdown and report["torch_version"] in markdown
+
+
+def report_path(kit: KitRunner, name: str) -> Path:
+    return kit.workdir / f"{name}.json"
+
+
+def test_kit_passes_on_a_third_party_plugin_with_a_kv_connector(kit: KitRunner) -> None:
+    """A dist-info plugin the core has never seen; its KV connector's round trip is tested."""
+    run = kit.get("fakegood")
+    _passes(run, levels=2)
+    assert [t["test_id"] for t in run.tests("pass", "test_l2_components.py::test_kv_connector")] == [
+        "test_l2_components.py::test_kv_connector_round_trip[fake_memory]"
+    ]
+
+
+# (kit run, the failing test that must exist, what its message must say)
+FAULTS = [
+    (
+        "badscale",
+        "test_l1_faults.py::test_softmax_scale",
+        ["wrong softmax scale", "= 1/head_size", "not AttentionSpec.scale = 0.3"],
+    ),
+    (
+        "badscale",
+        "test_l1_attention.py::test_paged_attention",
+        ["wrong softmax scale", "= 1/head_size", "not AttentionSpec.scale = 0.125"],
+    ),
+    (
+        "badwalk",
+        "test_l1_faults.py::test_block_table_walk",
+        ["read from entry k+1", "off-by-one in the block-table walk", "block 0 is the null block"],
+    ),
+    (
+        "badwalk",
+        "test_l1_attention.py::test_paged_attention",
+        ["NaN", "read outside the request's sequence", "block-table walk"],
+    ),
+    (
+        "badwrite",
+        "test_l1_attention.py::test_paged_attention",
+        ["KV cache write is wrong", "token t went to flat slot t: the write ignores slot_mapping"],
+    ),
+    (
+        "badwrite",
+        "test_l1_attention.py::test_noncontiguous_inputs",
+        ["padding tokens, slot -1, were written"],
+    ),
+    (
+        "badgqa",
+        "test_l1_faults.py::test_gqa_head_mapping",
+        ["wrong GQA head mapping", "KV head [0, 1, 0, 1, 0, 1, 0, 1]", "h % num_kv_heads"],
+    ),
+    (
+        "eagerimport",
+        "test_l0_discovery.py::test_import_loads_no_device_runtime",
+        ["device runtime(s) ['torch']", "imported by acme_runtime", "never at module level"],
+    ),
+    (
+        "badpatch",
+        "test_l0_discovery.py::test_import_patches_nothing",
+        ["monkeypatches: hallm.ops.reference.paged_attention", "hallm_platform()"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "test_prefix", "fragments"), FAULTS, ids=[f"{n}-{p.split('::')[1]}" for n, p, _ in FAULTS]
+)
+def test_kit_fails_pointing_at_the_fault(
+    kit: KitRunner, name: str, test_prefix: str, fragments: list[str]
+) -> None:
+    run = kit.get(name)
+    assert run.returncode == 1 and run.report["summary"]["fail"] > 0, run.explain()
+    messages = run.messages(test_prefix)
+    assert messages, f"no failure of {test_prefix}\n{run.explain()}"
+    for fragment in fragments:
+        assert fragment in messages, f"{fragment!r} not in:\n{messages[:3000]}"
+
+
+ISOLATED = [
+    ("badgqa", "test_l1_faults.py::test_gqa_head_mapping[fake_wrong_gqa-float32-8q8kv]"),
+    ("badgqa", "test_l1_faults.py::test_gqa_head_mapping[fake_wrong_gqa-float32-8q1kv]"),
+    ("badgqa", "test_l1_faults.py::test_block_table_walk[fake_wrong_gqa-float32]"),
+    ("badscale", "test_l1_faults.py::test_block_table_walk[fake_wrong_scale-float32]"),
+    ("badwrite", "test_l1_faults.py::test_block_table_walk[fake_write_ignores_slots-float32]"),
+    (
+        "badwalk",
+        "test_l1_attention.py::test_validate_rejects_undeclared[fake_block_walk_off_by_one-kv_cache_dtype-bogus]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "healthy"), ISOLATED, ids=[f"{n}-{t.split('::')[1]}" for n, t in ISOLATED])
+def test_probes_that_avoid_the_fault_still_pass(kit: KitRunner, name: str, healthy: str) -> None:
+    """Each probe isolates one property: a broken backend does not fail the unrelated ones."""
+    run = kit.get(name)
+    outcomes = {t["test_id"]: t["outcome"] for t in run.report["tests"]}
+    assert outcomes.get(healthy) == "pass", run.explain()
+
+
+def test_device_error_aborts_the_run_instead_of_cascading(kit: KitRunner) -> None:
+    run = kit.get("deviceerror")
+    summary = run.report["summary"]
+    assert run.returncode == 1, run.explain()
+    assert summary["fail"] == 1 and summary["aborted"] > 10, run.explain()
+    assert "CUDA error: an illegal memory access" in run.report["abort_reason"]
+    assert all(t["message"].startswith("not run: device error in") for t in run.tests("aborted"))
+
+
+def test_strict_xfails_known_failures_and_unexpected_pass(kit: KitRunner) -> None:
+    """Every badgqa failure is a known failure; the one wrong entry (a passing test) fails the run."""
+    run = kit.get("badgqa-xfails")
+    summary = run.report["summary"]
+    assert run.returncode == 1, run.explain()
+    assert summary["fail"] == 0 and summary["xfail"] > 5, run.explain()
+    (unexpected,) = run.tests("unexpected_pass")
+    assert unexpected["test_id"] == "test_l1_faults.py::test_gqa_head_mapping[fake_wrong_gqa-float32-8q8kv]"
+    assert "WRONG: MHA passes" in unexpected["message"]
+    assert all("(fake#1)" in t["message"] for t in run.tests("xfail"))
+    assert all(e["matched"] for e in run.report["xfail_entries"])
