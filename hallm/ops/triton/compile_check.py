@@ -1,0 +1,331 @@
+"""Compile (not run) every kernel variant for a GPU target: CI's proof that the kernels build.
+
+`compile_variants(target)` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
+the ptxas in the triton wheel, or AMDGCN -> hsaco) for the variants the launchers in
+`hallm.ops.triton.attention` produce: the KV write, decode (plain and split-KV), prefill, the
+split-KV reduction, with and without sliding window and soft cap, for each dtype. It needs no GPU
+and no driver. Each result carries the kernel's shared-memory use and register count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import triton
+
+from hallm.ops.triton.attention import SPLIT_KV_SEGMENTS, head_pad, jit_kernels, kernel_config
+
+_SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: Largest dynamic shared memory a block may use on the smallest target we support (sm_86/89).
+SHARED_MEMORY_LIMIT = 99 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    name: str
+    target: str
+    shared: int  # bytes of shared memory
+    registers: int | None  # per thread, when the backend reports it
+    spills: int | None
+
+
+def _target(backend: str, arch: int | str, warp_size: int) -> Any:
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget(backend, arch, warp_size)
+
+
+def _compile(
+    fn: Any, signature: dict[str, str], constexprs: dict[str, Any], target: Any, **options: Any
+) -> Any:
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    return triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options=options
+    )
+
+
+def _attention_variant(
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    decode_only: bool,
+    split: bool,
+    window: bool,
+    soft_cap: bool,
+) -> tuple[dict[str, str], dict[str, Any], dict[str, int]]:
+    t = _SIG_DTYPE[dtype]
+    q_per_kv = num_heads // num_kv_heads
+    cfg = kernel_config(dtype, head_size, q_per_kv, decode_only)
+    block_m = max(cfg.block_m, triton.next_power_of_2(q_per_kv))
+    signature = {
+        "out_ptr": f"*{t}",
+        "q_ptr": f"*{t}",
+        "k_cache_ptr": f"*{t}",
+        "v_cache_ptr": f"*{t}",
+        "block_tables_ptr": "*i32",
+        "seq_lens_ptr": "*i32",
+        "qsl_ptr": "*i32",
+        "segm_out_ptr": "*fp32" if split else f"*{t}",
+        "segm_max_ptr": "*fp32" if split else f"*{t}",
+        "segm_sum_ptr": "*fp32" if split else f"*{t}",
+        "num_seqs": "i32",
+        "scale": "fp32",
+        "soft_cap": "fp32",
+        "window": "i32",
+        "q_stride_t": "i32",
+        "q_stride_h": "i32",
+        "out_stride_t": "i32",
+        "out_stride_h": "i32",
+        "cache_stride_blk": "i64",
+        "cache_stride_tok": "i32",
+        "cache_stride_h": "i32",
+        "bt_stride": "i32",
+    }
+    constexprs = {
+        "NUM_HEADS": num_heads,
+        "NUM_Q_PER_KV": q_per_kv,
+        "HEAD_SIZE": head_size,
+        "HEAD_PAD": head_pad(head_size),
+        "BLOCK_SIZE": block_size,
+        "TILE_N": cfg.tile_n,
+        "BLOCK_M": block_m,
+        "BLOCK_Q": block_m // q_per_kv,
+        "NUM_SEGMENTS": SPLIT_KV_SEGMENTS if split else 1,
+        "USE_SOFT_CAP": soft_cap,
+        "USE_WINDOW": window,
+        "DOT_F32": dtype == torch.float32,
+    }
+    return signature, constexprs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def variants(
+    dtypes: Iterable[torch.dtype] = (torch.bfloat16, torch.float16, torch.float32),
+    shapes: Iterable[tuple[int, int, int]] = ((14, 2, 64), (32, 8, 128)),
+    block_size: int = 16,
+) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
+    """(name, kernel, signature, constexprs, options) for every variant the launchers use.
+
+    shapes: (num_heads, num_kv_heads, head_size), by default Qwen2.5-0.5B's and Llama-3-8B's.
+    """
+    k = jit_kernels()
+    out = []
+    for dtype in dtypes:
+        t = _SIG_DTYPE[dtype]
+        for num_heads, num_kv_heads, head_size in shapes:
+            tag = f"{t}-h{num_heads}/{num_kv_heads}-d{head_size}"
+            out.append(
+                (
+                    f"write_kv-{tag}",
+                    k.write_kv,
+                    {
+                        "key_ptr": f"*{t}",
+                        "value_ptr": f"*{t}",
+                        "k_cache_ptr": f"*{t}",
+                        "v_cache_ptr": f"*{t}",
+                        "slot_ptr": "*i64",
+                        "key_stride_t": "i32",
+                        "key_stride_h": "i32",
+                        "value_stride_t": "i32",
+                        "value_stride_h": "i32",
+                        "cache_stride_slot": "i32",
+                        "cache_stride_h": "i32",
+                    },
+                    {
+                        "NUM_KV_HEADS": num_kv_heads,
+                        "HEAD_SIZE": head_size,
+                        "BLOCK_HD": triton.next_power_of_2(num_kv_heads * head_size),
+                    },
+                    {"num_warps": 4},
+                )
+            )
+            for name, decode_only, split in (
+                ("decode", True, False),
+                ("decode-split", True, True),
+                ("prefill", False, False),
+            ):
+                sig, ce, opts = _attention_variant(
+                    dtype, num_heads, num_kv_heads, head_size, block_size, decode_only, split, False, False
+                )
+                out.append((f"attention-{name}-{tag}", k.attention, sig, ce, opts))
+            sig, ce, opts = _attention_variant(
+                dtype, num_heads, num_kv_heads, head_size, block_size, False, False, True, True
+            )
+            out.append((f"attention-prefill-window-softcap-{tag}", k.attention, sig, ce, opts))
+            out.append(
+                (
+                    f"reduce-{tag}",
+                    k.reduce,
+                    {
+                        "out_ptr": f"*{t}",
+                        "segm_out_ptr": "*fp32",
+                        "segm_max_ptr": "*fp32",
+                        "segm_sum_ptr": "*fp32",
+                        "qsl_ptr": "*i32",
+                        "num_seqs": "i32",
+                        "out_stride_t": "i32",
+                        "out_stride_h": "i32",
+                    },
+                    {
+                        "NUM_HEADS": num_heads,
+                        "HEAD_SIZE": head_size,
+                        "HEAD_PAD": head_pad(head_size),
+                        "NUM_SEGMENTS": SPLIT_KV_SEGMENTS,
+                    },
+                    {"num_warps": 4},
+                )
+            )
+    out.extend(_fused_variants(tuple(dtypes)))
+    return out
+
+
+def _fused_variants(
+    dtypes: tuple[torch.dtype, ...],
+) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
+    from hallm.ops.triton import fused
+
+    k = fused.jit_kernels()
+    out: list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]] = []
+    for dtype in dtypes:
+        t = _SIG_DTYPE[dtype]
+        for hidden in (896, 4096):
+            block = triton.next_power_of_2(hidden)
+            out.append(
+                (
+                    f"rms_norm-{t}-{hidden}",
+                    k.rms_norm,
+                    {
+                        "x_ptr": f"*{t}",
+                        "res_ptr": f"*{t}",
+                        "w_ptr": f"*{t}",
+                        "out_ptr": f"*{t}",
+                        "res_out_ptr": f"*{t}",
+                        "x_stride": "i32",
+                        "res_stride": "i32",
+                        "out_stride": "i32",
+                        "res_out_stride": "i32",
+                        "eps": "fp32",
+                    },
+                    {"N": hidden, "BLOCK": block, "HAS_RESIDUAL": True},
+                    {"num_warps": min(16, max(1, block // 256))},
+                )
+            )
+        for hq, hk, d in ((14, 2, 64), (32, 8, 128)):
+            out.append(
+                (
+                    f"rotary-{t}-h{hq}/{hk}-d{d}",
+                    k.rotary,
+                    {
+                        "pos_ptr": "*i64",
+                        "inv_freq_ptr": "*fp32",
+                        "q_ptr": f"*{t}",
+                        "k_ptr": f"*{t}",
+                        "q_out_ptr": f"*{t}",
+                        "k_out_ptr": f"*{t}",
+                        "q_stride_t": "i32",
+                        "q_stride_h": "i32",
+                        "k_stride_t": "i32",
+                        "k_stride_h": "i32",
+                        "scaling": "fp32",
+                    },
+                    {
+                        "NUM_Q_HEADS": hq,
+                        "NUM_K_HEADS": hk,
+                        "HEAD_SIZE": d,
+                        "HALF": d // 2,
+                        "H_PAD": triton.next_power_of_2(hq),
+                        "HALF_PAD": d // 2,
+                        "REST_PAD": 0,
+                    },
+                    {"num_warps": 4},
+                )
+            )
+        out.append(
+            (
+                f"silu_and_mul-{t}",
+                k.silu_and_mul,
+                {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "x_stride": "i32", "out_stride": "i32", "N": "i32"},
+                {"BLOCK": 1024},
+                {"num_warps": 4},
+            )
+        )
+    return out
+
+
+#: The CI subset: every code path once (KV write, decode, split-KV + reduce, prefill with
+#: window and soft cap, the float32 exact-dot path) at Llama-3-8B's head shape.
+CI_SUBSET = (
+    "write_kv-bf16-h32/8-d128",
+    "attention-decode-split-bf16-h32/8-d128",
+    "reduce-bf16-h32/8-d128",
+    "attention-prefill-window-softcap-bf16-h32/8-d128",
+    "attention-decode-fp32-h32/8-d128",
+    "rms_norm-bf16-4096",
+    "rotary-bf16-h32/8-d128",
+    "silu_and_mul-bf16",
+)
+
+
+def compile_variants(
+    backend: str = "cuda",
+    arch: int | str = 90,
+    warp_size: int = 32,
+    only: Iterable[str] | None = None,
+    **variant_kwargs: Any,
+) -> list[Compiled]:
+    """Compile every variant (or those named in `only`) for one target; raises on the first
+    kernel that does not build. Run with TRITON_INTERPRET unset: the interpreter's triton
+    cannot compile."""
+    target = _target(backend, arch, warp_size)
+    wanted = set(only) if only is not None else None
+    results = []
+    for name, fn, sig, ce, opts in variants(**variant_kwargs):
+        if wanted is not None and name not in wanted:
+            continue
+        compiled = _compile(fn, sig, ce, target, **opts)
+        md = compiled.metadata
+        results.append(
+            Compiled(
+                name=name,
+                target=f"{backend}:{arch}",
+                shared=int(getattr(md, "shared", 0)),
+                registers=getattr(compiled, "n_regs", None),
+                spills=getattr(compiled, "n_spills", None),
+            )
+        )
+    return results
+
+
+def main(argv: list[str]) -> None:
+    """python -m hallm.ops.triton.compile_check [--ci] [--json] [ARCH ...] (default 80 90)."""
+    import json
+    import time
+
+    ci = "--ci" in argv
+    as_json = "--json" in argv
+    archs = [a for a in argv if not a.startswith("--")] or ["80", "90"]
+    rows = []
+    for arch in archs:
+        start = time.perf_counter()
+        for r in compile_variants("cuda", int(arch), only=CI_SUBSET if ci else None):
+            rows.append(dataclasses.asdict(r))
+            if not as_json:
+                print(f"{r.target:8} {r.name:50} shared={r.shared:6d}")
+        if not as_json:
+            print(f"sm_{arch}: {time.perf_counter() - start:.1f} s")
+    if as_json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

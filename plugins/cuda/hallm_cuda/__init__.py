@@ -1,0 +1,9 @@
+"""hallm-cuda: the hallm platform plugin for NVIDIA GPUs.
+
+The entry point (`hallm.platforms` -> `cuda`) is `hallm_cuda.plugin`, which imports neither
+torch nor triton. `CudaPlatform` lives in `hallm_cuda.platform`, the attention backends in
+`hallm_cuda.attention` (the portable Triton kernels of `hallm.ops.triton`), decode CUDA graphs
+in `hallm_cuda.graphs`.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,18 @@
+"""The CUDA platform's attention backends, most preferred first.
+
+`TritonPagedAttention` (hallm.ops.triton) serves every layer the engine supports: any head size
+up to 256, any block size, bf16/fp16/fp32, sliding window and soft cap. Importing this module
+imports triton.
+"""
+
+from __future__ import annotations
+
+from hallm.ops.triton.backend import TritonAttentionMetadata, TritonPagedAttention
+from hallm.platforms import AttentionBackend
+
+__all__ = ["TritonAttentionMetadata", "TritonPagedAttention", "backends"]
+
+
+def backends() -> list[type[AttentionBackend]]:
+    """Backends in order of preference (flash-attn/flashinfer backends are not written yet)."""
+    return [TritonPagedAttention]

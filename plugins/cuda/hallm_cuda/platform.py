@@ -1,0 +1,231 @@
+"""`CudaPlatform`: NVIDIA GPUs through PyTorch's CUDA runtime.
+
+The probe is cheap and leaves CUDA uninitialized in the calling process: it reads the torch
+build's CUDA version from `torch/version.py` without importing torch when torch is not loaded
+yet (a CPU-only build is refused right there), looks for the driver library without calling
+into it, and counts devices with `torch.cuda.device_count()`, which creates no context and
+leaves `torch.cuda.is_initialized()` False (so forked workers can still use CUDA).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from hallm.platforms import API_VERSION, Capabilities, Platform, Probe
+
+if TYPE_CHECKING:
+    import torch
+
+    from hallm.platforms import AttentionBackend
+
+#: Compute capability from which bf16 is supported (Ampere).
+BF16_MIN_CAPABILITY = (8, 0)
+#: Oldest GPU Triton compiles for.
+MIN_CAPABILITY = (7, 5)
+
+
+def torch_cuda_version() -> tuple[str | None, str | None]:
+    """(torch.version.cuda, torch.version.hip) of the installed torch, importing torch only if
+    it is already loaded or its version file cannot be read. (None, None): a CPU-only build.
+    Raises ModuleNotFoundError when torch is not installed."""
+    loaded = sys.modules.get("torch")
+    if loaded is not None:
+        return getattr(loaded.version, "cuda", None), getattr(loaded.version, "hip", None)
+    spec = importlib.util.find_spec("torch")
+    if spec is None:
+        raise ModuleNotFoundError("torch is not installed")
+    for folder in spec.submodule_search_locations or ():
+        try:
+            text = (Path(folder) / "version.py").read_text()
+        except OSError:
+            continue
+        return _version_field(text, "cuda"), _version_field(text, "hip")
+    import torch
+
+    return torch.version.cuda, getattr(torch.version, "hip", None)
+
+
+def _version_field(text: str, name: str) -> str | None:
+    """The value of `name = '...'` (or `name: ... = ...`) in torch/version.py; None for None."""
+    match = re.search(rf"^{name}\s*(?::[^=]*)?=\s*(.+?)\s*$", text, re.MULTILINE)
+    if match is None:
+        return None
+    value = match.group(1).strip().strip("'\"")
+    return None if value in ("None", "") else value
+
+
+def driver_library() -> str | None:
+    """The NVIDIA driver library's name if it can be loaded (nothing in it is called), else None."""
+    for name in ("libcuda.so.1", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if not name:
+            continue
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return name
+    return None
+
+
+def visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def device_count() -> int:
+    """Visible CUDA devices per torch (creates no CUDA context)."""
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+class CudaPlatform(Platform):
+    """NVIDIA GPUs: bf16 (sm_80+), fp16, fp32; Triton paged attention; CUDA graphs for decode."""
+
+    name: ClassVar[str] = "cuda"
+    device_type: ClassVar[str] = "cuda"
+    dist_backend: ClassVar[str] = "nccl"
+    visible_devices_env: ClassVar[str | None] = "CUDA_VISIBLE_DEVICES"
+    ray_resource: ClassVar[str | None] = "GPU"
+    auto_priority: ClassVar[int] = 100
+    # Released together with the core (hallm-cuda pins hallm<0.2), so it speaks the core's API.
+    api_version: ClassVar[str] = API_VERSION
+
+    @classmethod
+    def probe(cls) -> Probe:
+        """Available when torch is a CUDA build, the driver is there and a device is visible."""
+        try:
+            try:
+                cuda, hip = torch_cuda_version()
+            except ModuleNotFoundError:
+                return Probe(False, "torch is not installed (pip install torch)")
+            if hip is not None:
+                return Probe(False, f"torch is a ROCm build (HIP {hip}); use --device rocm")
+            if cuda is None:
+                return Probe(
+                    False,
+                    "CPU-only torch build (torch.version.cuda is None): install a CUDA build of torch",
+                )
+            if driver_library() is None:
+                return Probe(
+                    False, f"no NVIDIA driver (libcuda.so.1 not found; torch is built for CUDA {cuda})"
+                )
+            count = device_count()
+            if count == 0:
+                env = visible_devices()
+                where = f" (CUDA_VISIBLE_DEVICES={env!r})" if env is not None else ""
+                return Probe(False, f"no device visible{where}")
+            return Probe(True, f"{count} NVIDIA GPU(s), torch built for CUDA {cuda}", device_count=count)
+        except Exception as exc:  # a probe never raises
+            return Probe(False, f"CUDA probe failed: {type(exc).__name__}: {exc}")
+
+    # ---- capabilities ---------------------------------------------------------------------
+
+    def compute_capability(self, index: int = 0) -> tuple[int, int]:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(index)
+        return int(major), int(minor)
+
+    def capabilities(self) -> Capabilities:
+        """bf16 first (default) from sm_80, else fp16; fp32 always; graphs; TP over NCCL."""
+        cap = self.compute_capability(0)
+        if cap >= BF16_MIN_CAPABILITY:
+            dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
+        else:
+            dtypes = ("float16", "float32")
+        return Capabilities(
+            dtypes=dtypes,
+            kv_cache_dtypes=("auto",),
+            graph_capture=True,
+            max_world_size=max(1, device_count()),
+            torch_compile=False,
+            pin_memory=True,
+        )
+
+    def attention_backends(self) -> Sequence[type[AttentionBackend]]:
+        """The Triton backend (hallm.ops.triton)."""
+        from hallm_cuda.attention import backends
+
+        return backends()
+
+    def update_config(self, config: Any) -> None:
+        from hallm.platforms import ConfigError
+
+        cap = self.compute_capability(0)
+        if cap < MIN_CAPABILITY:
+            raise ConfigError(
+                f"GPU compute capability {cap[0]}.{cap[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
+                "the oldest Triton supports; use --device cpu"
+            )
+
+    # ---- device runtime -------------------------------------------------------------------
+
+    def device(self, index: int = 0) -> torch.device:
+        import torch
+
+        return torch.device("cuda", index)
+
+    def device_name(self, index: int = 0) -> str:
+        import torch
+
+        major, minor = self.compute_capability(index)
+        return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+
+    def set_device(self, index: int) -> None:
+        import torch
+
+        torch.cuda.set_device(index)
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device_index)
+        return int(free), int(total)
+
+    def empty_cache(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+    def manual_seed(self, seed: int) -> None:
+        import torch
+
+        torch.manual_seed(seed)  # seeds the CPU and every CUDA device
+        torch.cuda.manual_seed_all(seed)
+
+    def peak_memory_bytes(self) -> int | None:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+
+    def reset_peak_memory(self) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+    # ---- engine hooks -----------------------------------------------------------------------
+
+    def compile_model(self, model: Any, config: Any) -> Any:
+        """Fuse the decoder layers' elementwise chains into Triton kernels (`hallm_cuda.fused`)."""
+        from hallm_cuda.fused import fuse_layers
+
+        return fuse_layers(model)
+
+    def step_graphs(self, runner: Any) -> Any | None:
+        """CUDA graphs of decode steps for padded batch sizes (see `hallm_cuda.graphs`)."""
+        from hallm_cuda.graphs import capture_decode_graphs
+
+        return capture_decode_graphs(runner)

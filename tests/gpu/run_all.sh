@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
+#
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g1 g1-hallm g1-llama g4-llama g2 conformance (default:
+#                                        kernels greedy g4 g1)
+#
+# kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
+#           hallm.ops.reference for every dtype the CUDA platform declares on this GPU
+# greedy    tests/gpu/test_engine_gpu.py: the engine on the GPU vs HF transformers on the same
+#           weights (tiny models in float32, graphs on and off; a Qwen2.5-0.5B-shaped model in bf16)
+# g4        benchmarks/gpu_g4.py: copy bandwidth, attention-kernel bandwidth, decode step vs roofline
+# g1        benchmarks/gpu_g1.py: offline throughput, hallm vs HF continuous batching vs HF padded
+# g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
+#
+# Logs and JSON go to $HALLM_GPU_RESULTS, else $OUT (the device tool's folder), else
+# benchmarks/results/raw. Wheels in .whl/ (e.g. the transformers version CI pins) are installed
+# to /tmp/site first; hallm and hallm-cuda are installed editable without dependencies.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0
+RES=${HALLM_GPU_RESULTS:-${OUT:-benchmarks/results/raw}}
+export HALLM_GPU_RESULTS=$RES
+mkdir -p "$RES"
+PY=${PYTHON:-python3}
+STEPS=${*:-kernels greedy g4 g1}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# plugins/cpu is the conformance kit's L3 reference.
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . -e plugins/cuda -e plugins/cpu 2>&1 | tail -3
+$PY - <<'PY' | tee "$RES/env.json"
+import json, sys
+sys.path.insert(0, ".")
+from benchmarks.gpu_common import environment
+from hallm_cuda.platform import CudaPlatform
+env = environment()
+env["probe"] = str(CudaPlatform.probe())
+env["capabilities"] = str(CudaPlatform().capabilities())
+print(json.dumps(env))
+PY
+
+# run NAME CMD...: the full log to $RES/NAME.log, its end to the console
+run() {
+  local name=$1; shift
+  "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  tail -n 60 "$RES/$name.log"
+  echo "--- $name: exit $rc"
+  [ $rc -eq 0 ] || status=1
+}
+
+status=0
+for step in $STEPS; do
+  echo "=== $step ==="
+  case $step in
+    kernels) run kernels $PY -m pytest -q -n 8 -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py ;;
+    greedy) run greedy $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py ;;
+    g4) run g4 $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --sweep --ab-fused ;;
+    g4-llama) run g4-llama $PY benchmarks/gpu_g4.py --out "$RES" --models llama-3.1-8b --parts step ;;
+    g1) run g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b ;;
+    g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
+    g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 ;;
+    g1-llama) run g1-llama $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --hf-cb-requests 16 --hf-padded-requests 32 --hf-batch-size 32 ;;
+    conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+done
+exit $status
