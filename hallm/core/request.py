@@ -42,6 +42,7 @@ class Request:
         eos_token_ids: frozenset[int],
         max_model_len: int,
         arrival_time: float | None = None,
+        extra_keys: bytes = b"",
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -56,6 +57,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # one per full block of all_token_ids, filled lazily
+        # Whatever besides the token ids changes the KV (an adapter, multimodal inputs): it goes
+        # into every block hash, so requests with different extra keys never share blocks.
+        self.extra_keys = extra_keys
         max_tokens = sampling_params.max_tokens
         room = max_model_len - len(prompt_token_ids)
         self.max_tokens = room if max_tokens is None else min(max_tokens, room)

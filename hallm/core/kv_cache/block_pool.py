@@ -1,8 +1,10 @@
 """A pool of KV-cache blocks with reference counts and a prefix cache.
 
 Free blocks wait in least-recently-freed order; a free block that still holds a cached prefix
-keeps its hash until it is taken for new content (evicted). Every operation is O(1) per block:
-the free queue is an OrderedDict (a hash map over a doubly linked list).
+keeps its hash until it is taken for new content (evicted). A freed block that holds nothing
+findable (a partial block, a duplicate, caching off) goes to the head of the queue instead, so
+it is taken before any cached prefix. Every operation is O(1) per block: the free queue is an
+OrderedDict (a hash map over a doubly linked list).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ class KVBlock:
 
 @dataclasses.dataclass
 class PrefixCacheStats:
+    """Counted once per request at its first admission (a resume after preemption is no new query)."""
+
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # prompt tokens found in the cache
-    requests: int = 0
+    requests: int = 0  # requests looked up
+    tokens_saved: int = 0  # tokens not computed thanks to the cache, resumes included
+    evictions: int = 0  # cached blocks taken for new content
 
     @property
     def hit_rate(self) -> float:
@@ -74,6 +80,7 @@ class BlockPool:
             if block.block_hash is not None:
                 if self._cached.get(block.block_hash) is block:
                     del self._cached[block.block_hash]
+                    self.stats.evictions += 1
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
@@ -87,7 +94,8 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free(self, blocks: Sequence[KVBlock]) -> None:
-        """Drop one reference to each block; blocks that reach zero join the free queue's tail.
+        """Drop one reference to each block; blocks that reach zero join the free queue's tail
+        (or its head when they hold no findable prefix).
 
         Callers pass a request's blocks in reverse order, so its last blocks (the least likely
         to be shared) are evicted first.
@@ -98,6 +106,9 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = None
+                if block.block_hash is None or self._cached.get(block.block_hash) is not block:
+                    block.block_hash = None
+                    self._free.move_to_end(block.block_id, last=False)
 
     def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
         """Make a full block findable by its hash (first writer wins on a duplicate)."""

@@ -33,10 +33,15 @@ class KVCacheManager:
         """The longest cached prefix of a request being admitted: (blocks, tokens they hold).
 
         At least one token is always left to compute, so the step produces logits to sample.
+        A request that wants prompt logprobs reads nothing from the cache (its prompt must be
+        computed to score it), though its blocks are cached for others. Statistics are counted
+        by `allocate_slots` when the admission succeeds, so a retry is not a second query.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
-        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+        extend_block_hashes(
+            request.block_hashes, request.all_token_ids, self.block_size, extra_keys=request.extra_keys
+        )
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
         for block_hash in request.block_hashes[:max_blocks]:
@@ -44,11 +49,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        if request.num_preemptions == 0:  # a resumed request's lookup is not a new query
-            stats = self.pool.stats
-            stats.requests += 1
-            stats.queries += request.num_prompt_tokens
-            stats.hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
@@ -60,28 +60,51 @@ class KVCacheManager:
         (referenced) here, together with the new blocks, or not at all.
         """
         computed_blocks = computed_blocks or []
-        blocks = self.req_blocks.get(request.request_id, [])
+        blocks = self.req_blocks.get(request.request_id)
+        admitting = blocks is None
+        num_held = 0 if blocks is None else len(blocks)
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        num_new_blocks = max(0, self.blocks_needed(total) - len(blocks) - len(computed_blocks))
+        num_new_blocks = max(0, self.blocks_needed(total) - num_held - len(computed_blocks))
         # Hit blocks that sit in the free queue are about to leave it, so they do not count.
         evictable_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_new_blocks > self.pool.num_free_blocks - evictable_hits:
             return None
         self.pool.touch(computed_blocks)
         new_blocks = self.pool.allocate(num_new_blocks)
-        blocks = blocks + computed_blocks + new_blocks
-        self.req_blocks[request.request_id] = blocks
+        if blocks is None:
+            blocks = self.req_blocks[request.request_id] = []
+        blocks += computed_blocks  # in place: a step costs O(new blocks), not O(the table)
+        blocks += new_blocks
         if self.enable_caching:
+            if admitting:
+                self._record_admission(request, len(computed_blocks) * self.block_size)
             # Blocks full after this step are hashed now: their content is written this step, and
-            # a backend writes a step's KV before any attention reads it.
+            # a backend writes a step's KV before any attention reads it. Only blocks whose tokens
+            # are all computed by the end of this step (`total`) are hashed, so no request can
+            # hit a block that a chunk of this step does not reach.
             known = min(total, request.num_tokens)
-            extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, known)
+            extend_block_hashes(
+                request.block_hashes,
+                request.all_token_ids,
+                self.block_size,
+                known,
+                extra_keys=request.extra_keys,
+            )
             start = self.num_hashed_blocks.get(request.request_id, 0)
             for i in range(start, known // self.block_size):
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
             self.num_hashed_blocks[request.request_id] = max(start, known // self.block_size)
         return [b.block_id for b in computed_blocks + new_blocks]
+
+    def _record_admission(self, request: Request, num_hit_tokens: int) -> None:
+        stats = self.pool.stats
+        stats.tokens_saved += num_hit_tokens
+        if request.num_preemptions == 0 and request.sampling_params.prompt_logprobs is None:
+            # A resumed request's lookup is not a new query; a prompt-logprobs one made none.
+            stats.requests += 1
+            stats.queries += request.num_prompt_tokens
+            stats.hits += num_hit_tokens
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
