@@ -77,7 +77,9 @@ class EngineArgs:
         ckpt_dtype = getattr(source.hf_config, "dtype", None)
         dtype = dtype_name(resolve_dtype(self.dtype, ckpt_dtype, caps.dtypes))
         if self.dtype == "auto" and dtype_name(ckpt_dtype) not in (None, dtype):
-            logger.info("checkpoint dtype %s is not supported on %s; using %s", ckpt_dtype, choice.device_id, dtype)
+            logger.info(
+                "checkpoint dtype %s is not supported on %s; using %s", ckpt_dtype, choice.device_id, dtype
+            )
 
         limit = _model_context_length(source.hf_config)
         max_model_len = self.max_model_len or limit

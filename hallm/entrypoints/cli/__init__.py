@@ -24,7 +24,7 @@ from hallm.version import __version__
 __all__ = ["SUBCOMMANDS", "add_device_arg", "build_parser", "main"]
 
 #: Subcommand modules of this package, in the order `hallm --help` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("plugins", "generate", "chat", "bench", "conformance")
+SUBCOMMANDS: tuple[str, ...] = ("plugins", "generate", "chat", "serve", "bench", "conformance")
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -1,4 +1,5 @@
-"""`hallm bench throughput`: offline throughput with vLLM's semantics, hallm or HF transformers."""
+"""`hallm bench throughput`: offline throughput with vLLM's semantics, hallm or HF transformers.
+`hallm bench serve`: load on an OpenAI-compatible server (TTFT, TPOT, ITL, throughput)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,64 @@ def register(subparsers: Any) -> None:
     p.add_argument("--hf-max-batch-size", type=int, default=32)
     p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
     p.set_defaults(handler=run)
+    _register_serve(sub)
+
+
+def _register_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="load on an OpenAI-compatible server: TTFT, TPOT, ITL, throughput")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the API's base URL (with /v1)")
+    p.add_argument("--model", default=None, help="model name to request (default: the server's first)")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (chat: words)")
+    p.add_argument("--output-len", type=int, default=64, help="tokens to generate (ignore_eos)")
+    p.add_argument(
+        "--random-range-ratio", type=float, default=0.0, help="lengths uniform in [L(1-r), L(1+r)]"
+    )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrival rate in requests/s (default: inf, all at once)",
+    )
+    p.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight (default: unbounded)"
+    )
+    p.add_argument("--vocab-size", type=int, default=32000, help="random prompt ids are < this (completions)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--api-key", default=None, help="bearer token (default: $HALLM_API_KEY or $OPENAI_API_KEY)"
+    )
+    p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from hallm.benchmarks.serve import ServeBenchConfig, run_benchmark
+
+    cfg = ServeBenchConfig(
+        base_url=args.base_url,
+        model=args.model,
+        endpoint=args.endpoint,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        range_ratio=args.random_range_ratio,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        api_key=args.api_key or os.environ.get("HALLM_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+    )
+    result = asyncio.run(run_benchmark(cfg))
+    print(result.report())
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            f.write(result.to_json())
+    return 0 if result.completed else 1
 
 
 def run(args: argparse.Namespace) -> int:

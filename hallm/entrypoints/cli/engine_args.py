@@ -44,7 +44,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy (random weights)")
     g.add_argument("--attention-backend", default=None, help="force an attention backend by name")
     g.add_argument("--enforce-eager", action="store_true", help="never capture device graphs")
-    g.add_argument("--skip-tokenizer-init", action="store_true", help="load no tokenizer: token ids in and out")
+    g.add_argument(
+        "--skip-tokenizer-init", action="store_true", help="load no tokenizer: token ids in and out"
+    )
     g.add_argument("--served-model-name", default=None, help="model name reported to clients")
 
 

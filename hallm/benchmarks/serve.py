@@ -1,0 +1,256 @@
+"""`hallm bench serve`: load on any OpenAI-compatible server, vLLM's `bench serve` metrics.
+
+Requests stream (`stream_options.include_usage`) so every chunk is timed: TTFT is the time to
+the first chunk with text, ITL the gaps between text chunks, TPOT (latency - TTFT) / (output
+tokens - 1) per request; output tokens come from the server's usage when it reports it (else the
+number of text chunks). Arrivals: all at once (`request_rate=inf`) or a Poisson process of that
+rate; `max_concurrency` caps the requests in flight (inf rate + a cap = fixed concurrency).
+
+Prompts: for /v1/completions random token ids (exact lengths; ids in [100, vocab_size), so give
+the model's vocabulary size, default 32000) and `ignore_eos` so each request generates its full
+output length; for /v1/chat/completions random common words (about one token each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import random
+import time
+from typing import Any
+
+_WORDS = (
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
+    "from", "his", "her", "it", "an", "were", "are", "which", "this", "be", "or", "has", "had",
+    "not", "but", "first", "one", "their", "its", "new", "after", "who", "they", "two", "have",
+    "been", "more", "also", "other", "time", "year", "city", "world", "school", "state", "during",
+    "into", "when", "people", "part", "made", "music", "over", "team", "game", "family", "house",
+    "water",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class ServeBenchConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = None
+    endpoint: str = "completions"  # or "chat"
+    num_prompts: int = 64
+    input_len: int = 128
+    output_len: int = 64
+    range_ratio: float = 0.0
+    request_rate: float = math.inf
+    max_concurrency: int | None = None
+    vocab_size: int = 32000
+    seed: int = 0
+    api_key: str | None = None
+    timeout: float = 600.0
+
+
+@dataclasses.dataclass
+class RequestResult:
+    ok: bool
+    prompt_tokens: int
+    output_tokens: int
+    ttft: float
+    latency: float
+    itl: list[float]
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class ServeBenchResult:
+    config: dict[str, Any]
+    duration_s: float
+    completed: int
+    failed: int
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    itl_ms: dict[str, float]
+    errors: list[str]
+
+    def report(self) -> str:
+        c = self.config
+        conc = c["max_concurrency"] if c["max_concurrency"] is not None else "unbounded"
+        lines = [
+            "============ Serving Benchmark Result ============",
+            f"{'Endpoint:':<40}{c['base_url']}/{'chat/completions' if c['endpoint'] == 'chat' else 'completions'}",
+            f"{'Request rate (req/s):':<40}{c['request_rate']}",
+            f"{'Maximum request concurrency:':<40}{conc}",
+            f"{'Successful requests:':<40}{self.completed}",
+            f"{'Failed requests:':<40}{self.failed}",
+            f"{'Benchmark duration (s):':<40}{self.duration_s:.2f}",
+            f"{'Total input tokens:':<40}{self.total_input_tokens}",
+            f"{'Total generated tokens:':<40}{self.total_output_tokens}",
+            f"{'Request throughput (req/s):':<40}{self.request_throughput:.2f}",
+            f"{'Output token throughput (tok/s):':<40}{self.output_throughput:.2f}",
+            f"{'Total token throughput (tok/s):':<40}{self.total_token_throughput:.2f}",
+        ]
+        for title, name, stats in (
+            ("Time to First Token", "TTFT", self.ttft_ms),
+            ("Time per Output Token (excl. 1st token)", "TPOT", self.tpot_ms),
+            ("Inter-token Latency", "ITL", self.itl_ms),
+        ):
+            lines.append(f"{title:-^50}")
+            for key in ("mean", "p50", "p99"):
+                label = {"mean": "Mean", "p50": "Median", "p99": "P99"}[key]
+                lines.append(f"{f'{label} {name} (ms):':<40}{stats[key]:.2f}")
+        lines.append("=" * 50)
+        lines.extend(f"error: {e}" for e in self.errors[:5])
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    arr = np.asarray(values) * 1000.0
+    return {
+        "mean": float(arr.mean()),
+        "p50": float(np.percentile(arr, 50)),
+        "p99": float(np.percentile(arr, 99)),
+    }
+
+
+def make_payloads(cfg: ServeBenchConfig, model: str) -> list[dict[str, Any]]:
+    """The request bodies: random prompts and output lengths, uniform in [L(1-r), L(1+r)]."""
+    rng = random.Random(cfg.seed)
+
+    def length(center: int) -> int:
+        return rng.randint(
+            max(1, int(center * (1 - cfg.range_ratio))), max(1, int(center * (1 + cfg.range_ratio)))
+        )
+
+    low = min(100, cfg.vocab_size // 2)
+    payloads = []
+    for _ in range(cfg.num_prompts):
+        n_in, n_out = length(cfg.input_len), length(cfg.output_len)
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": n_out,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if cfg.endpoint == "chat":
+            body["messages"] = [
+                {"role": "user", "content": " ".join(rng.choice(_WORDS) for _ in range(n_in))}
+            ]
+        else:
+            body["prompt"] = [rng.randrange(low, cfg.vocab_size) for _ in range(n_in)]
+        payloads.append(body)
+    return payloads
+
+
+async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> RequestResult:
+    start = time.perf_counter()
+    ttft = 0.0
+    last = start
+    itl: list[float] = []
+    chunks = 0
+    prompt_tokens = len(body.get("prompt", []))
+    output_tokens: int | None = None
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                return RequestResult(False, 0, 0, 0.0, 0.0, [], f"HTTP {resp.status_code}: {text[:200]}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    return RequestResult(False, 0, 0, 0.0, 0.0, [], str(obj["error"])[:200])
+                if obj.get("usage"):
+                    output_tokens = obj["usage"].get("completion_tokens")
+                    prompt_tokens = obj["usage"].get("prompt_tokens", prompt_tokens)
+                for choice in obj.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        now = time.perf_counter()
+                        if chunks == 0:
+                            ttft = now - start
+                        else:
+                            itl.append(now - last)
+                        last = now
+                        chunks += 1
+    except Exception as exc:
+        return RequestResult(False, 0, 0, 0.0, 0.0, [], f"{type(exc).__name__}: {exc}")
+    latency = time.perf_counter() - start
+    return RequestResult(
+        True, prompt_tokens, output_tokens if output_tokens is not None else chunks, ttft, latency, itl
+    )
+
+
+async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
+    """Warm up with one short request, then send every request and collect the metrics."""
+    import httpx
+
+    base = cfg.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limit = cfg.max_concurrency or cfg.num_prompts
+    limits = httpx.Limits(max_connections=limit + 1, max_keepalive_connections=limit + 1)
+    async with httpx.AsyncClient(headers=headers, timeout=cfg.timeout, limits=limits) as client:
+        model = cfg.model
+        if model is None:
+            resp = await client.get(f"{base}/models")
+            resp.raise_for_status()
+            model = resp.json()["data"][0]["id"]
+        chat = cfg.endpoint == "chat"
+        url = f"{base}/chat/completions" if chat else f"{base}/completions"
+        payloads = make_payloads(cfg, model)
+        warm = await _one(client, url, {**payloads[0], "max_tokens": 2}, chat)
+        if not warm.ok:
+            raise RuntimeError(f"the warm-up request failed: {warm.error}")
+
+        rng = random.Random(cfg.seed + 1)
+        semaphore = asyncio.Semaphore(limit)
+
+        async def limited(body: dict[str, Any]) -> RequestResult:
+            async with semaphore:
+                return await _one(client, url, body, chat)
+
+        start = time.perf_counter()
+        tasks = []
+        for body in payloads:
+            tasks.append(asyncio.create_task(limited(body)))
+            if math.isfinite(cfg.request_rate) and cfg.request_rate > 0:
+                await asyncio.sleep(rng.expovariate(cfg.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+
+    ok = [r for r in results if r.ok]
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    total_in = sum(r.prompt_tokens for r in ok)
+    total_out = sum(r.output_tokens for r in ok)
+    config = dataclasses.asdict(cfg)
+    config.update(model=model, api_key=None, request_rate=str(cfg.request_rate))
+    return ServeBenchResult(
+        config=config,
+        duration_s=duration,
+        completed=len(ok),
+        failed=len(results) - len(ok),
+        total_input_tokens=total_in,
+        total_output_tokens=total_out,
+        request_throughput=len(ok) / duration,
+        output_throughput=total_out / duration,
+        total_token_throughput=(total_in + total_out) / duration,
+        ttft_ms=_stats([r.ttft for r in ok]),
+        tpot_ms=_stats(tpots),
+        itl_ms=_stats([x for r in ok for x in r.itl]),
+        errors=[r.error for r in results if r.error],
+    )

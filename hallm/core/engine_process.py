@@ -1,0 +1,307 @@
+"""The engine loop in its own process, for serving.
+
+The API process builds the `EngineConfig` once (so the device is resolved there) and starts
+`run_engine_process` in a spawned child, which builds an `LLMEngine` from that plain data and
+never probes a device again. The two talk over two ZMQ PUSH/PULL sockets with the msgspec
+messages of `hallm.core.engine_protocol`.
+
+The child does no text work at all: it receives token ids and sends, after every step, the new
+token ids (and logprobs) of each request it touched, plus the engine's stats. Tokenization, chat
+templates, detokenization, stop strings and HTTP all live in the API process, so none of them
+ever delays an engine step; a stop string found there comes back as an abort.
+
+The API process owns shutdown: it sends `Shutdown` (and kills the child if that does not work).
+A Ctrl-C or a SIGTERM sent to the whole process group also reaches the child while the API
+process drains its in-flight requests, so the child ignores SIGINT, and on SIGTERM keeps serving
+until it is idle (or `TERM_GRACE_S` has passed, then aborts the rest) and exits 0. It also exits
+when its parent disappears. Sends never block: a vanished peer cannot hang either side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hallm.core.engine_protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineFailed,
+    EngineStats,
+    Ready,
+    RequestDelta,
+    Shutdown,
+    StartupFailed,
+    StepOutputs,
+    TokenLogprobs,
+    make_encoder,
+    request_decoder,
+)
+
+logger = logging.getLogger("hallm.engine_process")
+
+#: How long the idle loop sleeps in poll (ms) before checking that its parent is still alive.
+_IDLE_POLL_MS = 500
+#: After SIGTERM, the longest the engine process keeps serving before it aborts what is left.
+TERM_GRACE_S = 60.0
+#: Set by the SIGTERM handler: when the grace period ends (time.monotonic()).
+_terminate_deadline: float | None = None
+
+
+class TokenIdsOnly:
+    """What the engine process gives `LLMEngine` for a tokenizer: the EOS ids and nothing else.
+
+    The engine needs a tokenizer only for its EOS ids, for text prompts and for detokenizing.
+    Here prompts arrive as token ids and requests have `detokenize=False`, so the only other use
+    is the text of logprob candidates, which the API process fills in: `decode` returns "".
+    """
+
+    def __init__(self, eos_token_ids: Sequence[int]) -> None:
+        self.eos_token_id = list(eos_token_ids)
+
+    def decode(self, token_ids: Any, **kwargs: Any) -> str:
+        return ""
+
+
+def run_engine_process(
+    config_conn: Any,
+    input_address: str,
+    output_address: str,
+    log_level: int = logging.INFO,
+) -> None:
+    """Entry point of the engine process (the target of a spawned `multiprocessing.Process`).
+
+    The process starts importing the engine (torch, transformers, ...) at once, while the API
+    process builds the config; it then receives `(config, eos_token_ids)` on `config_conn` (a
+    multiprocessing pipe from its parent; `None` means "exit") and builds the engine.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which stops us
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hallm").setLevel(log_level)
+
+    import zmq
+
+    from hallm.core.engine import LLMEngine
+
+    parent_pid = os.getppid()
+    try:
+        received = config_conn.recv()
+    except EOFError:
+        received = None
+    config_conn.close()
+    if received is None or _terminate_deadline is not None:
+        return
+    config, eos_token_ids = received
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_address)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.LINGER, 2000)
+    outbox.setsockopt(zmq.SNDHWM, 0)
+    outbox.connect(output_address)
+    encoder = make_encoder()
+    code = 1
+    try:
+        try:
+            engine = LLMEngine(config, TokenIdsOnly(eos_token_ids))
+        except Exception as exc:
+            logger.exception("the engine failed to start")
+            outbox.send(encoder.encode(StartupFailed(f"{type(exc).__name__}: {exc}")))
+            engine = None
+        if engine is not None:
+            pool = engine.scheduler.kv.pool
+            ready = Ready(
+                pid=os.getpid(),
+                num_blocks=pool.num_blocks,
+                num_usable_blocks=pool.num_usable_blocks,
+                block_size=config.cache.block_size,
+                max_model_len=config.model.max_model_len,
+                stats=engine_stats(engine),
+            )
+            outbox.send(encoder.encode(ready))
+            code = EngineLoop(engine, inbox, outbox, parent_pid).run()
+    except Exception as exc:
+        logger.exception("the engine process failed")
+        outbox.send(encoder.encode(EngineFailed(f"{type(exc).__name__}: {exc}")))
+    finally:
+        inbox.close(linger=0)
+        outbox.close()
+        ctx.term()
+    sys.exit(code)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _terminate_deadline
+    if _terminate_deadline is None:
+        _terminate_deadline = time.monotonic() + TERM_GRACE_S
+
+
+def engine_stats(engine: Any, num_aborted: int = 0) -> EngineStats:
+    """The stats message from `LLMEngine.get_stats()` (plus the loop's abort count)."""
+    s = engine.get_stats()
+    return EngineStats(
+        num_running=s["num_running"],
+        num_waiting=s["num_waiting"],
+        kv_cache_usage=float(s["kv_cache_usage"]),
+        num_free_blocks=s["num_free_blocks"],
+        num_blocks=s["num_blocks"],
+        num_preemptions=s["num_preemptions"],
+        prefix_cache_queries=s["prefix_cache_queries"],
+        prefix_cache_hits=s["prefix_cache_hits"],
+        num_aborted=num_aborted,
+    )
+
+
+class EngineLoop:
+    """Drain the inbox, run a step, send what changed; block on the inbox only when idle."""
+
+    def __init__(self, engine: Any, inbox: Any, outbox: Any, parent_pid: int) -> None:
+        self.engine = engine
+        self.inbox = inbox
+        self.outbox = outbox
+        self.parent_pid = parent_pid
+        self.encoder = make_encoder()
+        self.decoder = request_decoder()
+        self.num_sent: dict[str, int] = {}  # request id -> output tokens sent so far
+        self.num_aborted = 0
+        self.stopping = False
+
+    def run(self) -> int:
+        """Serve until `Shutdown` (exit code 0), a dead parent (0) or an engine error (1)."""
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        last_stats: EngineStats | None = None
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            if not busy:
+                stats = engine_stats(self.engine, self.num_aborted)
+                if stats != last_stats:  # e.g. blocks freed by aborts: report them while idle
+                    self._send(StepOutputs([], stats))
+                    last_stats = stats
+            if poller.poll(0 if busy else _IDLE_POLL_MS):
+                self._drain()
+            if self.stopping:
+                self._shutdown()
+                return 0
+            deadline = _terminate_deadline
+            if deadline is not None and (
+                not self.engine.has_unfinished_requests() or time.monotonic() > deadline
+            ):
+                logger.info("SIGTERM: the engine process exits")
+                self._shutdown()
+                return 0
+            if os.getppid() != self.parent_pid:
+                logger.warning("the API process is gone; the engine process exits")
+                self._shutdown()
+                return 0
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:
+                logger.exception("engine step failed")
+                self._send(EngineFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
+                return 1
+            last_stats = engine_stats(self.engine, self.num_aborted)
+            self._send(StepOutputs([self._delta(o) for o in outputs], last_stats))
+
+    def _send(self, message: Any) -> None:
+        import zmq
+
+        try:
+            self.outbox.send(self.encoder.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no API process connected any more (unbounded queue otherwise)
+            self.stopping = True
+
+    def _drain(self) -> None:
+        import zmq
+
+        aborts: list[str] = []
+        while True:
+            try:
+                raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                msg = self.decoder.decode(raw.buffer)
+            except Exception as exc:  # a bug in the API process: refuse the message, keep serving
+                self._refuse_undecodable(raw.buffer, exc)
+                continue
+            if isinstance(msg, AddRequest):
+                self._add(msg)
+            elif isinstance(msg, AbortRequests):
+                aborts.extend(msg.request_ids)
+            elif isinstance(msg, Shutdown):
+                self.stopping = True
+        if aborts:
+            self.engine.abort_request(aborts)
+            for rid in aborts:
+                if self.num_sent.pop(rid, None) is not None:
+                    self.num_aborted += 1
+
+    def _refuse_undecodable(self, raw: Any, exc: Exception) -> None:
+        import msgspec
+
+        logger.error("undecodable message from the API process: %s", exc)
+        try:
+            fields = msgspec.msgpack.decode(raw)
+        except Exception:
+            return
+        if (
+            isinstance(fields, list)
+            and len(fields) > 1
+            and fields[0] == "AddRequest"
+            and isinstance(fields[1], str)
+        ):
+            self._refuse(fields[1], f"the engine could not decode the request: {exc}")
+
+    def _refuse(self, request_id: str, error: str) -> None:
+        stats = engine_stats(self.engine, self.num_aborted)
+        self._send(StepOutputs([RequestDelta(request_id, [], finish_reason="abort", error=error)], stats))
+
+    def _add(self, msg: AddRequest) -> None:
+        try:
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+        except Exception as exc:  # refused: tell the API process, keep serving the others
+            self._refuse(
+                msg.request_id, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            )
+            return
+        self.num_sent[msg.request_id] = 0
+
+    def _delta(self, out: Any) -> RequestDelta:
+        seq = out.outputs[0]
+        start = self.num_sent.get(out.request_id, 0)
+        logprobs = None
+        if seq.logprobs is not None:
+            logprobs = [
+                TokenLogprobs(
+                    list(pos), [lp.logprob for lp in pos.values()], [lp.rank for lp in pos.values()]
+                )
+                for pos in seq.logprobs[start:]
+            ]
+        if out.finished:
+            self.num_sent.pop(out.request_id, None)
+        else:
+            self.num_sent[out.request_id] = len(seq.token_ids)
+        return RequestDelta(
+            request_id=out.request_id,
+            token_ids=seq.token_ids[start:],
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_cached_tokens=out.num_cached_tokens,
+        )
+
+    def _shutdown(self) -> None:
+        if self.num_sent:
+            self.engine.abort_request(list(self.num_sent))
+            self.num_sent.clear()
+        self.engine.shutdown()

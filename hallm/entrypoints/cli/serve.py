@@ -1,0 +1,61 @@
+"""`hallm serve [MODEL]`: an OpenAI-compatible HTTP server (see hallm.entrypoints.openai)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hallm.entrypoints.cli.common import positive_float
+from hallm.entrypoints.cli.engine_args import add_engine_args, engine_args_from
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description=(
+            "Serve MODEL (default: SmolLM2-135M-Instruct) on /v1/completions, /v1/chat/completions, "
+            "/v1/models, /health, /metrics, /tokenize, /detokenize and /version. The engine runs in its "
+            "own process. SIGTERM or Ctrl-C stops accepting, finishes (or after --shutdown-timeout "
+            "aborts) what is in flight, and exits 0."
+        ),
+    )
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every /v1 route (default: $HALLM_API_KEY, else none)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, seconds to let in-flight requests finish before aborting them (default: 30)",
+    )
+    g.add_argument(
+        "--disable-uvicorn-access-log", action="store_true", help="do not log one line per HTTP request"
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hallm.entrypoints.openai.api_server import ServeOptions, run_server
+    from hallm.platforms import ConfigError
+
+    if getattr(args, "skip_tokenizer_init", False):
+        raise ConfigError(
+            "hallm serve needs the tokenizer (prompts, chat templates and outputs are text); "
+            "drop --skip-tokenizer-init"
+        )
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        shutdown_timeout=args.shutdown_timeout,
+        access_log=not args.disable_uvicorn_access_log,
+    )
+    return run_server(engine_args_from(args), options)

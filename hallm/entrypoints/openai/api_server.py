@@ -1,0 +1,239 @@
+"""The OpenAI-compatible HTTP server behind `hallm serve` (FastAPI on uvicorn).
+
+`run_server(engine_args, options)` builds the engine config once (the device is resolved here),
+loads the tokenizer, starts the engine process, then serves until SIGTERM or SIGINT: uvicorn
+stops accepting connections, lets in-flight requests finish for up to `shutdown_timeout`
+seconds (then cancels them, which aborts their sequences), and the engine process is shut down;
+the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from hallm.entrypoints.openai.engine_client import AsyncEngineClient
+from hallm.entrypoints.openai.errors import error_response, install_error_handlers
+from hallm.entrypoints.openai.metrics import ServerMetrics
+from hallm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
+)
+from hallm.entrypoints.openai.serving import ServerContext, json_response
+from hallm.entrypoints.openai.serving_chat import apply_chat_template, create_chat_completion
+from hallm.entrypoints.openai.serving_completion import create_completion
+from hallm.version import __version__
+
+logger = logging.getLogger("hallm.serve")
+
+API_KEY_ENV = "HALLM_API_KEY"
+
+
+@dataclasses.dataclass
+class ServeOptions:
+    """HTTP-side options of `hallm serve`; `api_key` None reads $HALLM_API_KEY."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    shutdown_timeout: float = 30.0
+    access_log: bool = True
+
+
+class ApiKeyMiddleware:
+    """Every route under /v1 needs `Authorization: Bearer <api key>`; anything else is a 401."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given.strip(), self.expected):
+                message = (
+                    "missing or invalid API key: send the header 'Authorization: Bearer <key>' with the "
+                    "server's --api-key"
+                )
+                await error_response(401, message, code="invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app for a started engine client."""
+    app = FastAPI(title="hallm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not ctx.client.is_alive:
+            return error_response(
+                503, f"the engine is not running: {ctx.client.error or 'dead'}", code="engine_dead"
+            )
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return json_response({"version": __version__})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = {
+            "id": ctx.model_name,
+            "object": "model",
+            "created": ctx.created,
+            "owned_by": "hallm",
+            "root": ctx.model_root,
+            "max_model_len": ctx.max_model_len,
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = CompletionRequest.model_validate_json(await request.body())
+        return await create_completion(ctx, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = ChatCompletionRequest.model_validate_json(await request.body())
+        return await create_chat_completion(ctx, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = TokenizeRequest.model_validate_json(await request.body())
+        ctx.check_model(body.model)
+        if body.messages is not None:
+            messages = [m.to_template() for m in body.messages]
+            ids = apply_chat_template(ctx.tokenizer, messages, body.add_generation_prompt)
+        elif body.prompt is not None:
+            ids = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        else:
+            raise RequestError("give either prompt or messages", "prompt")
+        return json_response({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = DetokenizeRequest.model_validate_json(await request.body())
+        ctx.check_model(body.model)
+        size = len(ctx.tokenizer)
+        bad = next((t for t in body.tokens if not 0 <= t < size), None)
+        if bad is not None:
+            raise RequestError(
+                f"tokens has token id {bad}, outside the tokenizer's vocabulary [0, {size})", "tokens"
+            )
+        return json_response({"prompt": ctx.tokenizer.decode(body.tokens)})
+
+    return app
+
+
+def eos_token_ids(tokenizer: Any, hf_config: Any) -> list[int]:
+    """The tokenizer's and the model config's EOS ids (what `LLMEngine` stops on offline)."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None) -> None:
+    """Start the engine process and serve HTTP until uvicorn is told to stop."""
+    import uvicorn
+
+    from hallm.core.model_loader import load_tokenizer
+
+    client = AsyncEngineClient(logging.getLogger("hallm").level)
+    client.spawn()  # it imports the engine while this process resolves the device and the model
+    try:
+        config = engine_args.create_engine_config()  # resolves the device, once, in this process
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
+    except BaseException:
+        await client.shutdown()
+        raise
+    hf_config = config.model.hf_config
+    name = config.model.served_model_name or os.path.basename(config.model.model)
+    metrics = ServerMetrics(name)
+    client.on_stats = metrics.engine_stats
+    try:
+        await client.start(config, eos_token_ids(tokenizer, hf_config))
+        ctx = ServerContext(
+            client=client,
+            tokenizer=tokenizer,
+            metrics=metrics,
+            model_name=name,
+            model_root=config.model.model,
+            max_model_len=config.model.max_model_len,
+            vocab_size=int(hf_config.vocab_size),
+            created=int(time.time()),
+        )
+        api_key = options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV) or None
+        app = create_app(ctx, api_key)
+        uv_config = uvicorn.Config(
+            app,
+            host=options.host,
+            port=options.port,
+            log_level=logging.getLevelName(max(logging.getLogger("hallm").level, logging.INFO)).lower(),
+            access_log=options.access_log,
+            timeout_graceful_shutdown=int(options.shutdown_timeout),
+            lifespan="off",
+        )
+        server = uvicorn.Server(uv_config)
+        if on_started is not None:
+            on_started()
+        logger.info(
+            "serving %s on http://%s:%d/v1 (engine pid %s)%s",
+            name,
+            options.host,
+            options.port,
+            client.pid,
+            ", API key required" if api_key else "",
+        )
+        await server.serve()
+    finally:
+        await client.shutdown()
+
+
+def run_server(engine_args: Any, options: ServeOptions) -> int:
+    """Run `hallm serve`; return the exit code (0 after SIGTERM or SIGINT)."""
+    serving = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # Before uvicorn takes over (engine starting), stop at once; once it ran, uvicorn re-raises
+        # the signal it handled after its graceful shutdown, which is then done: nothing to do.
+        if not serving:
+            raise KeyboardInterrupt
+
+    def started() -> None:
+        nonlocal serving
+        serving = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        asyncio.run(serve(engine_args, options, started))
+    except KeyboardInterrupt:
+        logger.info("interrupted")
+    return 0

@@ -1,0 +1,180 @@
+"""Prometheus metrics of the server (`GET /metrics`), named `hallm:*` like vLLM's `vllm:*`.
+
+Engine gauges (running/waiting sequences, KV-cache usage and free blocks, prefix-cache hit rate)
+come from the stats the engine process sends with every step and whenever it goes idle; latency
+histograms and token counters are recorded in the API process as outputs arrive. Each server has
+its own registry, so several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from hallm.core.engine_protocol import EngineStats
+
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_TPOT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+_E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+)
+
+
+class ServerMetrics:
+    """The server's metrics; `model_name` is the `model_name` label of every series."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        self._running = gauge(
+            "hallm:num_requests_running", "Sequences running in the engine (in the step batch)."
+        )
+        self._waiting = gauge("hallm:num_requests_waiting", "Sequences waiting to be scheduled.")
+        self._kv_usage = gauge("hallm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0-1).")
+        self._free_blocks = gauge("hallm:kv_cache_free_blocks", "KV-cache blocks free to be handed out.")
+        self._num_blocks = gauge(
+            "hallm:kv_cache_num_blocks", "KV-cache blocks in the pool (one is reserved)."
+        )
+        self._hit_rate = gauge(
+            "hallm:prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up."
+        )
+        self._queries = gauge(
+            "hallm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache, in total."
+        )
+        self._hits = gauge("hallm:prefix_cache_hits", "Prompt tokens found in the prefix cache, in total.")
+        self._preemptions = gauge("hallm:num_preemptions", "Sequences preempted (KV cache full), in total.")
+        self._aborted = gauge(
+            "hallm:num_requests_aborted", "Sequences the engine aborted before they finished, in total."
+        )
+        self._prompt_tokens = Counter("hallm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=r)
+        self._generation_tokens = Counter("hallm:generation_tokens", "Tokens generated.", labels, registry=r)
+        self._success = Counter(
+            "hallm:request_success",
+            "Sequences finished, by finish reason.",
+            [*labels, "finished_reason"],
+            registry=r,
+        )
+        self._ttft = Histogram(
+            "hallm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self._tpot = Histogram(
+            "hallm:time_per_output_token_seconds",
+            "Time between output tokens (inter-token latency).",
+            labels,
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self._e2e = Histogram(
+            "hallm:e2e_request_latency_seconds",
+            "End-to-end latency of a sequence.",
+            labels,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self._label = {"model_name": model_name}
+        for metric in (self._prompt_tokens, self._generation_tokens, self._ttft, self._tpot, self._e2e):
+            metric.labels(**self._label)  # exported (as 0) before the first request
+
+    def engine_stats(self, s: EngineStats) -> None:
+        """Update the engine gauges from a stats snapshot."""
+        lab = self._label
+        self._running.labels(**lab).set(s.num_running)
+        self._waiting.labels(**lab).set(s.num_waiting)
+        self._kv_usage.labels(**lab).set(s.kv_cache_usage)
+        self._free_blocks.labels(**lab).set(s.num_free_blocks)
+        self._num_blocks.labels(**lab).set(s.num_blocks)
+        self._hit_rate.labels(**lab).set(
+            s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        )
+        self._queries.labels(**lab).set(s.prefix_cache_queries)
+        self._hits.labels(**lab).set(s.prefix_cache_hits)
+        self._preemptions.labels(**lab).set(s.num_preemptions)
+        self._aborted.labels(**lab).set(s.num_aborted)
+
+    def first_token(self, ttft: float, num_prompt_tokens: int) -> None:
+        self._ttft.labels(**self._label).observe(ttft)
+        self._prompt_tokens.labels(**self._label).inc(num_prompt_tokens)
+        self._generation_tokens.labels(**self._label).inc(1)
+
+    def tokens(self, n: int, interval: float) -> None:
+        """`n` more tokens arrived `interval` seconds after the previous ones."""
+        self._generation_tokens.labels(**self._label).inc(n)
+        per_token = interval / n
+        hist = self._tpot.labels(**self._label)
+        for _ in range(n):
+            hist.observe(per_token)
+
+    def finished(self, finish_reason: str, e2e: float) -> None:
+        self._success.labels(**self._label, finished_reason=finish_reason).inc()
+        self._e2e.labels(**self._label).observe(e2e)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

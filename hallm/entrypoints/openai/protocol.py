@@ -1,0 +1,248 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and their mapping to SamplingParams.
+
+Fields are OpenAI's plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, ...). Bodies are validated in
+strict JSON mode: a string where a number belongs is a 400 naming the field, not a coercion.
+Unknown fields are ignored, as OpenAI's own clients may send newer ones.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hallm.core.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 128
+
+#: Integers travel to the engine process as MessagePack (64-bit): larger ones are a 400 here.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class RequestError(ValueError):
+    """A request the server refuses with an OpenAI error body (400 unless `status` says otherwise)."""
+
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise ValueError("stop must be a string, a list of strings or null")
+
+
+class _SamplingFields(_Body):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: Int64 | None = None
+    stop: Any = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: Int64 | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=2**63 - 1)
+    stop_token_ids: list[Int64] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _validate_stop(cls, value: Any) -> Any:
+        return _check_stop(value)
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        # Unset optional knobs keep SamplingParams' defaults; "123" logit_bias keys become ints there.
+        opt: dict[str, Any] = {
+            "logit_bias": self.logit_bias,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        try:
+            return SamplingParams(
+                n=self.n,
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                seed=self.seed,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens,
+                skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                **{k: v for k, v in opt.items() if v is not None},
+            )
+        except ValueError as exc:  # SamplingParams' messages start with the field's name
+            field = str(exc).split(" ", 1)[0]
+            raise RequestError(str(exc), field if field in type(self).model_fields else None) from None
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=1, le=2**63 - 1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        ok = (
+            isinstance(value, str)
+            or (isinstance(value, list) and value and all(isinstance(p, str) for p in value))
+            or (isinstance(value, list) and value and all(_is_token_id(t) for t in value))
+            or (
+                isinstance(value, list)
+                and value
+                and all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value)
+            )
+        )
+        if not ok:
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+                "token ids (none of them empty)"
+            )
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list of strings and token-id lists."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("best_of is not supported; omit it or set it equal to n", "best_of")
+        if self.suffix:
+            raise RequestError("suffix is not supported", "suffix")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo together with logprobs (prompt logprobs) is not supported", "echo")
+        return self._sampling_params(self.max_tokens, self.logprobs)
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: Any) -> str:
+        if value is None or isinstance(value, str):
+            return value or ""
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
+                    raise ValueError(
+                        "content parts must be {'type': 'text', 'text': '...'}; only text is supported"
+                    )
+                texts.append(part["text"])
+            return "".join(texts)
+        raise ValueError("content must be a string or a list of text parts")
+
+    def to_template(self) -> dict[str, Any]:
+        # Most chat templates know no "developer" role; OpenAI treats it as the system prompt.
+        msg: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content,
+        }
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**63 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**63 - 1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    # vLLM's extras
+    echo: bool = False
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise RequestError("only response_format {'type': 'text'} is supported", "response_format")
+        if self.tools and self.tool_choice != "none":
+            raise RequestError("tools (function calling) are not supported", "tools")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template() for m in self.messages]
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize: a prompt, or chat messages (rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

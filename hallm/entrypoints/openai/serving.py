@@ -1,0 +1,266 @@
+"""What every endpoint shares: the server's context (engine client, tokenizer, metrics, limits),
+admission checks, fan-out of a request into engine sequences, and client-disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import msgspec
+from fastapi import Request
+from fastapi.responses import Response
+
+from hallm.core.sampling_params import SamplingParams
+from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, EngineRequestError
+from hallm.entrypoints.openai.errors import error_body
+from hallm.entrypoints.openai.metrics import ServerMetrics
+from hallm.entrypoints.openai.protocol import RequestError
+from hallm.entrypoints.openai.text_stream import SequenceUpdate, TokenLogprob, stream_sequence
+
+T = TypeVar("T")
+
+#: Logprobs that JSON cannot carry (-inf) are sent as this, as vLLM does.
+_MIN_LOGPROB = -9999.0
+
+
+@dataclasses.dataclass
+class ServerContext:
+    """Everything a handler needs; built once at startup."""
+
+    client: AsyncEngineClient
+    tokenizer: Any
+    metrics: ServerMetrics
+    model_name: str
+    model_root: str
+    max_model_len: int
+    vocab_size: int
+    created: int
+
+    def check_model(self, model: str | None) -> None:
+        """A request may omit `model`; naming another model is a 404."""
+        if model is not None and model != self.model_name:
+            raise RequestError(
+                f"The model `{model}` does not exist; this server serves `{self.model_name}` (see /v1/models).",
+                "model",
+                status=404,
+                code="model_not_found",
+            )
+
+    def check_alive(self) -> None:
+        if not self.client.is_alive:
+            raise RequestError(
+                f"the engine is not running ({self.client.error or 'dead'}); restart the server",
+                status=503,
+                code="engine_dead",
+            )
+
+    def check_prompt(self, token_ids: list[int], max_tokens: int | None, param: str) -> None:
+        """Refuse a prompt that is empty, has ids outside the vocabulary, or cannot fit."""
+        n = len(token_ids)
+        if n == 0:
+            raise RequestError(f"{param} is empty; give at least one token", param)
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(
+                f"{param} has token id {bad}, outside the vocabulary [0, {self.vocab_size})", param
+            )
+        limit = self.max_model_len
+        if n >= limit:
+            raise RequestError(
+                f"This model's maximum context length (max_model_len) is {limit} tokens, but the {param} has "
+                f"{n} tokens and at least one token must be generated. Shorten the {param}.",
+                param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and n + max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length (max_model_len) is {limit} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the {param}, {max_tokens} in the completion). Shorten the "
+                f"{param} or lower max_tokens.",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+        ready = self.client.ready
+        if ready is not None:
+            needed = -(-(n + 1) // ready.block_size)
+            if needed > ready.num_usable_blocks:
+                raise RequestError(
+                    f"the {param} needs {needed} KV-cache blocks but the server's whole KV cache has "
+                    f"{ready.num_usable_blocks}; shorten the {param}",
+                    param,
+                    code="context_length_exceeded",
+                )
+            # At its longest the sequence holds the KV of all but its last token (as the engine checks).
+            max_new = limit - n if max_tokens is None else min(max_tokens, limit - n)
+            needed = -(-(n + max_new - 1) // ready.block_size)
+            if needed > ready.num_usable_blocks:
+                raise RequestError(
+                    f"the request can grow to {needed} KV-cache blocks ({n} {param} tokens + max_tokens="
+                    f"{max_new}) but the server's whole KV cache has {ready.num_usable_blocks}; lower "
+                    f"max_tokens or shorten the {param}",
+                    "max_tokens",
+                    code="context_length_exceeded",
+                )
+
+    def check_params(self, params: SamplingParams) -> None:
+        try:
+            params.verify_vocab(self.vocab_size)
+        except ValueError as exc:
+            raise RequestError(str(exc), "logit_bias") from None
+
+    def sequences(
+        self, prefix: str, prompts: list[list[int]], params: SamplingParams
+    ) -> list[AsyncIterator[SequenceUpdate]]:
+        """One engine sequence per (prompt, sample): choice index = prompt index * n + sample index."""
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        out = []
+        for p, ids in enumerate(prompts):
+            for i in range(params.n):
+                seq_params = params.child(i) if params.n > 1 else params
+                out.append(
+                    stream_sequence(
+                        self.client, self.tokenizer, f"{request_id}-{p}-{i}", ids, seq_params, self.metrics
+                    )
+                )
+        return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave async iterators as their items arrive, tagged with the iterator's index.
+
+    Closing the merged iterator (or an error in one of them) closes every iterator.
+    """
+    if len(streams) == 1:
+        stream = streams[0]
+        try:
+            async for item in stream:
+                yield 0, item
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item))
+            queue.put_nowait((i, done))
+        except BaseException as exc:
+            queue.put_nowait((i, exc))
+            raise
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await `work`, cancelling it (which aborts its sequences) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if disconnected:
+            return Response(status_code=499)  # nobody is listening
+        raise
+    finally:
+        watcher.cancel()
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
+
+
+def sse(body: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_error(exc: BaseException) -> bytes:
+    """An error event for a stream that has already started (the status is already 200)."""
+    if isinstance(exc, RequestError):
+        return sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    if isinstance(exc, EngineRequestError):
+        return sse(error_body(400, str(exc)))
+    if isinstance(exc, EngineDeadError):
+        return sse(error_body(503, f"the engine stopped: {exc}", code="engine_dead"))
+    return sse(error_body(500, f"internal server error: {type(exc).__name__}: {exc}"))
+
+
+def engine_error(exc: EngineRequestError | EngineDeadError) -> RequestError:
+    """The error answer for an engine failure before anything was sent."""
+    if isinstance(exc, EngineRequestError):
+        return RequestError(str(exc))
+    return RequestError(f"the engine stopped: {exc}", status=503, code="engine_dead")
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else _MIN_LOGPROB
+
+
+@dataclasses.dataclass
+class Choice:
+    """A choice being accumulated (non-streaming) or tracked (streaming)."""
+
+    text: str = ""
+    num_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    started: bool = False
+
+    def add(self, update: SequenceUpdate) -> None:
+        self.text += update.text
+        self.num_tokens += len(update.token_ids)
+        self.num_cached_tokens = update.num_cached_tokens
+        if update.logprobs:
+            self.logprobs.extend(update.logprobs)
+        if update.finish_reason is not None:
+            self.finish_reason, self.stop_reason = update.finish_reason, update.stop_reason

@@ -1,0 +1,155 @@
+"""POST /v1/chat/completions: messages -> chat template -> tokens, n samples, streamed or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from hallm.entrypoints.openai.engine_client import EngineDeadError, EngineRequestError
+from hallm.entrypoints.openai.protocol import ChatCompletionRequest, RequestError
+from hallm.entrypoints.openai.serving import (
+    SSE_DONE,
+    Choice,
+    ServerContext,
+    cancel_on_disconnect,
+    engine_error,
+    finite,
+    json_response,
+    merge,
+    new_id,
+    sse,
+    sse_error,
+    usage,
+)
+from hallm.entrypoints.openai.text_stream import TokenLogprob
+
+#: Keyword arguments of apply_chat_template a request's chat_template_kwargs may not override.
+_RESERVED = frozenset({"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict"})
+
+
+def apply_chat_template(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Render the conversation with the (model's or given) chat template and tokenize it.
+
+    The rendered text already holds the template's special tokens, so it is tokenized without
+    adding more. A template that fails on the input (e.g. a role it does not allow) is a 400.
+    """
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise RequestError(
+            "this model's tokenizer has no chat template; pass chat_template or use /v1/completions",
+            "messages",
+        )
+    extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED}
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            chat_template=chat_template,
+            **extra,
+        )
+    except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, bad kwargs
+        raise RequestError(f"the chat template failed on these messages: {exc}", "messages") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """The chat completions logprobs object."""
+
+    def item(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**item(e.token, e.logprob), "top_logprobs": [item(text, lp) for _, text, lp in e.top]}
+            for e in entries
+        ]
+    }
+
+
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
+    ctx.check_model(req.model)
+    params = req.to_sampling_params()
+    ctx.check_params(params)
+    ids = apply_chat_template(
+        ctx.tokenizer,
+        req.template_messages(),
+        req.add_generation_prompt,
+        req.chat_template,
+        req.chat_template_kwargs,
+    )
+    ctx.check_prompt(ids, params.max_tokens, "messages")
+    ctx.check_alive()
+    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": ctx.model_name}
+    streams = ctx.sequences("chatcmpl", [ids], params)
+    want_logprobs = params.logprobs is not None
+
+    def total_usage(choices: list[Choice]) -> dict[str, Any]:
+        return usage(len(ids), sum(c.num_tokens for c in choices), choices[0].num_cached_tokens)
+
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+        chunk_head = {**head, "object": "chat.completion.chunk"}
+
+        def chunk(choice: dict[str, Any]) -> bytes:
+            return sse({**chunk_head, "choices": [choice], **extra})
+
+        async def stream() -> AsyncIterator[bytes]:
+            choices = [Choice() for _ in streams]
+            try:
+                for i in range(len(streams)):
+                    delta = {"role": "assistant", "content": ""}
+                    yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
+                async for i, update in merge(streams):
+                    choices[i].add(update)
+                    has_logprobs = want_logprobs and bool(update.logprobs)
+                    if not (update.text or update.finish_reason is not None or has_logprobs):
+                        continue
+                    yield chunk(
+                        {
+                            "index": i,
+                            "delta": {"content": update.text} if update.text else {},
+                            "logprobs": chat_logprobs(update.logprobs or []) if has_logprobs else None,
+                            "finish_reason": update.finish_reason,
+                            "stop_reason": update.stop_reason,
+                        }
+                    )
+                if include_usage:
+                    yield sse({**chunk_head, "choices": [], "usage": total_usage(choices)})
+            except Exception as exc:
+                yield sse_error(exc)
+            yield SSE_DONE
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def collect() -> dict[str, Any]:
+        choices = [Choice() for _ in streams]
+        try:
+            async for i, update in merge(streams):
+                choices[i].add(update)
+        except (EngineRequestError, EngineDeadError) as exc:
+            raise engine_error(exc) from None
+        out = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for i, c in enumerate(choices)
+        ]
+        return {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices)}
+
+    result = await cancel_on_disconnect(raw, collect())
+    return result if isinstance(result, Response) else json_response(result)
