@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batches", default="1,32")
     args = parser.parse_args()
-    from model_shapes import write_shape
+    from gpu_common import model_config
 
     from hallm.core.model_loader import resolve_model
 
@@ -96,7 +96,8 @@ def main() -> None:
         if model == "smollm2":
             path, extra, model_dir = None, [], resolve_model(None).model_dir
         else:
-            path = str(write_shape(model, tmp))
+            path = os.path.join(tmp, model)
+            model_config(model).save_pretrained(path)  # the same shapes the GPU benchmarks use
             extra, model_dir = ["--load-format", "dummy", "--skip-tokenizer-init"], path
         for dtype in args.dtypes.split(","):
             floor = bw * 1e9 / streamed_weight_bytes(model_dir, dtype)
