@@ -264,3 +264,14 @@ class Choice:
             self.logprobs.extend(update.logprobs)
         if update.finish_reason is not None:
             self.finish_reason, self.stop_reason = update.finish_reason, update.stop_reason
+
+
+async def collect_choices(streams: list[AsyncIterator[SequenceUpdate]]) -> list[Choice]:
+    """Drain every sample's stream into its Choice; engine failures become OpenAI errors."""
+    choices = [Choice() for _ in streams]
+    try:
+        async for i, update in merge(streams):
+            choices[i].add(update)
+    except (EngineRequestError, EngineDeadError) as exc:
+        raise engine_error(exc) from None
+    return choices

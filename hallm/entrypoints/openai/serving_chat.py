@@ -9,14 +9,13 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from hallm.entrypoints.openai.engine_client import EngineDeadError, EngineRequestError
 from hallm.entrypoints.openai.protocol import ChatCompletionRequest, RequestError
 from hallm.entrypoints.openai.serving import (
     SSE_DONE,
     Choice,
     ServerContext,
     cancel_on_disconnect,
-    engine_error,
+    collect_choices,
     finite,
     json_response,
     merge,
@@ -133,12 +132,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     async def collect() -> dict[str, Any]:
-        choices = [Choice() for _ in streams]
-        try:
-            async for i, update in merge(streams):
-                choices[i].add(update)
-        except (EngineRequestError, EngineDeadError) as exc:
-            raise engine_error(exc) from None
+        choices = await collect_choices(streams)
         out = [
             {
                 "index": i,
