@@ -3,7 +3,10 @@
 For each model (SmolLM2-135M real weights; Qwen2.5-0.5B shapes with dummy weights), dtype
 (fp32, bf16) and batch (1, 32), runs `hallm bench throughput` with `--backend hallm` and
 `--backend hf`, each in its own subprocess, and prints output tok/s and the ratio. The batch-1
-floor is (weight bytes streamed per token) / (copy bandwidth measured at the start of the run).
+floor is (weight bytes streamed per token) / (copy bandwidth). This machine's bandwidth drifts
+by up to +-20% within minutes, so for batch 1 a separate subprocess also times hallm's decode
+step (128-token context, 128 steps, after the prefill) between two copy-bandwidth measurements,
+and reports the step against the floor from their mean.
 
     .venv/bin/python benchmarks/cpu_engine.py [--quick] [--models smollm2,qwen2.5-0.5b]
 """
@@ -78,12 +81,47 @@ def run_bench(model: str | None, backend: str, dtype: str, batch: int, extra: li
     return result
 
 
+def decode_step(model: str | None, dtype: str, extra: list[str]) -> dict:
+    """Run `--decode-step` in a subprocess: hallm's batch-1 decode step and the copy bandwidth around it."""
+    cmd = [sys.executable, __file__, "--decode-step", model or "", "--dtypes", dtype, *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_decode_step(model: str | None, dtype: str, dummy: bool) -> None:
+    """Print {"step_ms", "bw_gbs"}: the mean decode step of one 128-token request, and the mean
+    of the copy bandwidths measured just before and just after it."""
+    from hallm import LLM, SamplingParams
+
+    kwargs = {"load_format": "dummy", "skip_tokenizer_init": True} if dummy else {}
+    llm = LLM(model=model or None, device="cpu", dtype=dtype, max_model_len=512, seed=0, **kwargs)
+    prompt = [{"prompt_token_ids": [(7 * i) % 1000 + 10 for i in range(128)]}]
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True, temperature=0), use_tqdm=False)
+        return time.perf_counter() - t
+
+    timed(8)  # warm-up
+    bw_before = copy_bandwidth_gbs()
+    prefill = min(timed(1) for _ in range(3))
+    steps = (timed(129) - prefill) / 128
+    bw_after = copy_bandwidth_gbs()
+    print(json.dumps({"step_ms": steps * 1e3, "bw_gbs": (bw_before + bw_after) / 2}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--decode-step", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--load-format", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-tokenizer-init", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="smollm2,qwen2.5-0.5b")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batches", default="1,32")
     args = parser.parse_args()
+    if args.decode_step is not None:
+        measure_decode_step(args.decode_step, args.dtypes, dummy=args.load_format == "dummy")
+        return
     from gpu_common import model_config
 
     from hallm.core.model_loader import resolve_model
@@ -100,7 +138,8 @@ def main() -> None:
             model_config(model).save_pretrained(path)  # the same shapes the GPU benchmarks use
             extra, model_dir = ["--load-format", "dummy", "--skip-tokenizer-init"], path
         for dtype in args.dtypes.split(","):
-            floor = bw * 1e9 / streamed_weight_bytes(model_dir, dtype)
+            weight_bytes = streamed_weight_bytes(model_dir, dtype)
+            floor = bw * 1e9 / weight_bytes
             for batch in (int(b) for b in args.batches.split(",")):
                 h = run_bench(path, "hallm", dtype, batch, extra)
                 f = run_bench(path, "hf", dtype, batch, extra)
@@ -114,16 +153,24 @@ def main() -> None:
                     "floor_tok_s": round(floor, 1) if batch == 1 else None,
                     "floor_ratio": round(floor / h["output_tokens_per_s"], 2) if batch == 1 else None,
                 }
+                if batch == 1:
+                    d = decode_step(path, dtype, extra)
+                    floor_ms = weight_bytes / (d["bw_gbs"] * 1e9) * 1e3
+                    row["decode_step_ms"] = round(d["step_ms"], 2)
+                    row["decode_floor_ms"] = round(floor_ms, 2)
+                    row["decode_floor_ratio"] = round(d["step_ms"] / floor_ms, 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(
-        "\n| model | dtype | batch | hallm out tok/s | HF generate out tok/s | hallm/HF | batch-1 floor tok/s | floor/hallm |"
+        "\n| model | dtype | batch | hallm out tok/s | HF generate out tok/s | hallm/HF | batch-1 floor tok/s "
+        "| floor/hallm | decode step ms | its floor ms | step/floor |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['hallm_out_tok_s']} | {r['hf_out_tok_s']} | "
-            f"{r['ratio']} | {r['floor_tok_s'] or '-'} | {r['floor_ratio'] or '-'} |"
+            f"{r['ratio']} | {r['floor_tok_s'] or '-'} | {r['floor_ratio'] or '-'} | {r.get('decode_step_ms', '-')} "
+            f"| {r.get('decode_floor_ms', '-')} | {r.get('decode_floor_ratio', '-')} |"
         )
 
 

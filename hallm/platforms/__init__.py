@@ -28,6 +28,7 @@ from hallm.platforms.errors import (
 from hallm.platforms.executor import Executor
 from hallm.platforms.hookspecs import HallmHookSpecs, hookimpl, hookspec
 from hallm.platforms.kv_connector import KVConnector, KVConnectorRole
+from hallm.platforms.paths import cache_root
 from hallm.platforms.platform import DTYPE_NAMES, Capabilities, Platform, Probe
 
 #: The plugin API version ("MAJOR.MINOR"). A plugin whose `Platform.api_version` has another
@@ -58,6 +59,7 @@ __all__ = [
     "PluginConflictError",
     "PluginLoadError",
     "Probe",
+    "cache_root",
     "hookimpl",
     "hookspec",
 ]

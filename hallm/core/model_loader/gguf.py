@@ -24,18 +24,9 @@ from pathlib import Path
 import torch
 
 from hallm.platforms import ConfigError
+from hallm.platforms.paths import cache_root
 
 logger = logging.getLogger(__name__)
-
-CACHE_ENV = "HALLM_CACHE_DIR"
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`cache_dir`, else `$HALLM_CACHE_DIR`, else `~/.cache/hallm`."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "hallm"
 
 
 def gguf_cache_dir(

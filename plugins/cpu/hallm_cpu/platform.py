@@ -29,7 +29,7 @@ _NO_LIMIT = 1 << 60
 
 
 class CpuPlatform(Platform):
-    """The host CPU: fp32 (default) and bf16 models, pure-torch paged attention."""
+    """The host CPU: fp32 (default) and bf16 models, native C kernels with pure-torch fallbacks."""
 
     name: ClassVar[str] = "cpu"
     device_type: ClassVar[str] = "cpu"
@@ -66,16 +66,18 @@ class CpuPlatform(Platform):
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:
-        """The pure-torch reference kernel (hallm.ops.reference)."""
-        from hallm_cpu.attention import CpuReferenceAttention
+        """The native C kernel first (when it builds), then the pure-torch reference."""
+        from hallm_cpu.attention import CpuNativeAttention, CpuReferenceAttention
 
-        return [CpuReferenceAttention]
+        return [CpuNativeAttention, CpuReferenceAttention]
 
     def compile_model(self, model: Any, config: Any) -> Any:
-        """Swap linear layers for CPU-friendly layouts (see `hallm_cpu.linear`)."""
+        """Swap linear layers for CPU-friendly layouts and kernels (`hallm_cpu.linear`) and the
+        norm / rotary / MLP chains for native fused ones (`hallm_cpu.fused`)."""
+        from hallm_cpu.fused import fuse_layers
         from hallm_cpu.linear import optimize_linears
 
-        return optimize_linears(model)
+        return fuse_layers(optimize_linears(model))
 
     def memory_info(self, device_index: int = 0) -> tuple[int, int]:
         """(available, total) host memory in bytes, capped by the container's cgroup limit."""

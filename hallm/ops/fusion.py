@@ -1,0 +1,62 @@
+"""Find the decoder-layer modules a plugin may replace with fused kernels, and swap them in place.
+
+hallm's native models build their layers from `hallm.core.layers`: `RMSNorm` (optionally with the
+residual add), `RotaryEmbedding` and `GatedMLP`, each a chain of small PyTorch ops. A plugin with
+fused kernels for these calls `swap_layers(model, make)` from its `Platform.compile_model`; `make`
+gets each recognized module with its kind (see `layer_kind`) and returns the replacement (sharing
+the parameters, not copying them) or None to keep it. Modules not recognized here (the generic
+transformers path, long-rope rotary, partial rotary, activations other than SiLU) are left alone.
+Recognition is by class name and attributes, so a plugin imports no core module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("hallm.ops")
+
+RMS_NORM = "rms_norm"
+ROTARY = "rotary"
+SILU_GATED_MLP = "silu_gated_mlp"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """RMS_NORM, ROTARY (full NeoX rotary, no long-rope switch), SILU_GATED_MLP, or None."""
+    cls = type(module)
+    if not cls.__module__.startswith("hallm.core.layers"):
+        return None
+    if cls.__name__ == "RMSNorm" and hasattr(module, "eps"):
+        return RMS_NORM
+    if (
+        cls.__name__ == "RotaryEmbedding"
+        and getattr(module, "original_max_position", None) is None
+        and 2 * module.inv_freq.numel() == getattr(module, "rotary_dim", -1)
+    ):
+        return ROTARY
+    if cls.__name__ == "GatedMLP" and getattr(module, "act", None) is F.silu:
+        return SILU_GATED_MLP
+    return None
+
+
+def swap_layers(model: Any, make: Callable[[str, nn.Module], nn.Module | None], label: str) -> dict[str, int]:
+    """Replace, in place, each recognized module of `model` for which `make` returns a module.
+
+    Returns how many modules of each class were replaced, and logs it under `label`."""
+    counts: dict[str, int] = {}
+    if not isinstance(model, nn.Module):
+        return counts
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            kind = layer_kind(child)
+            new = make(kind, child) if kind is not None else None
+            if new is not None:
+                setattr(parent, name, new)
+                counts[type(child).__name__] = counts.get(type(child).__name__, 0) + 1
+    if counts:
+        logger.info("%s: %s", label, ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
+    return counts

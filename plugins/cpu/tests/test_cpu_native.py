@@ -1,0 +1,223 @@
+"""The native CPU kernels (hallm_cpu.native) against their oracles: the fp32 product, the core's
+layer modules, and dense attention over the unpaged keys/values (hallm.ops.testing)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hallm_cpu import native
+from hallm_cpu.attention import CpuNativeAttention, CpuReferenceAttention
+from hallm_cpu.fused import CpuGatedMLP, CpuRMSNorm, CpuRotaryEmbedding, fuse_layers
+from hallm_cpu.linear import NATIVE_ROWS, CpuLinear
+from hallm_cpu.platform import CpuPlatform
+from torch import nn
+
+from hallm.core.layers.mlp import GatedMLP
+from hallm.core.layers.norm import RMSNorm
+from hallm.core.layers.rotary import RotaryEmbedding
+from hallm.ops.testing import cache_slot_view, expected_attention, make_paged_batch
+from hallm.platforms import AttentionSpec
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels not built")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 33])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (5, 7), (64, 48), (130, 200), (9, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_fp32_product(dtype: torch.dtype, m: int, n: int, k: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    # A strided x (every other row of a wider buffer), as a fused QKV split hands it over.
+    x = torch.randn(2 * m, k + 3, generator=gen).to(dtype)[::2, 1 : k + 1]
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = native.linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), expected, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_linear_takes_the_native_path_up_to_its_row_limit(dtype: torch.dtype, monkeypatch) -> None:
+    torch.manual_seed(0)
+    ref = nn.Linear(40, 24).to(dtype)
+    fast = CpuLinear(ref, native_bf16=False, use_native=True)
+    calls = []
+    real = native.linear
+    monkeypatch.setattr(native, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for rows in (1, NATIVE_ROWS[dtype], NATIVE_ROWS[dtype] + 1):
+        x = torch.randn(rows, 40).to(dtype)
+        want = F.linear(x.float(), ref.weight.float(), ref.bias.float())
+        torch.testing.assert_close(fast(x).float(), want, **tol(dtype))
+    assert calls == [1, NATIVE_ROWS[dtype]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_core_module(dtype: torch.dtype, with_residual: bool) -> None:
+    torch.manual_seed(1)
+    core = RMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        core.weight.copy_(torch.randn(96))
+    fused = CpuRMSNorm(core)
+    x = torch.randn(7, 96).to(dtype)
+    if with_residual:
+        r = torch.randn(7, 96).to(dtype)
+        want, want_res = core(x, r)
+        got, got_res = fused(x, r)
+        torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)  # the residual sum rounds once
+    else:
+        want, got = core(x), fused(x)
+    torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_the_core_module_in_place_on_strided_views(dtype: torch.dtype) -> None:
+    config = type("Cfg", (), {"rope_theta": 10000.0, "rope_parameters": None})()
+    core = RotaryEmbedding(config, 64)
+    fused = CpuRotaryEmbedding(core)
+    t, hq, hk, d = 5, 4, 2, 64
+    qkv = torch.randn(t, (hq + 2 * hk) * d).to(dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+    v_before = qkv[:, (hq + hk) * d :].clone()
+    positions = torch.tensor([0, 1, 7, 300, 40000])
+    want_q, want_k = core(positions, q.clone(), k.clone())
+    got_q, got_k = fused(positions, q, k)
+    assert got_q.data_ptr() == q.data_ptr()  # rotated in place, no copy of the QKV output
+    torch.testing.assert_close(got_q.float(), want_q.float(), **tol(dtype))
+    torch.testing.assert_close(got_k.float(), want_k.float(), **tol(dtype))
+    assert torch.equal(qkv[:, (hq + hk) * d :], v_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_mlp_matches_the_core_module(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    core = GatedMLP(48, 80, "silu").to(dtype)
+    fused = CpuGatedMLP(core)
+    x = torch.randn(6, 48).to(dtype)
+    torch.testing.assert_close(fused(x).float(), core(x).float(), **tol(dtype))
+
+
+def test_fuse_layers_swaps_recognized_modules_only() -> None:
+    model = nn.ModuleDict(
+        {
+            "norm": RMSNorm(8),
+            "mlp": GatedMLP(8, 16, "silu"),
+            "gelu_mlp": GatedMLP(8, 16, "gelu"),
+            "lin": nn.Linear(8, 8),
+        }
+    )
+    fuse_layers(model)
+    assert isinstance(model["norm"], CpuRMSNorm) and isinstance(model["mlp"], CpuGatedMLP)
+    assert isinstance(model["gelu_mlp"], GatedMLP) and type(model["lin"]) is nn.Linear
+
+
+ATTENTION_CASES = [
+    # (query_lens, context_lens, heads, kv_heads, head_size, block_size)
+    ([1, 1, 1], [5, 40, 17], 8, 2, 64, 16),  # decode, GQA
+    ([9, 1, 33, 1], [0, 12, 6, 70], 4, 4, 32, 4),  # mixed prefill + decode, MHA
+    ([17], [0], 6, 1, 80, 1),  # prefill, MQA, block size 1, head size not a power of 2
+    ([3, 20], [31, 0], 14, 2, 64, 32),  # chunked prefill, Qwen2.5-0.5B heads
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (7, None), (None, 5.0)])
+def test_paged_attention_matches_dense_attention(dtype, case, window, soft_cap) -> None:
+    query_lens, context_lens, heads, kv_heads, head_size, block_size = case
+    batch = make_paged_batch(
+        query_lens, context_lens, num_heads=heads, num_kv_heads=kv_heads, head_size=head_size,
+        block_size=block_size, dtype=dtype, num_padding_tokens=2, seed=len(query_lens),
+    )  # fmt: skip
+    spec = AttentionSpec(
+        heads, kv_heads, head_size, head_size**-0.5, str(dtype).removeprefix("torch."),
+        block_size=block_size, sliding_window=window, logits_soft_cap=soft_cap,
+    )  # fmt: skip
+    assert CpuNativeAttention.validate(spec) == []
+    backend = CpuNativeAttention(spec)
+    before = cache_slot_view(batch.kv_cache).clone()
+    out = torch.full_like(batch.query, float("nan"))
+    meta = backend.build_metadata(batch.layout)
+    assert backend.forward(batch.query, batch.key, batch.value, batch.kv_cache, meta, out) is out
+    expected = expected_attention(batch, spec.scale, window, soft_cap)
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=atol)
+    # Exactly the step's slots were written, with the step's keys/values; the poison elsewhere stays.
+    slots = torch.from_numpy(batch.layout.slot_mapping)
+    real = slots >= 0
+    after = cache_slot_view(batch.kv_cache)
+    assert torch.equal(after[0, slots[real]], batch.key[real]) and torch.equal(
+        after[1, slots[real]], batch.value[real]
+    )
+    untouched = torch.ones(after.shape[1], dtype=torch.bool)
+    untouched[slots[real]] = False
+    torch.testing.assert_close(after[:, untouched], before[:, untouched], equal_nan=True, atol=0, rtol=0)
+
+
+def test_platform_prefers_native_attention_and_falls_back_without_a_compiler(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    assert CpuPlatform().attention_backends()[0] is CpuNativeAttention
+    spec = AttentionSpec(4, 2, 32, 0.2, "float32")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("HALLM_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hallm.cpu"):
+            assert native.library() is None
+        assert "pure-torch" in caplog.text
+        assert any("not built" in r for r in CpuNativeAttention.validate(spec))
+        assert CpuReferenceAttention.validate(spec) == []
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    assert native.available()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_build_without_avx2_matches(dtype: torch.dtype, monkeypatch) -> None:
+    """The C fallbacks (what a CPU without AVX2 runs): built without -march, same answers."""
+    portable = native.build(native.FLAGS)
+    monkeypatch.setattr(native, "library", lambda: portable)
+    gen = torch.Generator().manual_seed(3)
+    for m in (1, 2, 5):
+        x = torch.randn(m, 75, generator=gen).to(dtype)
+        w = torch.randn(19, 75, generator=gen).to(dtype)
+        want = F.linear(x.float(), w.float())
+        torch.testing.assert_close(native.linear(x, w).float(), want, **tol(dtype))
+    batch = make_paged_batch(
+        [5, 1], [3, 20], num_heads=4, num_kv_heads=2, head_size=40, block_size=8, dtype=dtype
+    )
+    out = torch.empty_like(batch.query)
+    layout = batch.layout.tensors
+    native.paged_attention(
+        batch.query, batch.key, batch.value, batch.kv_cache, layout.slot_mapping, layout.query_start_loc,
+        layout.context_lens, layout.block_tables, 0.3, out,
+    )  # fmt: skip
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected_attention(batch, 0.3), atol=atol, rtol=atol)
+
+
+def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HALLM_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        (built,) = (tmp_path / "cpu-kernels").glob("kernels-*.so")
+        mtime = built.stat().st_mtime_ns
+        native.library.cache_clear()
+        assert native.library() is not None
+        assert built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    finally:
+        native.library.cache_clear()
