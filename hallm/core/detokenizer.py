@@ -276,12 +276,15 @@ class IncrementalDetokenizer:
         return best
 
 
-def decode_logprob_token(tokenizer: Any, token_id: int) -> str:
+def decode_logprob_token(tokenizer: Any, token_id: int) -> str | None:
     """The text shown for one token in a logprobs entry (vLLM: `tokenizer.decode([id])`).
 
     Special tokens are shown as themselves; a token that is part of a multi-byte character
-    decodes to U+FFFD, as in vLLM. An id outside the tokenizer's vocabulary gives "".
+    decodes to U+FFFD, as in vLLM. An id outside the tokenizer's vocabulary gives "". Without a
+    tokenizer (`skip_tokenizer_init`) there is no text: None, as vLLM's `decoded_token`.
     """
+    if tokenizer is None:
+        return None
     try:
         text = tokenizer.decode([token_id])
     except (IndexError, KeyError, OverflowError, TypeError, ValueError):

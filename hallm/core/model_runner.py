@@ -16,7 +16,7 @@ import torch
 
 from hallm.core.attention_selector import select_attention_backend
 from hallm.core.config import EngineConfig
-from hallm.core.forward_context import ForwardContext, set_forward_context
+from hallm.platforms.forward_context import ForwardContext, set_forward_context
 from hallm.core.input_batch import CachedRequestState, StepBuffers
 from hallm.core.layers.attention import Attention
 from hallm.core.outputs import ModelRunnerOutput

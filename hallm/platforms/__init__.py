@@ -26,6 +26,7 @@ from hallm.platforms.errors import (
     PluginLoadError,
 )
 from hallm.platforms.executor import Executor
+from hallm.platforms.forward_context import ForwardContext, get_forward_context, set_forward_context
 from hallm.platforms.hookspecs import HallmHookSpecs, hookimpl, hookspec
 from hallm.platforms.kv_connector import KVConnector, KVConnectorRole
 from hallm.platforms.paths import cache_root
@@ -49,6 +50,7 @@ __all__ = [
     "ConfigError",
     "DeviceSelectionError",
     "Executor",
+    "ForwardContext",
     "HallmError",
     "HallmHookSpecs",
     "KVConnector",
@@ -60,6 +62,8 @@ __all__ = [
     "PluginLoadError",
     "Probe",
     "cache_root",
+    "get_forward_context",
     "hookimpl",
     "hookspec",
+    "set_forward_context",
 ]

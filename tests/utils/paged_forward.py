@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hallm.core.forward_context import ForwardContext, set_forward_context
 from hallm.platforms import AttentionBackend, AttentionSpec, BatchLayout, LayoutTensors
+from hallm.platforms.forward_context import ForwardContext, set_forward_context
 
 
 def default_backend_cls() -> type[AttentionBackend]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hallm.core.forward_context import get_forward_context
 from hallm.platforms import AttentionBackend
+from hallm.platforms.forward_context import get_forward_context
 
 
 class Attention(nn.Module):

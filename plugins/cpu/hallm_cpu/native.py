@@ -42,6 +42,14 @@ _SIGNATURES = {
     "hallm_rms_norm": [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _f32, _i32, _i32],
     "hallm_rotary": [_p, _i64, _i64, _p, _i64, _i64, _i64, _i64, _p, _p, _f32, _i64, _i32, _i32],
     "hallm_silu_and_mul": [_p, _i64, _p, _i64, _i64, _i32, _i32],
+    "hallm_decoder_layers": [
+        _p, _i64, _p, _f32,  # layers, n_layers, final norm weight, eps
+        _p, _p, _p, _p, _p, _p, _p, _p,  # hidden, residual, h, qkv, attn, gate_up, act, out
+        _i64, _i64, _i64, _i64, _i64, _i64, _i64,  # T, H, Hq, Hk, D, I, block size
+        _p, _p, _i64, _f32,  # positions, inv_freq, half, rope scaling
+        _p, _p, _p, _i64, _p, _i64,  # slot_mapping, query_start_loc, context_lens, R, block_tables, bt_stride
+        _i32, _i32,  # dtype, threads
+    ],
     "hallm_paged_attention": [
         _p, _i64, _p, _i64, _p, _i64,  # q, k_new, v_new and their token strides
         _p, _i64, _p,  # cache, num_blocks, slot_mapping

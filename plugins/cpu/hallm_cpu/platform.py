@@ -73,11 +73,13 @@ class CpuPlatform(Platform):
 
     def compile_model(self, model: Any, config: Any) -> Any:
         """Swap linear layers for CPU-friendly layouts and kernels (`hallm_cpu.linear`) and the
-        norm / rotary / MLP chains for native fused ones (`hallm_cpu.fused`)."""
+        norm / rotary / MLP chains for native fused ones (`hallm_cpu.fused`); Llama-family decoder
+        stacks then run small steps in one native call (`hallm_cpu.decoder`)."""
+        from hallm_cpu.decoder import stack_decoders
         from hallm_cpu.fused import fuse_layers
         from hallm_cpu.linear import optimize_linears
 
-        return fuse_layers(optimize_linears(model))
+        return stack_decoders(fuse_layers(optimize_linears(model)))
 
     def memory_info(self, device_index: int = 0) -> tuple[int, int]:
         """(available, total) host memory in bytes, capped by the container's cgroup limit."""

@@ -1,7 +1,8 @@
 """Per-step state the attention layers read during one model forward.
 
 The model runner sets it around each forward, so model code keeps the plain
-`forward(input_ids, positions)` signature of a torch module and stays device-neutral.
+`forward(input_ids, positions)` signature of a torch module and stays device-neutral. Public so
+a plugin's fused model code (e.g. hallm_cpu.decoder) can read its backend's step metadata.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from hallm.platforms import BatchLayout
+from hallm.platforms.attention import BatchLayout
 
 
 @dataclasses.dataclass
@@ -26,6 +27,7 @@ _current: ForwardContext | None = None
 
 
 def get_forward_context() -> ForwardContext:
+    """The context of the forward in progress; RuntimeError outside one."""
     if _current is None:
         raise RuntimeError("attention layer called outside set_forward_context(); the model runner sets it")
     return _current
@@ -33,6 +35,7 @@ def get_forward_context() -> ForwardContext:
 
 @contextlib.contextmanager
 def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
+    """Make `ctx` current for the duration of the block (nests)."""
     global _current
     prev, _current = _current, ctx
     try:
