@@ -354,33 +354,104 @@ void hallm_silu_and_mul(const void *gu, int64_t gu_stride, void *out, int64_t T,
 /* ------------------------------------------------------------------------------------------------ */
 /* Paged attention: write the step's keys/values, then causal attention read from the blocks in place. */
 
+#ifdef __AVX2__
+static inline __m256 load8_kv(const void *kv, int dtype, int64_t off) {
+    if (dtype == DT_BF16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)kv + off))), 16));
+    return _mm256_loadu_ps((const float *)kv + off);
+}
+#endif
+
 static inline float dot_kv(const float *q, const void *kv, int dtype, int64_t off, int D) {
+    int d = 0;
     float s = 0.0f;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (; d + 16 <= D; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8_kv(kv, dtype, off + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8_kv(kv, dtype, off + d + 8), a1);
+    }
+    for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8_kv(kv, dtype, off + d), a0);
+    s = hsum8(_mm256_add_ps(a0, a1));
+#endif
     if (dtype == DT_BF16) {
         const uint16_t *k = (const uint16_t *)kv + off;
-#pragma omp simd reduction(+ : s)
-        for (int d = 0; d < D; d++) s += q[d] * bf16_to_f32(k[d]);
+        for (; d < D; d++) s += q[d] * bf16_to_f32(k[d]);
     } else {
         const float *k = (const float *)kv + off;
-#pragma omp simd reduction(+ : s)
-        for (int d = 0; d < D; d++) s += q[d] * k[d];
+        for (; d < D; d++) s += q[d] * k[d];
     }
     return s;
 }
 
-static inline void axpy_kv(float *acc, float p, const void *kv, int dtype, int64_t off, int D) {
-    if (dtype == DT_BF16) {
-        const uint16_t *v = (const uint16_t *)kv + off;
-#pragma omp simd
-        for (int d = 0; d < D; d++) acc[d] += p * bf16_to_f32(v[d]);
-    } else {
-        const float *v = (const float *)kv + off;
-#pragma omp simd
-        for (int d = 0; d < D; d++) acc[d] += p * v[d];
+/* acc[D] += sum_i p[i] * v_i, v_i the D values at kv + off + i * row (i < cnt): d-outer so each
+ * 8-wide slice of acc stays in a register across the block's positions. */
+static inline void accumulate_kv(float *acc, const float *p, int64_t cnt, const void *kv, int dtype, int64_t off,
+                                 int64_t row, int D) {
+    int d = 0;
+#ifdef __AVX2__
+    for (; d + 8 <= D; d += 8) {
+        __m256 a = _mm256_loadu_ps(acc + d);
+        for (int64_t i = 0; i < cnt; i++)
+            a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8_kv(kv, dtype, off + i * row + d), a);
+        _mm256_storeu_ps(acc + d, a);
+    }
+#endif
+    for (int64_t i = 0; i < cnt; i++) {
+        if (dtype == DT_BF16) {
+            const uint16_t *v = (const uint16_t *)kv + off + i * row;
+            for (int dd = d; dd < D; dd++) acc[dd] += p[i] * bf16_to_f32(v[dd]);
+        } else {
+            const float *v = (const float *)kv + off + i * row;
+            for (int dd = d; dd < D; dd++) acc[dd] += p[i] * v[dd];
+        }
     }
 }
 
 #define QUERY_CHUNK 16
+
+#ifdef __AVX2__
+/* e^x for x <= 0 (softmax arguments), Cephes' expf polynomial: ~1 ulp. libm's scalar expf per
+ * (token, head, position) was most of a batch-32 decode step's attention time. */
+static inline __m256 exp_neg256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+#endif
+
+/* s[i] = exp(s[i] - m) for i < n; returns their sum. */
+static float exp_shifted(float *s, int64_t n, float m) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#ifdef __AVX2__
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_neg256(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+        _mm256_storeu_ps(s + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - m);
+        sum += s[i];
+    }
+    return sum;
+}
 
 /* q: [T, Hq, D] (token stride q_stride, heads D apart); k_new/v_new: [T, Hk, D] (token strides
  * k_stride/v_stride, heads D apart); cache: [2, num_blocks, bs, Hk, D] contiguous; slot_mapping int64 [T] (< 0: not written);
@@ -460,11 +531,8 @@ void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, i
                                 for (int64_t d = 0; d < D; d++) acc[g * D + d] *= corr;
                             }
                             mx[g] = m_new;
-                            for (int64_t i = 0; i < cnt; i++) {
-                                const float p = expf(s[i] - m_new);
-                                den[g] += p;
-                                axpy_kv(acc + g * D, p, vc, dtype, base + (first - b * bs + i) * row, (int)D);
-                            }
+                            den[g] += exp_shifted(s, cnt, m_new);
+                            accumulate_kv(acc + g * D, s, cnt, vc, dtype, base + (first - b * bs) * row, row, (int)D);
                         }
                     }
                     for (int64_t g = 0; g < G; g++) {
