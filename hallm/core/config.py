@@ -45,6 +45,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # Schedule step N+1 (and prepare its inputs) while the device runs step N; see LLMEngine.step.
+    async_scheduling: bool = False
 
 
 @dataclasses.dataclass

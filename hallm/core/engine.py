@@ -19,6 +19,7 @@ from hallm.core.outputs import RequestOutput
 from hallm.core.request import Request, RequestStatus
 from hallm.core.sampling_params import SamplingParams
 from hallm.core.scheduler import Scheduler
+from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import ConfigError, Executor, HallmError
 from hallm.platforms.registry import platform_from_choice
 
@@ -45,6 +46,11 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer)
         self.eos_token_ids = self._eos_token_ids()
         self.start_time = time.monotonic()
+        # Async scheduling needs an executor that can launch a step without waiting for it.
+        self.async_scheduling = config.scheduler.async_scheduling and hasattr(self.executor, "execute_async")
+        self.scheduler.async_scheduling = self.async_scheduling
+        # The launched step whose results are not processed yet: (step, handle with .get()).
+        self._in_flight: tuple[SchedulerOutput, Any] | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -216,12 +222,22 @@ class LLMEngine:
         return self.output_processor.finish_aborted(ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run one step on the executor, and return the requests that changed."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Schedule, run one step on the executor, and return the requests that changed
+        (`final_only`: only those that finished).
+
+        With async scheduling, a call launches the next step first and then processes the
+        previous one (whose device work ran while this call scheduled and prepared the next):
+        outputs come one call later, and the host work of a step overlaps the device's. The
+        tokens are the same; a request that stops on a token (EOS, stop token or string) may
+        have been scheduled once more, and that step's token for it is dropped.
+        """
+        if self.async_scheduling:
+            return self._step_async(final_only)
         step = self.scheduler.schedule()
         if step.is_empty:
             if self.scheduler.has_unfinished_requests() and not step.finished_req_ids:
@@ -229,10 +245,33 @@ class LLMEngine:
             self.executor.execute(step)  # lets the workers drop finished requests
             return []
         output = self.executor.execute(step)
+        return self._process(step, output, final_only)
+
+    def _process(self, step: SchedulerOutput, output: Any, final_only: bool = False) -> list[RequestOutput]:
         touched = self.scheduler.update(step, output)
-        outputs, stopped = self.output_processor.process(touched, output)
+        outputs, stopped = self.output_processor.process(touched, output, step, final_only)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def _step_async(self, final_only: bool) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        if not step.is_empty or step.finished_req_ids:
+            handle = self.executor.execute_async(step)  # type: ignore[attr-defined]
+            if not step.is_empty:
+                self._in_flight = (step, handle)
+        if previous is None:
+            if step.is_empty and self.scheduler.has_unfinished_requests() and not step.finished_req_ids:
+                raise RuntimeError("scheduler made no progress with requests pending (KV pool too small?)")
+            return []
+        prev_step, prev_handle = previous
+        outputs = self._process(prev_step, prev_handle.get(), final_only)
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
+            # Every request it ran has finished since (on a token it could not know of yet):
+            # finish it now, so that an idle engine holds no step.
+            (last_step, last_handle), self._in_flight = self._in_flight, None
+            outputs += self._process(last_step, last_handle.get(), final_only)
         return outputs
 
     def get_stats(self) -> dict[str, Any]:

@@ -43,6 +43,8 @@ class EngineArgs:
     load_format: str = "auto"
     attention_backend: str | None = None
     enforce_eager: bool = False
+    # None: on where the device runs asynchronously to the host (any device but the CPU).
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     served_model_name: str | None = None
@@ -113,6 +115,11 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=self.enable_chunked_prefill,
+                async_scheduling=(
+                    platform.device_type != "cpu"
+                    if self.async_scheduling is None
+                    else bool(self.async_scheduling)
+                ),
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,

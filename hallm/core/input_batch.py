@@ -8,6 +8,7 @@ copied into persistent device tensors (which a captured graph can read).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,19 +17,34 @@ from hallm.core.sampling_params import SamplingParams
 from hallm.platforms import BatchLayout, LayoutTensors
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class CachedRequestState:
     req_id: str
     params: SamplingParams
     token_ids: np.ndarray  # int64 [max_model_len]: prompt then outputs
-    num_tokens: int
+    num_tokens: int  # known tokens plus pending ones (see `pending`)
     num_prompt_tokens: int
     block_table: np.ndarray  # int32 [max_blocks_per_req]
     num_blocks: int
     num_computed_tokens: int
-    output_token_ids: list[int]
+    output_token_ids: list[int]  # known output tokens only
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None
+    # Sampled tokens still on the device, oldest first: (step handle, its row in the step's
+    # sampled ids, position in token_ids). token_ids[position] is filled in when the step resolves.
+    pending: list[tuple[Any, int, int]] = dataclasses.field(default_factory=list)
+    # The request's sampling view, made once (its output_token_ids is this state's list).
+    sampling: Any = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, pending ones included."""
+        return len(self.output_token_ids) + len(self.pending)
+
+    @property
+    def needs_history(self) -> bool:
+        """Its sampling reads its output token ids on the host (penalties, min_tokens)."""
+        return self.params.has_penalties or self.params.min_tokens > 0
 
     def append_blocks(self, block_ids: list[int]) -> None:
         n = len(block_ids)
@@ -38,6 +54,17 @@ class CachedRequestState:
     def append_token(self, token_id: int) -> None:
         self.token_ids[self.num_tokens] = token_id
         self.num_tokens += 1
+        self.output_token_ids.append(token_id)
+
+    def add_pending(self, handle: Any, row: int) -> None:
+        """A token sampled on the device, id not known yet: it takes the next position."""
+        self.pending.append((handle, row, self.num_tokens))
+        self.num_tokens += 1
+
+    def resolve_pending(self, token_id: int) -> None:
+        """The oldest pending token's id arrived."""
+        _, _, position = self.pending.pop(0)
+        self.token_ids[position] = token_id
         self.output_token_ids.append(token_id)
 
 

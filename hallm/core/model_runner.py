@@ -4,11 +4,18 @@ Device-neutral: attention goes through the selected AttentionBackend, device wor
 Platform. Per step the runner does a loop over *requests* (to copy their new token ids and block
 rows into persistent host buffers), never over tokens; positions and slot mappings are derived
 with vectorized numpy; sampling runs on the device over the whole batch.
+
+`execute_async` launches a step without waiting for it: the sampled ids (and logprobs) are copied
+to the host behind the step, and the returned `StepHandle.get()` waits for that copy alone. The
+engine's async scheduling launches step N+1 before it calls step N's `get()`; a token of step N
+that step N+1 must read is taken from step N's sampled ids on the device. `execute` is launch then
+`get()` (sync scheduling, and the only mode on the CPU by default).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -16,13 +23,13 @@ import torch
 
 from hallm.core.attention_selector import select_attention_backend
 from hallm.core.config import EngineConfig
-from hallm.platforms.forward_context import ForwardContext, set_forward_context
 from hallm.core.input_batch import CachedRequestState, StepBuffers
 from hallm.core.layers.attention import Attention
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.sampler import RequestSamplingState, Sampler, SamplingMetadata, compute_prompt_logprobs
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import AttentionBackend, AttentionSpec, Platform
+from hallm.platforms.forward_context import ForwardContext, set_forward_context
 
 logger = logging.getLogger("hallm.runner")
 
@@ -56,6 +63,12 @@ class ModelRunner:
         self.backends: list[AttentionBackend] = []
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
+        self._unresolved: deque[StepHandle] = deque()  # launched steps not yet resolved, in order
+        self._meta_cache: tuple[list[CachedRequestState], SamplingMetadata] | None = None
+        # Which request's block-table row each batch row of the host buffer holds, and how many
+        # of its blocks: a request that keeps its row copies only its new blocks.
+        self._row_state: list[CachedRequestState | None] = [None] * self.max_num_reqs
+        self._row_blocks: list[int] = [0] * self.max_num_reqs
         # A platform's graph runner (see Platform.step_graphs): `can_replay(layout) -> bool` and
         # `replay(layout, input_ids, positions) -> hidden`; it reads this runner's buffers.
         self.graphs: Any = None
@@ -155,6 +168,7 @@ class ModelRunner:
                 num_blocks - 1
             )
         layout, input_ids, positions = b.build(num_reqs, num_tokens, self.block_size, per_req_blocks)
+        self._row_state = [None] * self.max_num_reqs  # the rows written here belong to no request
         hidden = self._forward(layout, input_ids, positions)
         self.model.compute_logits(hidden[-num_reqs:])
         self.platform.synchronize()
@@ -198,6 +212,13 @@ class ModelRunner:
                 eos_token_ids=new.eos_token_ids,
                 generator=generator,
             )
+            state.sampling = RequestSamplingState(
+                params=params,
+                prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
+                output_token_ids=state.output_token_ids,
+                generator=generator,
+                eos_token_ids=new.eos_token_ids,
+            )
             state.append_blocks(new.block_ids)
             self.requests[new.req_id] = state
         for cached in step.cached_requests:
@@ -206,41 +227,128 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its results."""
+        return self.execute_async(step).get()
+
+    @torch.inference_mode()
+    def execute_async(self, step: SchedulerOutput) -> StepHandle:
+        """Launch one step; its results come from the returned handle's `get()`.
+
+        Nothing here waits for the device: sampled ids (and logprobs) are copied to the host
+        behind the step, and a later step may be launched before this one's `get()`. A request
+        whose newest token is still pending (sampled by the previous, unresolved step) gets it
+        as input straight from that step's sampled ids on the device. Steps resolve in order.
+        """
         self._update_states(step)
         if step.is_empty:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return StepHandle.done(ModelRunnerOutput(sampled_token_ids={}))
         b = self.buffers
         req_ids = list(step.num_scheduled_tokens)
         num_reqs = len(req_ids)
         states = [self.requests[r] for r in req_ids]
+        if self._unresolved:
+            # Penalties and min_tokens read output ids on the host: wait for them. Otherwise
+            # only the newest step may stay unresolved (its ids are read on the device).
+            if any(st.pending and st.needs_history for st in states):
+                self._resolve_until(self._unresolved[-1])
+            elif len(self._unresolved) > 1:
+                self._resolve_until(self._unresolved[-2])
+        prev = self._unresolved[-1] if self._unresolved else None
+        fill_dst: list[int] = []  # input positions whose token is pending in `prev`
+        fill_src: list[int] = []  # ... and its row in prev's sampled ids
         offset = 0
         max_blocks = 1
         sample_rows: list[int] = []  # batch rows whose step reaches the end of their known tokens
+        row_state, row_blocks = self._row_state, self._row_blocks
         for i, state in enumerate(states):
             n = step.num_scheduled_tokens[state.req_id]
             c = state.num_computed_tokens
             b.input_ids[offset : offset + n] = state.token_ids[c : c + n]
+            for _, row, position in state.pending:
+                if c <= position < c + n:
+                    fill_dst.append(offset + position - c)
+                    fill_src.append(row)
             b.context_lens[i] = c
-            b.block_tables[i, : state.num_blocks] = state.block_table[: state.num_blocks]
-            max_blocks = max(max_blocks, state.num_blocks)
+            nb = state.num_blocks
+            if row_state[i] is not state:
+                b.block_tables[i, :nb] = state.block_table[:nb]
+                row_state[i] = state
+                row_blocks[i] = nb
+            elif row_blocks[i] != nb:  # the same request in the same row: copy its new blocks
+                b.block_tables[i, row_blocks[i] : nb] = state.block_table[row_blocks[i] : nb]
+                row_blocks[i] = nb
+            max_blocks = max(max_blocks, nb)
             offset += n
             b.query_start_loc[i + 1] = offset
             if c + n >= state.num_tokens:
                 sample_rows.append(i)
         b.query_start_loc[0] = 0
         layout, input_ids, positions = b.build(num_reqs, offset, self.block_size, max_blocks)
+        if fill_dst:
+            assert prev is not None and prev.sampled is not None
+            src = prev.sampled
+            if fill_src != list(range(len(fill_src))) or len(fill_src) != src.numel():
+                src = src.index_select(0, self._to_device_long(fill_src))
+            if fill_dst == list(range(len(fill_dst))):
+                input_ids[: len(fill_dst)].copy_(src)
+            else:
+                input_ids.index_copy_(0, self._to_device_long(fill_dst), src)
         if self.graphs is not None and self.graphs.can_replay(layout):
             hidden = self.graphs.replay(layout, input_ids, positions)
         else:
             hidden = self._forward(layout, input_ids, positions)
 
-        out = ModelRunnerOutput(sampled_token_ids={})
-        self._prompt_logprobs(states, step, layout, hidden, out)
+        handle = StepHandle(self)
+        self._prompt_logprobs(states, step, layout, hidden, handle)
         if sample_rows:
-            self._sample(states, sample_rows, layout, hidden, out)
+            self._sample(states, sample_rows, layout, hidden, handle)
         for state in states:
             state.num_computed_tokens += step.num_scheduled_tokens[state.req_id]
-        return out
+        handle.launched(self._record_event())
+        self._unresolved.append(handle)
+        return handle
+
+    def _to_device_long(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _record_event(self) -> Any:
+        """An event after the step's host copies, or None where the step is already done (CPU)
+        or the device has no events (then `get()` synchronizes the device)."""
+        if self.device.type == "cpu":
+            return None
+        try:
+            event = torch.Event(device=self.device)
+            event.record()
+            return event
+        except Exception:
+            return _SYNC_DEVICE
+
+    def _resolve_until(self, handle: StepHandle) -> None:
+        """Resolve the launched steps in order, up to and including `handle`."""
+        while self._unresolved and not handle.resolved:
+            h = self._unresolved.popleft()
+            if h._event is _SYNC_DEVICE:
+                self.platform.synchronize()
+            elif h._event is not None:
+                h._event.synchronize()
+            h._finish()
+
+    def _sample_metadata(self, rows: list[CachedRequestState]) -> SamplingMetadata:
+        """SamplingMetadata for these rows; reused while the rows are the same requests and none
+        has step-dependent inputs (penalties count output tokens, min_tokens masks by count)."""
+        cache = self._meta_cache
+        if (
+            cache is not None
+            and len(cache[0]) == len(rows)
+            and all(a is b for a, b in zip(cache[0], rows, strict=True))
+        ):
+            return cache[1]
+        meta = SamplingMetadata.build([st.sampling for st in rows], self.vocab_size, self.device)
+        static = all(
+            not st.params.has_penalties and st.num_output_tokens >= st.params.min_tokens for st in rows
+        )
+        self._meta_cache = (rows, meta) if static else None
+        return meta
 
     def _sample(
         self,
@@ -248,37 +356,31 @@ class ModelRunner:
         rows: list[int],
         layout: Any,
         hidden: torch.Tensor,
-        out: ModelRunnerOutput,
+        handle: StepHandle,
     ) -> None:
-        last_idx = torch.from_numpy(layout.query_start_loc[1:][rows] - 1).to(hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last_idx))
-        sampling_states = []
-        for i in rows:
-            st = states[i]
+        if len(rows) == layout.num_tokens:  # every token is a sampled row's last: no gather
+            last = hidden
+        else:
+            idx = layout.query_start_loc[1:][rows] - 1
+            last = hidden.index_select(0, torch.from_numpy(idx).to(hidden.device, non_blocking=True))
+        logits = self.model.compute_logits(last)
+        row_states = [states[i] for i in rows]
+        for st in row_states:
             if st.generator is not None:
-                st.generator.manual_seed(step_seed(st.params.seed or 0, len(st.output_token_ids)))
-            sampling_states.append(
-                RequestSamplingState(
-                    params=st.params,
-                    prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
-                    output_token_ids=st.output_token_ids,
-                    generator=st.generator,
-                    eos_token_ids=st.eos_token_ids,
-                )
-            )
-        meta = SamplingMetadata.build(sampling_states, self.vocab_size, logits.device)
+                st.generator.manual_seed(step_seed(st.params.seed or 0, st.num_output_tokens))
+        meta = self._sample_metadata(row_states)
         result = self.sampler(logits, meta)
-        tokens = result.sampled_token_ids.tolist()
+        sampled = result.sampled_token_ids
+        handle.sampled = sampled
+        handle.sampled_slot = handle.add_host(sampled)
         lp = result.logprobs
+        lp_slot = None
         if lp is not None:
-            lp_ids, lp_vals, lp_ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.sampled_rank.tolist()
-        for j, i in enumerate(rows):
-            st = states[i]
-            st.append_token(tokens[j])
-            out.sampled_token_ids[st.req_id] = tokens[j]
-            if lp is not None and st.params.logprobs is not None:
-                k = st.params.logprobs + 1
-                out.logprobs[st.req_id] = (lp_ids[j][:k], lp_vals[j][:k], lp_ranks[j])
+            lp_slot = handle.add_host(lp.token_ids, lp.logprobs, lp.sampled_rank)
+        for j, st in enumerate(row_states):
+            st.add_pending(handle, j)
+        handle.sample_states = row_states
+        handle.lp_slot = lp_slot
 
     def _prompt_logprobs(
         self,
@@ -286,7 +388,7 @@ class ModelRunner:
         step: SchedulerOutput,
         layout: Any,
         hidden: torch.Tensor,
-        out: ModelRunnerOutput,
+        handle: StepHandle,
     ) -> None:
         for i, st in enumerate(states):
             k = st.params.prompt_logprobs
@@ -298,13 +400,79 @@ class ModelRunner:
             end = min(c + n, st.num_prompt_tokens - 1)
             start = int(layout.query_start_loc[i])
             if end <= c:
-                out.prompt_logprobs[st.req_id] = ([], [], [])
+                handle.output.prompt_logprobs[st.req_id] = ([], [], [])
                 continue
             logits = self.model.compute_logits(hidden[start : start + (end - c)])
-            targets = torch.from_numpy(st.token_ids[c + 1 : end + 1]).to(hidden.device)
+            targets = torch.from_numpy(st.token_ids[c + 1 : end + 1]).to(hidden.device, non_blocking=True)
             lp = compute_prompt_logprobs(logits, targets, k)
-            out.prompt_logprobs[st.req_id] = (
-                lp.token_ids.tolist(),
-                lp.logprobs.tolist(),
-                lp.sampled_rank.tolist(),
+            handle.prompt_slots.append(
+                (st.req_id, handle.add_host(lp.token_ids, lp.logprobs, lp.sampled_rank))
             )
+
+
+class _SyncDevice:
+    """Marker: no event could be recorded; resolving synchronizes the device."""
+
+
+_SYNC_DEVICE = _SyncDevice()
+
+
+class StepHandle:
+    """A launched step. `get()` waits for its host copies (once) and returns its output; the
+    sampled ids then also become the known tokens of the runner's request states."""
+
+    def __init__(self, runner: ModelRunner | None) -> None:
+        self.runner = runner
+        self.output = ModelRunnerOutput(sampled_token_ids={})
+        self.resolved = False
+        self.sampled: torch.Tensor | None = None  # on the device; the next step may read it
+        self.sample_states: list[CachedRequestState] = []
+        self.sampled_slot = 0
+        self.lp_slot: int | None = None
+        self.prompt_slots: list[tuple[str, int]] = []
+        self._host: list[torch.Tensor] = []
+        self._event: Any = None
+
+    @classmethod
+    def done(cls, output: ModelRunnerOutput) -> StepHandle:
+        h = cls(None)
+        h.output = output
+        h.resolved = True
+        return h
+
+    def add_host(self, *tensors: torch.Tensor) -> int:
+        """Start copying tensors to the host (behind the step); returns the first one's slot."""
+        slot = len(self._host)
+        self._host.extend(t.to("cpu", non_blocking=True) for t in tensors)
+        return slot
+
+    def launched(self, event: Any) -> None:
+        self._event = event
+
+    def get(self) -> ModelRunnerOutput:
+        if not self.resolved:
+            assert self.runner is not None
+            self.runner._resolve_until(self)
+        return self.output
+
+    def _finish(self) -> None:
+        host = [t.tolist() for t in self._host]
+        out = self.output
+        for req_id, slot in self.prompt_slots:
+            out.prompt_logprobs[req_id] = (host[slot], host[slot + 1], host[slot + 2])
+        if self.sample_states:
+            tokens = host[self.sampled_slot]
+            lp = None
+            if self.lp_slot is not None:
+                lp = host[self.lp_slot], host[self.lp_slot + 1], host[self.lp_slot + 2]
+            for j, st in enumerate(self.sample_states):
+                token = tokens[j]
+                st.resolve_pending(token)
+                out.sampled_token_ids[st.req_id] = token
+                if lp is not None and st.params.logprobs is not None:
+                    k = st.params.logprobs + 1
+                    out.logprobs[st.req_id] = (lp[0][j][:k], lp[1][j][:k], lp[2][j])
+        self.resolved = True
+        self._host = []
+        self.sampled = None
+        self.sample_states = []

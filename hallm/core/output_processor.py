@@ -12,6 +12,7 @@ from typing import Any
 from hallm.core.detokenizer import IncrementalDetokenizer, decode_logprob_token
 from hallm.core.outputs import CompletionOutput, Logprob, ModelRunnerOutput, PositionLogprobs, RequestOutput
 from hallm.core.request import Request, RequestStatus
+from hallm.core.scheduler_output import SchedulerOutput
 
 
 @dataclasses.dataclass
@@ -74,11 +75,28 @@ class OutputProcessor:
         return [c.request.request_id for c in parent.children] if parent else []
 
     def process(
-        self, touched: list[Request], output: ModelRunnerOutput
+        self,
+        touched: list[Request],
+        output: ModelRunnerOutput,
+        step: SchedulerOutput | None = None,
+        final_only: bool = False,
     ) -> tuple[list[RequestOutput], list[str]]:
-        """Update the touched sequences; return (outputs of changed parents, ids stopped by a stop string)."""
+        """Update the touched sequences; return (outputs of changed parents, ids stopped by a stop string).
+
+        `step` is the scheduled step `output` belongs to; it places prompt logprobs (with async
+        scheduling a request's progress may already count the next step). Without it they are
+        placed by the request's progress. `final_only`: outputs of finished parents only (the
+        offline API reads nothing else; building the others costs a copy of every token list).
+        """
         changed: dict[str, ParentState] = {}
         stopped: list[str] = []
+        computed_after: dict[str, int] = {}
+        if output.prompt_logprobs and step is not None:
+            for data in (*step.new_requests, *step.cached_requests):
+                if data.req_id in output.prompt_logprobs:
+                    computed_after[data.req_id] = (
+                        data.num_computed_tokens + step.num_scheduled_tokens[data.req_id]
+                    )
         for request in touched:
             entry = self.child_to_parent.get(request.request_id)
             if entry is None:
@@ -93,7 +111,8 @@ class OutputProcessor:
                 ids, vals, ranks = output.prompt_logprobs[request.request_id]
                 # By position, not appended: a request preempted and resumed computes (and
                 # scores) its prompt again, which must overwrite, not repeat, what it gave.
-                end = min(request.num_computed_tokens, request.num_prompt_tokens - 1) + 1
+                computed = computed_after.get(request.request_id, request.num_computed_tokens)
+                end = min(computed, request.num_prompt_tokens - 1) + 1
                 parent.prompt_logprobs[end - len(ids) : end] = [
                     self._position_logprobs(i, v, r) for i, v, r in zip(ids, vals, ranks, strict=True)
                 ]
@@ -122,6 +141,8 @@ class OutputProcessor:
                 seq.stop_reason = request.stop_reason
             if seq.finish_reason is not None and seq.detokenizer is not None:
                 seq.detokenizer.flush()  # releases the text held back for stop strings
+        if final_only:
+            return [self._make_output(p) for p in changed.values() if p.finished], stopped
         return [self._make_output(p) for p in changed.values()], stopped
 
     def finish_aborted(self, request_ids: list[str]) -> list[RequestOutput]:

@@ -52,6 +52,10 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens a scheduled step will sample but whose ids the engine does not know yet (async
+        # scheduling: the step is still running on the device). 0 whenever the scheduler runs
+        # in sync mode.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = -1  # prompt tokens served by the prefix cache; -1: not yet admitted
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

@@ -68,6 +68,16 @@ class Sampler:
             raise ValueError(
                 f"logits vocab dimension {logits.shape[1]} != SamplingMetadata.vocab_size {meta.vocab_size}"
             )
+        if (
+            meta.all_greedy
+            and meta.max_num_logprobs is None
+            and meta.logit_bias is None
+            and meta.min_tokens_mask is None
+            and meta.no_penalties
+        ):
+            # Nothing changes the logits: argmax in their own dtype (the float32 copy that the
+            # general path makes is exact, so the pick is the same) saves a pass over [N, V].
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         raw_logprobs = compute_logprobs(logits) if meta.max_num_logprobs is not None else None
 
         owned = logits.dtype != torch.float32  # a dtype conversion makes a private copy

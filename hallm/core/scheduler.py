@@ -5,6 +5,14 @@ requests are served first (in arrival order), then waiting ones are admitted FCF
 budget, `max_num_seqs` and the KV pool allow. A long prompt is chunked to fit the budget. When
 blocks run out, the newest running request is preempted: its blocks are freed and it is
 recomputed later from its prompt plus the tokens it already produced, so its output is the same.
+
+With `async_scheduling` the engine schedules step N+1 before step N's sampled tokens are known
+(the device is still running step N). Then a request's `num_computed_tokens` advances when it is
+scheduled, and a step that will sample a token for it leaves a placeholder
+(`num_pending_tokens`) that the next step may already compute on: the workers feed it the id
+sampled on the device. `update` fills the placeholder in. A request that stops on a token only
+known then (EOS, a stop token or string) may already be in the next step: that step's token for
+it is dropped. One whose pending token is its last (max_tokens) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # to tell the workers next step
         self.num_preemptions = 0
+        self.async_scheduling = scheduler_config.async_scheduling
+        # id(step) -> the requests it scheduled, by id: `update` applies a step's tokens only to
+        # those very objects (a finished request's id may be reused before its step resolves).
+        self._in_flight: dict[int, dict[str, Request]] = {}
 
     # ---- queue management -------------------------------------------------------------------
 
@@ -88,12 +100,16 @@ class Scheduler:
         cached_reqs: list[CachedRequestData] = []
         preempted = False
 
+        scheduled: dict[str, Request] = {}
         for request in list(self.running):
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_pending_tokens
+            if pending and request.num_output_tokens + pending >= request.max_tokens:
+                continue  # its last token is in flight: it finishes when that resolves
+            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget)
             while True:
                 new_block_ids = self.kv.allocate_slots(request, num_new)
                 if new_block_ids is not None:
@@ -110,11 +126,16 @@ class Scheduler:
             cached_reqs.append(
                 CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens)
             )
+            if self.async_scheduling:
+                scheduled[request.request_id] = request
+                self._advance(request, num_new)
 
         # Admit waiting requests only when nothing was preempted: a preemption means the pool
         # is full, and admitting would just preempt again.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted with a token in flight: admitted once it resolves
             computed_blocks, num_hit = ([], 0)
             if request.num_computed_tokens == 0:
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
@@ -144,37 +165,73 @@ class Scheduler:
                     eos_token_ids=request.eos_token_ids,
                 )
             )
+            if self.async_scheduling:
+                scheduled[request.request_id] = request
+                self._advance(request, num_new)
 
         # Batch order: new requests first, then the running ones (the workers follow this order).
         ordered = {r.req_id: num_scheduled[r.req_id] for r in new_reqs}
         ordered.update((r.req_id, num_scheduled[r.req_id]) for r in cached_reqs)
         finished, self._finished_ids = self._finished_ids, set()
         # A request preempted and re-admitted in one step is rebuilt from NewRequestData.
-        return SchedulerOutput(
+        step = SchedulerOutput(
             new_requests=new_reqs,
             cached_requests=cached_reqs,
             num_scheduled_tokens=ordered,
             total_num_scheduled_tokens=sum(ordered.values()),
             finished_req_ids=finished,
         )
+        if self.async_scheduling and scheduled:
+            self._in_flight[id(step)] = scheduled
+        return step
+
+    def _advance(self, request: Request, num_new: int) -> None:
+        """Async scheduling: count a scheduled chunk as computed now; reaching the end of the
+        request's tokens means the step samples one more (a placeholder until `update`)."""
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens >= request.num_tokens + request.num_pending_tokens:
+            request.num_pending_tokens += 1
 
     def update(self, step: SchedulerOutput, output: ModelRunnerOutput) -> list[Request]:
         """Advance the scheduled requests; return those that produced a token or finished."""
         touched: list[Request] = []
+        sampled = output.sampled_token_ids
+        if self.async_scheduling:
+            scheduled = self._in_flight.pop(id(step), {})
+            for req_id in step.num_scheduled_tokens:  # batch order, as in sync mode
+                request = scheduled.get(req_id)
+                if request is None or self.requests.get(req_id) is not request:
+                    continue  # finished (stopped, aborted) while its step ran
+                token = sampled.get(req_id)
+                if token is None:
+                    if req_id in output.prompt_logprobs:
+                        touched.append(request)
+                    continue
+                # A request preempted after this step was scheduled keeps its token: it resumes
+                # from its prompt plus every token it produced, as in sync mode.
+                request.num_pending_tokens -= 1
+                self._append(request, token, touched)
+            return touched
         for req_id, num_tokens in step.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
             request.num_computed_tokens += num_tokens
-            token = output.sampled_token_ids.get(req_id)
+            token = sampled.get(req_id)
             if token is None:
                 if req_id in output.prompt_logprobs:
                     touched.append(request)
                 continue
-            request.append_output_token(token)
-            if request.check_stop():
-                self.running.remove(request)
-                del self.requests[req_id]
-                self._free(request)
-            touched.append(request)
+            self._append(request, token, touched)
         return touched
+
+    def _append(self, request: Request, token: int, touched: list[Request]) -> None:
+        request.append_output_token(token)
+        if request.check_stop():
+            if request in self.running:
+                self.running.remove(request)
+            else:  # async: preempted after its step was scheduled
+                self.waiting.remove(request)
+            del self.requests[request.request_id]
+            self._free(request)
+        touched.append(request)

@@ -6,7 +6,7 @@ import gc
 import logging
 
 from hallm.core.config import EngineConfig
-from hallm.core.model_runner import ModelRunner
+from hallm.core.model_runner import ModelRunner, StepHandle
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import Platform
@@ -76,3 +76,8 @@ class Worker:
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None
         return self.runner.execute(step)
+
+    def execute_async(self, step: SchedulerOutput) -> StepHandle:
+        """Launch a step; `.get()` on the result waits for it (see ModelRunner.execute_async)."""
+        assert self.runner is not None
+        return self.runner.execute_async(step)

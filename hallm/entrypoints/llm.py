@@ -115,7 +115,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         try:
             while len(results) < len(ids) and self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):  # only finished ones are read
                     if out.finished and out.request_id in wanted:
                         results[out.request_id] = out
                         bar.update(1)

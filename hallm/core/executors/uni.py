@@ -34,5 +34,21 @@ class UniExecutor(Executor):
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute(step)  # type: ignore[no-any-return]
 
+    def execute_async(self, step: SchedulerOutput) -> Any:
+        """Launch a step and return a handle whose `get()` gives its ModelRunnerOutput. The
+        engine uses this (async scheduling) when an executor has it."""
+        launch = getattr(self.worker, "execute_async", None)
+        if launch is None:  # a platform's own worker class without it: run the step to the end
+            return _Done(self.worker.execute(step))
+        return launch(step)
+
     def shutdown(self) -> None:
         self.worker = None  # type: ignore[assignment]
+
+
+class _Done:
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
+
+    def get(self) -> ModelRunnerOutput:
+        return self.output

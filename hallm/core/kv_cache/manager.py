@@ -59,8 +59,18 @@ class KVCacheManager:
         `computed_blocks` are prefix-cache hits of a request being admitted; they are taken
         (referenced) here, together with the new blocks, or not at all.
         """
-        computed_blocks = computed_blocks or []
         blocks = self.req_blocks.get(request.request_id)
+        if not computed_blocks and blocks is not None:
+            # The common decode step: the tokens fit the blocks held, and no block becomes full
+            # of known tokens (nothing to hash). The general path below would do nothing either.
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * self.block_size and (
+                not self.enable_caching
+                or min(total, request.num_tokens) // self.block_size
+                <= self.num_hashed_blocks.get(request.request_id, 0)
+            ):
+                return []
+        computed_blocks = computed_blocks or []
         admitting = blocks is None
         num_held = 0 if blocks is None else len(blocks)
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size

@@ -45,6 +45,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default=None, help="force an attention backend by name")
     g.add_argument("--enforce-eager", action="store_true", help="never capture device graphs")
     g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepare the next step while the device runs this one (default: on for every device but the CPU)",
+    )
+    g.add_argument(
         "--skip-tokenizer-init", action="store_true", help="load no tokenizer: token ids in and out"
     )
     g.add_argument("--served-model-name", default=None, help="model name reported to clients")
@@ -70,6 +76,7 @@ def engine_args_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         load_format=args.load_format,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         served_model_name=args.served_model_name,
         skip_tokenizer_init=args.skip_tokenizer_init,
     )
