@@ -203,18 +203,20 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
 
     Unseeded rows share one draw from the device's default generator; each seeded row draws its
     own [V] noise from its generator (a loop over seeded rows only), so its tokens are independent
-    of batch composition and position.
+    of batch composition and position. E is drawn as -log(1 - U), U ~ U[0, 1): on CPU,
+    `exponential_` took 34 ms for a [32, 49152] draw, uniform + log1p 8 ms.
     """
     n, vocab = probs.shape
     noise = torch.empty_like(probs)  # [N, V]
     if len(generators) < n:
-        noise.exponential_()
+        noise.uniform_()
     for row, gen in generators.items():
         if _same_device(gen.device, noise.device):
-            noise[row].exponential_(generator=gen)
+            noise[row].uniform_(generator=gen)
         else:  # a device without its own generators: draw on the generator's device, copy over
-            draw = torch.empty(vocab, dtype=noise.dtype, device=gen.device).exponential_(generator=gen)
+            draw = torch.empty(vocab, dtype=noise.dtype, device=gen.device).uniform_(generator=gen)
             noise[row].copy_(draw)
+    noise = torch.log1p(noise.neg_(), out=noise).neg_()  # -log(1 - U) ~ Exp(1)
     # An exact 0 draw would turn a masked token (p=0) into 0/0 = NaN, which argmax would pick.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return probs.div_(noise).argmax(dim=-1)

@@ -90,7 +90,7 @@ class RequestSamplingState:
         if self._steps_to_skip and self.generator is not None:
             scratch = torch.empty(vocab_size, dtype=torch.float32, device=self.generator.device)
             for _ in range(self._steps_to_skip):
-                scratch.exponential_(generator=self.generator)
+                scratch.uniform_(generator=self.generator)  # the draw `sampler.random_sample` makes
         self._steps_to_skip = 0
 
 

@@ -3,12 +3,12 @@
 After `hallm_cpu.fused` and `hallm_cpu.linear` have swapped a model's layers, each of its ~30
 decoder layers still costs ~10 Python module calls and ~9 ctypes calls per step: ~8 ms of host
 work per decode step on the 2-core EPYC, against a 20 ms (fp32) or 10 ms (bf16) weight-streaming
-floor for SmolLM2-135M. `CpuDecoderStack` replaces the model's `LlamaModel` child: for a step of
-at most `max_rows` tokens (where the native GEMV is the fast linear) it embeds the tokens and
-runs every layer plus the final norm in one call of `hallm_decoder_layers`, which chains the
-same kernels in the same order as the swapped modules, so the results are identical; larger
-steps (prefills) go through the modules, where MKL's GEMM is faster. The per-layer pointers
-are gathered once, when the KV caches are first seen, and again if they are reallocated.
+floor for SmolLM2-135M. `CpuDecoderStack` replaces the model's `LlamaModel` child: it embeds the
+step's tokens and runs every layer plus the final norm in one call of `hallm_decoder_layers`,
+which chains the same kernels in the same order as the swapped modules, so the results are
+identical. The per-layer pointers are gathered once, when the KV caches are first seen, and
+again if they are reallocated; until then (and for any layer bound to another attention
+backend) the modules run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hallm.platforms import get_forward_context
 from hallm_cpu import native
 from hallm_cpu.attention import CpuNativeAttention
 from hallm_cpu.fused import CpuGatedMLP, CpuRMSNorm, CpuRotaryEmbedding
-from hallm_cpu.linear import NATIVE_ROWS, CpuLinear
+from hallm_cpu.linear import CpuLinear
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -50,7 +50,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _linear_ok(m: Any) -> bool:
-    return isinstance(m, CpuLinear) and m.native_rows > 0 and not m.transposed
+    return isinstance(m, CpuLinear) and m.packed is not None
 
 
 def supports(model: nn.Module) -> bool:
@@ -88,7 +88,6 @@ class CpuDecoderStack(nn.Module):
         layer0 = model.layers[0]
         attn = layer0.self_attn
         self.dtype = model.embed_tokens.weight.dtype
-        self.max_rows = NATIVE_ROWS[self.dtype]
         self.hidden_size = model.embed_tokens.weight.shape[1]
         self.num_heads, self.num_kv_heads, self.head_size = attn.num_heads, attn.num_kv_heads, attn.head_size
         self.intermediate_size = layer0.mlp.intermediate_size
@@ -112,13 +111,13 @@ class CpuDecoderStack(nn.Module):
                 _ptr(layer.input_layernorm.weight),
                 _ptr(layer.post_attention_layernorm.weight),
             )
-            p.qkv_w, p.qkv_b = _ptr(sa.qkv_proj.weight), _ptr(sa.qkv_proj.bias)
+            p.qkv_w, p.qkv_b = _ptr(sa.qkv_proj.packed), _ptr(sa.qkv_proj.bias)
             p.q_norm = _ptr(sa.q_norm.weight) if sa.q_norm is not None else None
             p.k_norm = _ptr(sa.k_norm.weight) if sa.k_norm is not None else None
             p.qk_eps = sa.q_norm.eps if sa.q_norm is not None else 0.0
-            p.o_w, p.o_b = _ptr(sa.o_proj.weight), _ptr(sa.o_proj.bias)
-            p.gate_up_w, p.gate_up_b = _ptr(mlp.gate_up_proj.weight), _ptr(mlp.gate_up_proj.bias)
-            p.down_w, p.down_b = _ptr(mlp.down_proj.weight), _ptr(mlp.down_proj.bias)
+            p.o_w, p.o_b = _ptr(sa.o_proj.packed), _ptr(sa.o_proj.bias)
+            p.gate_up_w, p.gate_up_b = _ptr(mlp.gate_up_proj.packed), _ptr(mlp.gate_up_proj.bias)
+            p.down_w, p.down_b = _ptr(mlp.down_proj.packed), _ptr(mlp.down_proj.bias)
             p.kv_cache, p.num_blocks = _ptr(cache), cache.shape[1]
             p.window = attn.sliding_window or 0
             p.input_eps, p.post_eps = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
@@ -128,7 +127,7 @@ class CpuDecoderStack(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[0]
-        params = self._layer_params() if 0 < t <= self.max_rows else None
+        params = self._layer_params() if t > 0 else None
         if params is None:
             return self.inner(input_ids, positions)
         meta = get_forward_context().metadata[CpuNativeAttention]

@@ -1,13 +1,16 @@
-"""Linear layers laid out for the host CPU's matmul libraries.
+"""Linear layers laid out for the host CPU.
 
-Measured on a 2-core AVX2 EPYC (torch 2.13, MKL): a GEMV against a wide weight (the LM head,
-N=49152) runs 1.8x faster as `x @ W^T` with `W^T` stored contiguous than as `F.linear(x, W)`;
-and without native bf16 instructions a bf16 GEMM with more than a couple of rows is ~4x slower
-than upcasting both operands to fp32, while a bf16 GEMV (bandwidth-bound) is the faster choice.
-With the plugin's native kernels (`hallm_cpu.native`) built, products of few rows go to its GEMV,
-which streams fp32 weights at copy bandwidth and widens bf16 weights in registers (measured on
-that EPYC, weight 3072x576: fp32 0.15 ms vs MKL 0.18 ms at 1 row, 0.60 vs 0.72 at 16, MKL ahead
-from 32; bf16 0.09 ms vs 0.31 ms upcast at 1 row, 1.17 vs 1.32 at 32, upcast ahead from 64).
+With the plugin's native kernels built (`hallm_cpu.native`), a weight is packed once, at load,
+into 16-feature panels that the native GEMM/GEMV reads for every row count: the batch-1 GEMV
+streams it at copy bandwidth, and a decode batch of 32 runs at 128-179 GFLOPS against MKL's
+91-107 on the 2-core AVX2 EPYC (see csrc/kernels.c); bf16 weights are widened in registers. The
+packed copy replaces the [N, K] weight, so weights take no more memory (a tied LM head gets its
+own packed copy of the embedding). CPUs with native bf16 compute keep bf16 weights on oneDNN/MKL.
+
+Without the native kernels: a GEMV against a wide weight (the LM head, N=49152) runs 1.8x faster
+as `x @ W^T` with `W^T` stored contiguous than as `F.linear(x, W)`; and without native bf16
+instructions a bf16 GEMM with more than a couple of rows is ~4x slower than upcasting both
+operands to fp32, while a bf16 GEMV (bandwidth-bound) is the faster choice.
 `optimize_linears` swaps each `nn.Linear` for a module that takes the fast path per call.
 """
 
@@ -19,12 +22,10 @@ from torch import nn
 
 from hallm_cpu import native
 
-#: Output widths from which the transposed layout wins for fp32 GEMV (the LM head).
+#: Output widths from which the transposed layout wins for fp32 GEMV (the LM head), without native kernels.
 WIDE_OUTPUT = 8192
 #: Rows up to which a bf16 matmul stays in bf16 on CPUs without native bf16 compute.
 BF16_GEMV_ROWS = 2
-#: Rows up to which the native kernel beats the BLAS path, per weight dtype.
-NATIVE_ROWS = {torch.float32: 16, torch.bfloat16: 48}
 
 
 def has_native_bf16() -> bool:
@@ -34,28 +35,37 @@ def has_native_bf16() -> bool:
 
 
 class CpuLinear(nn.Module):
-    """y = x W^T + b, choosing the layout and compute dtype the CPU is fastest with."""
+    """y = x W^T + b, choosing the layout and kernel the CPU is fastest with."""
 
     def __init__(self, linear: nn.Linear, native_bf16: bool, use_native: bool = False) -> None:
         super().__init__()
         weight = linear.weight.detach()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        # The native kernel reads [out, in]; without it, MKL's GEMV wants the wide head transposed.
-        self.native_rows = NATIVE_ROWS.get(weight.dtype, 0) if use_native and weight.is_contiguous() else 0
-        self.transposed = (
-            not self.native_rows and weight.dtype == torch.float32 and self.out_features >= WIDE_OUTPUT
-        )
-        # [in, out] contiguous for the transposed path, else the usual [out, in].
-        self.weight = nn.Parameter(
-            weight.t().contiguous() if self.transposed else weight, requires_grad=False
-        )
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.weight: nn.Parameter | None = None
+        self.native = (
+            use_native
+            and weight.dtype in native.DTYPES
+            and not (weight.dtype == torch.bfloat16 and native_bf16)
+        )
+        self.transposed = (
+            not self.native and weight.dtype == torch.float32 and self.out_features >= WIDE_OUTPUT
+        )
         self.upcast_bf16 = weight.dtype == torch.bfloat16 and not native_bf16
+        # [ceil(out/16), in, 16] panels for the native kernels (see the module doc), or None.
+        self.register_buffer("packed", native.pack_linear(weight) if self.native else None, persistent=False)
+        if not self.native:
+            # [in, out] contiguous for the transposed path, else the usual [out, in].
+            self.weight = nn.Parameter(
+                weight.t().contiguous() if self.transposed else weight, requires_grad=False
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= self.native_rows and x.dtype in native.DTYPES:
-            return native.linear(x, self.weight, self.bias)
+        if self.packed is not None and x.dtype in native.DTYPES:
+            return native.linear(x, self.packed, self.bias, self.out_features)
+        if self.weight is None:  # packed, but an activation dtype the kernels do not take
+            raise TypeError(f"CpuLinear packed for the native kernels got a {x.dtype} input")
         if self.transposed:
             y = x @ self.weight
             return y if self.bias is None else y + self.bias

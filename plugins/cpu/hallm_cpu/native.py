@@ -39,6 +39,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "hallm_linear": [_p, _i64, _i32, _p, _p, _i32, _p, _i64, _i64, _i64, _i32],
+    "hallm_pack_linear": [_p, _i32, _i64, _i64, _p],
     "hallm_rms_norm": [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _f32, _i32, _i32],
     "hallm_rotary": [_p, _i64, _i64, _p, _i64, _i64, _i64, _i64, _p, _p, _f32, _i64, _i32, _i32],
     "hallm_silu_and_mul": [_p, _i64, _p, _i64, _i64, _i32, _i32],
@@ -156,18 +157,33 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (rows may be strided) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype."""
+#: Output features per panel of a packed weight (csrc/kernels.c NR).
+PANEL = 16
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> the kernels' panel layout [ceil(N / 16), K, 16], same dtype, zero-padded."""
+    n, k = weight.shape
+    w = weight.detach().contiguous()
+    packed = torch.empty((-(-n // PANEL), k, PANEL), dtype=w.dtype)
+    _lib().hallm_pack_linear(w.data_ptr(), _dtype(w), n, k, packed.data_ptr())
+    return packed
+
+
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """x [..., K] (rows may be strided) @ W^T + bias -> [..., out_features] in x's dtype, where
+    `packed` = pack_linear(W)."""
     x2 = _rows(x)
     m, k = x2.shape
-    n = weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype)
+    y = torch.empty((m, out_features), dtype=x.dtype)
     _lib().hallm_linear(
-        x2.data_ptr(), x2.stride(0), _dtype(x2), weight.data_ptr(),
-        None if bias is None else bias.data_ptr(), _dtype(weight),
-        y.data_ptr(), m, n, k, torch.get_num_threads(),
+        x2.data_ptr(), x2.stride(0), _dtype(x2), packed.data_ptr(),
+        None if bias is None else bias.data_ptr(), _dtype(packed),
+        y.data_ptr(), m, out_features, k, torch.get_num_threads(),
     )  # fmt: skip
-    return y.view(*x.shape[:-1], n)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def rms_norm(

@@ -23,9 +23,7 @@
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
-#ifndef PF_BYTES
-#define PF_BYTES 1024
-#endif
+
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -70,7 +68,17 @@ static void *alloc_floats(size_t n) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Linear: y[M, N] = x[M, K] W[N, K]^T (+ bias[N]).                                                   */
+/* Linear: y[M, N] = x[M, K] W[N, K]^T (+ bias[N]), on weights packed once at load.                  */
+/*
+ * Packed layout: panels of NR = 16 output features, P[p][k][j] = W[16 p + j][k] (zero rows past N),
+ * in the weight's dtype. One layout serves every row count: a panel is a sequential stream (the
+ * batch-1 GEMV reads memory front to back), and the 6 x 16 register tile (12 accumulators, 6
+ * broadcasts and 2 panel loads per k) runs the batched case without repacking per call. Measured on
+ * the 2-core AVX2 EPYC against MKL's sgemm on [N, K]: 3072 x 576 at 32 rows 128 vs 91 GFLOPS,
+ * 576 x 1536 at 32 rows 179 vs 107; bf16 panels are widened in registers, never in memory.
+ */
+#define NR 16
+#define MR 6
 
 #ifdef __AVX2__
 static inline float hsum8(__m256 v) {
@@ -79,182 +87,148 @@ static inline float hsum8(__m256 v) {
     a = _mm_add_ss(a, _mm_movehdup_ps(a));
     return _mm_cvtss_f32(a);
 }
+
+#define LOAD_PANEL_F32(P, off, b0, b1)                       \
+    do {                                                     \
+        const float *p_ = (const float *)(P) + (off);        \
+        b0 = _mm256_loadu_ps(p_);                            \
+        b1 = _mm256_loadu_ps(p_ + 8);                        \
+    } while (0)
+/* bf16 panel row -> two fp32 vectors by interleaving zeros below each value: b0 holds features
+ * 0-3 and 8-11, b1 holds 4-7 and 12-15 (the 128-bit lanes of unpack); `unscramble16` restores the
+ * order of a finished tile. One load, two unpacks: fewer uops than widening with vpmovzxwd. */
+#define LOAD_PANEL_BF16(P, off, b0, b1)                                                         \
+    do {                                                                                        \
+        const __m256i v_ = _mm256_loadu_si256((const __m256i *)((const uint16_t *)(P) + (off))); \
+        b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v_));          \
+        b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v_));          \
+    } while (0)
+
+/* C[6][16] = x rows 0..5 (lda apart) times one panel (K x 16). Named accumulators: with an array,
+ * gcc spills them every iteration. */
+#define TILE_6x16(NAME, LOAD)                                                                              \
+    static void NAME(const float *x, int64_t lda, const void *P, int64_t K, float *C) {                   \
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;          \
+        __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                          \
+        const float *x0 = x, *x1 = x + lda, *x2 = x + 2 * lda, *x3 = x + 3 * lda, *x4 = x + 4 * lda,      \
+                    *x5 = x + 5 * lda;                                                                     \
+        for (int64_t k = 0; k < K; k++) {                                                                  \
+            __m256 b0, b1, a;                                                                              \
+            LOAD(P, k * NR, b0, b1);                                                                       \
+            a = _mm256_broadcast_ss(x0 + k), c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01); \
+            a = _mm256_broadcast_ss(x1 + k), c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11); \
+            a = _mm256_broadcast_ss(x2 + k), c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21); \
+            a = _mm256_broadcast_ss(x3 + k), c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31); \
+            a = _mm256_broadcast_ss(x4 + k), c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41); \
+            a = _mm256_broadcast_ss(x5 + k), c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51); \
+        }                                                                                                  \
+        _mm256_storeu_ps(C, c00), _mm256_storeu_ps(C + 8, c01), _mm256_storeu_ps(C + 16, c10);             \
+        _mm256_storeu_ps(C + 24, c11), _mm256_storeu_ps(C + 32, c20), _mm256_storeu_ps(C + 40, c21);       \
+        _mm256_storeu_ps(C + 48, c30), _mm256_storeu_ps(C + 56, c31), _mm256_storeu_ps(C + 64, c40);       \
+        _mm256_storeu_ps(C + 72, c41), _mm256_storeu_ps(C + 80, c50), _mm256_storeu_ps(C + 88, c51);       \
+    }
+TILE_6x16(tile_6x16_f32, LOAD_PANEL_F32)
+TILE_6x16(tile_6x16_bf16, LOAD_PANEL_BF16)
+
+/* C[16] = one row x one panel: the GEMV, bandwidth-bound; 4 accumulators (k even/odd x 2 halves)
+ * cover the FMA latency. */
+#define TILE_1x16(NAME, LOAD)                                                                              \
+    static void NAME(const float *x, const void *P, int64_t K, float *C) {                                \
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, b0, b1, b2, b3;                       \
+        int64_t k = 0;                                                                                     \
+        for (; k + 2 <= K; k += 2) {                                                                       \
+            LOAD(P, k * NR, b0, b1);                                                                       \
+            LOAD(P, (k + 1) * NR, b2, b3);                                                                 \
+            const __m256 a0 = _mm256_broadcast_ss(x + k), a1 = _mm256_broadcast_ss(x + k + 1);            \
+            c0 = _mm256_fmadd_ps(a0, b0, c0), c1 = _mm256_fmadd_ps(a0, b1, c1);                            \
+            c2 = _mm256_fmadd_ps(a1, b2, c2), c3 = _mm256_fmadd_ps(a1, b3, c3);                            \
+        }                                                                                                  \
+        if (k < K) {                                                                                       \
+            LOAD(P, k * NR, b0, b1);                                                                       \
+            const __m256 a0 = _mm256_broadcast_ss(x + k);                                                  \
+            c0 = _mm256_fmadd_ps(a0, b0, c0), c1 = _mm256_fmadd_ps(a0, b1, c1);                            \
+        }                                                                                                  \
+        _mm256_storeu_ps(C, _mm256_add_ps(c0, c2)), _mm256_storeu_ps(C + 8, _mm256_add_ps(c1, c3));       \
+    }
+TILE_1x16(tile_1x16_f32, LOAD_PANEL_F32)
+TILE_1x16(tile_1x16_bf16, LOAD_PANEL_BF16)
 #endif
 
-/* 4 fp32 weight rows x MB (1..3) activation rows: out[m][r] = dot(w[r], x[m]). */
-static void dot_4xM(const float *const w[4], const float *x, int64_t x_stride, int mb, int K, float out[3][4]) {
-    int k = 0;
-#ifdef __AVX2__
-    __m256 acc[3][4];
-    for (int m = 0; m < 3; m++)
-        for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();
-    if (mb == 3) {
-        for (; k + 8 <= K; k += 8) {
-            __m256 w0 = _mm256_loadu_ps(w[0] + k), w1 = _mm256_loadu_ps(w[1] + k);
-            __m256 w2 = _mm256_loadu_ps(w[2] + k), w3 = _mm256_loadu_ps(w[3] + k);
-            for (int m = 0; m < 3; m++) {
-                __m256 xv = _mm256_loadu_ps(x + m * x_stride + k);
-                acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
-                acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
-                acc[m][2] = _mm256_fmadd_ps(w2, xv, acc[m][2]);
-                acc[m][3] = _mm256_fmadd_ps(w3, xv, acc[m][3]);
+/* A tile row computed from LOAD_PANEL_BF16 holds features 0-3, 8-11, 4-7, 12-15: swap the middle quarters. */
+static inline void unscramble16(float *c) {
+    float t[4];
+    memcpy(t, c + 4, sizeof t);
+    memcpy(c + 4, c + 8, sizeof t);
+    memcpy(c + 8, t, sizeof t);
+}
+
+#ifndef __AVX2__
+/* Portable tile: C[mr][16] for mr <= 6 rows. */
+static void tile_generic(const float *x, int64_t lda, int mr, const void *P, int dtype, int64_t K, float *C) {
+    memset(C, 0, sizeof(float) * MR * NR);
+    for (int m = 0; m < mr; m++)
+        for (int64_t k = 0; k < K; k++) {
+            const float a = x[m * lda + k];
+            for (int j = 0; j < NR; j++) {
+                const float w = dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)P)[k * NR + j])
+                                                 : ((const float *)P)[k * NR + j];
+                C[m * NR + j] += a * w;
             }
         }
-    } else if (mb == 1) {
-        /* The GEMV: named accumulators, or gcc keeps the acc array on the stack. */
-        __m256 a0 = acc[0][0], a1 = acc[0][1], a2 = acc[0][2], a3 = acc[0][3];
-        for (; k + 8 <= K; k += 8) {
-            __m256 xv = _mm256_loadu_ps(x + k);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w[0] + k), xv, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w[1] + k), xv, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w[2] + k), xv, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w[3] + k), xv, a3);
-        }
-        acc[0][0] = a0, acc[0][1] = a1, acc[0][2] = a2, acc[0][3] = a3;
-    } else {
-        for (; k + 8 <= K; k += 8) {
-            for (int m = 0; m < mb; m++) {
-                __m256 xv = _mm256_loadu_ps(x + m * x_stride + k);
-                for (int r = 0; r < 4; r++) acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k), xv, acc[m][r]);
-            }
-        }
-    }
-    for (int m = 0; m < mb; m++)
-        for (int r = 0; r < 4; r++) out[m][r] = hsum8(acc[m][r]);
-#else
-    for (int m = 0; m < mb; m++)
-        for (int r = 0; r < 4; r++) out[m][r] = 0.0f;
+}
 #endif
-    for (int m = 0; m < mb; m++)
-        for (int r = 0; r < 4; r++) {
-            float s = 0.0f;
-            const float *xm = x + m * x_stride, *wr = w[r];
-#pragma omp simd reduction(+ : s)
-            for (int kk = k; kk < K; kk++) s += wr[kk] * xm[kk];
-            out[m][r] += s;
-        }
+
+/* packed [ceil(N/16), K, 16] <- w [N, K] (both in `dtype`). */
+void hallm_pack_linear(const void *w, int dtype, int64_t N, int64_t K, void *packed) {
+    const size_t esize = dtype == DT_BF16 ? 2 : 4;
+    const int64_t panels = (N + NR - 1) / NR;
+    memset(packed, 0, (size_t)(panels * K * NR) * esize);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++)
+            memcpy((char *)packed + ((n / NR) * K * NR + k * NR + n % NR) * esize, (const char *)w + (n * K + k) * esize,
+                   esize);
 }
 
-/* One activation row against one weight row: the batch-1 decode path, bandwidth-bound. Rows are
- * walked one after another (a single sequential stream per thread prefetches better than 4
- * interleaved ones: 26 vs 21-24 GB/s here), with 4 accumulators to cover the FMA latency. bf16
- * weights are widened in registers; `xp` holds x with each 16-element chunk reordered to match
- * the order of _mm256_unpack{lo,hi}_epi16 (see hallm_linear). */
-static float dot_row_f32(const float *w, const float *x, int K) {
-    int k = 0;
-    float s = 0.0f;
-#ifdef __AVX2__
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
-    for (; k < K; k++) s += w[k] * x[k];
-    return s;
-}
-
-static float dot_row_bf16(const uint16_t *w, const float *x, const float *xp, int K) {
-    int k = 0;
-    float s = 0.0f;
-#ifdef __AVX2__
-    const __m256i zero = _mm256_setzero_si256();
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; k + 32 <= K; k += 32) {
-        _mm_prefetch((const char *)(w + k) + PF_BYTES, _MM_HINT_T0);
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + k));
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + k + 16));
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v0)), _mm256_loadu_ps(xp + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v0)), _mm256_loadu_ps(xp + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v1)), _mm256_loadu_ps(xp + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v1)), _mm256_loadu_ps(xp + k + 24), a3);
-    }
-    for (; k + 16 <= K; k += 16) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + k));
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v0)), _mm256_loadu_ps(xp + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v0)), _mm256_loadu_ps(xp + k + 8), a1);
-    }
-    s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#else
-    (void)xp;
-#endif
-    for (; k < K; k++) s += bf16_to_f32(w[k]) * x[k];
-    return s;
-}
-
-/* x: [M, K] rows `x_stride` elements apart (dtype x_dtype); w: [N, K] contiguous (w_dtype); bias: [N]
- * (w_dtype) or NULL; y: [M, N] contiguous (x_dtype). */
-void hallm_linear(const void *x, int64_t x_stride, int x_dtype, const void *w, const void *bias, int w_dtype,
+/* x: [M, K] rows `x_stride` elements apart (x_dtype); packed: hallm_pack_linear of W [N, K] (w_dtype);
+ * bias: [N] (w_dtype) or NULL; y: [M, N] contiguous (x_dtype). */
+void hallm_linear(const void *x, int64_t x_stride, int x_dtype, const void *packed, const void *bias, int w_dtype,
                   void *y, int64_t M, int64_t N, int64_t K, int nthreads) {
-    float *xs = alloc_floats((size_t)M * K);
-    float *xp = alloc_floats((size_t)K);
+    /* x widened once, padded to whole 6-row tiles (the padding rows are zeros, their results dropped). */
+    const int64_t Mp = M == 1 ? 1 : (M + MR - 1) / MR * MR;
+    float *xs = alloc_floats((size_t)(Mp * K));
     for (int64_t m = 0; m < M; m++) load_f32(x, x_dtype, m * x_stride, xs + m * K, (int)K);
-    /* The unpack order of 16 bf16 weights: lo = elements 0-3, 8-11; hi = 4-7, 12-15. */
-    for (int64_t k = 0; k + 16 <= K; k += 16)
-        for (int j = 0; j < 4; j++) {
-            xp[k + j] = xs[k + j];
-            xp[k + 4 + j] = xs[k + 8 + j];
-            xp[k + 8 + j] = xs[k + 4 + j];
-            xp[k + 12 + j] = xs[k + 12 + j];
-        }
-    if (M == 1) {
-        float *yf = alloc_floats((size_t)N);
+    if (Mp > M) memset(xs + M * K, 0, (size_t)((Mp - M) * K) * sizeof(float));
+    const size_t esize = w_dtype == DT_BF16 ? 2 : 4;
+    const int64_t panels = (N + NR - 1) / NR;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            float v = w_dtype == DT_BF16 ? dot_row_bf16((const uint16_t *)w + n * K, xs, xp, (int)K)
-                                         : dot_row_f32((const float *)w + n * K, xs, (int)K);
-            if (bias) v += w_dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
-            yf[n] = v;
-        }
-        store_f32(y, x_dtype, 0, yf, (int)N);
-        free(yf);
-        free(xs);
-        free(xp);
-        return;
-    }
-    const int64_t nblocks = (N + 3) / 4;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *wbuf = w_dtype == DT_BF16 ? alloc_floats((size_t)4 * K) : NULL;
-        float *yrow = alloc_floats((size_t)4);
-#pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < nblocks; nb++) {
-            const int64_t n0 = nb * 4;
-            const int rows = (int)(N - n0 < 4 ? N - n0 : 4);
-            float bias4[4] = {0, 0, 0, 0};
-            if (bias)
-                for (int r = 0; r < rows; r++)
-                    bias4[r] = w_dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)bias)[n0 + r])
-                                                  : ((const float *)bias)[n0 + r];
-            float out[3][4];
-            const float *wr[4];
-            for (int r = 0; r < 4; r++) {
-                int64_t n = n0 + (r < rows ? r : 0);
-                if (wbuf) {
-                    load_f32(w, DT_BF16, n * K, wbuf + r * K, (int)K);
-                    wr[r] = wbuf + r * K;
-                } else {
-                    wr[r] = (const float *)w + n * K;
-                }
-            }
-            for (int64_t m = 0; m < M; m += 3) {
-                int mb = (int)(M - m < 3 ? M - m : 3);
-                dot_4xM(wr, xs + m * K, K, mb, (int)K, out);
-                for (int i = 0; i < mb; i++) {
-                    for (int r = 0; r < rows; r++) yrow[r] = out[i][r] + bias4[r];
-                    store_f32(y, x_dtype, (m + i) * N + n0, yrow, rows);
-                }
+    for (int64_t p = 0; p < panels; p++) {
+        const char *P = (const char *)packed + (size_t)(p * K * NR) * esize;
+        const int64_t n0 = p * NR;
+        const int nn = (int)(N - n0 < NR ? N - n0 : NR);
+        float bias16[NR] = {0}, C[MR * NR], row[NR];
+        if (bias)
+            for (int j = 0; j < nn; j++)
+                bias16[j] = w_dtype == DT_BF16 ? bf16_to_f32(((const uint16_t *)bias)[n0 + j]) : ((const float *)bias)[n0 + j];
+        for (int64_t m = 0; m < Mp; m += MR) {
+            const int mr = (int)(M - m < MR ? M - m : MR);
+#ifdef __AVX2__
+            if (Mp == 1)
+                (w_dtype == DT_BF16 ? tile_1x16_bf16 : tile_1x16_f32)(xs, P, K, C);
+            else
+                (w_dtype == DT_BF16 ? tile_6x16_bf16 : tile_6x16_f32)(xs + m * K, K, P, K, C);
+#else
+            tile_generic(xs + m * K, K, mr, P, w_dtype, K, C);
+#endif
+            for (int i = 0; i < mr; i++) {
+#ifdef __AVX2__
+                if (w_dtype == DT_BF16) unscramble16(C + i * NR);
+#endif
+                for (int j = 0; j < nn; j++) row[j] = C[i * NR + j] + bias16[j];
+                store_f32(y, x_dtype, (m + i) * N + n0, row, nn);
             }
         }
-        free(wbuf);
-        free(yrow);
     }
     free(xs);
-    free(xp);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -386,16 +360,23 @@ static inline float dot_kv(const float *q, const void *kv, int dtype, int64_t of
 }
 
 /* acc[D] += sum_i p[i] * v_i, v_i the D values at kv + off + i * row (i < cnt): d-outer so each
- * 8-wide slice of acc stays in a register across the block's positions. */
+ * 8-wide slice of acc stays in registers across the block's positions, with 4 partial sums so the
+ * FMA chain is not latency-bound. */
 static inline void accumulate_kv(float *acc, const float *p, int64_t cnt, const void *kv, int dtype, int64_t off,
                                  int64_t row, int D) {
     int d = 0;
 #ifdef __AVX2__
     for (; d + 8 <= D; d += 8) {
-        __m256 a = _mm256_loadu_ps(acc + d);
-        for (int64_t i = 0; i < cnt; i++)
-            a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8_kv(kv, dtype, off + i * row + d), a);
-        _mm256_storeu_ps(acc + d, a);
+        __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_setzero_ps(), a2 = a1, a3 = a1;
+        int64_t i = 0;
+        for (; i + 4 <= cnt; i += 4) {
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8_kv(kv, dtype, off + i * row + d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(p[i + 1]), load8_kv(kv, dtype, off + (i + 1) * row + d), a1);
+            a2 = _mm256_fmadd_ps(_mm256_set1_ps(p[i + 2]), load8_kv(kv, dtype, off + (i + 2) * row + d), a2);
+            a3 = _mm256_fmadd_ps(_mm256_set1_ps(p[i + 3]), load8_kv(kv, dtype, off + (i + 3) * row + d), a3);
+        }
+        for (; i < cnt; i++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8_kv(kv, dtype, off + i * row + d), a0);
+        _mm256_storeu_ps(acc + d, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     }
 #endif
     for (int64_t i = 0; i < cnt; i++) {
@@ -407,6 +388,32 @@ static inline void accumulate_kv(float *acc, const float *p, int64_t cnt, const 
             for (int dd = d; dd < D; dd++) acc[dd] += p[i] * v[dd];
         }
     }
+}
+
+/* s[i] = dot(q, k_i) for the cnt positions at kv + off + i * row; 4 positions at a time with
+ * independent accumulators and one combined horizontal reduction. */
+static inline void scores_kv(const float *q, const void *kv, int dtype, int64_t off, int64_t row, int64_t cnt, int D,
+                             float *s) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    if (D % 8 == 0) {
+        for (; i + 4 <= cnt; i += 4) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const int64_t o = off + i * row;
+            for (int d = 0; d < D; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qv, load8_kv(kv, dtype, o + d), a0);
+                a1 = _mm256_fmadd_ps(qv, load8_kv(kv, dtype, o + row + d), a1);
+                a2 = _mm256_fmadd_ps(qv, load8_kv(kv, dtype, o + 2 * row + d), a2);
+                a3 = _mm256_fmadd_ps(qv, load8_kv(kv, dtype, o + 3 * row + d), a3);
+            }
+            /* [a0 a1 a2 a3] -> 4 sums: pairwise hadds, then the two 128-bit halves. */
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            _mm_storeu_ps(s + i, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        }
+    }
+#endif
+    for (; i < cnt; i++) s[i] = dot_kv(q, kv, dtype, off + i * row, D);
 }
 
 #define QUERY_CHUNK 16
@@ -479,69 +486,89 @@ void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, i
     const int64_t covered = query_start_loc[R];
     if (covered < T) memset((char *)out + covered * Hq * D * esize, 0, (size_t)(T - covered) * Hq * D * esize);
 
-    /* Work items: (request, KV head, chunk of QUERY_CHUNK query tokens). */
+    /* Work items: (request, chunk of QUERY_CHUNK query tokens, range of KV heads). A whole request's
+     * heads in one item read each cached position's row [Hk, D] contiguously, block after block,
+     * while the next block is prefetched: the blocks of a request sit anywhere in the pool, and
+     * per-head items striding through them ran at ~6 GB/s. With fewer requests than threads x 4,
+     * the heads are split so every thread has work. */
+    const int64_t want = 4 * (int64_t)nthreads;
+    const int64_t head_groups = R >= want ? 1 : (Hk < (want + R - 1) / R ? Hk : (want + R - 1) / R);
     int64_t items = 0;
     for (int64_t r = 0; r < R; r++) items += (query_start_loc[r + 1] - query_start_loc[r] + QUERY_CHUNK - 1) / QUERY_CHUNK;
+    items *= head_groups;
     int64_t *item_req = malloc((size_t)(items ? items : 1) * sizeof(int64_t));
     int64_t *item_tok = malloc((size_t)(items ? items : 1) * sizeof(int64_t));
+    int64_t *item_grp = malloc((size_t)(items ? items : 1) * sizeof(int64_t));
     int64_t n = 0;
     for (int64_t r = 0; r < R; r++)
-        for (int64_t j = query_start_loc[r]; j < query_start_loc[r + 1]; j += QUERY_CHUNK) {
-            item_req[n] = r;
-            item_tok[n] = j;
-            n++;
-        }
+        for (int64_t j = query_start_loc[r]; j < query_start_loc[r + 1]; j += QUERY_CHUNK)
+            for (int64_t hg = 0; hg < head_groups; hg++) {
+                item_req[n] = r;
+                item_tok[n] = j;
+                item_grp[n] = hg;
+                n++;
+            }
     const int64_t G = Hq / Hk;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *qf = alloc_floats((size_t)G * D), *acc = alloc_floats((size_t)G * D);
-        float *mx = alloc_floats((size_t)G), *den = alloc_floats((size_t)G), *sc = alloc_floats((size_t)G * bs);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-        for (int64_t it = 0; it < items; it++)
-            for (int64_t kvh = 0; kvh < Hk; kvh++) {
-                const int64_t r = item_req[it], t_end = query_start_loc[r + 1];
-                const int64_t t_last = item_tok[it] + QUERY_CHUNK < t_end ? item_tok[it] + QUERY_CHUNK : t_end;
-                const int32_t *bt = block_tables + r * bt_stride;
-                for (int64_t t = item_tok[it]; t < t_last; t++) {
-                    const int64_t pos = context_lens[r] + (t - query_start_loc[r]);
-                    const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-                    for (int64_t g = 0; g < G; g++) {
-                        load_f32(q, dtype, t * q_stride + (kvh * G + g) * D, qf + g * D, (int)D);
-                        for (int64_t d = 0; d < D; d++) qf[g * D + d] *= scale;
-                        mx[g] = -INFINITY;
-                        den[g] = 0.0f;
-                        memset(acc + g * D, 0, (size_t)D * sizeof(float));
-                    }
-                    for (int64_t b = lo / bs; b <= pos / bs; b++) {
-                        const int64_t first = b * bs > lo ? b * bs : lo;
-                        const int64_t last = b * bs + bs - 1 < pos ? b * bs + bs - 1 : pos;
-                        const int64_t base = ((int64_t)bt[b] * bs) * row + kvh * D;
-                        const int64_t cnt = last - first + 1;
-                        for (int64_t g = 0; g < G; g++) {
-                            float *s = sc + g * bs, m_new = mx[g];
-                            for (int64_t i = 0; i < cnt; i++) {
-                                float v = dot_kv(qf + g * D, kc, dtype, base + (first - b * bs + i) * row, (int)D);
-                                if (soft_cap > 0.0f) v = soft_cap * tanhf(v / soft_cap);
-                                s[i] = v;
-                                if (v > m_new) m_new = v;
-                            }
-                            const float corr = expf(mx[g] - m_new); /* exp(-inf) = 0 on the first block */
-                            if (corr != 1.0f) {
-                                den[g] *= corr;
-                                for (int64_t d = 0; d < D; d++) acc[g * D + d] *= corr;
-                            }
-                            mx[g] = m_new;
-                            den[g] += exp_shifted(s, cnt, m_new);
-                            accumulate_kv(acc + g * D, s, cnt, vc, dtype, base + (first - b * bs) * row, row, (int)D);
+        float *qf = alloc_floats((size_t)Hq * D), *acc = alloc_floats((size_t)Hq * D);
+        float *mx = alloc_floats((size_t)Hq), *den = alloc_floats((size_t)Hq), *sc = alloc_floats((size_t)bs);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            const int64_t r = item_req[it], t_end = query_start_loc[r + 1];
+            const int64_t t_last = item_tok[it] + QUERY_CHUNK < t_end ? item_tok[it] + QUERY_CHUNK : t_end;
+            const int64_t h0 = item_grp[it] * Hk / head_groups, h1 = (item_grp[it] + 1) * Hk / head_groups;
+            const int64_t nh = (h1 - h0) * G; /* query heads of this item: h0*G .. h1*G */
+            const int32_t *bt = block_tables + r * bt_stride;
+            for (int64_t t = item_tok[it]; t < t_last; t++) {
+                const int64_t pos = context_lens[r] + (t - query_start_loc[r]);
+                const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+                for (int64_t j = 0; j < nh; j++) {
+                    load_f32(q, dtype, t * q_stride + (h0 * G + j) * D, qf + j * D, (int)D);
+                    for (int64_t d = 0; d < D; d++) qf[j * D + d] *= scale;
+                    mx[j] = -INFINITY;
+                    den[j] = 0.0f;
+                    memset(acc + j * D, 0, (size_t)D * sizeof(float));
+                }
+                for (int64_t b = lo / bs; b <= pos / bs; b++) {
+#ifdef __AVX2__
+                    if (b < pos / bs) { /* the next block's rows of these heads, K and V */
+                        const int64_t nb = ((int64_t)bt[b + 1] * bs) * row + h0 * D;
+                        const int64_t span = ((bs - 1) * row + (h1 - h0) * D) * (int64_t)esize;
+                        for (int64_t o = 0; o < span; o += 64) {
+                            _mm_prefetch(kc + nb * (int64_t)esize + o, _MM_HINT_T0);
+                            _mm_prefetch(vc + nb * (int64_t)esize + o, _MM_HINT_T0);
                         }
                     }
-                    for (int64_t g = 0; g < G; g++) {
-                        const float inv = 1.0f / den[g];
-                        for (int64_t d = 0; d < D; d++) acc[g * D + d] *= inv;
-                        store_f32(out, dtype, (t * Hq + kvh * G + g) * D, acc + g * D, (int)D);
+#endif
+                    const int64_t first = b * bs > lo ? b * bs : lo;
+                    const int64_t last = b * bs + bs - 1 < pos ? b * bs + bs - 1 : pos;
+                    const int64_t cnt = last - first + 1;
+                    for (int64_t j = 0; j < nh; j++) {
+                        const int64_t base = ((int64_t)bt[b] * bs + (first - b * bs)) * row + (h0 + j / G) * D;
+                        float *a = acc + j * D, m_new = mx[j];
+                        scores_kv(qf + j * D, kc, dtype, base, row, cnt, (int)D, sc);
+                        for (int64_t i = 0; i < cnt; i++) {
+                            if (soft_cap > 0.0f) sc[i] = soft_cap * tanhf(sc[i] / soft_cap);
+                            if (sc[i] > m_new) m_new = sc[i];
+                        }
+                        const float corr = expf(mx[j] - m_new); /* exp(-inf) = 0 on the first block */
+                        if (corr != 1.0f) {
+                            den[j] *= corr;
+                            for (int64_t d = 0; d < D; d++) a[d] *= corr;
+                        }
+                        mx[j] = m_new;
+                        den[j] += exp_shifted(sc, cnt, m_new);
+                        accumulate_kv(a, sc, cnt, vc, dtype, base, row, (int)D);
                     }
                 }
+                for (int64_t j = 0; j < nh; j++) {
+                    const float inv = 1.0f / den[j];
+                    for (int64_t d = 0; d < D; d++) acc[j * D + d] *= inv;
+                    store_f32(out, dtype, (t * Hq + h0 * G + j) * D, acc + j * D, (int)D);
+                }
             }
+        }
         free(qf);
         free(acc);
         free(mx);
@@ -550,6 +577,7 @@ void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, i
     }
     free(item_req);
     free(item_tok);
+    free(item_grp);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -559,6 +587,7 @@ void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, i
  * hallm_cpu.decoder.LayerParams: keep the two in the same order. */
 typedef struct {
     const void *input_norm, *post_norm; /* [H] */
+    /* Linear weights are packed (hallm_pack_linear of the [out, in] weight). */
     const void *qkv_w, *qkv_b;          /* [Hq*D + 2*Hk*D, H], [Hq*D + 2*Hk*D] */
     const void *q_norm, *k_norm;        /* [D] */
     const void *o_w, *o_b;              /* [H, Hq*D], [H] */
