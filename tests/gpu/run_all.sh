@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g1 g1-hallm g1-llama g4-llama g2 conformance (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g1 g1-hallm g1-llama g4-llama g4-steps g2 conformance (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -60,6 +60,7 @@ for step in $STEPS; do
     greedy) run greedy $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py ;;
     g4) run g4 $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --sweep --ab-fused ;;
     g4-llama) run g4-llama $PY benchmarks/gpu_g4.py --out "$RES" --models llama-3.1-8b --parts step ;;
+    g4-steps) run g4-steps $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b,llama-3.1-8b --parts step ;;
     g1) run g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b ;;
     g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
     g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 ;;
