@@ -22,14 +22,14 @@ CUDA graph and replayed with new lengths and block tables.
 
 from __future__ import annotations
 
-from hallm.ops.triton.attention import (
+from hallm.ops.triton.attention import paged_attention
+from hallm.ops.triton.kv_write import write_kv
+from hallm.ops.triton.launch_config import (
     SPLIT_KV_MAX_PROGRAMS,
     SPLIT_KV_SEGMENTS,
     KernelConfig,
     kernel_config,
-    paged_attention,
     use_split_kv,
-    write_kv,
 )
 
 __all__ = [

@@ -1,8 +1,7 @@
-"""Triton paged attention for mixed prefill + decode steps, and the KV-cache write.
+"""Triton paged attention for mixed prefill + decode steps.
 
-KV-cache layout (hallm's default, `AttentionBackend.kv_cache_shape`):
-`[2, num_blocks, block_size, num_kv_heads, head_size]`, contiguous; index 0 keys, 1 values; a
-token's flat slot is `block_id * block_size + offset`.
+It reads the cache that `hallm.ops.triton.kv_write` fills (layout there); its tile shape and
+split-KV choice come from `hallm.ops.triton.launch_config`.
 
 The attention kernel ("unified", after vLLM's Triton backend): program (q_block, kv_head,
 segment) owns BLOCK_M query rows = all NUM_Q_PER_KV query heads of `kv_head` for BLOCK_Q
@@ -25,9 +24,7 @@ All launches read lengths from device tensors, so they can be captured in a CUDA
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,49 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-#: Most segments the split-KV path uses (a power of two).
-SPLIT_KV_SEGMENTS = 16
-#: Decode-only steps launching fewer (request, KV head) programs than this use split-KV...
-SPLIT_KV_MAX_PROGRAMS = 256
-#: ...with enough segments to launch about this many programs (a few per SM of an H100).
-SPLIT_KV_TARGET_PROGRAMS = 512
-
-_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
+from hallm.ops.triton.kv_write import check_cache, write_kv_kernel
+from hallm.ops.triton.launch_config import KernelConfig, head_pad, kernel_config, split_kv_segments
+from hallm.ops.triton.runtime import decorate, interpreting
 
 # ---- kernels (plain functions; decorated per mode by `_kernels`) -------------------------------
-
-
-def _write_kv_kernel(
-    key_ptr,
-    value_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    slot_ptr,
-    key_stride_t,
-    key_stride_h,
-    value_stride_t,
-    value_stride_h,
-    cache_stride_slot,
-    cache_stride_h,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    BLOCK_HD: tl.constexpr,
-):
-    """One program per token: copy its [NUM_KV_HEADS, HEAD_SIZE] key and value to its slot."""
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:  # a padding token: nothing to write
-        return
-    i = tl.arange(0, BLOCK_HD)
-    h = i // HEAD_SIZE
-    d = i % HEAD_SIZE
-    m = i < NUM_KV_HEADS * HEAD_SIZE
-    k = tl.load(key_ptr + t * key_stride_t + h * key_stride_h + d, mask=m)
-    v = tl.load(value_ptr + t * value_stride_t + h * value_stride_h + d, mask=m)
-    dst = slot * cache_stride_slot + h * cache_stride_h + d
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=m)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=m)
 
 
 def _attention_kernel(
@@ -264,136 +223,21 @@ def _reduce_kernel(
     )
 
 
-def interpreting() -> bool:
-    """Whether kernels run in Triton's interpreter (TRITON_INTERPRET=1), read at each launch."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.cache
 def _kernels(interpret: bool) -> SimpleNamespace:
-    """The kernels decorated for the interpreter or for the compiler (both can live in one process)."""
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return SimpleNamespace(
-            write_kv=InterpretedFunction(_write_kv_kernel),
-            attention=InterpretedFunction(_attention_kernel),
-            reduce=InterpretedFunction(_reduce_kernel),
-        )
-    from triton.runtime.jit import JITFunction
-
+    """The attention and split-KV reduction kernels, interpreted or compiled."""
     return SimpleNamespace(
-        write_kv=JITFunction(_write_kv_kernel),
-        attention=JITFunction(_attention_kernel, do_not_specialize=["num_seqs"]),
-        reduce=JITFunction(_reduce_kernel, do_not_specialize=["num_seqs"]),
+        attention=decorate(_attention_kernel, interpret, do_not_specialize=["num_seqs"]),
+        reduce=decorate(_reduce_kernel, interpret, do_not_specialize=["num_seqs"]),
     )
 
 
 def jit_kernels() -> SimpleNamespace:
     """The compiled (not interpreted) kernels: `write_kv`, `attention`, `reduce`."""
-    return _kernels(False)
+    return SimpleNamespace(write_kv=write_kv_kernel(False), **vars(_kernels(False)))
 
 
-# ---- configuration -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Tile shape and launch parameters of the attention kernel."""
-
-    block_m: int  # query rows per program (a power of two >= 16)
-    tile_n: int  # key positions per loop iteration (a power of two >= 16)
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def head_pad(head_size: int) -> int:
-    return max(16, triton.next_power_of_2(head_size))
-
-
-def kernel_config(dtype: torch.dtype, head_size: int, num_q_per_kv: int, decode_only: bool) -> KernelConfig:
-    """The tile shape for a step: short query tiles for decode, taller ones when prefill is present.
-
-    Decode streams keys/values: long KV tiles (128 positions at head size <= 64, 64 at 128;
-    measured on an H100, benchmarks/results/gpu.md). Shared memory stays under ~96 KB for every
-    dtype and head size up to 256, so the same configuration compiles for sm_80/86/89/90.
-    """
-    rows = triton.next_power_of_2(num_q_per_kv)
-    pad = head_pad(head_size)
-    wide = dtype == torch.float32 or pad > 128
-    if decode_only:
-        tile_n = 32 if wide else (128 if pad <= 64 else 64)
-        return KernelConfig(block_m=max(16, rows), tile_n=tile_n, num_warps=4, num_stages=2)
-    return KernelConfig(block_m=max(64 if not wide else 32, rows), tile_n=32, num_warps=4, num_stages=2)
-
-
-def split_kv_segments(num_reqs: int, num_kv_heads: int, max_query_len: int) -> int:
-    """KV segments per (request, KV head) for a step; 1 = no split.
-
-    Decode-only steps that launch too few programs to fill the GPU split each request's KV range
-    (flash-decoding), with enough segments to launch about SPLIT_KV_TARGET_PROGRAMS programs.
-    Decided from host ints that are fixed for a captured batch size, never from lengths.
-    """
-    if max_query_len > 1:
-        return 1
-    programs = max(1, num_reqs * num_kv_heads)
-    if programs >= SPLIT_KV_MAX_PROGRAMS:
-        return 1
-    return min(SPLIT_KV_SEGMENTS, triton.next_power_of_2(-(-SPLIT_KV_TARGET_PROGRAMS // programs)))
-
-
-def use_split_kv(num_reqs: int, num_kv_heads: int, max_query_len: int) -> bool:
-    """Whether a step uses split-KV (see `split_kv_segments`)."""
-    return split_kv_segments(num_reqs, num_kv_heads, max_query_len) > 1
-
-
-# ---- launchers ---------------------------------------------------------------------------------
-
-
-def _check_cache(kv_cache: torch.Tensor) -> None:
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(
-            f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_size], got {tuple(kv_cache.shape)}"
-        )
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
-
-
-def write_kv(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Write key/value [num_tokens, num_kv_heads, head_size] into the paged cache at `slot_mapping`.
-
-    Same contract as `hallm.ops.reference.write_kv` (slot < 0: padding, not written), with no
-    host synchronization. key/value may be strided views (last dimension contiguous).
-    """
-    _check_cache(kv_cache)
-    num_tokens = key.shape[0]
-    if num_tokens == 0:
-        return
-    _, _, _, num_kv_heads, head_size = kv_cache.shape
-    if tuple(key.shape[1:]) != (num_kv_heads, head_size) or key.shape != value.shape:
-        raise ValueError(f"key/value {tuple(key.shape)} do not match the cache {tuple(kv_cache.shape)}")
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        key, value = key.contiguous(), value.contiguous()
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _kernels(interpreting()).write_kv[(num_tokens,)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        k_cache.stride(1),  # contiguous: a slot's stride (block stride = block_size * this)
-        k_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_SIZE=head_size,
-        BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_size),
-        num_warps=4 if num_kv_heads * head_size >= 512 else 1,
-    )
+# ---- launcher ----------------------------------------------------------------------------------
 
 
 def paged_attention(
@@ -428,7 +272,7 @@ def paged_attention(
     workspace: a dict the caller keeps for the step, so every layer reuses the split-KV
     buffers. config: override the tile shape (benchmarks).
     """
-    _check_cache(kv_cache)
+    check_cache(kv_cache)
     num_tokens, num_heads, head_size = query.shape
     _, _, block_size, num_kv_heads, cache_head_size = kv_cache.shape
     if cache_head_size != head_size or num_heads % num_kv_heads:

@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from hallm.ops.triton.attention import paged_attention, write_kv
+from hallm.ops.triton.attention import paged_attention
+from hallm.ops.triton.kv_write import write_kv
 from hallm.platforms import (
     FEATURE_SLIDING_WINDOW,
     FEATURE_SOFT_CAP,

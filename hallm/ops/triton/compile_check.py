@@ -2,7 +2,7 @@
 
 `compile_variants(target)` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
 the ptxas in the triton wheel, or AMDGCN -> hsaco) for the variants the launchers in
-`hallm.ops.triton.attention` produce: the KV write, decode (plain and split-KV), prefill, the
+`hallm.ops.triton.attention` and `kv_write` produce: the KV write, decode (plain and split-KV), prefill, the
 split-KV reduction, with and without sliding window and soft cap, for each dtype. It needs no GPU
 and no driver. Each result carries the kernel's shared-memory use and register count.
 """
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import triton
 
-from hallm.ops.triton.attention import SPLIT_KV_SEGMENTS, head_pad, jit_kernels, kernel_config
+from hallm.ops.triton.attention import jit_kernels
+from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, head_pad, kernel_config
 
 _SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: Largest dynamic shared memory a block may use on the smallest target we support (sm_86/89).

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hallm.ops.triton.attention import interpreting
+from hallm.ops.triton.runtime import decorate, interpreting
 
 
 def _rms_norm_kernel(
@@ -116,14 +116,10 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, N, BLOCK: tl.cons
 
 @functools.cache
 def _kernels(interpret: bool) -> SimpleNamespace:
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction as wrap
-    else:
-        from triton.runtime.jit import JITFunction as wrap
     return SimpleNamespace(
-        rms_norm=wrap(_rms_norm_kernel),
-        rotary=wrap(_rotary_kernel),
-        silu_and_mul=wrap(_silu_and_mul_kernel),
+        rms_norm=decorate(_rms_norm_kernel, interpret),
+        rotary=decorate(_rotary_kernel, interpret),
+        silu_and_mul=decorate(_silu_and_mul_kernel, interpret),
     )
 
 

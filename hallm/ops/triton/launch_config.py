@@ -1,0 +1,70 @@
+"""Launch configuration of the paged-attention kernel: its tile shape and the split-KV choice.
+
+Both are decided from host values that stay fixed for a captured decode batch size (dtype, head
+shape, number of requests, whether any request prefills), never from sequence lengths, so a CUDA
+graph captured for a batch size stays valid as the lengths change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+#: Most segments the split-KV path uses (a power of two).
+SPLIT_KV_SEGMENTS = 16
+#: Decode-only steps launching fewer (request, KV head) programs than this use split-KV...
+SPLIT_KV_MAX_PROGRAMS = 256
+#: ...with enough segments to launch about this many programs (a few per SM of an H100).
+SPLIT_KV_TARGET_PROGRAMS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters of the attention kernel."""
+
+    block_m: int  # query rows per program (a power of two >= 16)
+    tile_n: int  # key positions per loop iteration (a power of two >= 16)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def head_pad(head_size: int) -> int:
+    return max(16, triton.next_power_of_2(head_size))
+
+
+def kernel_config(dtype: torch.dtype, head_size: int, num_q_per_kv: int, decode_only: bool) -> KernelConfig:
+    """The tile shape for a step: short query tiles for decode, taller ones when prefill is present.
+
+    Decode streams keys/values: long KV tiles (128 positions at head size <= 64, 64 at 128;
+    measured on an H100, benchmarks/results/gpu.md). Shared memory stays under ~96 KB for every
+    dtype and head size up to 256, so the same configuration compiles for sm_80/86/89/90.
+    """
+    rows = triton.next_power_of_2(num_q_per_kv)
+    pad = head_pad(head_size)
+    wide = dtype == torch.float32 or pad > 128
+    if decode_only:
+        tile_n = 32 if wide else (128 if pad <= 64 else 64)
+        return KernelConfig(block_m=max(16, rows), tile_n=tile_n, num_warps=4, num_stages=2)
+    return KernelConfig(block_m=max(64 if not wide else 32, rows), tile_n=32, num_warps=4, num_stages=2)
+
+
+def split_kv_segments(num_reqs: int, num_kv_heads: int, max_query_len: int) -> int:
+    """KV segments per (request, KV head) for a step; 1 = no split.
+
+    Decode-only steps that launch too few programs to fill the GPU split each request's KV range
+    (flash-decoding), with enough segments to launch about SPLIT_KV_TARGET_PROGRAMS programs.
+    Decided from host ints that are fixed for a captured batch size, never from lengths.
+    """
+    if max_query_len > 1:
+        return 1
+    programs = max(1, num_reqs * num_kv_heads)
+    if programs >= SPLIT_KV_MAX_PROGRAMS:
+        return 1
+    return min(SPLIT_KV_SEGMENTS, triton.next_power_of_2(-(-SPLIT_KV_TARGET_PROGRAMS // programs)))
+
+
+def use_split_kv(num_reqs: int, num_kv_heads: int, max_query_len: int) -> bool:
+    """Whether a step uses split-KV (see `split_kv_segments`)."""
+    return split_kv_segments(num_reqs, num_kv_heads, max_query_len) > 1
