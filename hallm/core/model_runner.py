@@ -15,7 +15,6 @@ that step N+1 must read is taken from step N's sampled ids on the device. `execu
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from hallm.core.layers.attention import Attention
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.sampler import RequestSamplingState, Sampler, SamplingMetadata, compute_prompt_logprobs
 from hallm.core.scheduler_output import SchedulerOutput
+from hallm.core.step_handle import InFlightSteps, StepHandle
 from hallm.platforms import AttentionBackend, AttentionSpec, Platform
 from hallm.platforms.forward_context import ForwardContext, set_forward_context
 
@@ -63,7 +63,7 @@ class ModelRunner:
         self.backends: list[AttentionBackend] = []
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
-        self._unresolved: deque[StepHandle] = deque()  # launched steps not yet resolved, in order
+        self.in_flight = InFlightSteps(device, platform)  # launched steps not yet resolved
         self._meta_cache: tuple[list[CachedRequestState], SamplingMetadata] | None = None
         # Which request's block-table row each batch row of the host buffer holds, and how many
         # of its blocks: a request that keeps its row copies only its new blocks.
@@ -246,14 +246,14 @@ class ModelRunner:
         req_ids = list(step.num_scheduled_tokens)
         num_reqs = len(req_ids)
         states = [self.requests[r] for r in req_ids]
-        if self._unresolved:
+        if self.in_flight:
             # Penalties and min_tokens read output ids on the host: wait for them. Otherwise
             # only the newest step may stay unresolved (its ids are read on the device).
             if any(st.pending and st.needs_history for st in states):
-                self._resolve_until(self._unresolved[-1])
-            elif len(self._unresolved) > 1:
-                self._resolve_until(self._unresolved[-2])
-        prev = self._unresolved[-1] if self._unresolved else None
+                self.in_flight.resolve_all()
+            else:
+                self.in_flight.resolve_all_but_newest()
+        prev = self.in_flight.newest()
         fill_dst: list[int] = []  # input positions whose token is pending in `prev`
         fill_src: list[int] = []  # ... and its row in prev's sampled ids
         offset = 0
@@ -298,40 +298,17 @@ class ModelRunner:
         else:
             hidden = self._forward(layout, input_ids, positions)
 
-        handle = StepHandle(self)
+        handle = StepHandle(self.in_flight)
         self._prompt_logprobs(states, step, layout, hidden, handle)
         if sample_rows:
             self._sample(states, sample_rows, layout, hidden, handle)
         for state in states:
             state.num_computed_tokens += step.num_scheduled_tokens[state.req_id]
-        handle.launched(self._record_event())
-        self._unresolved.append(handle)
+        self.in_flight.launched(handle)
         return handle
 
     def _to_device_long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
-
-    def _record_event(self) -> Any:
-        """An event after the step's host copies, or None where the step is already done (CPU)
-        or the device has no events (then `get()` synchronizes the device)."""
-        if self.device.type == "cpu":
-            return None
-        try:
-            event = torch.Event(device=self.device)
-            event.record()
-            return event
-        except Exception:
-            return _SYNC_DEVICE
-
-    def _resolve_until(self, handle: StepHandle) -> None:
-        """Resolve the launched steps in order, up to and including `handle`."""
-        while self._unresolved and not handle.resolved:
-            h = self._unresolved.popleft()
-            if h._event is _SYNC_DEVICE:
-                self.platform.synchronize()
-            elif h._event is not None:
-                h._event.synchronize()
-            h._finish()
 
     def _sample_metadata(self, rows: list[CachedRequestState]) -> SamplingMetadata:
         """SamplingMetadata for these rows; reused while the rows are the same requests and none
@@ -408,71 +385,3 @@ class ModelRunner:
             handle.prompt_slots.append(
                 (st.req_id, handle.add_host(lp.token_ids, lp.logprobs, lp.sampled_rank))
             )
-
-
-class _SyncDevice:
-    """Marker: no event could be recorded; resolving synchronizes the device."""
-
-
-_SYNC_DEVICE = _SyncDevice()
-
-
-class StepHandle:
-    """A launched step. `get()` waits for its host copies (once) and returns its output; the
-    sampled ids then also become the known tokens of the runner's request states."""
-
-    def __init__(self, runner: ModelRunner | None) -> None:
-        self.runner = runner
-        self.output = ModelRunnerOutput(sampled_token_ids={})
-        self.resolved = False
-        self.sampled: torch.Tensor | None = None  # on the device; the next step may read it
-        self.sample_states: list[CachedRequestState] = []
-        self.sampled_slot = 0
-        self.lp_slot: int | None = None
-        self.prompt_slots: list[tuple[str, int]] = []
-        self._host: list[torch.Tensor] = []
-        self._event: Any = None
-
-    @classmethod
-    def done(cls, output: ModelRunnerOutput) -> StepHandle:
-        h = cls(None)
-        h.output = output
-        h.resolved = True
-        return h
-
-    def add_host(self, *tensors: torch.Tensor) -> int:
-        """Start copying tensors to the host (behind the step); returns the first one's slot."""
-        slot = len(self._host)
-        self._host.extend(t.to("cpu", non_blocking=True) for t in tensors)
-        return slot
-
-    def launched(self, event: Any) -> None:
-        self._event = event
-
-    def get(self) -> ModelRunnerOutput:
-        if not self.resolved:
-            assert self.runner is not None
-            self.runner._resolve_until(self)
-        return self.output
-
-    def _finish(self) -> None:
-        host = [t.tolist() for t in self._host]
-        out = self.output
-        for req_id, slot in self.prompt_slots:
-            out.prompt_logprobs[req_id] = (host[slot], host[slot + 1], host[slot + 2])
-        if self.sample_states:
-            tokens = host[self.sampled_slot]
-            lp = None
-            if self.lp_slot is not None:
-                lp = host[self.lp_slot], host[self.lp_slot + 1], host[self.lp_slot + 2]
-            for j, st in enumerate(self.sample_states):
-                token = tokens[j]
-                st.resolve_pending(token)
-                out.sampled_token_ids[st.req_id] = token
-                if lp is not None and st.params.logprobs is not None:
-                    k = st.params.logprobs + 1
-                    out.logprobs[st.req_id] = (lp[0][j][:k], lp[1][j][:k], lp[2][j])
-        self.resolved = True
-        self._host = []
-        self.sampled = None
-        self.sample_states = []

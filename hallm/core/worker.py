@@ -6,9 +6,10 @@ import gc
 import logging
 
 from hallm.core.config import EngineConfig
-from hallm.core.model_runner import ModelRunner, StepHandle
+from hallm.core.model_runner import ModelRunner
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
+from hallm.core.step_handle import StepHandle
 from hallm.platforms import Platform
 
 logger = logging.getLogger("hallm.worker")
