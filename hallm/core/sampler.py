@@ -7,9 +7,11 @@ Pipeline, in vLLM's order:
   4. random rows: temperature -> min_p -> top-k/top-p -> softmax -> exponential race
   5. gather the sampled token's logprob, rank and the top-k from the raw logprobs
 
-Random sampling uses the exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. is an
-exact sample from p, needs no cumsum/searchsorted, and lets each seeded row draw its noise from
-its own generator, so a seeded request's tokens do not depend on the rest of the batch. Stages
+Random sampling is exact either way it is drawn: on accelerators by the exponential race
+(argmax(p / E), E ~ Exponential(1) i.i.d.: elementwise, no scan), on the CPU by inverse CDF (one
+uniform per row against the row's cumulative sum; there, drawing [N, V] uniforms cost more than
+the rest of the sampler). Each seeded row draws from its own generator, so a seeded request's
+tokens do not depend on the rest of the batch. Stages
 no row needs are skipped using host-side flags from SamplingMetadata; nothing here reads a
 device value back (no sync) until the caller copies the result.
 """
@@ -22,7 +24,12 @@ import torch
 
 from hallm.core.logprobs import LogprobsTensors, compute_logprobs, compute_prompt_logprobs, gather_logprobs
 from hallm.core.penalties import apply_logit_bias, apply_min_tokens, apply_penalties
-from hallm.core.sampling_metadata import RequestSamplingState, SamplingMetadata
+from hallm.core.sampling_metadata import (
+    RequestSamplingState,
+    SamplingMetadata,
+    draws_inverse_cdf,
+    seeded_row_draw,
+)
 
 __all__ = [
     "LogprobsTensors",
@@ -199,23 +206,53 @@ def apply_top_p_within_top_k(
 
 
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Exponential-race sampling: argmax(probs / E), E ~ Exp(1). [N, V] probs -> [N] long.
+    """One exact sample per row of probs [N, V] (rows may be unnormalized) -> [N] long.
 
-    Unseeded rows share one draw from the device's default generator; each seeded row draws its
-    own [V] noise from its generator (a loop over seeded rows only), so its tokens are independent
-    of batch composition and position. E is drawn as -log(1 - U), U ~ U[0, 1): on CPU,
-    `exponential_` took 34 ms for a [32, 49152] draw, uniform + log1p 8 ms.
+    Unseeded rows share one draw from the device's default generator; each seeded row makes its
+    own draw (`seeded_row_draw`, a loop over seeded rows only), so its tokens are independent of
+    batch composition and position.
     """
+    if draws_inverse_cdf(probs.device):
+        return _inverse_cdf_sample(probs, generators)
+    return _exponential_race(probs, generators)
+
+
+def _seeded_rows(
+    out: torch.Tensor, generators: dict[int, torch.Generator], vocab: int, inverse_cdf: bool
+) -> None:
+    for row, gen in generators.items():
+        draw = seeded_row_draw(gen, vocab, inverse_cdf)
+        if _same_device(gen.device, out.device):
+            out[row] = draw
+        else:  # a device without its own generators: drawn on the generator's device
+            out[row].copy_(draw)
+
+
+def _inverse_cdf_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """The first token whose cumulative mass exceeds U * (row mass), U ~ U[0, 1).
+
+    The target is kept strictly below the row's mass, and a token of zero mass leaves the sum
+    unchanged, so neither a past-the-end index nor a masked token can come out. On a 2-core CPU,
+    [32, 49152]: ~2 ms, against ~10 ms for the race (drawing 1.5M uniforms alone took 6.5 ms).
+    """
+    n, vocab = probs.shape
+    u = torch.empty((n, 1), dtype=torch.float64, device=probs.device)  # [N, 1]
+    if len(generators) < n:
+        u.uniform_()
+    _seeded_rows(u, generators, vocab, inverse_cdf=True)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [N, V]
+    mass = cdf[:, -1:]  # [N, 1]
+    target = torch.minimum(u.mul_(mass), torch.nextafter(mass, torch.zeros_like(mass)))
+    return torch.searchsorted(cdf, target, right=True).squeeze_(1)
+
+
+def _exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """argmax(probs / E), E ~ Exp(1) i.i.d., drawn as -log(1 - U), U ~ U[0, 1)."""
     n, vocab = probs.shape
     noise = torch.empty_like(probs)  # [N, V]
     if len(generators) < n:
         noise.uniform_()
-    for row, gen in generators.items():
-        if _same_device(gen.device, noise.device):
-            noise[row].uniform_(generator=gen)
-        else:  # a device without its own generators: draw on the generator's device, copy over
-            draw = torch.empty(vocab, dtype=noise.dtype, device=gen.device).uniform_(generator=gen)
-            noise[row].copy_(draw)
+    _seeded_rows(noise, generators, vocab, inverse_cdf=False)
     noise = torch.log1p(noise.neg_(), out=noise).neg_()  # -log(1 - U) ~ Exp(1)
     # An exact 0 draw would turn a masked token (p=0) into 0/0 = NaN, which argmax would pick.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)

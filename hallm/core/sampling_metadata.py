@@ -21,6 +21,20 @@ from hallm.core.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+def draws_inverse_cdf(device: torch.device | str) -> bool:
+    """Whether random rows on `device` sample by inverse CDF (one uniform per row) rather than by
+    the exponential race (one uniform per vocabulary entry); see `sampler.random_sample`."""
+    return torch.device(device).type == "cpu"
+
+
+def seeded_row_draw(generator: torch.Generator, vocab_size: int, inverse_cdf: bool) -> torch.Tensor:
+    """The uniforms a seeded row draws from its generator for one token, on the generator's device:
+    one float64 for the inverse CDF, [vocab_size] float32 for the exponential race."""
+    if inverse_cdf:
+        return torch.rand(1, dtype=torch.float64, generator=generator, device=generator.device)
+    return torch.empty(vocab_size, dtype=torch.float32, device=generator.device).uniform_(generator=generator)
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A torch.Generator seeded with `seed` on `device`, or on the CPU where the device has none.
 
@@ -86,11 +100,10 @@ class RequestSamplingState:
         return self._prompt_ids
 
     def advance_generator(self, vocab_size: int) -> None:
-        """Replay the noise draws of already-sampled tokens (one [V] draw per token), once."""
+        """Replay the draws of already-sampled tokens (`seeded_row_draw` per token), once."""
         if self._steps_to_skip and self.generator is not None:
-            scratch = torch.empty(vocab_size, dtype=torch.float32, device=self.generator.device)
             for _ in range(self._steps_to_skip):
-                scratch.uniform_(generator=self.generator)  # the draw `sampler.random_sample` makes
+                seeded_row_draw(self.generator, vocab_size, draws_inverse_cdf(self.device))
         self._steps_to_skip = 0
 
 

@@ -104,6 +104,27 @@ def test_empirical_distribution_matches_reference(kwargs: dict, device: str) -> 
     assert torch.allclose(freq, expected, atol=0.015), f"{freq} vs {expected}"
 
 
+@pytest.mark.parametrize("method", ["_inverse_cdf_sample", "_exponential_race"])
+def test_each_draw_method_samples_exactly(method: str) -> None:
+    """Both ways `random_sample` draws (the CPU's inverse CDF, accelerators' exponential race),
+    here on the CPU: frequencies match p, zero-mass tokens (the last one too) are never drawn,
+    and a seeded row's token does not depend on the rows beside it."""
+    from hallm.core import sampler
+    from hallm.core.sampling_metadata import make_generator
+
+    draw = getattr(sampler, method)
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    torch.manual_seed(0)
+    n = 40000
+    tokens = draw(p.repeat(n, 1), {})
+    freq = torch.bincount(tokens, minlength=len(p)).float() / n
+    assert freq[1] == 0 and freq[4] == 0, freq
+    assert torch.allclose(freq, p, atol=0.01), freq
+    alone = [int(draw(p.repeat(1, 1), {0: make_generator(s, "cpu")})[0]) for s in range(40)]
+    crowded = [int(draw(p.repeat(9, 1), {5: make_generator(s, "cpu")})[5]) for s in range(40)]
+    assert alone == crowded and len(set(alone)) == 3
+
+
 def test_greedy_is_argmax_and_input_untouched() -> None:
     torch.manual_seed(1)
     logits = torch.randn(8, 50)
