@@ -40,6 +40,8 @@ _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _SIGNATURES = {
     "hallm_linear": [_p, _i64, _i32, _p, _p, _i32, _p, _i64, _i64, _i64, _i32],
     "hallm_pack_linear": [_p, _i32, _i64, _i64, _p],
+    "hallm_packed_k": [_i32, _i64],
+    "hallm_bf16_pairs": [],
     "hallm_rms_norm": [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _f32, _i32, _i32],
     "hallm_rotary": [_p, _i64, _i64, _p, _i64, _i64, _i64, _i64, _p, _p, _f32, _i64, _i32, _i32],
     "hallm_silu_and_mul": [_p, _i64, _p, _i64, _i64, _i32, _i32],
@@ -59,6 +61,7 @@ _SIGNATURES = {
         _f32, _f32, _i64, _i32, _i32,  # scale, soft cap, window, dtype, threads
     ],
 }  # fmt: skip
+_RESTYPES = {"hallm_packed_k": _i64, "hallm_bf16_pairs": _i32}
 
 
 def _cpu_flags() -> str:
@@ -95,7 +98,7 @@ def _load(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes = args
-        fn.restype = None
+        fn.restype = _RESTYPES.get(name)
     return lib
 
 
@@ -161,12 +164,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 PANEL = 16
 
 
+def bf16_dot() -> bool:
+    """True when the kernels multiply bf16 weights with the CPU's bf16 dot-product instructions
+    (built for AVX512-BF16); then bf16 panels hold k-pairs (csrc/kernels.c)."""
+    lib = library()
+    return lib is not None and bool(lib.hallm_bf16_pairs())
+
+
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] -> the kernels' panel layout [ceil(N / 16), K, 16], same dtype, zero-padded."""
+    """weight [N, K] -> the kernels' panel layout [ceil(N / 16), Kp, 16], same dtype, zero-padded;
+    Kp is K, or K rounded up to even for bf16 k-pair panels (`bf16_dot`)."""
     n, k = weight.shape
     w = weight.detach().contiguous()
-    packed = torch.empty((-(-n // PANEL), k, PANEL), dtype=w.dtype)
-    _lib().hallm_pack_linear(w.data_ptr(), _dtype(w), n, k, packed.data_ptr())
+    lib = _lib()
+    packed = torch.empty((-(-n // PANEL), lib.hallm_packed_k(_dtype(w), k), PANEL), dtype=w.dtype)
+    lib.hallm_pack_linear(w.data_ptr(), _dtype(w), n, k, packed.data_ptr())
     return packed
 
 

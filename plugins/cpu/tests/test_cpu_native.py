@@ -60,8 +60,25 @@ def test_cpu_linear_packs_once_and_drops_the_unpacked_weight(dtype: torch.dtype)
         x = torch.randn(rows, 40).to(dtype)
         want = F.linear(x.float(), ref.weight.float(), ref.bias.float())
         torch.testing.assert_close(fast(x).float(), want, **tol(dtype))
-    # A CPU with native bf16 compute keeps bf16 weights on oneDNN/MKL.
-    assert CpuLinear(ref, native_bf16=True, use_native=True).packed is None or dtype == torch.float32
+    # A CPU with native bf16 compute keeps bf16 weights on oneDNN/MKL unless the kernels were
+    # built with the bf16 dot-product instructions.
+    on_native_bf16 = CpuLinear(ref, native_bf16=True, use_native=True)
+    assert (on_native_bf16.packed is None) == (dtype == torch.bfloat16 and not native.bf16_dot())
+
+
+def test_bf16_panels_hold_k_pairs_where_the_dot_product_is_built() -> None:
+    """With AVX512-BF16, bf16 panels pad K to even and interleave k-pairs; fp32 panels never do."""
+    w = torch.arange(3 * 5, dtype=torch.float32).view(3, 5)  # N=3, K=5
+    packed = native.pack_linear(w.to(torch.bfloat16)).float()
+    assert native.pack_linear(w).shape == (1, 5, 16)
+    if native.bf16_dot():
+        assert packed.shape == (1, 6, 16)
+        pairs = packed.view(3, 16, 2)  # [k/2, feature, k%2]
+        torch.testing.assert_close(pairs[:, :3].permute(1, 0, 2).reshape(3, 6)[:, :5], w)
+        assert torch.all(pairs[2, :, 1] == 0) and torch.all(pairs[:, 3:] == 0)
+    else:
+        assert packed.shape == (1, 5, 16)
+        torch.testing.assert_close(packed[0, :, :3].t(), w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,7 +10,8 @@
  *
  * Why hand-written: on a 2-core AVX2 EPYC, MKL's GEMV streams weights at ~13 GB/s against ~30 GB/s of
  * copy bandwidth, and a bf16 GEMM without native bf16 instructions is emulated; the kernels below stream
- * fp32 weights at copy speed and convert bf16 weights in registers. The reference paged attention gathers
+ * fp32 weights at copy speed and convert bf16 weights in registers, or, built for AVX512-BF16, multiply
+ * them with its dot-product instructions. The reference paged attention gathers
  * every request's K/V into a padded tensor per layer; the kernel here reads the blocks in place.
  */
 #include <math.h>
@@ -178,21 +179,153 @@ static void tile_generic(const float *x, int64_t lda, int mr, const void *P, int
 }
 #endif
 
-/* packed [ceil(N/16), K, 16] <- w [N, K] (both in `dtype`). */
+/* ---- bf16 dot-product instructions (AVX512-BF16: Zen 4, Sapphire Rapids and later) ----------------- */
+/*
+ * Where the compiler targets AVX512-BF16, bf16 weights are packed in k-pairs instead:
+ * P[p][k/2][j][2] = W[16 p + j][k, k+1] (K padded to even with zeros), so one 512-bit load holds a
+ * panel's 16 features x 2 k, and VDPBF16PS multiplies it by a broadcast pair of x and adds both
+ * products into 16 fp32 accumulators: 32 multiply-adds per instruction, on bf16 operands as they
+ * are, against 8 per FMA after widening. x is taken as bf16 (fp32 activations are rounded to bf16,
+ * as a bf16 matmul does). bf16 products are exact in fp32; denormal inputs count as zero.
+ * Measured on the 2-core Zen 4 EPYC: 576 -> 1536 at 32 rows, 170 GFLOPS widened vs ~300 here.
+ */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define BF16_PAIRS 1
+
+/* C[6][32] = x rows 0..5 (bf16, lda elements apart, K even) times two consecutive panels. */
+static void tile_6x32_pairs(const uint16_t *x, int64_t lda, const uint16_t *P0, const uint16_t *P1, int64_t K,
+                            float *C) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t kp = 0; kp < K / 2; kp++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(P0 + kp * 2 * NR);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(P1 + kp * 2 * NR);
+        __m512bh a;
+#define PAIR_ROW(m, c0, c1)                                                                 \
+        a = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + (m) * lda + 2 * kp));       \
+        c0 = _mm512_dpbf16_ps(c0, a, b0), c1 = _mm512_dpbf16_ps(c1, a, b1);
+        PAIR_ROW(0, c00, c01) PAIR_ROW(1, c10, c11) PAIR_ROW(2, c20, c21)
+        PAIR_ROW(3, c30, c31) PAIR_ROW(4, c40, c41) PAIR_ROW(5, c50, c51)
+#undef PAIR_ROW
+    }
+    _mm512_storeu_ps(C, c00), _mm512_storeu_ps(C + 16, c01), _mm512_storeu_ps(C + 32, c10);
+    _mm512_storeu_ps(C + 48, c11), _mm512_storeu_ps(C + 64, c20), _mm512_storeu_ps(C + 80, c21);
+    _mm512_storeu_ps(C + 96, c30), _mm512_storeu_ps(C + 112, c31), _mm512_storeu_ps(C + 128, c40);
+    _mm512_storeu_ps(C + 144, c41), _mm512_storeu_ps(C + 160, c50), _mm512_storeu_ps(C + 176, c51);
+}
+
+/* C[6][16]: the same on one panel (the last of an odd count). */
+static void tile_6x16_pairs(const uint16_t *x, int64_t lda, const uint16_t *P, int64_t K, float *C) {
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+    for (int64_t kp = 0; kp < K / 2; kp++) {
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(P + kp * 2 * NR);
+#define PAIR_ROW(m, c) c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + (m) * lda + 2 * kp)), b);
+        PAIR_ROW(0, c0) PAIR_ROW(1, c1) PAIR_ROW(2, c2) PAIR_ROW(3, c3) PAIR_ROW(4, c4) PAIR_ROW(5, c5)
+#undef PAIR_ROW
+    }
+    _mm512_storeu_ps(C, c0), _mm512_storeu_ps(C + 16, c1), _mm512_storeu_ps(C + 32, c2);
+    _mm512_storeu_ps(C + 48, c3), _mm512_storeu_ps(C + 64, c4), _mm512_storeu_ps(C + 80, c5);
+}
+
+/* C[16] = one row x one panel (the GEMV, bandwidth-bound): 4 accumulators over consecutive k-pairs. */
+static void tile_1x16_pairs(const uint16_t *x, const uint16_t *P, int64_t K, float *C) {
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    const int32_t *xp = (const int32_t *)x;
+    const int64_t KP = K / 2;
+    int64_t kp = 0;
+    for (; kp + 4 <= KP; kp += 4) {
+        c0 = _mm512_dpbf16_ps(c0, (__m512bh)_mm512_set1_epi32(xp[kp]), (__m512bh)_mm512_loadu_si512(P + kp * 2 * NR));
+        c1 = _mm512_dpbf16_ps(c1, (__m512bh)_mm512_set1_epi32(xp[kp + 1]),
+                              (__m512bh)_mm512_loadu_si512(P + (kp + 1) * 2 * NR));
+        c2 = _mm512_dpbf16_ps(c2, (__m512bh)_mm512_set1_epi32(xp[kp + 2]),
+                              (__m512bh)_mm512_loadu_si512(P + (kp + 2) * 2 * NR));
+        c3 = _mm512_dpbf16_ps(c3, (__m512bh)_mm512_set1_epi32(xp[kp + 3]),
+                              (__m512bh)_mm512_loadu_si512(P + (kp + 3) * 2 * NR));
+    }
+    for (; kp < KP; kp++)
+        c0 = _mm512_dpbf16_ps(c0, (__m512bh)_mm512_set1_epi32(xp[kp]), (__m512bh)_mm512_loadu_si512(P + kp * 2 * NR));
+    _mm512_storeu_ps(C, _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)));
+}
+
+/* y[M, N] = x[M, K] W^T + bias with W packed in k-pairs; Kp = K rounded up to even. */
+static void linear_bf16_pairs(const void *x, int64_t x_stride, int x_dtype, const uint16_t *packed, const void *bias,
+                              void *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    const int64_t Kp = (K + 1) & ~(int64_t)1;
+    const int64_t Mp = M == 1 ? 1 : (M + MR - 1) / MR * MR;
+    /* x as bf16 rows of Kp, zero-padded in k and to whole 6-row tiles. */
+    uint16_t *xb = aligned_alloc(64, (((size_t)(Mp * Kp) * 2 + 63) & ~(size_t)63) + 64);
+    memset(xb, 0, (size_t)(Mp * Kp) * 2);
+    for (int64_t m = 0; m < M; m++) {
+        if (x_dtype == DT_BF16) {
+            memcpy(xb + m * Kp, (const uint16_t *)x + m * x_stride, (size_t)K * 2);
+        } else {
+            const float *xf = (const float *)x + m * x_stride;
+            for (int64_t k = 0; k < K; k++) xb[m * Kp + k] = f32_to_bf16(xf[k]);
+        }
+    }
+    const int64_t panels = (N + NR - 1) / NR, pairs = (panels + 1) / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t pp = 0; pp < pairs; pp++) {
+        const int64_t p0 = 2 * pp, np = p0 + 1 < panels ? 2 : 1;
+        float C[MR * 2 * NR], row[2 * NR], bias32[2 * NR] = {0};
+        const int64_t n0 = p0 * NR;
+        const int nn = (int)(N - n0 < np * NR ? N - n0 : np * NR);
+        if (bias)
+            for (int j = 0; j < nn; j++) bias32[j] = bf16_to_f32(((const uint16_t *)bias)[n0 + j]);
+        const uint16_t *P0 = packed + p0 * Kp * NR, *P1 = P0 + Kp * NR;
+        for (int64_t m = 0; m < Mp; m += MR) {
+            const int mr = (int)(M - m < MR ? M - m : MR);
+            int64_t ldc = np * NR;
+            if (Mp == 1) {
+                tile_1x16_pairs(xb, P0, Kp, C);
+                if (np == 2) tile_1x16_pairs(xb, P1, Kp, C + NR);
+            } else if (np == 2) {
+                tile_6x32_pairs(xb + m * Kp, Kp, P0, P1, Kp, C);
+            } else {
+                tile_6x16_pairs(xb + m * Kp, Kp, P0, Kp, C);
+            }
+            for (int i = 0; i < mr; i++) {
+                for (int j = 0; j < nn; j++) row[j] = C[i * ldc + j] + bias32[j];
+                store_f32(y, x_dtype, (m + i) * N + n0, row, nn);
+            }
+        }
+    }
+    free(xb);
+}
+#else
+#define BF16_PAIRS 0
+#endif
+
+/* 1 when bf16 weights are packed in k-pairs for the dot-product instructions (see above). */
+int hallm_bf16_pairs(void) { return BF16_PAIRS; }
+
+/* K as packed: rounded up to even for k-pair panels, else K. */
+int64_t hallm_packed_k(int dtype, int64_t K) { return dtype == DT_BF16 && BF16_PAIRS ? (K + 1) & ~(int64_t)1 : K; }
+
+/* packed [ceil(N/16), Kp, 16] <- w [N, K] (both in `dtype`; Kp = hallm_packed_k): P[p][k][j] =
+ * W[16 p + j][k], or for k-pair panels P[p][k/2][j][k%2]; zeros past N and K. */
 void hallm_pack_linear(const void *w, int dtype, int64_t N, int64_t K, void *packed) {
     const size_t esize = dtype == DT_BF16 ? 2 : 4;
-    const int64_t panels = (N + NR - 1) / NR;
-    memset(packed, 0, (size_t)(panels * K * NR) * esize);
+    const int64_t panels = (N + NR - 1) / NR, Kp = hallm_packed_k(dtype, K);
+    const int pairs = dtype == DT_BF16 && BF16_PAIRS;
+    memset(packed, 0, (size_t)(panels * Kp * NR) * esize);
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++)
-            memcpy((char *)packed + ((n / NR) * K * NR + k * NR + n % NR) * esize, (const char *)w + (n * K + k) * esize,
-                   esize);
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t j = n % NR, at = pairs ? (k / 2) * 2 * NR + j * 2 + k % 2 : k * NR + j;
+            memcpy((char *)packed + ((n / NR) * Kp * NR + at) * esize, (const char *)w + (n * K + k) * esize, esize);
+        }
 }
 
 /* x: [M, K] rows `x_stride` elements apart (x_dtype); packed: hallm_pack_linear of W [N, K] (w_dtype);
  * bias: [N] (w_dtype) or NULL; y: [M, N] contiguous (x_dtype). */
 void hallm_linear(const void *x, int64_t x_stride, int x_dtype, const void *packed, const void *bias, int w_dtype,
                   void *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+#if BF16_PAIRS
+    if (w_dtype == DT_BF16) {
+        linear_bf16_pairs(x, x_stride, x_dtype, (const uint16_t *)packed, bias, y, M, N, K, nthreads);
+        return;
+    }
+#endif
     /* x widened once, padded to whole 6-row tiles (the padding rows are zeros, their results dropped). */
     const int64_t Mp = M == 1 ? 1 : (M + MR - 1) / MR * MR;
     float *xs = alloc_floats((size_t)(Mp * K));
