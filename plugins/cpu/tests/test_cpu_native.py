@@ -66,6 +66,24 @@ def test_cpu_linear_packs_once_and_drops_the_unpacked_weight(dtype: torch.dtype)
     assert (on_native_bf16.packed is None) == (dtype == torch.bfloat16 and not native.bf16_dot())
 
 
+def test_widened_bf16_path_matches_where_the_dot_product_is_built(monkeypatch) -> None:
+    """The AVX2 path that widens bf16 panels (what a CPU without AVX512-BF16 runs), built here
+    with the bf16 dot product switched off, gives the same answers."""
+    if not native.bf16_dot():
+        pytest.skip("the default build already is the widened path")
+    widened = native.build((*native.FLAGS, *native.ARCH_FLAGS, "-mno-avx512bf16"))
+    monkeypatch.setattr(native, "library", lambda: widened)
+    assert not native.bf16_dot()
+    gen = torch.Generator().manual_seed(4)
+    for m, n, k in ((1, 19, 75), (7, 40, 48), (33, 130, 200)):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        packed = native.pack_linear(w)
+        assert packed.shape == (-(-n // 16), k, 16)
+        want = F.linear(x.double(), w.double())
+        torch.testing.assert_close(native.linear(x, packed, None, n).double(), want, atol=4e-2, rtol=1e-2)
+
+
 def test_bf16_panels_hold_k_pairs_where_the_dot_product_is_built() -> None:
     """With AVX512-BF16, bf16 panels pad K to even and interleave k-pairs; fp32 panels never do."""
     w = torch.arange(3 * 5, dtype=torch.float32).view(3, 5)  # N=3, K=5
