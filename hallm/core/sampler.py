@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+_CDF_CHUNK = 1024  # tokens per chunk of the two-level inverse CDF (`_inverse_cdf_sample`)
 # With top-k on every top-p row and k up to this, top-p works on topk(k) values instead of sorting
 # the whole vocabulary (several times faster at V=150k; beyond this topk is no cheaper than sort).
 _MAX_K_WITHOUT_SORT = 4096
@@ -229,21 +230,53 @@ def _seeded_rows(
 
 
 def _inverse_cdf_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """The first token whose cumulative mass exceeds U * (row mass), U ~ U[0, 1).
+    """The first token whose cumulative mass exceeds U * (row mass), U ~ U[0, 1), found in two
+    levels: the chunk of `_CDF_CHUNK` tokens holding the target, from a float64 cumsum of the
+    chunks' float32 sums (a vectorized pass over [N, V]), then the token within that chunk, from
+    a float64 cumsum of its [N, C] slice. A float64 cumsum over all of [N, V] (one thread, ~5 ns
+    a token) took 24 ms at [32, 151936] on a 2-core CPU, against ~1 ms for this.
 
-    The target is kept strictly below the row's mass, and a token of zero mass leaves the sum
-    unchanged, so neither a past-the-end index nor a masked token can come out. On a 2-core CPU,
-    [32, 49152]: ~2 ms, against ~10 ms for the race (drawing 1.5M uniforms alone took 6.5 ms).
+    Each target is kept strictly below the mass it searches, and a token of zero mass leaves a
+    cumsum unchanged, so neither a past-the-end index nor a masked token can come out (a chunk
+    whose float32 sum is positive holds a positive token). The chunk sums round like the float32
+    probabilities themselves (relative 1e-7).
     """
     n, vocab = probs.shape
+    probs = probs.contiguous()
     u = torch.empty((n, 1), dtype=torch.float64, device=probs.device)  # [N, 1]
     if len(generators) < n:
         u.uniform_()
     _seeded_rows(u, generators, vocab, inverse_cdf=True)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [N, V]
-    mass = cdf[:, -1:]  # [N, 1]
-    target = torch.minimum(u.mul_(mass), torch.nextafter(mass, torch.zeros_like(mass)))
-    return torch.searchsorted(cdf, target, right=True).squeeze_(1)
+    chunk_cdf = _chunk_sums(probs).cumsum(dim=-1)  # [N, B] float64
+    chunk, residual = _search(chunk_cdf, u.mul_(chunk_cdf[:, -1:]))  # [N, 1] each
+    cols = chunk * _CDF_CHUNK + torch.arange(_CDF_CHUNK, device=probs.device)  # [N, C]
+    inside = cols < vocab  # the last chunk may be short
+    local = probs.gather(1, cols.clamp(max=vocab - 1)).masked_fill_(~inside, 0.0)  # [N, C]
+    token, _ = _search(local.cumsum(dim=-1, dtype=torch.float64), residual)
+    return cols.gather(1, token).squeeze_(1)
+
+
+def _chunk_sums(probs: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N, ceil(V / C)] float64: the mass of each chunk of `_CDF_CHUNK` tokens."""
+    n, vocab = probs.shape
+    full = vocab // _CDF_CHUNK * _CDF_CHUNK
+    parts = []
+    if full:
+        parts.append(probs[:, :full].view(n, -1, _CDF_CHUNK).sum(dim=-1))
+    if full < vocab:
+        parts.append(probs[:, full:].sum(dim=-1, keepdim=True))
+    return torch.cat(parts, dim=1).double()
+
+
+def _search(cdf: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For cdf [N, B] (nondecreasing, last column > 0) and target [N, 1] >= 0: the first column
+    whose cdf exceeds the target, held below the total, and the target's excess over the
+    columns before it (>= 0, and below that column's mass)."""
+    total = cdf[:, -1:]  # [N, 1]
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    col = torch.searchsorted(cdf, target, right=True)  # [N, 1], < B
+    before = cdf.gather(1, (col - 1).clamp_(min=0)).masked_fill_(col == 0, 0.0)
+    return col, target - before
 
 
 def _exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:

@@ -125,6 +125,30 @@ def test_each_draw_method_samples_exactly(method: str) -> None:
     assert alone == crowded and len(set(alone)) == 3
 
 
+def test_inverse_cdf_across_chunks_samples_exactly() -> None:
+    """The two-level inverse CDF over a vocabulary of several chunks and a short last one:
+    mass on both sides of chunk boundaries, a chunk of zero mass, zero-mass tokens at a chunk's
+    ends never drawn, frequencies match p."""
+    from hallm.core import sampler
+
+    c = sampler._CDF_CHUNK
+    vocab = 3 * c + 7
+    p = torch.zeros(vocab)
+    heavy = [0, c - 2, c + 1, 3 * c + 5]  # chunk 2 ([2c, 3c)) holds nothing
+    p[heavy] = torch.tensor([0.2, 0.3, 0.1, 0.4])
+    p[3 * c + 6] = 0.0  # the last token, zero mass
+    torch.manual_seed(0)
+    n = 40000
+    tokens = sampler._inverse_cdf_sample(p.repeat(n, 1), {})
+    freq = torch.bincount(tokens, minlength=vocab).float() / n
+    assert set(tokens.unique().tolist()) == set(heavy)
+    assert torch.allclose(freq[heavy], p[heavy], atol=0.01), freq[heavy]
+    edge = torch.zeros(2, vocab)
+    edge[:, c - 1] = 1.0  # all mass on a chunk's last token
+    edge[1, 3 * c + 6] = 1e-30  # and a sliver on the vocabulary's last
+    assert sampler._inverse_cdf_sample(edge, {}).tolist() == [c - 1, c - 1]
+
+
 def test_greedy_is_argmax_and_input_untouched() -> None:
     torch.manual_seed(1)
     logits = torch.randn(8, 50)
