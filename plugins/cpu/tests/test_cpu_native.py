@@ -31,7 +31,7 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 7, 33, 200])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 33, 200])  # every tail of 6-row tiles
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (5, 7), (64, 48), (130, 200), (9, 576)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_fp32_product(dtype: torch.dtype, m: int, n: int, k: int, bias: bool) -> None:
@@ -144,6 +144,23 @@ def test_gated_mlp_matches_the_core_module(dtype: torch.dtype) -> None:
     fused = CpuGatedMLP(core)
     x = torch.randn(6, 48).to(dtype)
     torch.testing.assert_close(fused(x).float(), core(x).float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch_across_the_range(dtype: torch.dtype) -> None:
+    """The vectorized sigmoid (exp of -|x|) and the scalar tail (I = 8 k + 1) against torch, from
+    x = -100 (silu underflows to -0) through 0 to +100, on rows with a stride past 2 I."""
+    gate = torch.cat(
+        [torch.linspace(-100, 100, 301), torch.randn(400) * 4, torch.tensor([0.0, -0.0, 88.0, -88.0])]
+    )
+    up = torch.randn_like(gate)
+    i = gate.numel()  # 705
+    rows = torch.stack([torch.cat([gate, up, up[:3]]), torch.cat([up, gate, gate[:3]])]).to(
+        dtype
+    )  # [2, 2 I + 3]
+    gate_up = rows[:, : 2 * i]
+    want = (F.silu(gate_up[:, :i].double()).to(dtype).double() * gate_up[:, i:].double()).to(dtype)
+    torch.testing.assert_close(native.silu_and_mul(gate_up).float(), want.float(), **tol(dtype))
 
 
 def test_fuse_layers_swaps_recognized_modules_only() -> None:

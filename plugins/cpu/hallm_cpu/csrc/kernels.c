@@ -192,43 +192,63 @@ static void tile_generic(const float *x, int64_t lda, int mr, const void *P, int
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define BF16_PAIRS 1
 
-/* C[6][32] = x rows 0..5 (bf16, lda elements apart, K even) times two consecutive panels. */
-static void tile_6x32_pairs(const uint16_t *x, int64_t lda, const uint16_t *P0, const uint16_t *P1, int64_t K,
-                            float *C) {
-    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t kp = 0; kp < K / 2; kp++) {
-        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(P0 + kp * 2 * NR);
-        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(P1 + kp * 2 * NR);
-        __m512bh a;
-#define PAIR_ROW(m, c0, c1)                                                                 \
-        a = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + (m) * lda + 2 * kp));       \
-        c0 = _mm512_dpbf16_ps(c0, a, b0), c1 = _mm512_dpbf16_ps(c1, a, b1);
-        PAIR_ROW(0, c00, c01) PAIR_ROW(1, c10, c11) PAIR_ROW(2, c20, c21)
-        PAIR_ROW(3, c30, c31) PAIR_ROW(4, c40, c41) PAIR_ROW(5, c50, c51)
-#undef PAIR_ROW
+/* C[R][32] = x rows 0..R-1 (bf16, lda elements apart, K even) times two consecutive panels, for
+ * R = 1..6: one function per row count (named accumulators, the unused ones folded away), so a
+ * batch that is not a multiple of 6 rows computes no padding rows (32 rows: 6+6+6+6+6+2, not 36). */
+#define PAIR_ROW2(m, c0, c1)                                                                     \
+    if (ROWS > (m)) {                                                                            \
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + (m) * lda + 2 * kp)); \
+        c0 = _mm512_dpbf16_ps(c0, a, b0), c1 = _mm512_dpbf16_ps(c1, a, b1);                        \
     }
-    _mm512_storeu_ps(C, c00), _mm512_storeu_ps(C + 16, c01), _mm512_storeu_ps(C + 32, c10);
-    _mm512_storeu_ps(C + 48, c11), _mm512_storeu_ps(C + 64, c20), _mm512_storeu_ps(C + 80, c21);
-    _mm512_storeu_ps(C + 96, c30), _mm512_storeu_ps(C + 112, c31), _mm512_storeu_ps(C + 128, c40);
-    _mm512_storeu_ps(C + 144, c41), _mm512_storeu_ps(C + 160, c50), _mm512_storeu_ps(C + 176, c51);
-}
+#define STORE_ROW2(m, c0, c1) \
+    if (ROWS > (m)) _mm512_storeu_ps(C + (m) * 32, c0), _mm512_storeu_ps(C + (m) * 32 + 16, c1);
+#define TILE_PAIRS_32(R)                                                                                 \
+    static void tile_##R##x32_pairs(const uint16_t *x, int64_t lda, const uint16_t *P0, const uint16_t *P1, \
+                                    int64_t K, float *C) {                                               \
+        enum { ROWS = R };                                                                               \
+        __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;         \
+        __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                         \
+        for (int64_t kp = 0; kp < K / 2; kp++) {                                                         \
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(P0 + kp * 2 * NR);                         \
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512(P1 + kp * 2 * NR);                         \
+            PAIR_ROW2(0, c00, c01) PAIR_ROW2(1, c10, c11) PAIR_ROW2(2, c20, c21)                         \
+            PAIR_ROW2(3, c30, c31) PAIR_ROW2(4, c40, c41) PAIR_ROW2(5, c50, c51)                         \
+        }                                                                                                \
+        STORE_ROW2(0, c00, c01) STORE_ROW2(1, c10, c11) STORE_ROW2(2, c20, c21)                          \
+        STORE_ROW2(3, c30, c31) STORE_ROW2(4, c40, c41) STORE_ROW2(5, c50, c51)                          \
+    }
+TILE_PAIRS_32(1) TILE_PAIRS_32(2) TILE_PAIRS_32(3) TILE_PAIRS_32(4) TILE_PAIRS_32(5) TILE_PAIRS_32(6)
 
-/* C[6][16]: the same on one panel (the last of an odd count). */
-static void tile_6x16_pairs(const uint16_t *x, int64_t lda, const uint16_t *P, int64_t K, float *C) {
-    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
-    for (int64_t kp = 0; kp < K / 2; kp++) {
-        const __m512bh b = (__m512bh)_mm512_loadu_si512(P + kp * 2 * NR);
-#define PAIR_ROW(m, c) c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + (m) * lda + 2 * kp)), b);
-        PAIR_ROW(0, c0) PAIR_ROW(1, c1) PAIR_ROW(2, c2) PAIR_ROW(3, c3) PAIR_ROW(4, c4) PAIR_ROW(5, c5)
-#undef PAIR_ROW
+/* C[R][16]: the same on one panel (the last of an odd count). */
+#define PAIR_ROW1(m, c) \
+    if (ROWS > (m)) c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + (m) * lda + 2 * kp)), b);
+#define STORE_ROW1(m, c) \
+    if (ROWS > (m)) _mm512_storeu_ps(C + (m) * 16, c);
+#define TILE_PAIRS_16(R)                                                                                 \
+    static void tile_##R##x16_pairs(const uint16_t *x, int64_t lda, const uint16_t *P, int64_t K, float *C) { \
+        enum { ROWS = R };                                                                               \
+        __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;                    \
+        for (int64_t kp = 0; kp < K / 2; kp++) {                                                         \
+            const __m512bh b = (__m512bh)_mm512_loadu_si512(P + kp * 2 * NR);                            \
+            PAIR_ROW1(0, c0) PAIR_ROW1(1, c1) PAIR_ROW1(2, c2) PAIR_ROW1(3, c3) PAIR_ROW1(4, c4) PAIR_ROW1(5, c5) \
+        }                                                                                                \
+        STORE_ROW1(0, c0) STORE_ROW1(1, c1) STORE_ROW1(2, c2) STORE_ROW1(3, c3) STORE_ROW1(4, c4) STORE_ROW1(5, c5) \
     }
-    _mm512_storeu_ps(C, c0), _mm512_storeu_ps(C + 16, c1), _mm512_storeu_ps(C + 32, c2);
-    _mm512_storeu_ps(C + 48, c3), _mm512_storeu_ps(C + 64, c4), _mm512_storeu_ps(C + 80, c5);
-}
+TILE_PAIRS_16(1) TILE_PAIRS_16(2) TILE_PAIRS_16(3) TILE_PAIRS_16(4) TILE_PAIRS_16(5) TILE_PAIRS_16(6)
+#undef PAIR_ROW2
+#undef STORE_ROW2
+#undef PAIR_ROW1
+#undef STORE_ROW1
+
+typedef void (*tile32_fn)(const uint16_t *, int64_t, const uint16_t *, const uint16_t *, int64_t, float *);
+typedef void (*tile16_fn)(const uint16_t *, int64_t, const uint16_t *, int64_t, float *);
+static const tile32_fn TILES_32[MR + 1] = {NULL, tile_1x32_pairs, tile_2x32_pairs, tile_3x32_pairs,
+                                           tile_4x32_pairs, tile_5x32_pairs, tile_6x32_pairs};
+static const tile16_fn TILES_16[MR + 1] = {NULL, tile_1x16_pairs, tile_2x16_pairs, tile_3x16_pairs,
+                                           tile_4x16_pairs, tile_5x16_pairs, tile_6x16_pairs};
 
 /* C[16] = one row x one panel (the GEMV, bandwidth-bound): 4 accumulators over consecutive k-pairs. */
-static void tile_1x16_pairs(const uint16_t *x, const uint16_t *P, int64_t K, float *C) {
+static void gemv_16_pairs(const uint16_t *x, const uint16_t *P, int64_t K, float *C) {
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
     const int32_t *xp = (const int32_t *)x;
     const int64_t KP = K / 2;
@@ -251,10 +271,10 @@ static void tile_1x16_pairs(const uint16_t *x, const uint16_t *P, int64_t K, flo
 static void linear_bf16_pairs(const void *x, int64_t x_stride, int x_dtype, const uint16_t *packed, const void *bias,
                               void *y, int64_t M, int64_t N, int64_t K, int nthreads) {
     const int64_t Kp = (K + 1) & ~(int64_t)1;
-    const int64_t Mp = M == 1 ? 1 : (M + MR - 1) / MR * MR;
-    /* x as bf16 rows of Kp, zero-padded in k and to whole 6-row tiles. */
-    uint16_t *xb = aligned_alloc(64, (((size_t)(Mp * Kp) * 2 + 63) & ~(size_t)63) + 64);
-    memset(xb, 0, (size_t)(Mp * Kp) * 2);
+    /* x as bf16 rows of Kp, zero-padded in k. */
+    uint16_t *xb = aligned_alloc(64, (((size_t)(M * Kp) * 2 + 63) & ~(size_t)63) + 64);
+    if (Kp > K)
+        for (int64_t m = 0; m < M; m++) xb[m * Kp + K] = 0;
     for (int64_t m = 0; m < M; m++) {
         if (x_dtype == DT_BF16) {
             memcpy(xb + m * Kp, (const uint16_t *)x + m * x_stride, (size_t)K * 2);
@@ -273,16 +293,16 @@ static void linear_bf16_pairs(const void *x, int64_t x_stride, int x_dtype, cons
         if (bias)
             for (int j = 0; j < nn; j++) bias32[j] = bf16_to_f32(((const uint16_t *)bias)[n0 + j]);
         const uint16_t *P0 = packed + p0 * Kp * NR, *P1 = P0 + Kp * NR;
-        for (int64_t m = 0; m < Mp; m += MR) {
+        for (int64_t m = 0; m < M; m += MR) {
             const int mr = (int)(M - m < MR ? M - m : MR);
             int64_t ldc = np * NR;
-            if (Mp == 1) {
-                tile_1x16_pairs(xb, P0, Kp, C);
-                if (np == 2) tile_1x16_pairs(xb, P1, Kp, C + NR);
+            if (M == 1) {
+                gemv_16_pairs(xb, P0, Kp, C);
+                if (np == 2) gemv_16_pairs(xb, P1, Kp, C + NR);
             } else if (np == 2) {
-                tile_6x32_pairs(xb + m * Kp, Kp, P0, P1, Kp, C);
+                TILES_32[mr](xb + m * Kp, Kp, P0, P1, Kp, C);
             } else {
-                tile_6x16_pairs(xb + m * Kp, Kp, P0, Kp, C);
+                TILES_16[mr](xb + m * Kp, Kp, P0, Kp, C);
             }
             for (int i = 0; i < mr; i++) {
                 for (int j = 0; j < nn; j++) row[j] = C[i * ldc + j] + bias32[j];
@@ -363,6 +383,27 @@ void hallm_linear(const void *x, int64_t x_stride, int x_dtype, const void *pack
     }
     free(xs);
 }
+
+#ifdef __AVX2__
+/* e^x for x <= 0 (softmax and sigmoid arguments), Cephes' expf polynomial: ~1 ulp. libm's scalar
+ * expf per (token, head, position) was most of a batch-32 decode step's attention time. */
+static inline __m256 exp_neg256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Elementwise layers.                                                                                 */
@@ -450,7 +491,20 @@ void hallm_silu_and_mul(const void *gu, int64_t gu_stride, void *out, int64_t T,
         for (int64_t t = 0; t < T; t++) {
             load_f32(gu, dtype, t * gu_stride, g, (int)I);
             load_f32(gu, dtype, t * gu_stride + I, u, (int)I);
-            for (int64_t i = 0; i < I; i++) g[i] = round_to(g[i] / (1.0f + expf(-g[i])), dtype) * u[i];
+            int64_t i = 0;
+#ifdef __AVX2__
+            /* silu(x) = x * sigmoid(x), sigmoid from e = exp(-|x|) <= 1 (never overflows): 1 / (1 + e)
+             * for x >= 0, e / (1 + e) below. libm's scalar expf made this ~16% of a bf16 prefill. */
+            const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+            for (; i + 8 <= I; i += 8) {
+                const __m256 x = _mm256_loadu_ps(g + i);
+                const __m256 e = exp_neg256(_mm256_or_ps(x, sign));
+                const __m256 num = _mm256_blendv_ps(one, e, x);  /* sign bit of x set: e */
+                _mm256_storeu_ps(g + i, _mm256_div_ps(_mm256_mul_ps(x, num), _mm256_add_ps(one, e)));
+            }
+#endif
+            for (; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i]));
+            for (i = 0; i < I; i++) g[i] = round_to(g[i], dtype) * u[i];
             store_f32(out, dtype, t * I, g, (int)I);
         }
         free(g);
@@ -550,27 +604,6 @@ static inline void scores_kv(const float *q, const void *kv, int dtype, int64_t 
 }
 
 #define QUERY_CHUNK 16
-
-#ifdef __AVX2__
-/* e^x for x <= 0 (softmax arguments), Cephes' expf polynomial: ~1 ulp. libm's scalar expf per
- * (token, head, position) was most of a batch-32 decode step's attention time. */
-static inline __m256 exp_neg256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
-#endif
 
 /* s[i] = exp(s[i] - m) for i < n; returns their sum. */
 static float exp_shifted(float *s, int64_t n, float m) {
