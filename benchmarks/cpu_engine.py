@@ -5,8 +5,9 @@ For each model (SmolLM2-135M real weights; Qwen2.5-0.5B shapes with dummy weight
 `--backend hf`, each in its own subprocess, and prints output tok/s and the ratio. The batch-1
 floor is (weight bytes streamed per token) / (copy bandwidth). This machine's bandwidth drifts
 by up to +-20% within minutes, so for batch 1 a separate subprocess also times hallm's decode
-step (128-token context, 128 steps, after the prefill) between two copy-bandwidth measurements,
-and reports the step against the floor from their mean.
+step (128-token context, 128 steps, after the prefill) in three rounds, each between two
+copy-bandwidth measurements, and reports the median round's step against the floor from the
+mean of its two bandwidths.
 
     .venv/bin/python benchmarks/cpu_engine.py [--quick] [--models smollm2,qwen2.5-0.5b]
 """
@@ -88,9 +89,10 @@ def decode_step(model: str | None, dtype: str, extra: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure_decode_step(model: str | None, dtype: str, dummy: bool) -> None:
-    """Print {"step_ms", "bw_gbs"}: the mean decode step of one 128-token request, and the mean
-    of the copy bandwidths measured just before and just after it."""
+def measure_decode_step(model: str | None, dtype: str, dummy: bool, rounds: int = 3) -> None:
+    """Print {"step_ms", "bw_gbs"}: the mean decode step of one 128-token request and the mean of
+    the copy bandwidths measured just before and just after it, from the round (of `rounds`)
+    whose step / floor ratio is the median."""
     from hallm import LLM, SamplingParams
 
     kwargs = {"load_format": "dummy", "skip_tokenizer_init": True} if dummy else {}
@@ -103,11 +105,20 @@ def measure_decode_step(model: str | None, dtype: str, dummy: bool) -> None:
         return time.perf_counter() - t
 
     timed(8)  # warm-up
-    bw_before = copy_bandwidth_gbs()
-    prefill = min(timed(1) for _ in range(3))
-    steps = (timed(129) - prefill) / 128
-    bw_after = copy_bandwidth_gbs()
-    print(json.dumps({"step_ms": steps * 1e3, "bw_gbs": (bw_before + bw_after) / 2}))
+    bws = [copy_bandwidth_gbs()]
+    steps = []
+    for _ in range(rounds):
+        prefill = min(timed(1) for _ in range(3))
+        steps.append((timed(129) - prefill) / 128)
+        bws.append(copy_bandwidth_gbs())
+    # floor ~ 1 / bandwidth, so step / floor ~ step * bandwidth
+    runs = sorted((s * (bws[i] + bws[i + 1]) / 2, s, (bws[i] + bws[i + 1]) / 2) for i, s in enumerate(steps))
+    _, step, bw = runs[len(runs) // 2]
+    print(
+        json.dumps(
+            {"step_ms": step * 1e3, "bw_gbs": bw, "steps_ms": [x * 1e3 for x in steps], "bws_gbs": bws}
+        )
+    )
 
 
 def main() -> None:
@@ -159,6 +170,8 @@ def main() -> None:
                     row["decode_step_ms"] = round(d["step_ms"], 2)
                     row["decode_floor_ms"] = round(floor_ms, 2)
                     row["decode_floor_ratio"] = round(d["step_ms"] / floor_ms, 2)
+                    row["decode_rounds_ms"] = [round(x, 2) for x in d["steps_ms"]]
+                    row["decode_rounds_bw_gbs"] = [round(x, 1) for x in d["bws_gbs"]]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(
