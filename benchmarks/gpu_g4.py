@@ -4,7 +4,8 @@ copy      device-to-device copy bandwidth (bytes read + written): the roofline's
 attention paged_attention alone (KV write excluded), bf16, random block order: KV bytes read
           (B x ctx x 2 x kv_heads x head_size x 2) / kernel time, as % of the copy BW.
           Llama-3-8B (32/8x128) and Qwen2.5-0.5B (14/2x64) heads; batch 64 at 1k and 4k
-          context, batch 1 long contexts (split-KV); `--sweep` also tries tile shapes.
+          context, batch 1 long contexts (split-KV); `--sweep` also tries segment counts,
+          `--sweep-tiles` tile lengths, warps and pipeline stages for Qwen2.5-0.5B.
 step      decode step time of the whole engine (hallm LLM.generate, graphs on) at batch
           1/32/128 with ~1k context, vs the floor (weights + KV bytes) / copy BW; also the
           GPU time of one replay of the captured decode graph.
@@ -149,6 +150,37 @@ def bench_attention(bw: float, sweep: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def sweep_tiles(bw: float) -> list[dict[str, Any]]:
+    """Qwen2.5-0.5B decode attention (batch 64; 1k and 4k context) over tile length, warps,
+    pipeline stages and split-KV segments: the tuning behind `launch_config.kernel_config`."""
+    from hallm.ops.triton.launch_config import KernelConfig
+
+    rows = []
+    for batch, ctx in ((64, 1024), (64, 4096)):
+        for tile_n in (64, 128, 256):
+            for warps in (2, 4):
+                for stages in (2, 3, 4):
+                    for segments in (2, 4, 8):
+                        cfg = KernelConfig(block_m=16, tile_n=tile_n, num_warps=warps, num_stages=stages)
+                        try:
+                            r = attention_case(
+                                SHAPES["qwen2.5-0.5b"], batch, ctx, split=True, config=cfg, segments=segments
+                            )
+                        except Exception as exc:  # e.g. out of shared memory for this shape
+                            print(f"tiles B={batch} ctx={ctx} {cfg} segments={segments}: {exc!r:.120}")
+                            continue
+                        name = f"tile_n={tile_n} warps={warps} stages={stages} segments={segments}"
+                        r.update(model="qwen2.5-0.5b", batch=batch, ctx=ctx, split=True, config=name)
+                        r["pct_of_copy_bw"] = 100 * r["gbps"] * 1e9 / bw
+                        rows.append(r)
+                        print(
+                            f"tiles B={batch:3} ctx={ctx:5} {name:42} {r['ms'] * 1e3:7.1f} us "
+                            f"{r['pct_of_copy_bw']:5.1f}%",
+                            flush=True,
+                        )
+    return rows
+
+
 def step_worker(
     model: str, model_dir: str, batches: list[int], ctx: int, decode_tokens: int, eager: bool
 ) -> list[dict[str, Any]]:
@@ -263,6 +295,7 @@ def main() -> None:
     p.add_argument("--models", default="qwen2.5-0.5b")
     p.add_argument("--parts", default="copy,attention,step")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-tiles", action="store_true", help="Qwen2.5-0.5B attention tile/warp/stage sweep")
     p.add_argument("--ab-fused", action="store_true", help="also measure steps with HALLM_CUDA_FUSED=0")
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--step-worker", help=argparse.SUPPRESS)
@@ -280,6 +313,8 @@ def main() -> None:
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     if "attention" in parts:
         record["attention"] = bench_attention(bw, args.sweep)
+    if args.sweep_tiles:
+        record["tile_sweep"] = sweep_tiles(bw)
     if "step" in parts:
         tmp = Path(tempfile.mkdtemp(prefix="hallm-g4-"))
         record["steps"] = bench_steps(args.models.split(","), bw, tmp, args.timeout, args.ab_fused)

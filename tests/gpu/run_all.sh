@@ -9,7 +9,7 @@
 # greedy    tests/gpu/test_engine_gpu.py: the engine on the GPU vs HF transformers on the same
 #           weights (tiny models in float32, graphs on and off; a Qwen2.5-0.5B-shaped model in bf16)
 # g4        benchmarks/gpu_g4.py: copy bandwidth, attention-kernel bandwidth, decode steps of both models vs roofline
-# g4-sweep  the same for Qwen2.5-0.5B with the tile/segment sweep and the steps without fused layers (tuning)
+# g4-sweep  the same for Qwen2.5-0.5B with the segment and tile sweeps and the steps without fused layers (tuning)
 # g1        benchmarks/gpu_g1.py: offline throughput, hallm vs HF continuous batching vs HF padded
 # g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
 #
@@ -60,7 +60,7 @@ for step in $STEPS; do
     kernels) run kernels $PY -m pytest -q -n 8 -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py ;;
     greedy) run greedy $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py ;;
     g4) run g4 $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b,llama-3.1-8b ;;
-    g4-sweep) run g4-sweep $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --sweep --ab-fused ;;
+    g4-sweep) run g4-sweep $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --sweep --sweep-tiles --ab-fused ;;
     g4-llama) run g4-llama $PY benchmarks/gpu_g4.py --out "$RES" --models llama-3.1-8b --parts step ;;
     g4-steps) run g4-steps $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b,llama-3.1-8b --parts step ;;
     g1) run g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b ;;
