@@ -46,6 +46,7 @@ def attention_case(
     split: bool | None = None,
     config: Any = None,
     segments: int | None = None,
+    merge_in_kernel: bool = False,
 ) -> dict[str, Any]:
     import torch
     import triton.testing
@@ -82,6 +83,7 @@ def attention_case(
             workspace=workspace,
             config=config,
             num_segments=segments,
+            merge_in_kernel=merge_in_kernel,
         )
 
     fn()
@@ -106,21 +108,26 @@ def bench_attention(bw: float, sweep: bool) -> list[dict[str, Any]]:
         ("qwen2.5-0.5b", 32, 1024),
         ("qwen2.5-0.5b", 1, 1024),
     ]
+    from hallm.ops.triton.launch_config import use_split_kv
+
     for model, batch, ctx in cases:
-        for split in (None,):
-            r = attention_case(SHAPES[model], batch, ctx, split=split)
+        split = use_split_kv(batch, SHAPES[model][1], 1)
+        # split-KV steps: the shipped second-kernel merge, and the in-kernel merge for an A/B
+        for merge in (False, True) if split else (False,):
+            r = attention_case(SHAPES[model], batch, ctx, merge_in_kernel=merge)
+            config = "merge=in kernel" if merge else "default"
             r.update(
                 model=model,
                 batch=batch,
                 ctx=ctx,
                 split=split,
-                config="default",
+                config=config,
                 pct_of_copy_bw=100 * r["gbps"] * 1e9 / bw,
             )
             rows.append(r)
             print(
-                f"attention {model:13} B={batch:3} ctx={ctx:5} split={split!s:5} {r['ms'] * 1e3:8.1f} us "
-                f"{r['gbps']:7.0f} GB/s {r['pct_of_copy_bw']:5.1f}% of copy BW",
+                f"attention {model:13} B={batch:3} ctx={ctx:5} split={split!s:5} {config:20} "
+                f"{r['ms'] * 1e3:8.1f} us {r['gbps']:7.0f} GB/s {r['pct_of_copy_bw']:5.1f}% of copy BW",
                 flush=True,
             )
     if sweep:  # split-KV segments (the tile-shape sweep is in benchmarks/results/gpu.md)

@@ -91,15 +91,23 @@ def test_mixed_batch(dtype_name: str, shape, block_size: int) -> None:  # type: 
     _run_and_check(batch, dtype)
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("split", ["off", "merged-in-kernel", "merged-by-reduce"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s[0]}-kv{s[1]}-d{s[2]}")
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
-def test_decode_batch(dtype_name: str, shape, split: bool) -> None:  # type: ignore[no-untyped-def]
+def test_decode_batch(dtype_name: str, shape, split: str) -> None:  # type: ignore[no-untyped-def]
     if dtype_name not in declared_dtypes():
         pytest.skip(f"{dtype_name} not declared on this GPU")
     dtype = DTYPES[dtype_name]
     batch = _batch(DECODE, shape, 16, dtype, seed=2)
-    _run_and_check(batch, dtype, split_kv=split)
+    workspace: dict = {}
+    for _ in range(3):  # the in-kernel merge's counters must be back at zero after each launch
+        _run_and_check(
+            batch,
+            dtype,
+            split_kv=split != "off",
+            merge_in_kernel=split != "merged-by-reduce",
+            workspace=workspace,
+        )
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
@@ -127,8 +135,10 @@ def test_window_and_soft_cap(dtype_name: str, decode: bool) -> None:
     _compare(out, expected_attention(batch, 0.09, sliding_window=100, logits_soft_cap=5.0), dtype)
 
 
-def test_cuda_graph_replay_with_new_lengths() -> None:
-    """Capture write + attention on static buffers, then replay with other lengths and tables."""
+@pytest.mark.parametrize("merge_in_kernel", [False, True])
+def test_cuda_graph_replay_with_new_lengths(merge_in_kernel: bool) -> None:
+    """Capture write + attention on static buffers, then replay with other lengths and tables
+    (split-KV: 4 requests x 2 KV heads; its partials merged by the reduce kernel or in-kernel)."""
     from hallm.ops.triton import paged_attention, write_kv
 
     dtype = torch.bfloat16
@@ -145,7 +155,16 @@ def test_cuda_graph_replay_with_new_lengths() -> None:
     def step() -> None:
         write_kv(k, v, cache, slots)
         paged_attention(
-            q, cache, qsl, seq_lens, tables, max_query_len=1, scale=0.125, out=out, workspace=workspace
+            q,
+            cache,
+            qsl,
+            seq_lens,
+            tables,
+            max_query_len=1,
+            scale=0.125,
+            out=out,
+            workspace=workspace,
+            merge_in_kernel=merge_in_kernel,
         )
 
     stream = torch.cuda.Stream()

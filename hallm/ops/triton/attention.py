@@ -17,7 +17,9 @@ at the score.
 
 Split-KV (flash-decoding): for decode-only steps with few (request, KV head) pairs, a third grid
 axis splits each request's KV range into NUM_SEGMENTS contiguous parts; each program writes its
-unnormalized partial output, running max and sum (float32), and `_reduce_kernel` merges them.
+unnormalized partial output, running max and sum (float32); the last program of the segments
+of a (q_block, kv_head) to finish (an atomic counter) merges them in the same launch
+(`merge_in_kernel=True`), or `_reduce_kernel` does in a second one.
 
 All launches read lengths from device tensors, so they can be captured in a CUDA graph.
 """
@@ -50,6 +52,7 @@ def _attention_kernel(
     segm_out_ptr,
     segm_max_ptr,
     segm_sum_ptr,
+    counter_ptr,
     num_seqs,
     scale,
     soft_cap,
@@ -71,6 +74,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -178,6 +182,37 @@ def _attention_kernel(
         tl.store(segm_out_ptr + seg_row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_mask[:, None])
         tl.store(segm_max_ptr + seg_row, m_i, mask=row_mask)
         tl.store(segm_sum_ptr + seg_row, l_i, mask=row_mask)
+        if MERGE_IN_KERNEL:
+            # The last of the NUM_SEGMENTS programs of this (q_block, kv_head) to finish merges
+            # them: the barrier orders every thread's partial stores before the counter's release,
+            # the acquire orders the loads (through L2: .cg) after the other programs' stores. It
+            # puts the counter back to 0 for the next launch (a CUDA graph replays the same buffer).
+            tl.debug_barrier()
+            counter = counter_ptr + q_block * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SEGMENTS - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                offs_s = tl.arange(0, NUM_SEGMENTS)
+                rows = (token * NUM_HEADS + head)[:, None] * NUM_SEGMENTS + offs_s[None, :]  # [M, S]
+                m_s = tl.load(
+                    segm_max_ptr + rows, mask=row_mask[:, None], other=float("-inf"), cache_modifier=".cg"
+                )
+                l_s = tl.load(segm_sum_ptr + rows, mask=row_mask[:, None], other=0.0, cache_modifier=".cg")
+                g = tl.max(m_s, axis=1)  # [M]
+                g = tl.where(g > float("-inf"), g, 0.0)  # a row that saw no key: keep -inf - g finite
+                w = tl.where(m_s > float("-inf"), tl.exp2(m_s - g[:, None]), 0.0)  # [M, S]
+                denom = tl.sum(l_s * w, axis=1)
+                parts = tl.load(
+                    segm_out_ptr + rows[:, :, None] * HEAD_PAD + offs_d[None, None, :],
+                    mask=row_mask[:, None, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )  # [M, S, HEAD_PAD]
+                res = tl.sum(parts * w[:, :, None], axis=1) / tl.where(denom > 0, denom, 1.0)[:, None]
+                tl.store(
+                    out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :],
+                    res.to(out_ptr.dtype.element_ty),
+                    mask=row_mask[:, None] & d_mask[None, :],
+                )
     else:
         res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
@@ -257,6 +292,7 @@ def paged_attention(
     workspace: dict[Any, Any] | None = None,
     config: KernelConfig | None = None,
     num_segments: int | None = None,
+    merge_in_kernel: bool = False,
 ) -> torch.Tensor:
     """Causal attention of one step's tokens over the paged cache; returns `out`.
 
@@ -270,7 +306,10 @@ def paged_attention(
     split_kv: force split-KV on/off (default: `split_kv_segments` decides). num_segments: the
     split-KV segments (a power of two; default: `split_kv_segments`, at least 2 when forced).
     workspace: a dict the caller keeps for the step, so every layer reuses the split-KV
-    buffers. config: override the tile shape (benchmarks).
+    buffers. config: override the tile shape (benchmarks). merge_in_kernel: split-KV partials
+    are merged by the last segment program of each (q-block, KV head) to finish, counted by an
+    atomic (one launch); False (the default until the in-kernel merge has run on a GPU) merges
+    them in a second kernel.
     """
     check_cache(kv_cache)
     num_tokens, num_heads, head_size = query.shape
@@ -312,8 +351,17 @@ def paged_attention(
         segm_out, segm_max, segm_sum = bufs
     else:
         segm_out = segm_max = segm_sum = out
-    kern = _kernels(interpreting())
     grid = (num_tokens // block_q + num_reqs, num_kv_heads, segments)
+    merge_in_kernel = merge_in_kernel and split_kv
+    counters = seq_lens  # an int32 placeholder when nothing is counted
+    if merge_in_kernel:
+        key = ("split_kv_counters", grid[0], num_kv_heads, query.device)
+        counters = workspace.get(key) if workspace is not None else None
+        if counters is None:  # zeros; every launch leaves them zero again
+            counters = torch.zeros(grid[0] * num_kv_heads, dtype=torch.int32, device=query.device)
+            if workspace is not None:
+                workspace[key] = counters
+    kern = _kernels(interpreting())
     kern.attention[grid](
         out,
         query,
@@ -325,6 +373,7 @@ def paged_attention(
         segm_out,
         segm_max,
         segm_sum,
+        counters,
         num_reqs,
         float(scale),
         float(logits_soft_cap or 1.0),
@@ -346,6 +395,7 @@ def paged_attention(
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         NUM_SEGMENTS=segments,
+        MERGE_IN_KERNEL=merge_in_kernel,
         USE_SOFT_CAP=logits_soft_cap is not None,
         USE_WINDOW=sliding_window is not None,
         # float32: exact products (no tf32), as the reference; the interpreter's 16-bit dot is
@@ -354,7 +404,7 @@ def paged_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if split_kv:
+    if split_kv and not merge_in_kernel:
         kern.reduce[(num_tokens, num_heads)](
             out,
             segm_out,

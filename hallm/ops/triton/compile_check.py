@@ -62,6 +62,7 @@ def _attention_variant(
     split: bool,
     window: bool,
     soft_cap: bool,
+    merge_in_kernel: bool = True,
 ) -> tuple[dict[str, str], dict[str, Any], dict[str, int]]:
     t = _SIG_DTYPE[dtype]
     q_per_kv = num_heads // num_kv_heads
@@ -78,6 +79,7 @@ def _attention_variant(
         "segm_out_ptr": "*fp32" if split else f"*{t}",
         "segm_max_ptr": "*fp32" if split else f"*{t}",
         "segm_sum_ptr": "*fp32" if split else f"*{t}",
+        "counter_ptr": "*i32",
         "num_seqs": "i32",
         "scale": "fp32",
         "soft_cap": "fp32",
@@ -101,6 +103,7 @@ def _attention_variant(
         "BLOCK_M": block_m,
         "BLOCK_Q": block_m // q_per_kv,
         "NUM_SEGMENTS": SPLIT_KV_SEGMENTS if split else 1,
+        "MERGE_IN_KERNEL": split and merge_in_kernel,
         "USE_SOFT_CAP": soft_cap,
         "USE_WINDOW": window,
         "DOT_F32": dtype == torch.float32,
@@ -148,13 +151,23 @@ def variants(
                     {"num_warps": 4},
                 )
             )
-            for name, decode_only, split in (
-                ("decode", True, False),
-                ("decode-split", True, True),
-                ("prefill", False, False),
+            for name, decode_only, split, merge in (
+                ("decode", True, False, False),
+                ("decode-split", True, True, True),
+                ("decode-split-reduce", True, True, False),
+                ("prefill", False, False, False),
             ):
                 sig, ce, opts = _attention_variant(
-                    dtype, num_heads, num_kv_heads, head_size, block_size, decode_only, split, False, False
+                    dtype,
+                    num_heads,
+                    num_kv_heads,
+                    head_size,
+                    block_size,
+                    decode_only,
+                    split,
+                    False,
+                    False,
+                    merge,
                 )
                 out.append((f"attention-{name}-{tag}", k.attention, sig, ce, opts))
             sig, ce, opts = _attention_variant(
@@ -261,11 +274,13 @@ def _fused_variants(
     return out
 
 
-#: The CI subset: every code path once (KV write, decode, split-KV + reduce, prefill with
-#: window and soft cap, the float32 exact-dot path) at Llama-3-8B's head shape.
+#: The CI subset: every code path once (KV write, decode, split-KV merged in the kernel and by
+#: the reduce kernel, prefill with window and soft cap, the float32 exact-dot path) at
+#: Llama-3-8B's head shape.
 CI_SUBSET = (
     "write_kv-bf16-h32/8-d128",
     "attention-decode-split-bf16-h32/8-d128",
+    "attention-decode-split-reduce-bf16-h32/8-d128",
     "reduce-bf16-h32/8-d128",
     "attention-prefill-window-softcap-bf16-h32/8-d128",
     "attention-decode-fp32-h32/8-d128",

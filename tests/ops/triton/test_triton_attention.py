@@ -88,6 +88,21 @@ def test_decode_gqa_group_of_seven(split: bool) -> None:
     _check(out, batch, 0.25, torch.float32)
 
 
+def test_split_kv_merged_in_kernel_or_by_reduce_and_counters_left_zero() -> None:
+    """Both ways of merging split-KV partials match the reference; the in-kernel merge's
+    counters are zero after every launch, so a second launch on the same workspace (as a CUDA
+    graph replays) merges again; empty segments (short contexts, 8 segments) merge too."""
+    batch = _batch(DECODE, (14, 2), 16, 4)
+    for merge in (True, False):
+        workspace: dict = {}
+        for _ in range(2):
+            out = _run(batch, 0.25, split_kv=True, num_segments=8, workspace=workspace, merge_in_kernel=merge)
+            _check(out, batch, 0.25, torch.float32)
+        counters = [v for k, v in workspace.items() if k[0] == "split_kv_counters"]
+        assert len(counters) == (1 if merge else 0)
+        assert all(int(c.abs().sum()) == 0 for c in counters)
+
+
 def test_split_kv_with_window_and_soft_cap() -> None:
     batch = _batch(DECODE, (4, 2), 16, 4, num_padding_tokens=1, seed=3)
     out = _run(batch, 0.25, split_kv=True, num_segments=4, sliding_window=9, logits_soft_cap=3.0)
