@@ -191,23 +191,36 @@ def _attention_kernel(
             counter = counter_ptr + q_block * tl.num_programs(1) + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SEGMENTS - 1:
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                # [M, S] maxima for the common scale, then one [M, HEAD_PAD] partial at a time
+                # (a [M, S, HEAD_PAD] tile would not fit in registers at 16 segments x 128).
+                base = (token * NUM_HEADS + head) * NUM_SEGMENTS  # [M]
                 offs_s = tl.arange(0, NUM_SEGMENTS)
-                rows = (token * NUM_HEADS + head)[:, None] * NUM_SEGMENTS + offs_s[None, :]  # [M, S]
-                m_s = tl.load(
-                    segm_max_ptr + rows, mask=row_mask[:, None], other=float("-inf"), cache_modifier=".cg"
-                )
-                l_s = tl.load(segm_sum_ptr + rows, mask=row_mask[:, None], other=0.0, cache_modifier=".cg")
-                g = tl.max(m_s, axis=1)  # [M]
-                g = tl.where(g > float("-inf"), g, 0.0)  # a row that saw no key: keep -inf - g finite
-                w = tl.where(m_s > float("-inf"), tl.exp2(m_s - g[:, None]), 0.0)  # [M, S]
-                denom = tl.sum(l_s * w, axis=1)
-                parts = tl.load(
-                    segm_out_ptr + rows[:, :, None] * HEAD_PAD + offs_d[None, None, :],
-                    mask=row_mask[:, None, None],
-                    other=0.0,
+                m_all = tl.load(
+                    segm_max_ptr + base[:, None] + offs_s[None, :],
+                    mask=row_mask[:, None],
+                    other=float("-inf"),
                     cache_modifier=".cg",
-                )  # [M, S, HEAD_PAD]
-                res = tl.sum(parts * w[:, :, None], axis=1) / tl.where(denom > 0, denom, 1.0)[:, None]
+                )
+                g = tl.max(m_all, axis=1)  # [M]
+                g = tl.where(g > float("-inf"), g, 0.0)  # a row that saw no key: keep -inf - g finite
+                denom = tl.zeros([BLOCK_M], tl.float32)
+                res = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+                for s in range(NUM_SEGMENTS):
+                    m_s = tl.load(
+                        segm_max_ptr + base + s, mask=row_mask, other=float("-inf"), cache_modifier=".cg"
+                    )
+                    w = tl.where(m_s > float("-inf"), tl.exp2(m_s - g), 0.0)  # [M]
+                    denom += w * tl.load(
+                        segm_sum_ptr + base + s, mask=row_mask, other=0.0, cache_modifier=".cg"
+                    )
+                    part = tl.load(
+                        segm_out_ptr + (base + s)[:, None] * HEAD_PAD + offs_d[None, :],
+                        mask=row_mask[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    res += part * w[:, None]
+                res = res / tl.where(denom > 0, denom, 1.0)[:, None]
                 tl.store(
                     out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :],
                     res.to(out_ptr.dtype.element_ty),
