@@ -46,7 +46,7 @@ def attention_case(
     split: bool | None = None,
     config: Any = None,
     segments: int | None = None,
-    merge_in_kernel: bool = False,
+    merge_in_kernel: bool | None = None,
 ) -> dict[str, Any]:
     import torch
     import triton.testing
@@ -112,10 +112,10 @@ def bench_attention(bw: float, sweep: bool) -> list[dict[str, Any]]:
 
     for model, batch, ctx in cases:
         split = use_split_kv(batch, SHAPES[model][1], 1)
-        # split-KV steps: the shipped second-kernel merge, and the in-kernel merge for an A/B
-        for merge in (False, True) if split else (False,):
+        # split-KV steps: the launcher's choice, then each merge forced, for an A/B
+        for merge in (None, True, False) if split else (None,):
             r = attention_case(SHAPES[model], batch, ctx, merge_in_kernel=merge)
-            config = "merge=in kernel" if merge else "default"
+            config = {None: "default", True: "merge=in kernel", False: "merge=reduce kernel"}[merge]
             r.update(
                 model=model,
                 batch=batch,

@@ -18,8 +18,8 @@ at the score.
 Split-KV (flash-decoding): for decode-only steps with few (request, KV head) pairs, a third grid
 axis splits each request's KV range into NUM_SEGMENTS contiguous parts; each program writes its
 unnormalized partial output, running max and sum (float32); the last program of the segments
-of a (q_block, kv_head) to finish (an atomic counter) merges them in the same launch
-(`merge_in_kernel=True`), or `_reduce_kernel` does in a second one.
+of a (q_block, kv_head) to finish (an atomic counter) merges them in the same launch, or
+`_reduce_kernel` does in a second one (`launch_config.merges_in_kernel` chooses).
 
 All launches read lengths from device tensors, so they can be captured in a CUDA graph.
 """
@@ -35,7 +35,13 @@ import triton
 import triton.language as tl
 
 from hallm.ops.triton.kv_write import check_cache, write_kv_kernel
-from hallm.ops.triton.launch_config import KernelConfig, head_pad, kernel_config, split_kv_segments
+from hallm.ops.triton.launch_config import (
+    KernelConfig,
+    head_pad,
+    kernel_config,
+    merges_in_kernel,
+    split_kv_segments,
+)
 from hallm.ops.triton.runtime import decorate, interpreting
 
 # ---- kernels (plain functions; decorated per mode by `_kernels`) -------------------------------
@@ -305,7 +311,7 @@ def paged_attention(
     workspace: dict[Any, Any] | None = None,
     config: KernelConfig | None = None,
     num_segments: int | None = None,
-    merge_in_kernel: bool = False,
+    merge_in_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of one step's tokens over the paged cache; returns `out`.
 
@@ -321,8 +327,8 @@ def paged_attention(
     workspace: a dict the caller keeps for the step, so every layer reuses the split-KV
     buffers. config: override the tile shape (benchmarks). merge_in_kernel: split-KV partials
     are merged by the last segment program of each (q-block, KV head) to finish, counted by an
-    atomic (one launch); False (the default until the in-kernel merge has run on a GPU) merges
-    them in a second kernel.
+    atomic (one launch); False merges them in a second kernel; None: `launch_config.merges_in_kernel`
+    decides from the number of segments.
     """
     check_cache(kv_cache)
     num_tokens, num_heads, head_size = query.shape
@@ -365,6 +371,8 @@ def paged_attention(
     else:
         segm_out = segm_max = segm_sum = out
     grid = (num_tokens // block_q + num_reqs, num_kv_heads, segments)
+    if merge_in_kernel is None:
+        merge_in_kernel = merges_in_kernel(segments)
     merge_in_kernel = merge_in_kernel and split_kv
     counters = seq_lens  # an int32 placeholder when nothing is counted
     if merge_in_kernel:

@@ -18,6 +18,10 @@ SPLIT_KV_SEGMENTS = 16
 SPLIT_KV_MAX_PROGRAMS = 256
 #: ...with enough segments to launch about this many programs (a few per SM of an H100).
 SPLIT_KV_TARGET_PROGRAMS = 512
+#: Split-KV steps with at most this many segments merge them in the attention launch; with more
+#: (batch 1-4), the last program's walk over every segment costs more than a second launch
+#: (H200, run 10 in benchmarks/results/gpu.md).
+MERGE_IN_KERNEL_MAX_SEGMENTS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,3 +72,9 @@ def split_kv_segments(num_reqs: int, num_kv_heads: int, max_query_len: int) -> i
 def use_split_kv(num_reqs: int, num_kv_heads: int, max_query_len: int) -> bool:
     """Whether a step uses split-KV (see `split_kv_segments`)."""
     return split_kv_segments(num_reqs, num_kv_heads, max_query_len) > 1
+
+
+def merges_in_kernel(num_segments: int) -> bool:
+    """Whether a split-KV step merges its segments in the attention launch (see
+    MERGE_IN_KERNEL_MAX_SEGMENTS) rather than in a second kernel."""
+    return 1 < num_segments <= MERGE_IN_KERNEL_MAX_SEGMENTS
