@@ -7,12 +7,7 @@ import pytest
 from hallm.core.kv_cache.block_pool import BlockPool
 from hallm.core.kv_cache.hashing import extend_block_hashes, hash_block
 from hallm.core.kv_cache.manager import KVCacheManager
-from hallm.core.request import Request
-from hallm.core.sampling_params import SamplingParams
-
-
-def make_request(rid: str, tokens: list[int]) -> Request:
-    return Request(rid, tokens, SamplingParams(max_tokens=4), frozenset({0}), max_model_len=1024)
+from tests.core.kv_helpers import make_request
 
 
 def test_hash_chains_on_parent_tokens_and_extra_keys() -> None:
