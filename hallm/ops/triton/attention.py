@@ -42,7 +42,7 @@ from hallm.ops.triton.launch_config import (
     merges_in_kernel,
     split_kv_segments,
 )
-from hallm.ops.triton.runtime import decorate, interpreting
+from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
 
 # ---- kernels (plain functions; decorated per mode by `_kernels`) -------------------------------
 
@@ -84,7 +84,11 @@ def _attention_kernel(
     USE_SOFT_CAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:  # see hallm.ops.triton.runtime.pdl_launch
+        gdc_wait()
+        gdc_launch_dependents()
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -254,8 +258,12 @@ def _reduce_kernel(
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Merge the split-KV partial results of one (token, head)."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0)
     head = tl.program_id(1)
     if token >= tl.load(qsl_ptr + num_seqs):  # a padding token: no partials were written
@@ -424,6 +432,7 @@ def paged_attention(
         DOT_F32=query.dtype == torch.float32 or interpreting(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_launch(query.device),
     )
     if split_kv and not merge_in_kernel:
         kern.reduce[(num_tokens, num_heads)](
@@ -440,5 +449,6 @@ def paged_attention(
             HEAD_PAD=pad,
             NUM_SEGMENTS=segments,
             num_warps=4,
+            **pdl_launch(query.device),
         )
     return out

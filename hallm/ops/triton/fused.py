@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hallm.ops.triton.runtime import decorate, interpreting
+from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
 
 
 def _rms_norm_kernel(
@@ -35,10 +35,15 @@ def _rms_norm_kernel(
     N: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if USE_PDL:  # see hallm.ops.triton.runtime.pdl_launch: only the weight before the wait
+        gdc_wait()
+        gdc_launch_dependents()
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -46,7 +51,6 @@ def _rms_norm_kernel(
         tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w
     tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -70,13 +74,18 @@ def _rotary_kernel(
     H_PAD: tl.constexpr,
     HALF_PAD: tl.constexpr,
     REST_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One token: rotate the first 2*HALF dims of every q and k head (NeoX rotate-half layout)."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.float32)
     j = tl.arange(0, HALF_PAD)
     jm = j < HALF
-    freq = pos * tl.load(inv_freq_ptr + j, mask=jm, other=0.0)
+    inv_freq = tl.load(inv_freq_ptr + j, mask=jm, other=0.0)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pos = tl.load(pos_ptr + t).to(tl.float32)
+    freq = pos * inv_freq
     cos = (tl.cos(freq) * scaling).to(q_out_ptr.dtype.element_ty).to(tl.float32)
     sin = (tl.sin(freq) * scaling).to(q_out_ptr.dtype.element_ty).to(tl.float32)
     h = tl.arange(0, H_PAD)
@@ -104,7 +113,12 @@ def _rotary_kernel(
             )
 
 
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, N, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, x_stride, out_stride, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False
+):
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -154,6 +168,7 @@ def rms_norm(
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
             num_warps=min(16, max(1, block // 256)),
+            **pdl_launch(x.device),
         )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
@@ -197,6 +212,7 @@ def rotary(
             HALF_PAD=triton.next_power_of_2(half),
             REST_PAD=triton.next_power_of_2(rest) if rest > 0 else 0,
             num_warps=4,
+            **pdl_launch(q.device),
         )
     return q_out, k_out
 
@@ -209,6 +225,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         block = min(1024, triton.next_power_of_2(n))
         _kernels(interpreting()).silu_and_mul[(rows.shape[0], triton.cdiv(n, block))](
-            rows, out, rows.stride(0), out.stride(0), n, BLOCK=block, num_warps=4
+            rows, out, rows.stride(0), out.stride(0), n, BLOCK=block, num_warps=4, **pdl_launch(x.device)
         )
     return out.view(*x.shape[:-1], n)

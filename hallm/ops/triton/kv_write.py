@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hallm.ops.triton.runtime import decorate, interpreting
+from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
 
 
 def _write_kv_kernel(
@@ -32,8 +32,12 @@ def _write_kv_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     BLOCK_HD: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One program per token: copy its [NUM_KV_HEADS, HEAD_SIZE] key and value to its slot."""
+    if USE_PDL:  # see hallm.ops.triton.runtime.pdl_launch
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # a padding token: nothing to write
@@ -98,4 +102,5 @@ def write_kv(
         HEAD_SIZE=head_size,
         BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_size),
         num_warps=4 if num_kv_heads * head_size >= 512 else 1,
+        **pdl_launch(key.device),
     )
