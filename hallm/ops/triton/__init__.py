@@ -12,6 +12,11 @@ their attention backends; nothing imports it at plugin load). Kernels:
   few (request, KV head) pairs split the KV sequence over extra programs ("split-KV") and merge
   the partial results with a small second kernel.
 
+- `skinny_gemm.skinny_linear`: a linear layer over few rows (decode steps), with an optional
+  SiLU-gated epilogue; streams the weight once for all rows.
+
+On sm_90+ every kernel launches with programmatic dependent launch (`runtime.pdl_launch`).
+
 Every launch reads lengths from device tensors only (no host value of the step is baked into
 the launch beyond the number of requests and tokens), so a decode step can be captured in a
 CUDA graph and replayed with new lengths and block tables.

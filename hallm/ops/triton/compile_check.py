@@ -3,7 +3,9 @@
 `compile_variants(target)` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
 the ptxas in the triton wheel, or AMDGCN -> hsaco) for the variants the launchers in
 `hallm.ops.triton.attention` and `kv_write` produce: the KV write, decode (plain and split-KV), prefill, the
-split-KV reduction, with and without sliding window and soft cap, for each dtype. It needs no GPU
+split-KV reduction, with and without sliding window and soft cap, for each dtype; the fused
+layer kernels and the skinny GEMM. On sm_90+ the kernels compile with programmatic dependent
+launch (`USE_PDL`), as `runtime.pdl_launch` launches them there. It needs no GPU
 and no driver. Each result carries the kernel's shared-memory use and register count.
 """
 
@@ -42,8 +44,18 @@ def _target(backend: str, arch: int | str, warp_size: int) -> Any:
 def _compile(
     fn: Any, signature: dict[str, str], constexprs: dict[str, Any], target: Any, **options: Any
 ) -> Any:
+    import inspect
+
     from triton.compiler import ASTSource
 
+    constexprs = dict(constexprs)
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters
+    if "USE_PDL" in params and "USE_PDL" not in constexprs:
+        # grid dependency control is PTX for sm_90+: what pdl_launch turns on there
+        constexprs["USE_PDL"] = target.backend == "cuda" and int(target.arch) >= 90
+    for name, param in params.items():  # other defaulted constexprs at their defaults
+        if name not in signature and name not in constexprs and param.default is not inspect.Parameter.empty:
+            constexprs[name] = param.default
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
@@ -198,6 +210,59 @@ def variants(
                 )
             )
     out.extend(_fused_variants(tuple(dtypes)))
+    out.extend(_skinny_variants(tuple(d for d in dtypes if d != torch.float32)))
+    return out
+
+
+def _skinny_variants(
+    dtypes: tuple[torch.dtype, ...],
+) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
+    """The skinny GEMM as `skinny_linear` launches it: 1 and 64 rows, split-K (Qwen2.5-0.5B's
+    down projection), gated (its gate/up), with bias (its qkv)."""
+    from hallm.ops.triton import skinny_gemm
+
+    k = skinny_gemm.jit_kernels()
+    out: list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]] = []
+    shapes = (
+        ("qkv", 1152, 896, True, False),
+        ("down", 896, 4864, False, False),
+        ("gate_up", 4864, 896, False, True),
+    )
+    for dtype in dtypes:
+        t = _SIG_DTYPE[dtype]
+        for rows in (1, 64):
+            for label, n, kk, bias, gated in shapes:
+                cfg = skinny_gemm.skinny_config(rows, n, kk)
+                out.append(
+                    (
+                        f"skinny-{label}-{t}-m{rows}",
+                        k.skinny_gemm,
+                        {
+                            "x_ptr": f"*{t}",
+                            "w_ptr": f"*{t}",
+                            "bias_ptr": f"*{t}",
+                            "out_ptr": f"*{t}",
+                            "part_ptr": "*fp32" if cfg.split_k > 1 else f"*{t}",
+                            "counter_ptr": "*i32",
+                            "M": "i32",
+                            "N": "i32",
+                            "K": "i32",
+                            "x_stride": "i32",
+                            "out_stride": "i32",
+                            "K_PER_SPLIT": "i32",
+                        },
+                        {
+                            "HAS_BIAS": bias,
+                            "GATED": gated,
+                            "SPLIT_K": cfg.split_k,
+                            "DOT_F32": False,
+                            "BLOCK_M": cfg.block_m,
+                            "BLOCK_N": cfg.block_n,
+                            "BLOCK_K": cfg.block_k,
+                        },
+                        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                    )
+                )
     return out
 
 
@@ -287,6 +352,9 @@ CI_SUBSET = (
     "rms_norm-bf16-4096",
     "rotary-bf16-h32/8-d128",
     "silu_and_mul-bf16",
+    "skinny-qkv-bf16-m1",
+    "skinny-down-bf16-m1",
+    "skinny-gate_up-bf16-m64",
 )
 
 
