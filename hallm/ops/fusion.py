@@ -1,7 +1,8 @@
 """Find the decoder-layer modules a plugin may replace with fused kernels, and swap them in place.
 
 hallm's native models build their layers from `hallm.core.layers`: `RMSNorm` (optionally with the
-residual add), `RotaryEmbedding` and `GatedMLP`, each a chain of small PyTorch ops. A plugin with
+residual add), `RotaryEmbedding` and `GatedMLP`, each a chain of small PyTorch ops, and their projections are
+plain `nn.Linear`s. A plugin with
 fused kernels for these calls `swap_layers(model, make)` from its `Platform.compile_model`; `make`
 gets each recognized module with its kind (see `layer_kind`) and returns the replacement (sharing
 the parameters, not copying them) or None to keep it. Modules not recognized here (the generic
@@ -23,11 +24,15 @@ logger = logging.getLogger("hallm.ops")
 RMS_NORM = "rms_norm"
 ROTARY = "rotary"
 SILU_GATED_MLP = "silu_gated_mlp"
+LINEAR = "linear"
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """RMS_NORM, ROTARY (full NeoX rotary, no long-rope switch), SILU_GATED_MLP, or None."""
+    """RMS_NORM, ROTARY (full NeoX rotary, no long-rope switch), SILU_GATED_MLP, LINEAR (a plain
+    `nn.Linear`, not a subclass such as a quantized one), or None."""
     cls = type(module)
+    if cls is nn.Linear:
+        return LINEAR
     if not cls.__module__.startswith("hallm.core.layers"):
         return None
     if cls.__name__ == "RMSNorm" and hasattr(module, "eps"):
@@ -50,12 +55,16 @@ def swap_layers(model: Any, make: Callable[[str, nn.Module], nn.Module | None], 
     counts: dict[str, int] = {}
     if not isinstance(model, nn.Module):
         return counts
-    for parent in list(model.modules()):
+    replaced: set[int] = set()  # ids of swapped-out modules and everything under them
+    for parent in list(model.modules()):  # pre-order: a parent before its children
+        if id(parent) in replaced:
+            continue  # detached; its replacement decides what to do with its children
         for name, child in list(parent.named_children()):
             kind = layer_kind(child)
             new = make(kind, child) if kind is not None else None
             if new is not None:
                 setattr(parent, name, new)
+                replaced.update(id(m) for m in child.modules())
                 counts[type(child).__name__] = counts.get(type(child).__name__, 0) + 1
     if counts:
         logger.info("%s: %s", label, ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))

@@ -71,5 +71,9 @@ _NATIVE = {RMS_NORM: CpuRMSNorm, ROTARY: CpuRotaryEmbedding, SILU_GATED_MLP: Cpu
 def fuse_layers(model: Any) -> Any:
     """Swap recognized layer modules for native ones when the kernels are built; return the model."""
     if native.available():
-        swap_layers(model, lambda kind, module: _NATIVE[kind](module), "native CPU layers")
+        swap_layers(
+            model,
+            lambda kind, module: _NATIVE[kind](module) if kind in _NATIVE else None,
+            "native CPU layers",
+        )
     return model

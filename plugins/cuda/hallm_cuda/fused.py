@@ -6,6 +6,16 @@ GPU those launches, not bytes, dominate a small model's decode step. `fuse_layer
 place, every such module `hallm.ops.fusion` recognizes with one that calls
 `hallm.ops.triton.fused`; the parameters are shared, not copied. HALLM_CUDA_FUSED=0 turns the
 swap off.
+
+The projections of at most SKINNY_MAX_WEIGHT_BYTES run through `hallm.ops.triton.skinny_gemm`
+when a step has at most HALLM_CUDA_SKINNY_ROWS rows (default SKINNY_ROWS; 0 = always cuBLAS) in
+bf16/fp16: decode steps of small models, where one cuBLAS GEMM per projection costs ~4.5 us for
+~0.5 us of bytes and cannot overlap its neighbours (the Triton kernels launch with programmatic
+dependent launch, `hallm.ops.triton.runtime.pdl_launch`). Measured on an H200
+(benchmarks/results/gpu.md, run 11): Qwen2.5-0.5B's qkv, o and down projections are faster
+this way, while cuBLAS stays faster for bigger weights (its gate/up, lm_head, all of
+Llama-3.1-8B's). The gated form (gate/up with the SiLU-and-mul in its epilogue) measured slower
+than cuBLAS + the SiLU kernel, so it is off unless HALLM_CUDA_SKINNY_GATED_ROWS is set.
 """
 
 from __future__ import annotations
@@ -14,9 +24,52 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from hallm.ops.fusion import RMS_NORM, ROTARY, SILU_GATED_MLP, swap_layers
+from hallm.ops.fusion import LINEAR, RMS_NORM, ROTARY, SILU_GATED_MLP, swap_layers
+
+#: Most rows (tokens) a projection sends to the skinny GEMM instead of cuBLAS.
+SKINNY_ROWS = 16
+#: Largest weight the skinny GEMM takes (H200: it wins up to Qwen2.5-0.5B's 8.7 MB down
+#: projection, cuBLAS from its 17 MB gate/up on).
+SKINNY_MAX_WEIGHT_BYTES = 12 << 20
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _skinny_rows() -> int:
+    return int(os.environ.get("HALLM_CUDA_SKINNY_ROWS", SKINNY_ROWS))
+
+
+def _skinny_fits(linear: nn.Module) -> bool:
+    w = linear.weight
+    return type(linear) is nn.Linear and w.numel() * w.element_size() <= SKINNY_MAX_WEIGHT_BYTES
+
+
+class SkinnyLinear(nn.Module):
+    """`nn.Linear` whose few-row calls (decode) run the skinny GEMM; same parameters and names."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int) -> None:
+        super().__init__()
+        from hallm.ops.triton.skinny_gemm import MAX_ROWS, counters_for
+
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = min(max_rows, MAX_ROWS)
+        # Split-K counters, zero between launches; a buffer so a captured graph reuses them.
+        self.register_buffer(
+            "counters", counters_for(self.out_features, self.weight.device), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if x.dim() else 0
+        if rows > self.max_rows or x.dtype not in _SKINNY_DTYPES or not self.weight.is_contiguous():
+            return F.linear(x, self.weight, self.bias)
+        from hallm.ops.triton.skinny_gemm import skinny_linear
+
+        out = skinny_linear(x.reshape(rows, self.in_features), self.weight, self.bias, counters=self.counters)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class FusedRMSNorm(nn.Module):
@@ -53,25 +106,46 @@ class FusedRotaryEmbedding(nn.Module):
 
 
 class FusedGatedMLP(nn.Module):
-    """down(silu(gate) * up) with the activation and product in one kernel."""
+    """down(silu(gate) * up) with the activation and product in one kernel: the gate/up
+    projection's epilogue for few-row steps (skinny GEMM), else a kernel after cuBLAS."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, max_rows: int = 0, gated_rows: int = 0) -> None:
         super().__init__()
         self.intermediate_size = mlp.intermediate_size
         self.gate_up_proj = mlp.gate_up_proj
-        self.down_proj = mlp.down_proj
+        down = mlp.down_proj
+        self.down_proj = SkinnyLinear(down, max_rows) if max_rows > 0 and _skinny_fits(down) else down
+        self.max_rows = gated_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gate_up_proj.weight
+        rows = x.numel() // w.shape[1] if x.dim() else 0
+        if 0 < rows <= self.max_rows and x.dtype in _SKINNY_DTYPES and w.is_contiguous():
+            from hallm.ops.triton.skinny_gemm import skinny_linear
+
+            act = skinny_linear(x.reshape(rows, w.shape[1]), w, self.gate_up_proj.bias, gated=True)
+            return self.down_proj(act.view(*x.shape[:-1], self.intermediate_size))
         from hallm.ops.triton.fused import silu_and_mul
 
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
-_FUSED = {RMS_NORM: FusedRMSNorm, ROTARY: FusedRotaryEmbedding, SILU_GATED_MLP: FusedGatedMLP}
+def _replacement(kind: str, module: nn.Module, skinny_rows: int) -> nn.Module | None:
+    if kind == RMS_NORM:
+        return FusedRMSNorm(module)
+    if kind == ROTARY:
+        return FusedRotaryEmbedding(module)
+    if kind == SILU_GATED_MLP:
+        gated = int(os.environ.get("HALLM_CUDA_SKINNY_GATED_ROWS", 0))
+        return FusedGatedMLP(module, skinny_rows, gated)
+    if kind == LINEAR and skinny_rows > 0 and _skinny_fits(module):
+        return SkinnyLinear(module, skinny_rows)  # type: ignore[arg-type]
+    return None
 
 
 def fuse_layers(model: Any) -> Any:
     """Replace recognized layer modules of `model` in place (see the module doc); return it."""
     if os.environ.get("HALLM_CUDA_FUSED", "1") != "0":
-        swap_layers(model, lambda kind, module: _FUSED[kind](module), "fused Triton layers")
+        rows = _skinny_rows()
+        swap_layers(model, lambda kind, module: _replacement(kind, module, rows), "fused Triton layers")
     return model

@@ -75,6 +75,48 @@ def test_fused_layers_reproduce_the_model(tiny_model_dir) -> None:  # type: igno
     names = {type(m).__name__ for m in fused.modules()}
     assert {"FusedRMSNorm", "FusedRotaryEmbedding", "FusedGatedMLP"} <= names
     assert not {"RMSNorm", "RotaryEmbedding", "GatedMLP"} & names
+    # every projection is a SkinnyLinear but gate/up, whose skinny form is FusedGatedMLP's own
+    plain_linear = {n.rsplit(".", 1)[-1] for n, m in fused.named_modules() if type(m) is torch.nn.Linear}
+    assert plain_linear == {"gate_up_proj"}
     got = PagedRunner(fused).step([("a", ids[:20]), ("b", ids[20:])])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+
+
+def test_skinny_projections_reproduce_a_bf16_decode(tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """bf16, fused layers with and without the skinny GEMM: a prefill (37 rows > the limit, so
+    both take F.linear: equal) then two decode steps (2 rows: every projection, the gated
+    gate/up (opted in) and the tied lm_head through the skinny kernel: equal up to summation
+    order)."""
+    fused_mod = pytest.importorskip("hallm_cuda.fused")
+    from hallm.core.model_loader import load_model
+    from tests.utils.paged_forward import PagedRunner
+
+    path = tiny_model_dir("qwen3")
+    ids = list(range(3, 40))
+    steps = [[("a", ids[:20]), ("b", ids[20:])], [("a", [7]), ("b", [9])], [("a", [11]), ("b", [13])]]
+    monkeypatch.setenv("HALLM_CUDA_SKINNY_ROWS", "0")
+    cublas = PagedRunner(fused_mod.fuse_layers(load_model(str(path), dtype="bfloat16").model))
+    monkeypatch.setenv("HALLM_CUDA_SKINNY_ROWS", "8")
+    monkeypatch.setenv("HALLM_CUDA_SKINNY_GATED_ROWS", "8")
+    skinny = PagedRunner(fused_mod.fuse_layers(load_model(str(path), dtype="bfloat16").model))
+    assert not any(type(m).__name__ == "SkinnyLinear" for m in cublas.model.modules())
+    assert any(type(m).__name__ == "SkinnyLinear" for m in skinny.model.modules())
+    for i, chunks in enumerate(steps):
+        for g, w in zip(skinny.step(chunks), cublas.step(chunks), strict=True):
+            if i == 0:
+                torch.testing.assert_close(g, w, atol=0, rtol=0)
+            else:  # bf16 roundings of differently ordered fp32 sums, carried through 2 layers
+                torch.testing.assert_close(g.float(), w.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_skinny_gemm_takes_only_small_weights() -> None:
+    """Weights past SKINNY_MAX_WEIGHT_BYTES keep cuBLAS (measured faster there on an H200)."""
+    fused_mod = pytest.importorskip("hallm_cuda.fused")
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(2048, 4096)).to(torch.bfloat16)
+    fused_mod.fuse_layers(model)
+    assert [type(m).__name__ for m in model] == ["SkinnyLinear", "Linear"]
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    torch.testing.assert_close(
+        model[0](x), F.linear(x, model[0].weight, model[0].bias), atol=2e-2, rtol=1.6e-2
+    )
