@@ -255,15 +255,21 @@ def step_worker(
 
 
 def bench_steps(
-    models: list[str], bw: float, tmp: Path, timeout: int, ab_fused: bool
+    models: list[str], bw: float, tmp: Path, timeout: int, ab_fused: bool, ab_env: list[str]
 ) -> list[dict[str, Any]]:
     import os
 
     rows = []
-    runs = [(m, "1") for m in models] + ([(m, "0") for m in models] if ab_fused else [])
-    for model, fused in runs:
+    # (model, label, extra environment): the shipped engine, then each A/B variant
+    runs = [(m, "shipped", {}) for m in models]
+    if ab_fused:
+        runs += [(m, "HALLM_CUDA_FUSED=0", {"HALLM_CUDA_FUSED": "0"}) for m in models]
+    for assignment in ab_env:
+        name, _, value = assignment.partition("=")
+        runs += [(m, assignment, {name: value}) for m in models]
+    for model, label, extra in runs:
         model_dir = write_model_dir(model, tmp / model)
-        result = tmp / f"steps-{model}-{fused}.json"
+        result = tmp / f"steps-{model}-{len(rows)}.json"
         cmd = [
             sys.executable,
             __file__,
@@ -274,13 +280,14 @@ def bench_steps(
             "--result",
             str(result),
         ]
-        env = {**os.environ, "HALLM_CUDA_FUSED": fused}
+        env = {**os.environ, **extra}
         proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0 or not result.exists():
             print(f"step worker {model} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
             continue
         for r in json.loads(result.read_text()):
-            r["fused_layers"] = fused == "1"
+            r["variant"] = label
+            r["fused_layers"] = extra.get("HALLM_CUDA_FUSED", "1") == "1"
             floor_bytes = weight_bytes_read(model) + r["batch"] * (r["ctx"] + 16) * kv_bytes_per_token(model)
             r["floor_ms"] = floor_bytes / bw * 1e3
             r["step_over_floor"] = r["step_ms"] / r["floor_ms"]
@@ -289,7 +296,7 @@ def bench_steps(
             rows.append(r)
             replay = f"{r['graph_replay_ms']:.3f}" if r["graph_replay_ms"] is not None else "-"
             print(
-                f"step {model:13} fused={fused} B={r['batch']:3} ctx~{r['ctx']}: engine {r['step_ms']:.3f} ms, graph replay "
+                f"step {model:13} {label} B={r['batch']:3} ctx~{r['ctx']}: engine {r['step_ms']:.3f} ms, graph replay "
                 f"{replay} ms, floor {r['floor_ms']:.3f} ms -> {r['step_over_floor']:.2f}x floor",
                 flush=True,
             )
@@ -304,6 +311,13 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-tiles", action="store_true", help="Qwen2.5-0.5B attention tile/warp/stage sweep")
     p.add_argument("--ab-fused", action="store_true", help="also measure steps with HALLM_CUDA_FUSED=0")
+    p.add_argument(
+        "--ab-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also measure steps with this variable set",
+    )
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--step-worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -324,7 +338,9 @@ def main() -> None:
         record["tile_sweep"] = sweep_tiles(bw)
     if "step" in parts:
         tmp = Path(tempfile.mkdtemp(prefix="hallm-g4-"))
-        record["steps"] = bench_steps(args.models.split(","), bw, tmp, args.timeout, args.ab_fused)
+        record["steps"] = bench_steps(
+            args.models.split(","), bw, tmp, args.timeout, args.ab_fused, args.ab_env
+        )
     append_jsonl(Path(args.out) / "g4.jsonl", record)
 
 

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g2 conformance (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g2 linear profile conformance (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
-#           hallm.ops.reference for every dtype the CUDA platform declares on this GPU
+#           hallm.ops.reference for every dtype the CUDA platform declares on this GPU; and
+#           tests/gpu/test_skinny_gemm_gpu.py: the decode projections' skinny GEMM
 # greedy    tests/gpu/test_engine_gpu.py: the engine on the GPU vs HF transformers on the same
 #           weights (tiny models in float32, graphs on and off; a Qwen2.5-0.5B-shaped model in bf16)
 # g4        benchmarks/gpu_g4.py: copy bandwidth, attention-kernel bandwidth, decode steps of both models vs roofline
 # g4-sweep  the same for Qwen2.5-0.5B with the segment and tile sweeps and the steps without fused layers (tuning)
 # g1        benchmarks/gpu_g1.py: offline throughput, hallm vs HF continuous batching vs HF padded
 # g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
+# linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
+# profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 #
 # Logs and JSON go to $HALLM_GPU_RESULTS, else $OUT (the device tool's folder), else
 # benchmarks/results/raw. Wheels in .whl/ (e.g. the transformers version CI pins) are installed
@@ -57,7 +60,7 @@ status=0
 for step in $STEPS; do
   echo "=== $step ==="
   case $step in
-    kernels) run kernels $PY -m pytest -q -n 8 -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py ;;
+    kernels) run kernels $PY -m pytest -q -n 8 -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py tests/gpu/test_skinny_gemm_gpu.py ;;
     greedy) run greedy $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py ;;
     g4) run g4 $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b,llama-3.1-8b ;;
     g4-sweep) run g4-sweep $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --sweep --sweep-tiles --ab-fused ;;
@@ -67,6 +70,8 @@ for step in $STEPS; do
     g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
     g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 ;;
     g1-llama) run g1-llama $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --hf-cb-requests 16 --hf-padded-requests 32 --hf-batch-size 32 ;;
+    linear) run linear $PY benchmarks/gpu_linear.py --out "$RES" ;;
+    profile) run profile $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -1,0 +1,165 @@
+"""Decode-sized projections: the skinny GEMM (hallm.ops.triton.skinny_gemm) against cuBLAS.
+
+    python3 benchmarks/gpu_linear.py [--rows 1,16,32,64] [--sweep] [--out DIR]
+
+For each projection of Qwen2.5-0.5B and Llama-3.1-8B (qkv with its bias, o, gate/up with the
+SiLU-and-mul, down, lm_head) and each row count, times `F.linear` (plus `silu_and_mul` for the
+gated one: what the model runs without the skinny kernel) and `skinny_linear` with its shipped
+configuration, in CUDA-graph replays over enough weight copies (>= 256 MB) that every weight
+comes from HBM, as inside a model. Prints microseconds, the weight stream's GB/s, and cuBLAS /
+skinny. --sweep also tries other tiles at one row and prints the best per projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_common import append_jsonl, copy_bandwidth, environment
+
+# name: (N, K, bias, gated); N of a gated projection is the intermediate size (weight 2N x K)
+SHAPES = {
+    "qwen2.5-0.5b": {
+        "qkv": (1152, 896, True, False),
+        "o": (896, 896, False, False),
+        "gate_up": (4864, 896, False, True),
+        "down": (896, 4864, False, False),
+        "lm_head": (151936, 896, False, False),
+    },
+    "llama-3.1-8b": {
+        "qkv": (6144, 4096, False, False),
+        "o": (4096, 4096, False, False),
+        "gate_up": (14336, 4096, False, True),
+        "down": (4096, 14336, False, False),
+        "lm_head": (128256, 4096, False, False),
+    },
+}
+L2_FLUSH_BYTES = 256 << 20
+
+
+def time_op(make_fn: Any, copies: int) -> float:
+    """Microseconds per call of make_fn(i)() averaged over `copies` distinct operands."""
+    import triton.testing
+
+    fns = [make_fn(i) for i in range(copies)]
+
+    def run() -> None:
+        for f in fns:
+            f()
+
+    run()
+    return triton.testing.do_bench_cudagraph(run, rep=60, return_mode="median") * 1e3 / copies
+
+
+def bench_shape(n: int, k: int, bias: bool, gated: bool, rows: int, configs: list[Any]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from hallm.ops.triton.fused import silu_and_mul
+    from hallm.ops.triton.skinny_gemm import counters_for, skinny_config, skinny_linear
+
+    dev = "cuda"
+    w_rows = 2 * n if gated else n
+    w_bytes = w_rows * k * 2
+    copies = max(1, -(-L2_FLUSH_BYTES // w_bytes))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ws = [
+        torch.randn(w_rows, k, device=dev, dtype=torch.bfloat16, generator=gen) * k**-0.5
+        for _ in range(copies)
+    ]
+    bs = [
+        torch.randn(w_rows, device=dev, dtype=torch.bfloat16, generator=gen) if bias else None
+        for _ in range(copies)
+    ]
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen)
+    counters = [counters_for(n, dev) for _ in range(copies)]
+
+    def cublas(i: int) -> Any:
+        if gated:
+            return lambda: silu_and_mul(F.linear(x, ws[i], bs[i]))
+        return lambda: F.linear(x, ws[i], bs[i])
+
+    want = cublas(0)()
+    t_cublas = time_op(cublas, copies)
+    row: dict[str, Any] = {"n": n, "k": k, "rows": rows, "weight_mb": w_bytes / 1e6, "cublas_us": t_cublas}
+    shipped = skinny_config(rows, n, k)
+    results = []
+    for cfg in [shipped, *[c for c in configs if c != shipped]]:
+        if gated and cfg.split_k > 1:
+            continue
+
+        def skinny(i: int, cfg: Any = cfg) -> Any:
+            return lambda: skinny_linear(x, ws[i], bs[i], gated=gated, counters=counters[i], config=cfg)
+
+        got = skinny(0)()
+        err = (got.float() - want.float()).abs().max().item()
+        if err > 0.05 * max(1.0, want.float().abs().max().item()):
+            raise AssertionError(f"skinny {cfg} differs from cuBLAS by {err}")
+        results.append((time_op(skinny, copies), cfg))
+        if configs:
+            print(f"    {results[-1][0]:8.2f} us  {cfg}", flush=True)
+    t_shipped = results[0][0]
+    best_t, best_cfg = min(results, key=lambda r: r[0])
+    row.update(
+        skinny_us=t_shipped,
+        shipped=str(shipped),
+        cublas_over_skinny=t_cublas / t_shipped,
+        skinny_gbps=w_bytes / (t_shipped * 1e-6) / 1e9,
+        cublas_gbps=w_bytes / (t_cublas * 1e-6) / 1e9,
+    )
+    if len(results) > 1:
+        row.update(best_us=best_t, best=str(best_cfg))
+    return row
+
+
+def sweep_configs(n: int, k: int, gated: bool) -> list[Any]:
+    from hallm.ops.triton.skinny_gemm import SkinnyConfig
+
+    out = []
+    for bn, bk in itertools.product((16, 32, 64), (256, 512, 1024)):
+        for split in (1,) if gated else (1, 2, 4, 8):
+            if split > 1 and k // (split * bk) < 1:
+                continue
+            out.append(SkinnyConfig(16, bn, bk, split, num_warps=4, num_stages=3))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,16,32,64")
+    p.add_argument("--models", default="qwen2.5-0.5b,llama-3.1-8b")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/raw")
+    args = p.parse_args()
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+    record: dict[str, Any] = {
+        "benchmark": "skinny-gemm",
+        "env": environment(),
+        "copy_bw_gbps": bw / 1e9,
+        "rows": [],
+    }
+    for model in args.models.split(","):
+        for name, (n, k, bias, gated) in SHAPES[model].items():
+            for rows in [int(r) for r in args.rows.split(",")]:
+                configs = sweep_configs(n, k, gated) if args.sweep and rows == 1 else []
+                r = {"model": model, "proj": name, **bench_shape(n, k, bias, gated, rows, configs)}
+                record["rows"].append(r)
+                best = f", best {r['best_us']:.2f} us {r['best']}" if "best" in r else ""
+                print(
+                    f"{model:13} {name:8} M={rows:3}: cuBLAS {r['cublas_us']:7.2f} us ({r['cublas_gbps']:5.0f} GB/s), "
+                    f"skinny {r['skinny_us']:7.2f} us ({r['skinny_gbps']:5.0f} GB/s) -> {r['cublas_over_skinny']:.2f}x{best}",
+                    flush=True,
+                )
+    append_jsonl(Path(args.out) / "skinny-gemm.jsonl", record)
+    print(json.dumps({"done": len(record["rows"])}))
+
+
+if __name__ == "__main__":
+    main()
