@@ -19,7 +19,8 @@ Split-KV (flash-decoding): for decode-only steps with few (request, KV head) pai
 axis splits each request's KV range into NUM_SEGMENTS contiguous parts; each program writes its
 unnormalized partial output, running max and sum (float32); the last program of the segments
 of a (q_block, kv_head) to finish (an atomic counter) merges them in the same launch, or
-`_reduce_kernel` does in a second one (`launch_config.merges_in_kernel` chooses).
+`hallm.ops.triton.split_kv_reduce` does in a second one (`launch_config.merges_in_kernel`
+chooses).
 
 All launches read lengths from device tensors, so they can be captured in a CUDA graph.
 """
@@ -43,6 +44,7 @@ from hallm.ops.triton.launch_config import (
     split_kv_segments,
 )
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
+from hallm.ops.triton.split_kv_reduce import merge_segments, reduce_kernel
 
 # ---- kernels (plain functions; decorated per mode by `_kernels`) -------------------------------
 
@@ -245,52 +247,12 @@ def _attention_kernel(
         )
 
 
-def _reduce_kernel(
-    out_ptr,
-    segm_out_ptr,
-    segm_max_ptr,
-    segm_sum_ptr,
-    qsl_ptr,
-    num_seqs,
-    out_stride_t,
-    out_stride_h,
-    NUM_HEADS: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
-):
-    """Merge the split-KV partial results of one (token, head)."""
-    if USE_PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    if token >= tl.load(qsl_ptr + num_seqs):  # a padding token: no partials were written
-        return
-    offs_s = tl.arange(0, NUM_SEGMENTS)
-    offs_d = tl.arange(0, HEAD_PAD)
-    row = (token * NUM_HEADS + head) * NUM_SEGMENTS + offs_s
-    m = tl.load(segm_max_ptr + row)
-    l_s = tl.load(segm_sum_ptr + row)
-    g = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp2(m - g), 0.0)
-    denom = tl.sum(l_s * w, axis=0)
-    acc = tl.load(segm_out_ptr + row[:, None] * HEAD_PAD + offs_d[None, :])
-    res = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(
-        out_ptr + token * out_stride_t + head * out_stride_h + offs_d,
-        res.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_SIZE,
-    )
-
-
 @functools.cache
 def _kernels(interpret: bool) -> SimpleNamespace:
     """The attention and split-KV reduction kernels, interpreted or compiled."""
     return SimpleNamespace(
         attention=decorate(_attention_kernel, interpret, do_not_specialize=["num_seqs"]),
-        reduce=decorate(_reduce_kernel, interpret, do_not_specialize=["num_seqs"]),
+        reduce=reduce_kernel(interpret),
     )
 
 
@@ -435,20 +397,5 @@ def paged_attention(
         **pdl_launch(query.device),
     )
     if split_kv and not merge_in_kernel:
-        kern.reduce[(num_tokens, num_heads)](
-            out,
-            segm_out,
-            segm_max,
-            segm_sum,
-            query_start_loc,
-            num_reqs,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_SIZE=head_size,
-            HEAD_PAD=pad,
-            NUM_SEGMENTS=segments,
-            num_warps=4,
-            **pdl_launch(query.device),
-        )
+        merge_segments(out, segm_out, segm_max, segm_sum, query_start_loc, num_reqs, segments)
     return out
