@@ -159,8 +159,9 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def skinny_config(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
-    """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
+def skinny_config(m: int, n: int, k: int, num_sms: int = 132, gated: bool = False) -> SkinnyConfig:
+    """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle
+    (never for the gated form, whose epilogue needs the whole sum of both halves).
 
     Decided from shapes only (host ints fixed for a captured batch size)."""
     block_m = max(16, triton.next_power_of_2(m))
@@ -169,7 +170,9 @@ def skinny_config(m: int, n: int, k: int, num_sms: int = 132) -> SkinnyConfig:
     col_blocks = triton.cdiv(n, block_n)
     split = 1
     target = _PROGRAMS_PER_SM * num_sms
-    while split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2:
+    while (
+        not gated and split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2
+    ):
         split *= 2
     return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
 
@@ -205,9 +208,11 @@ def skinny_linear(
     if m == 0:
         return out
     index = x.device.index if x.device.type == "cuda" else 0
-    cfg = config or skinny_config(m, n, k, _num_sms(index or 0))
+    cfg = config or skinny_config(m, n, k, _num_sms(index or 0), gated=gated)
     if gated and cfg.split_k > 1:
         raise ValueError("the gated skinny GEMM does not split K")
+    if cfg.block_m < m or cfg.block_n < 16:
+        raise ValueError(f"{cfg} must tile {m} rows (block_m >= rows) with block_n >= 16")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     part = out
     if cfg.split_k > 1:

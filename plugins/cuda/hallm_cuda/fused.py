@@ -41,9 +41,28 @@ def _skinny_rows() -> int:
     return int(os.environ.get("HALLM_CUDA_SKINNY_ROWS", SKINNY_ROWS))
 
 
+def _plain_linear(linear: nn.Module) -> bool:
+    """An nn.Linear (not a subclass) without hooks, which a swap would drop."""
+    return type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
+
+
 def _skinny_fits(linear: nn.Module) -> bool:
+    """A plain nn.Linear whose weight is small enough for the skinny GEMM to win."""
     w = linear.weight
-    return type(linear) is nn.Linear and w.numel() * w.element_size() <= SKINNY_MAX_WEIGHT_BYTES
+    return _plain_linear(linear) and w.numel() * w.element_size() <= SKINNY_MAX_WEIGHT_BYTES
+
+
+def _skinny_input(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> int:
+    """The rows of x when this call may take the skinny GEMM, else 0."""
+    from hallm.ops.triton.runtime import interpreting
+
+    k = weight.shape[1]
+    if x.dim() == 0 or k == 0 or x.dtype != weight.dtype or x.dtype not in _SKINNY_DTYPES:
+        return 0
+    if x.device != weight.device or not (x.is_cuda or interpreting()) or not weight.is_contiguous():
+        return 0
+    rows = x.numel() // k
+    return rows if 0 < rows <= max_rows else 0
 
 
 class SkinnyLinear(nn.Module):
@@ -63,8 +82,8 @@ class SkinnyLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features if x.dim() else 0
-        if rows > self.max_rows or x.dtype not in _SKINNY_DTYPES or not self.weight.is_contiguous():
+        rows = _skinny_input(x, self.weight, self.max_rows)
+        if not rows:
             return F.linear(x, self.weight, self.bias)
         from hallm.ops.triton.skinny_gemm import skinny_linear
 
@@ -115,12 +134,14 @@ class FusedGatedMLP(nn.Module):
         self.gate_up_proj = mlp.gate_up_proj
         down = mlp.down_proj
         self.down_proj = SkinnyLinear(down, max_rows) if max_rows > 0 and _skinny_fits(down) else down
-        self.max_rows = gated_rows
+        from hallm.ops.triton.skinny_gemm import MAX_ROWS
+
+        self.max_rows = min(gated_rows, MAX_ROWS) if _plain_linear(mlp.gate_up_proj) else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.gate_up_proj.weight
-        rows = x.numel() // w.shape[1] if x.dim() else 0
-        if 0 < rows <= self.max_rows and x.dtype in _SKINNY_DTYPES and w.is_contiguous():
+        rows = _skinny_input(x, w, self.max_rows)
+        if rows:
             from hallm.ops.triton.skinny_gemm import skinny_linear
 
             act = skinny_linear(x.reshape(rows, w.shape[1]), w, self.gate_up_proj.bias, gated=True)

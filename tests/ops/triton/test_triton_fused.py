@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from hallm.core.layers.mlp import GatedMLP
 from hallm.core.layers.norm import RMSNorm
 from hallm.core.layers.rotary import apply_rotary
 
@@ -120,3 +121,17 @@ def test_skinny_gemm_takes_only_small_weights() -> None:
     torch.testing.assert_close(
         model[0](x), F.linear(x, model[0].weight, model[0].bias), atol=2e-2, rtol=1.6e-2
     )
+
+
+def test_fused_gated_mlp_caps_its_rows() -> None:
+    """HALLM_CUDA_SKINNY_GATED_ROWS past the kernel's 64 rows: larger steps take cuBLAS + SiLU."""
+    fused_mod = pytest.importorskip("hallm_cuda.fused")
+    from hallm.ops.triton.skinny_gemm import MAX_ROWS
+
+    torch.manual_seed(6)
+    mlp = GatedMLP(32, 24, "silu").to(torch.bfloat16)
+    fused = fused_mod.FusedGatedMLP(mlp, max_rows=8, gated_rows=100)
+    assert fused.max_rows == MAX_ROWS
+    for rows in (3, MAX_ROWS + 16):
+        x = torch.randn(rows, 32, dtype=torch.bfloat16)
+        torch.testing.assert_close(fused(x), mlp(x), atol=3e-2, rtol=3e-2)

@@ -75,3 +75,17 @@ def test_bad_input_says_what_to_do() -> None:
         skinny_linear(torch.zeros(MAX_ROWS + 1, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match="contiguous with 8 columns"):
         skinny_linear(torch.zeros(2, 8), torch.zeros(4, 9))
+
+
+def test_gated_never_splits_k() -> None:
+    """A gate/up whose column blocks are too few to fill the GPU would split K if it were plain;
+    the gated epilogue needs whole sums, so the automatic config keeps one split."""
+    from hallm.ops.triton.skinny_gemm import skinny_config, skinny_linear
+
+    assert skinny_config(1, 40, 2048).split_k > 1
+    assert skinny_config(1, 40, 2048, gated=True).split_k == 1
+    torch.manual_seed(5)
+    x = torch.randn(1, 2048)
+    w = torch.randn(80, 2048) / 2048**0.5
+    gate, up = F.linear(x, w).split(40, dim=-1)
+    torch.testing.assert_close(skinny_linear(x, w, gated=True), F.silu(gate) * up, atol=1e-4, rtol=1e-4)
