@@ -42,8 +42,15 @@ def _target(backend: str, arch: int | str, warp_size: int) -> Any:
 
 
 def _compile(
-    fn: Any, signature: dict[str, str], constexprs: dict[str, Any], target: Any, **options: Any
+    fn: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    target: Any,
+    aligned: Iterable[str] = (),
+    **options: Any,
 ) -> Any:
+    """Compile like a launch would: pointers 16-byte aligned (torch's allocations are) and the
+    int arguments named in `aligned` multiples of 16, the specializations a real launch makes."""
     import inspect
 
     from triton.compiler import ASTSource
@@ -59,8 +66,11 @@ def _compile(
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
+    names = list(params)
+    divisible = {name for name, t in signature.items() if t.startswith("*")} | set(aligned)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     return triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options=options
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=target, options=options
     )
 
 
@@ -260,7 +270,12 @@ def _skinny_variants(
                             "BLOCK_N": cfg.block_n,
                             "BLOCK_K": cfg.block_k,
                         },
-                        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                        {
+                            "num_warps": cfg.num_warps,
+                            "num_stages": cfg.num_stages,
+                            # these shapes' sizes and strides are multiples of 16, as in a launch
+                            "aligned": ("N", "K", "x_stride", "out_stride", "K_PER_SPLIT"),
+                        },
                     )
                 )
     return out
