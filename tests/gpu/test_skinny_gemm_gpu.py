@@ -3,7 +3,9 @@
 Skipped without a CUDA device (CI runs the same kernel in the interpreter). The projections of
 Qwen2.5-0.5B and Llama-3.1-8B at 1 to 64 rows against an fp32 `F.linear` of the same operands,
 in both 16-bit dtypes, with the configuration the launcher picks (split-K where it splits), and
-a CUDA graph of split-K launches replayed with new inputs (the counters must reset each time).
+a CUDA graph of split-K launches replayed with new inputs (the counters must reset each time),
+and a chain of Triton kernels with programmatic dependent launch on and off, which must agree
+bit for bit (added after run 11 of benchmarks/results/gpu.md; not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -72,3 +74,48 @@ def test_split_k_in_a_cuda_graph_replays_with_new_inputs() -> None:
         torch.cuda.synchronize()
         torch.testing.assert_close(out, _reference(x, w, None, False), atol=2e-2, rtol=1.6e-2)
     assert not counters.any()
+
+
+def _pdl_chain(x: torch.Tensor, weights: list[torch.Tensor], norm_w: torch.Tensor) -> torch.Tensor:
+    """norm -> up projection -> down projection (split K) -> norm ..., every kernel a Triton
+    launch, so with PDL each one starts while its predecessor runs."""
+    from hallm.ops.triton.fused import rms_norm, silu_and_mul
+    from hallm.ops.triton.skinny_gemm import skinny_linear
+
+    h, residual = rms_norm(x, norm_w, 1e-6, torch.zeros_like(x))
+    for up, down in zip(weights[::2], weights[1::2], strict=True):
+        a = silu_and_mul(skinny_linear(h, up))  # [rows, 2I] -> [rows, I]
+        h, residual = rms_norm(skinny_linear(a, down), norm_w, 1e-6, residual)
+    return h
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_pdl_chain_is_bit_identical_to_plain_launches(rows: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Programmatic dependent launch changes when kernels start, never what they compute: the
+    same chain eagerly and replayed from a CUDA graph, with and without HALLM_TRITON_PDL."""
+    from hallm.ops.triton.runtime import pdl_launch
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    hidden, inter = 896, 4864
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    weights = [t * 0.03 for _ in range(3) for t in (randn(2 * inter, hidden), randn(hidden, inter))]
+    norm_w = randn(hidden).abs() + 0.5
+    x = randn(rows, hidden)
+    results = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("HALLM_TRITON_PDL", pdl)
+        assert pdl_launch(x.device)["USE_PDL"] == (pdl == "1" and torch.cuda.get_device_capability()[0] >= 9)
+        eager = _pdl_chain(x, weights, norm_w)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = _pdl_chain(x, weights, norm_w)
+        graph.replay()
+        torch.cuda.synchronize()
+        results[pdl] = (eager.clone(), captured.clone())
+    assert torch.equal(results["0"][0], results["1"][0])
+    assert torch.equal(results["0"][1], results["1"][1])
+    assert torch.equal(results["1"][0], results["1"][1])
