@@ -29,7 +29,7 @@ _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class LayerParams(ctypes.Structure):
-    """csrc/kernels.c `hallm_layer`: one decoder layer's pointers and scalars (same field order)."""
+    """csrc/decoder.c `hallm_layer`: one decoder layer's pointers and scalars (same field order)."""
 
     _fields_ = [
         *[

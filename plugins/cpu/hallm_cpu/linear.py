@@ -3,7 +3,7 @@
 With the plugin's native kernels built (`hallm_cpu.native`), a weight is packed once, at load,
 into 16-feature panels that the native GEMM/GEMV reads for every row count: the batch-1 GEMV
 streams it at copy bandwidth, and a decode batch of 32 runs at 128-179 GFLOPS against MKL's
-91-107 on the 2-core AVX2 EPYC (see csrc/kernels.c); bf16 weights are widened in registers, or,
+91-107 on the 2-core AVX2 EPYC (see csrc/linear.c); bf16 weights are widened in registers, or,
 where the kernels are built for AVX512-BF16, multiplied as they are by its dot-product
 instructions (~320 GFLOPS at 32 rows on a 2-core Zen 4, against oneDNN's ~260). The packed copy
 replaces the [N, K] weight, so weights take no more memory (a tied LM head gets its own packed

@@ -1,8 +1,9 @@
-"""The CPU plugin's native kernels (csrc/kernels.c): built at first use, called through ctypes.
+"""The CPU plugin's native kernels (csrc/*.c, with csrc/common.h): built at first use, called
+through ctypes.
 
-The C source is compiled once per machine with the system C compiler (`$CC`, else `cc`) as
+The C sources are compiled into one library once per machine with the system C compiler (`$CC`, else `cc`) as
 `-O3 -march=native -fopenmp` and cached under `hallm.platforms.cache_root() / "cpu-kernels"`,
-keyed by the source, the flags, the compiler's version and the CPU's feature flags. Where no
+keyed by the sources, the flags, the compiler's version and the CPU's feature flags. Where no
 compiler is found or the build fails, `library()` returns None with one warning, and the plugin
 keeps to its pure-torch paths; `HALLM_CPU_NATIVE=0` forces that.
 
@@ -30,10 +31,12 @@ from hallm.platforms import cache_root
 
 logger = logging.getLogger("hallm.cpu")
 
-SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
+CSRC = Path(__file__).with_name("csrc")
+#: linear.c (GEMM/GEMV on packed weights), elementwise.c, attention.c, decoder.c; common.h is shared.
+SOURCES = tuple(sorted(CSRC.glob("*.c")))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 ARCH_FLAGS = ("-march=native",)
-#: Kernel dtype codes (csrc/kernels.c).
+#: Kernel dtype codes (csrc/common.h).
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -85,7 +88,7 @@ def _build(cc: str, flags: tuple[str, ...], target: Path) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True
+            [cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], check=True, capture_output=True, text=True
         )
         os.replace(tmp, target)  # atomic: a concurrent builder finds a whole file or none
     finally:
@@ -108,7 +111,8 @@ def build(flags: tuple[str, ...] = FLAGS + ARCH_FLAGS) -> ctypes.CDLL:
     if cc is None:
         raise OSError("no C compiler found (set $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
+    texts = [p.read_text() for p in (*SOURCES, CSRC / "common.h")]
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_flags()]).encode())
     path = cache_root() / "cpu-kernels" / f"kernels-{key.hexdigest()[:20]}.so"
     if not path.exists():
         _build(cc, flags, path)
@@ -160,13 +164,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-#: Output features per panel of a packed weight (csrc/kernels.c NR).
+#: Output features per panel of a packed weight (csrc/linear.c NR).
 PANEL = 16
 
 
 def bf16_dot() -> bool:
     """True when the kernels multiply bf16 weights with the CPU's bf16 dot-product instructions
-    (built for AVX512-BF16); then bf16 panels hold k-pairs (csrc/kernels.c)."""
+    (built for AVX512-BF16); then bf16 panels hold k-pairs (csrc/linear.c)."""
     lib = library()
     return lib is not None and bool(lib.hallm_bf16_pairs())
 
