@@ -255,15 +255,13 @@ def step_worker(
 
 
 def bench_steps(
-    models: list[str], bw: float, tmp: Path, timeout: int, ab_fused: bool, ab_env: list[str]
+    models: list[str], bw: float, tmp: Path, timeout: int, ab_env: list[str]
 ) -> list[dict[str, Any]]:
     import os
 
     rows = []
     # (model, label, extra environment): the shipped engine, then each A/B variant
     runs = [(m, "shipped", {}) for m in models]
-    if ab_fused:
-        runs += [(m, "HALLM_CUDA_FUSED=0", {"HALLM_CUDA_FUSED": "0"}) for m in models]
     for assignment in ab_env:
         name, _, value = assignment.partition("=")
         runs += [(m, assignment, {name: value}) for m in models]
@@ -339,7 +337,11 @@ def main() -> None:
     if "step" in parts:
         tmp = Path(tempfile.mkdtemp(prefix="hallm-g4-"))
         record["steps"] = bench_steps(
-            args.models.split(","), bw, tmp, args.timeout, args.ab_fused, args.ab_env
+            args.models.split(","),
+            bw,
+            tmp,
+            args.timeout,
+            args.ab_env + (["HALLM_CUDA_FUSED=0"] if args.ab_fused else []),
         )
     append_jsonl(Path(args.out) / "g4.jsonl", record)
 
