@@ -2,10 +2,13 @@
 
 copy      device-to-device copy bandwidth (bytes read + written): the roofline's BW
 attention paged_attention alone (KV write excluded), bf16, random block order: KV bytes read
-          (B x ctx x 2 x kv_heads x head_size x 2) / kernel time, as % of the copy BW.
+          (B x ctx x 2 x kv_heads x head_size x 2) / time, as % of the copy BW; the time two
+          ways: one launch of back-to-back CUDA-graph replays (launch gaps included), and the
+          kernels' own device time from the profiler (L2 flushed before each call, PDL off).
           Llama-3-8B (32/8x128) and Qwen2.5-0.5B (14/2x64) heads; batch 64 at 1k and 4k
           context, batch 1 long contexts (split-KV); `--sweep` also tries segment counts,
-          `--sweep-tiles` tile lengths, warps and pipeline stages for Qwen2.5-0.5B.
+          `--sweep-tiles` tile lengths, warps and pipeline stages for Qwen2.5-0.5B,
+          `--sweep-merge` the split-KV merge's chunk and the fewest tiles per segment.
 step      decode step time of the whole engine (hallm LLM.generate, graphs on) at batch
           1/32/128 with ~1k context, vs the floor (weights + KV bytes) / copy BW; also the
           GPU time of one replay of the captured decode graph.
@@ -47,6 +50,7 @@ def attention_case(
     config: Any = None,
     segments: int | None = None,
     merge_in_kernel: bool | None = None,
+    min_segment_tiles: int | None = None,
 ) -> dict[str, Any]:
     import torch
     import triton.testing
@@ -84,13 +88,56 @@ def attention_case(
             config=config,
             num_segments=segments,
             merge_in_kernel=merge_in_kernel,
+            min_segment_tiles=min_segment_tiles,
         )
 
     fn()
     torch.cuda.synchronize()
     ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    kernel_us = profiled_kernel_us(fn)
     kv_bytes = batch * ctx * 2 * kv_heads * head_size * 2
-    return {"ms": ms, "kv_bytes": kv_bytes, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
+    return {
+        "ms": ms,
+        "kv_bytes": kv_bytes,
+        "gbps": kv_bytes / (ms * 1e-3) / 1e9,
+        "kernel_us": kernel_us,
+        "kernel_gbps": kv_bytes / (kernel_us * 1e-6) / 1e9,
+    }
+
+
+def profiled_kernel_us(fn: Any, iters: int = 30) -> float:
+    """Median device time of the kernels one `fn()` launches (attention, and the split-KV reduce
+    when there is one), from the profiler's kernel records: each call after a 256 MB write that
+    evicts the KV from L2, with PDL off so no kernel is timed while it waits on the one before."""
+    import os
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    old = os.environ.get("HALLM_TRITON_PDL")
+    os.environ["HALLM_TRITON_PDL"] = "0"
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                flush.zero_()
+                fn()
+            torch.cuda.synchronize()
+    finally:
+        if old is None:
+            os.environ.pop("HALLM_TRITON_PDL", None)
+        else:
+            os.environ["HALLM_TRITON_PDL"] = old
+    per_kernel: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and (
+            "_attention_kernel" in e.name or "_reduce_kernel" in e.name
+        ):
+            per_kernel.setdefault(e.name, []).append(e.device_time)
+    return sum(statistics.median(v) for v in per_kernel.values())
 
 
 def bench_attention(bw: float, sweep: bool) -> list[dict[str, Any]]:
@@ -112,10 +159,18 @@ def bench_attention(bw: float, sweep: bool) -> list[dict[str, Any]]:
 
     for model, batch, ctx in cases:
         split = use_split_kv(batch, SHAPES[model][1], 1)
-        # split-KV steps: the launcher's choice, then each merge forced, for an A/B
-        for merge in (None, True, False) if split else (None,):
-            r = attention_case(SHAPES[model], batch, ctx, merge_in_kernel=merge)
-            config = {None: "default", True: "merge=in kernel", False: "merge=reduce kernel"}[merge]
+        # split-KV steps: the launcher's choice, then each merge forced and the fewest tiles
+        # per segment moved, for an A/B
+        variants: list[tuple[str, dict[str, Any]]] = [("default", {})]
+        if split:
+            variants += [
+                ("merge=in kernel", {"merge_in_kernel": True}),
+                ("merge=reduce kernel", {"merge_in_kernel": False}),
+                ("min tiles=1", {"min_segment_tiles": 1}),
+                ("min tiles=4", {"min_segment_tiles": 4}),
+            ]
+        for config, kw in variants:
+            r = attention_case(SHAPES[model], batch, ctx, **kw)
             r.update(
                 model=model,
                 batch=batch,
@@ -125,9 +180,11 @@ def bench_attention(bw: float, sweep: bool) -> list[dict[str, Any]]:
                 pct_of_copy_bw=100 * r["gbps"] * 1e9 / bw,
             )
             rows.append(r)
+            r["kernel_pct_of_copy_bw"] = 100 * r["kernel_gbps"] * 1e9 / bw
             print(
                 f"attention {model:13} B={batch:3} ctx={ctx:5} split={split!s:5} {config:20} "
-                f"{r['ms'] * 1e3:8.1f} us {r['gbps']:7.0f} GB/s {r['pct_of_copy_bw']:5.1f}% of copy BW",
+                f"{r['ms'] * 1e3:8.1f} us {r['gbps']:7.0f} GB/s {r['pct_of_copy_bw']:5.1f}% of copy BW "
+                f"| profiled kernel {r['kernel_us']:6.1f} us {r['kernel_pct_of_copy_bw']:5.1f}%",
                 flush=True,
             )
     if sweep:  # split-KV segments (the tile-shape sweep is in benchmarks/results/gpu.md)
@@ -185,6 +242,37 @@ def sweep_tiles(bw: float) -> list[dict[str, Any]]:
                             f"{r['pct_of_copy_bw']:5.1f}%",
                             flush=True,
                         )
+    return rows
+
+
+def sweep_merge(bw: float, repeats: int = 3) -> list[dict[str, Any]]:
+    """Split-KV decode attention over the in-kernel merge's chunk size (MERGE_TILE_ELEMENTS),
+    `repeats` rounds over every setting so the spread between rounds shows: the tuning behind
+    that `launch_config` constant. (Run 12's first sweep also moved the fewest tiles per segment,
+    1 or 2: one tile was as fast or faster in every case, `SPLIT_KV_MIN_TILES`.)"""
+    from hallm.ops.triton import launch_config
+
+    rows = []
+    default = launch_config.MERGE_TILE_ELEMENTS
+    cases = [("qwen2.5-0.5b", 64, 1024), ("qwen2.5-0.5b", 32, 1024), ("qwen2.5-0.5b", 64, 4096)]
+    cases += [("llama-3.1-8b", 16, 4096), ("llama-3.1-8b", 32, 1024)]
+    try:
+        for rep in range(repeats):
+            for model, batch, ctx in cases:
+                for elements in (2048, 4096, 8192):
+                    launch_config.MERGE_TILE_ELEMENTS = elements
+                    r = attention_case(SHAPES[model], batch, ctx)
+                    name = f"merge tile={elements}"
+                    r.update(model=model, batch=batch, ctx=ctx, split=True, config=name, round=rep)
+                    r["pct_of_copy_bw"] = 100 * r["gbps"] * 1e9 / bw
+                    rows.append(r)
+                    print(
+                        f"merge round {rep} {model:13} B={batch:3} ctx={ctx:5} {name:18} "
+                        f"{r['ms'] * 1e3:7.1f} us {r['pct_of_copy_bw']:5.1f}%",
+                        flush=True,
+                    )
+    finally:
+        launch_config.MERGE_TILE_ELEMENTS = default
     return rows
 
 
@@ -308,6 +396,7 @@ def main() -> None:
     p.add_argument("--parts", default="copy,attention,step")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-tiles", action="store_true", help="Qwen2.5-0.5B attention tile/warp/stage sweep")
+    p.add_argument("--sweep-merge", action="store_true", help="split-KV merge chunk / segment-length sweep")
     p.add_argument("--ab-fused", action="store_true", help="also measure steps with HALLM_CUDA_FUSED=0")
     p.add_argument(
         "--ab-env",
@@ -334,6 +423,8 @@ def main() -> None:
         record["attention"] = bench_attention(bw, args.sweep)
     if args.sweep_tiles:
         record["tile_sweep"] = sweep_tiles(bw)
+    if args.sweep_merge:
+        record["merge_sweep"] = sweep_merge(bw)
     if "step" in parts:
         tmp = Path(tempfile.mkdtemp(prefix="hallm-g4-"))
         record["steps"] = bench_steps(

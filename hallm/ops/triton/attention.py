@@ -16,11 +16,13 @@ value position that no query of the tile may attend is masked at the load (other
 at the score.
 
 Split-KV (flash-decoding): for decode-only steps with few (request, KV head) pairs, a third grid
-axis splits each request's KV range into NUM_SEGMENTS contiguous parts; each program writes its
-unnormalized partial output, running max and sum (float32); the last program of the segments
-of a (q_block, kv_head) to finish (an atomic counter) merges them in the same launch, or
+axis splits each request's KV range into up to NUM_SEGMENTS contiguous parts of at least
+MIN_SEGMENT_TILES tiles (a short context uses fewer; the programs past them exit); each program
+writes its unnormalized partial output, running max and sum (float32); the last program of a
+(q_block, kv_head) to finish (an atomic counter) merges them in the same launch, or
 `hallm.ops.triton.split_kv_reduce` does in a second one (`launch_config.merges_in_kernel`
-chooses).
+chooses). With the in-kernel merge a request whose keys fit one segment writes its output
+directly. Decode-only steps (DECODE_ONLY) map program i to request i, with no search.
 
 All launches read lengths from device tensors, so they can be captured in a CUDA graph.
 """
@@ -32,13 +34,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 
 from hallm.ops.triton.kv_write import check_cache, write_kv_kernel
 from hallm.ops.triton.launch_config import (
+    SPLIT_KV_MIN_TILES,
     KernelConfig,
-    head_pad,
+    attention_constexprs,
     kernel_config,
     merges_in_kernel,
     split_kv_segments,
@@ -81,8 +83,11 @@ def _attention_kernel(
     TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
+    DECODE_ONLY: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
     MERGE_IN_KERNEL: tl.constexpr,
+    MIN_SEGMENT_TILES: tl.constexpr,
+    SEG_CHUNK: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -95,21 +100,27 @@ def _attention_kernel(
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    # The request owning this q-block: the last i with query_start_loc[i] // BLOCK_Q + i <= q_block.
-    lo: tl.int32 = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first_block = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        if first_block <= q_block:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
-
-    q_start = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    q_block_local = q_block - (q_start // BLOCK_Q + seq)
+    if DECODE_ONLY:  # at most one token per request: program q_block is request q_block
+        seq = q_block
+        q_start = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_start
+        q_block_local = 0
+    else:
+        # The request owning this q-block: the last i with query_start_loc[i] // BLOCK_Q + i <= q_block
+        # (a chain of dependent loads: ~log2(requests) L2 round trips before the first KV load).
+        lo: tl.int32 = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            first_block = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+            if first_block <= q_block:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+        q_start = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_start
+        q_block_local = q_block - (q_start // BLOCK_Q + seq)
     if q_block_local * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -136,8 +147,12 @@ def _attention_kernel(
         kv_start = tl.maximum(ctx_len + q_block_local * BLOCK_Q - window + 1, 0)
     tile_lo = kv_start // TILE_N
     tile_hi = tl.cdiv(kv_end, TILE_N)
+    n_seg = 1  # segments that hold keys for this request: each at least MIN_SEGMENT_TILES tiles
     if NUM_SEGMENTS > 1:
-        per_segment = tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS)
+        per_segment = tl.maximum(tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS), MIN_SEGMENT_TILES)
+        n_seg = tl.maximum(tl.cdiv(tile_hi - tile_lo, per_segment), 1)
+        if MERGE_IN_KERNEL and segment >= n_seg:  # nothing to read; the merge counts the n_seg others
+            return
         t_begin = tile_lo + segment * per_segment
         t_end = tl.minimum(t_begin + per_segment, tile_hi)
     else:
@@ -189,62 +204,64 @@ def _attention_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    if NUM_SEGMENTS > 1:
-        seg_row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment
+    out_ptrs = out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :]
+    out_mask = row_mask[:, None] & d_mask[None, :]
+    seg_row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment  # [M]
+    if NUM_SEGMENTS == 1:
+        tl.store(
+            out_ptrs, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask
+        )
+    elif not MERGE_IN_KERNEL:  # the reduce kernel reads every segment's partial
         tl.store(segm_out_ptr + seg_row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_mask[:, None])
         tl.store(segm_max_ptr + seg_row, m_i, mask=row_mask)
         tl.store(segm_sum_ptr + seg_row, l_i, mask=row_mask)
-        if MERGE_IN_KERNEL:
-            # The last of the NUM_SEGMENTS programs of this (q_block, kv_head) to finish merges
-            # them: the barrier orders every thread's partial stores before the counter's release,
-            # the acquire orders the loads (through L2: .cg) after the other programs' stores. It
-            # puts the counter back to 0 for the next launch (a CUDA graph replays the same buffer).
-            tl.debug_barrier()
-            counter = counter_ptr + q_block * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SEGMENTS - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                # [M, S] maxima for the common scale, then one [M, HEAD_PAD] partial at a time
-                # (a [M, S, HEAD_PAD] tile would not fit in registers at 16 segments x 128).
-                base = (token * NUM_HEADS + head) * NUM_SEGMENTS  # [M]
-                offs_s = tl.arange(0, NUM_SEGMENTS)
-                m_all = tl.load(
-                    segm_max_ptr + base[:, None] + offs_s[None, :],
-                    mask=row_mask[:, None],
-                    other=float("-inf"),
+    elif n_seg == 1:  # the request's keys fit one segment: no partials, no merge
+        tl.store(
+            out_ptrs, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask
+        )
+    else:
+        tl.store(segm_out_ptr + seg_row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_mask[:, None])
+        tl.store(segm_max_ptr + seg_row, m_i, mask=row_mask)
+        tl.store(segm_sum_ptr + seg_row, l_i, mask=row_mask)
+        # The last of the n_seg programs of this (q_block, kv_head) to finish merges them: the
+        # barrier orders every thread's partial stores before the counter's release, the acquire
+        # orders the loads (through L2: .cg) after the other programs' stores. It puts the counter
+        # back to 0 for the next launch (a CUDA graph replays the same buffer).
+        tl.debug_barrier()
+        counter = counter_ptr + q_block * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_seg - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            base = (token * NUM_HEADS + head) * NUM_SEGMENTS  # [M]
+            offs_s = tl.arange(0, NUM_SEGMENTS)
+            m_all = tl.load(
+                segm_max_ptr + base[:, None] + offs_s[None, :],
+                mask=row_mask[:, None] & (offs_s[None, :] < n_seg),
+                other=float("-inf"),
+                cache_modifier=".cg",
+            )
+            g = tl.max(m_all, axis=1)  # [M]: the common scale
+            g = tl.where(g > float("-inf"), g, 0.0)  # a row that saw no key: keep -inf - g finite
+            denom = tl.zeros([BLOCK_M], tl.float32)
+            merged = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+            offs_c = tl.arange(0, SEG_CHUNK)
+            # SEG_CHUNK partials per [M, SEG_CHUNK, HEAD_PAD] load, so the loads of a
+            # chunk are in flight together rather than one L2 round trip per segment.
+            for c in range(0, n_seg, SEG_CHUNK):
+                rows = base[:, None] + (c + offs_c)[None, :]  # [M, C]
+                cm = row_mask[:, None] & ((c + offs_c)[None, :] < n_seg)
+                m_s = tl.load(segm_max_ptr + rows, mask=cm, other=float("-inf"), cache_modifier=".cg")
+                w = tl.where(m_s > float("-inf"), tl.exp2(m_s - g[:, None]), 0.0)  # [M, C]
+                l_s = tl.load(segm_sum_ptr + rows, mask=cm, other=0.0, cache_modifier=".cg")
+                denom += tl.sum(w * l_s, axis=1)
+                part = tl.load(
+                    segm_out_ptr + rows[:, :, None] * HEAD_PAD + offs_d[None, None, :],
+                    mask=cm[:, :, None],
+                    other=0.0,
                     cache_modifier=".cg",
                 )
-                g = tl.max(m_all, axis=1)  # [M]
-                g = tl.where(g > float("-inf"), g, 0.0)  # a row that saw no key: keep -inf - g finite
-                denom = tl.zeros([BLOCK_M], tl.float32)
-                res = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-                for s in range(NUM_SEGMENTS):
-                    m_s = tl.load(
-                        segm_max_ptr + base + s, mask=row_mask, other=float("-inf"), cache_modifier=".cg"
-                    )
-                    w = tl.where(m_s > float("-inf"), tl.exp2(m_s - g), 0.0)  # [M]
-                    denom += w * tl.load(
-                        segm_sum_ptr + base + s, mask=row_mask, other=0.0, cache_modifier=".cg"
-                    )
-                    part = tl.load(
-                        segm_out_ptr + (base + s)[:, None] * HEAD_PAD + offs_d[None, :],
-                        mask=row_mask[:, None],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    res += part * w[:, None]
-                res = res / tl.where(denom > 0, denom, 1.0)[:, None]
-                tl.store(
-                    out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :],
-                    res.to(out_ptr.dtype.element_ty),
-                    mask=row_mask[:, None] & d_mask[None, :],
-                )
-    else:
-        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(
-            out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :],
-            res.to(out_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & d_mask[None, :],
-        )
+                merged += tl.sum(part * w[:, :, None], axis=1)
+            res = merged / tl.where(denom > 0, denom, 1.0)[:, None]
+            tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @functools.cache
@@ -282,6 +299,7 @@ def paged_attention(
     config: KernelConfig | None = None,
     num_segments: int | None = None,
     merge_in_kernel: bool | None = None,
+    min_segment_tiles: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of one step's tokens over the paged cache; returns `out`.
 
@@ -298,7 +316,8 @@ def paged_attention(
     buffers. config: override the tile shape (benchmarks). merge_in_kernel: split-KV partials
     are merged by the last segment program of each (q-block, KV head) to finish, counted by an
     atomic (one launch); False merges them in a second kernel; None: `launch_config.merges_in_kernel`
-    decides from the number of segments.
+    decides from the number of segments. min_segment_tiles: the fewest KV tiles a segment covers
+    (default `launch_config.SPLIT_KV_MIN_TILES`; tests lower it to exercise many segments).
     """
     check_cache(kv_cache)
     num_tokens, num_heads, head_size = query.shape
@@ -317,13 +336,22 @@ def paged_attention(
     q_per_kv = num_heads // num_kv_heads
     decode_only = max_query_len <= 1
     cfg = config or kernel_config(query.dtype, head_size, q_per_kv, decode_only)
-    block_m = max(cfg.block_m, triton.next_power_of_2(q_per_kv))
-    block_q = block_m // q_per_kv
-    pad = head_pad(head_size)
     auto = split_kv_segments(num_reqs, num_kv_heads, max_query_len)
     if split_kv is None:
         split_kv = auto > 1
     segments = (num_segments or max(auto, 2)) if split_kv else 1
+    if merge_in_kernel is None:
+        merge_in_kernel = merges_in_kernel(segments)
+    meta = attention_constexprs(
+        cfg,
+        q_per_kv,
+        head_size,
+        decode_only,
+        segments,
+        merge_in_kernel,
+        SPLIT_KV_MIN_TILES if min_segment_tiles is None else min_segment_tiles,
+    )
+    pad = meta["HEAD_PAD"]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if split_kv:
         key = ("split_kv", num_tokens, num_heads, pad, segments, query.device)
@@ -340,12 +368,10 @@ def paged_attention(
         segm_out, segm_max, segm_sum = bufs
     else:
         segm_out = segm_max = segm_sum = out
-    grid = (num_tokens // block_q + num_reqs, num_kv_heads, segments)
-    if merge_in_kernel is None:
-        merge_in_kernel = merges_in_kernel(segments)
-    merge_in_kernel = merge_in_kernel and split_kv
+    q_blocks = num_reqs if decode_only else num_tokens // meta["BLOCK_Q"] + num_reqs
+    grid = (q_blocks, num_kv_heads, segments)
     counters = seq_lens  # an int32 placeholder when nothing is counted
-    if merge_in_kernel:
+    if meta["MERGE_IN_KERNEL"]:
         key = ("split_kv_counters", grid[0], num_kv_heads, query.device)
         counters = workspace.get(key) if workspace is not None else None
         if counters is None:  # zeros; every launch leaves them zero again
@@ -380,13 +406,8 @@ def paged_attention(
         NUM_HEADS=num_heads,
         NUM_Q_PER_KV=q_per_kv,
         HEAD_SIZE=head_size,
-        HEAD_PAD=pad,
         BLOCK_SIZE=block_size,
-        TILE_N=cfg.tile_n,
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        NUM_SEGMENTS=segments,
-        MERGE_IN_KERNEL=merge_in_kernel,
+        **meta,
         USE_SOFT_CAP=logits_soft_cap is not None,
         USE_WINDOW=sliding_window is not None,
         # float32: exact products (no tf32), as the reference; the interpreter's 16-bit dot is
@@ -396,6 +417,6 @@ def paged_attention(
         num_stages=cfg.num_stages,
         **pdl_launch(query.device),
     )
-    if split_kv and not merge_in_kernel:
+    if split_kv and not meta["MERGE_IN_KERNEL"]:
         merge_segments(out, segm_out, segm_max, segm_sum, query_start_loc, num_reqs, segments)
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from hallm.ops.triton.attention import jit_kernels
-from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, head_pad, kernel_config
+from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
 
 _SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: Largest dynamic shared memory a block may use on the smallest target we support (sm_86/89).
@@ -89,7 +89,9 @@ def _attention_variant(
     t = _SIG_DTYPE[dtype]
     q_per_kv = num_heads // num_kv_heads
     cfg = kernel_config(dtype, head_size, q_per_kv, decode_only)
-    block_m = max(cfg.block_m, triton.next_power_of_2(q_per_kv))
+    meta = attention_constexprs(
+        cfg, q_per_kv, head_size, decode_only, SPLIT_KV_SEGMENTS if split else 1, merge_in_kernel
+    )
     signature = {
         "out_ptr": f"*{t}",
         "q_ptr": f"*{t}",
@@ -119,13 +121,8 @@ def _attention_variant(
         "NUM_HEADS": num_heads,
         "NUM_Q_PER_KV": q_per_kv,
         "HEAD_SIZE": head_size,
-        "HEAD_PAD": head_pad(head_size),
         "BLOCK_SIZE": block_size,
-        "TILE_N": cfg.tile_n,
-        "BLOCK_M": block_m,
-        "BLOCK_Q": block_m // q_per_kv,
-        "NUM_SEGMENTS": SPLIT_KV_SEGMENTS if split else 1,
-        "MERGE_IN_KERNEL": split and merge_in_kernel,
+        **meta,
         "USE_SOFT_CAP": soft_cap,
         "USE_WINDOW": window,
         "DOT_F32": dtype == torch.float32,

@@ -19,9 +19,16 @@ SPLIT_KV_MAX_PROGRAMS = 256
 #: ...with enough segments to launch about this many programs (a few per SM of an H100).
 SPLIT_KV_TARGET_PROGRAMS = 512
 #: Split-KV steps with at most this many segments merge them in the attention launch; with more
-#: (batch 1-4), the last program's walk over every segment costs more than a second launch
-#: (H200, run 10 in benchmarks/results/gpu.md).
+#: (batch 1-4), the last program's pass over the partials is a serial tail that costs more than a
+#: second kernel launched with PDL (H200, runs 10 and 12 in benchmarks/results/gpu.md).
 MERGE_IN_KERNEL_MAX_SEGMENTS = 8
+#: A split-KV segment covers at least this many KV tiles: a short context uses fewer segments
+#: than the launch has (the rest exit at once), and with the in-kernel merge a request whose
+#: keys fit one segment skips the merge. One tile measured best (run 12).
+SPLIT_KV_MIN_TILES = 1
+#: Most float32 elements of one [BLOCK_M, SEG_CHUNK, HEAD_PAD] tile of partials the in-kernel
+#: merge loads at once (32 registers per thread at 4 warps).
+MERGE_TILE_ELEMENTS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +85,33 @@ def merges_in_kernel(num_segments: int) -> bool:
     """Whether a split-KV step merges its segments in the attention launch (see
     MERGE_IN_KERNEL_MAX_SEGMENTS) rather than in a second kernel."""
     return 1 < num_segments <= MERGE_IN_KERNEL_MAX_SEGMENTS
+
+
+def attention_constexprs(
+    cfg: KernelConfig,
+    num_q_per_kv: int,
+    head_size: int,
+    decode_only: bool,
+    num_segments: int,
+    merge_in_kernel: bool,
+    min_segment_tiles: int = SPLIT_KV_MIN_TILES,
+) -> dict[str, int | bool]:
+    """The attention kernel's launch-shape constexprs (the launcher and `compile_check` share them).
+
+    BLOCK_M rows hold BLOCK_Q tokens x NUM_Q_PER_KV heads; a decode-only step gives each program
+    one request's token (DECODE_ONLY: the program id is the request, no search).
+    """
+    block_m = max(cfg.block_m, triton.next_power_of_2(num_q_per_kv))
+    pad = head_pad(head_size)
+    split = num_segments > 1
+    return {
+        "HEAD_PAD": pad,
+        "TILE_N": cfg.tile_n,
+        "BLOCK_M": block_m,
+        "BLOCK_Q": 1 if decode_only else block_m // num_q_per_kv,
+        "DECODE_ONLY": decode_only,
+        "NUM_SEGMENTS": num_segments,
+        "MERGE_IN_KERNEL": split and merge_in_kernel,
+        "MIN_SEGMENT_TILES": max(1, min_segment_tiles),
+        "SEG_CHUNK": max(1, min(num_segments, MERGE_TILE_ELEMENTS // (block_m * pad))),
+    }

@@ -88,19 +88,51 @@ def test_decode_gqa_group_of_seven(split: bool) -> None:
     _check(out, batch, 0.25, torch.float32)
 
 
-def test_split_kv_merged_in_kernel_or_by_reduce_and_counters_left_zero() -> None:
-    """Both ways of merging split-KV partials match the reference; the in-kernel merge's
-    counters are zero after every launch, so a second launch on the same workspace (as a CUDA
-    graph replays) merges again; empty segments (short contexts, 8 segments) merge too."""
+@pytest.mark.parametrize(
+    ("min_tiles", "merge_tile"),
+    [
+        (2, None),  # two tiles per segment: most requests fit one segment and skip the merge
+        (1, 512),  # one tile per segment: up to 5 segments, merged 2 at a time (a ragged last chunk)
+    ],
+)
+def test_split_kv_merged_in_kernel_or_by_reduce_and_counters_left_zero(
+    min_tiles, merge_tile, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Both ways of merging split-KV partials match the reference, for requests that use 1 to 5
+    of the 8 segments; the in-kernel merge's counters are zero after every launch, so a second
+    launch on the same workspace (as a CUDA graph replays) merges again."""
+    from hallm.ops.triton import launch_config
+
+    if merge_tile is not None:
+        monkeypatch.setattr(launch_config, "MERGE_TILE_ELEMENTS", merge_tile)
     batch = _batch(DECODE, (14, 2), 16, 4)
+    config = launch_config.KernelConfig(block_m=16, tile_n=16)  # 16-position tiles: up to 5 per request
     for merge in (True, False):
         workspace: dict = {}
         for _ in range(2):
-            out = _run(batch, 0.25, split_kv=True, num_segments=8, workspace=workspace, merge_in_kernel=merge)
+            out = _run(
+                batch,
+                0.25,
+                split_kv=True,
+                num_segments=8,
+                workspace=workspace,
+                merge_in_kernel=merge,
+                config=config,
+                min_segment_tiles=min_tiles,
+            )
             _check(out, batch, 0.25, torch.float32)
         counters = [v for k, v in workspace.items() if k[0] == "split_kv_counters"]
         assert len(counters) == (1 if merge else 0)
         assert all(int(c.abs().sum()) == 0 for c in counters)
+
+
+def test_decode_only_launch_has_one_program_per_request() -> None:
+    """A decode-only step (max_query_len 1) maps program i to request i; requests with no new
+    token (query length 0) and padding tokens owned by no request are left alone."""
+    batch = _batch([(21, 1), (9, 0), (40, 1), (3, 1)], (4, 2), 16, 4, num_padding_tokens=2, seed=7)
+    out = _run(batch, 0.25)
+    _check(out, batch, 0.25, torch.float32)
+    assert out[batch.num_real_tokens :].abs().max() == 0
 
 
 def test_split_kv_with_window_and_soft_cap() -> None:
