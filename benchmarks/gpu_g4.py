@@ -246,10 +246,10 @@ def sweep_tiles(bw: float) -> list[dict[str, Any]]:
 
 
 def sweep_merge(bw: float, repeats: int = 3) -> list[dict[str, Any]]:
-    """Split-KV decode attention over the in-kernel merge's chunk size (MERGE_TILE_ELEMENTS),
+    """Split-KV decode attention over the cap on the in-kernel merge's chunk (MERGE_TILE_ELEMENTS),
     `repeats` rounds over every setting so the spread between rounds shows: the tuning behind
-    that `launch_config` constant. (Run 12's first sweep also moved the fewest tiles per segment,
-    1 or 2: one tile was as fast or faster in every case, `SPLIT_KV_MIN_TILES`.)"""
+    `launch_config`'s SEG_CHUNK rule. (Run 12's first sweep also moved the fewest tiles per
+    segment, 1 or 2: one tile was as fast or faster in every case, `SPLIT_KV_MIN_TILES`.)"""
     from hallm.ops.triton import launch_config
 
     rows = []

@@ -27,8 +27,11 @@ MERGE_IN_KERNEL_MAX_SEGMENTS = 8
 #: keys fit one segment skips the merge. One tile measured best (run 12).
 SPLIT_KV_MIN_TILES = 1
 #: Most float32 elements of one [BLOCK_M, SEG_CHUNK, HEAD_PAD] tile of partials the in-kernel
-#: merge loads at once (32 registers per thread at 4 warps).
-MERGE_TILE_ELEMENTS = 4096
+#: merge loads at once (64 registers per thread at 4 warps). Within it the merge takes half the
+#: segments per load (two rounds): in run 12's sweep that was the fastest chunk at 4 and at 8
+#: segments for both head shapes (Qwen2.5-0.5B batch 64 at 1k context: 2 per load 11.0 us,
+#: 4 or 8 per load 11.4 us; batch 32, 8 segments: 4 per load 8.5 us, 2 or 8 8.9 us).
+MERGE_TILE_ELEMENTS = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,5 +116,5 @@ def attention_constexprs(
         "NUM_SEGMENTS": num_segments,
         "MERGE_IN_KERNEL": split and merge_in_kernel,
         "MIN_SEGMENT_TILES": max(1, min_segment_tiles),
-        "SEG_CHUNK": max(1, min(num_segments, MERGE_TILE_ELEMENTS // (block_m * pad))),
+        "SEG_CHUNK": max(1, min(num_segments // 2, MERGE_TILE_ELEMENTS // (block_m * pad))),
     }
