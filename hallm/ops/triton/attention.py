@@ -38,7 +38,6 @@ import triton.language as tl
 
 from hallm.ops.triton.kv_write import check_cache, write_kv_kernel
 from hallm.ops.triton.launch_config import (
-    SPLIT_KV_MIN_TILES,
     KernelConfig,
     attention_constexprs,
     kernel_config,
@@ -207,6 +206,8 @@ def _attention_kernel(
     out_ptrs = out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :]
     out_mask = row_mask[:, None] & d_mask[None, :]
     seg_row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment  # [M]
+    # Four branches, two stores written twice: one shared tail choosing by a runtime flag made
+    # Llama-3-8B's split-KV launches ~12% slower on an H200 (run 12, benchmarks/results/gpu.md).
     if NUM_SEGMENTS == 1:
         tl.store(
             out_ptrs, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask
@@ -343,13 +344,7 @@ def paged_attention(
     if merge_in_kernel is None:
         merge_in_kernel = merges_in_kernel(segments)
     meta = attention_constexprs(
-        cfg,
-        q_per_kv,
-        head_size,
-        decode_only,
-        segments,
-        merge_in_kernel,
-        SPLIT_KV_MIN_TILES if min_segment_tiles is None else min_segment_tiles,
+        cfg, q_per_kv, head_size, decode_only, segments, merge_in_kernel, min_segment_tiles
     )
     pad = meta["HEAD_PAD"]
     k_cache, v_cache = kv_cache[0], kv_cache[1]

@@ -97,9 +97,10 @@ def attention_constexprs(
     decode_only: bool,
     num_segments: int,
     merge_in_kernel: bool,
-    min_segment_tiles: int = SPLIT_KV_MIN_TILES,
+    min_segment_tiles: int | None = None,
 ) -> dict[str, int | bool]:
     """The attention kernel's launch-shape constexprs (the launcher and `compile_check` share them).
+    min_segment_tiles: None is SPLIT_KV_MIN_TILES.
 
     BLOCK_M rows hold BLOCK_Q tokens x NUM_Q_PER_KV heads; a decode-only step gives each program
     one request's token (DECODE_ONLY: the program id is the request, no search).
@@ -115,6 +116,6 @@ def attention_constexprs(
         "DECODE_ONLY": decode_only,
         "NUM_SEGMENTS": num_segments,
         "MERGE_IN_KERNEL": split and merge_in_kernel,
-        "MIN_SEGMENT_TILES": max(1, min_segment_tiles),
+        "MIN_SEGMENT_TILES": max(1, SPLIT_KV_MIN_TILES if min_segment_tiles is None else min_segment_tiles),
         "SEG_CHUNK": max(1, min(num_segments // 2, MERGE_TILE_ELEMENTS // (block_m * pad))),
     }
