@@ -2,7 +2,8 @@
 
 hallm's native models build their layers from `hallm.core.layers`: `RMSNorm` (optionally with the
 residual add), `RotaryEmbedding` and `GatedMLP`, each a chain of small PyTorch ops, and their projections are
-plain `nn.Linear`s. A plugin with
+plain `nn.Linear`s; the Llama family's decoder layer is these in a fixed order (DECODER_LAYER), so a
+plugin may also fold a layer's neighbouring ops into fewer kernels. A plugin with
 fused kernels for these calls `swap_layers(model, make)` from its `Platform.compile_model`; `make`
 gets each recognized module with its kind (see `layer_kind`) and returns the replacement (sharing
 the parameters, not copying them) or None to keep it. Modules not recognized here (the generic
@@ -25,14 +26,17 @@ RMS_NORM = "rms_norm"
 ROTARY = "rotary"
 SILU_GATED_MLP = "silu_gated_mlp"
 LINEAR = "linear"
+DECODER_LAYER = "llama_decoder_layer"
 
 
 def layer_kind(module: nn.Module) -> str | None:
     """RMS_NORM, ROTARY (full NeoX rotary, no long-rope switch), SILU_GATED_MLP, LINEAR (a plain
-    `nn.Linear`, not a subclass such as a quantized one), or None."""
+    `nn.Linear`, not a subclass such as a quantized one), DECODER_LAYER, or None."""
     cls = type(module)
     if cls is nn.Linear:
         return LINEAR
+    if cls.__module__ == "hallm.core.models.llama" and cls.__name__ == "LlamaDecoderLayer":
+        return DECODER_LAYER if _plain_decoder_layer(module) else None
     if not cls.__module__.startswith("hallm.core.layers"):
         return None
     if cls.__name__ == "RMSNorm" and hasattr(module, "eps"):
@@ -46,6 +50,24 @@ def layer_kind(module: nn.Module) -> str | None:
     if cls.__name__ == "GatedMLP" and getattr(module, "act", None) is F.silu:
         return SILU_GATED_MLP
     return None
+
+
+def _plain_decoder_layer(layer: nn.Module) -> bool:
+    """`LlamaDecoderLayer.forward` runs exactly: input_layernorm(hidden, residual) -> qkv_proj ->
+    rotary -> attn -> o_proj -> post_attention_layernorm(hidden, residual) -> gate_up_proj ->
+    SiLU-and-mul -> down_proj, with every piece recognized here (no q/k norm: Qwen3's layers
+    keep the per-module swaps)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or getattr(attn, "q_norm", None) is not None:
+        return False
+    return (
+        layer_kind(layer.input_layernorm) == RMS_NORM
+        and layer_kind(layer.post_attention_layernorm) == RMS_NORM
+        and layer_kind(attn.qkv_proj) == LINEAR
+        and layer_kind(attn.o_proj) == LINEAR
+        and layer_kind(mlp) == SILU_GATED_MLP
+        and layer_kind(mlp.gate_up_proj) == LINEAR
+    )
 
 
 def swap_layers(model: Any, make: Callable[[str, nn.Module], nn.Module | None], label: str) -> dict[str, int]:

@@ -5,7 +5,9 @@ Qwen2.5-0.5B and Llama-3.1-8B at 1 to 64 rows against an fp32 `F.linear` of the 
 in both 16-bit dtypes, with the configuration the launcher picks (split-K where it splits), and
 a CUDA graph of split-K launches replayed with new inputs (the counters must reset each time),
 and a chain of Triton kernels with programmatic dependent launch on and off, which must agree
-bit for bit (added after run 11 of benchmarks/results/gpu.md; not yet run on a GPU).
+bit for bit (added after run 11 of benchmarks/results/gpu.md, first run in run 12). The
+fused decoder layer's launches (RMSNorm prologue, rotary and gated epilogues) against the kernels
+they replace, and replayed from a CUDA graph (added in run 13).
 """
 
 from __future__ import annotations
@@ -119,3 +121,95 @@ def test_pdl_chain_is_bit_identical_to_plain_launches(rows: int, monkeypatch) ->
     assert torch.equal(results["0"][0], results["1"][0])
     assert torch.equal(results["0"][1], results["1"][1])
     assert torch.equal(results["1"][0], results["1"][1])
+
+
+def _norm_rotary_case(dtype: torch.dtype, rows: int, seed: int):  # type: ignore[no-untyped-def]
+    """Qwen2.5-0.5B's qkv (14 + 2 + 2 heads of 64, bias) and gate/up, with their RMSNorms."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+
+    hidden, inter, d = 896, 4864, 64
+    return dict(
+        x=randn(rows, hidden),
+        residual=randn(rows, hidden),
+        norm_w=randn(hidden) * 0.2 + 1.0,
+        w_qkv=randn(18 * d, hidden) * hidden**-0.5,
+        b_qkv=randn(18 * d),
+        w_gate_up=randn(2 * inter, hidden) * hidden**-0.5,
+        positions=torch.randint(0, 32768, (rows,), device="cuda", generator=gen),
+        inv_freq=1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d)),
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_norm_prologue_and_rotary_epilogue_match_the_unfused_kernels(dtype: torch.dtype, rows: int) -> None:
+    """What FusedDecoderLayer launches against the kernels it replaces (RMSNorm with the
+    residual add, an fp32 F.linear, the rotary kernel, SiLU-and-mul), compiled, with PDL."""
+    from hallm.ops.triton.fused import rms_norm, rotary
+    from hallm.ops.triton.skinny_gemm import RMSNormPrologue, RotaryEpilogue, skinny_linear
+
+    c = _norm_rotary_case(dtype, rows, rows)
+    normed, want_res = rms_norm(c["x"], c["norm_w"], 1e-6, c["residual"])
+    q, k, v = _reference(normed, c["w_qkv"], c["b_qkv"], False).split([14 * 64, 128, 128], dim=-1)
+    want_q, want_k = rotary(c["positions"], q.view(rows, 14, 64), k.view(rows, 2, 64), c["inv_freq"], 1.0)
+    got, got_res = skinny_linear(
+        c["x"],
+        c["w_qkv"],
+        c["b_qkv"],
+        norm=RMSNormPrologue(c["norm_w"], 1e-6, c["residual"]),
+        rotary=RotaryEpilogue(c["positions"], c["inv_freq"], 1.0, 64, 16),
+    )
+    assert torch.equal(got_res, want_res)
+    got_q, got_k, got_v = got.split([14 * 64, 128, 128], dim=-1)
+    tol = dict(atol=3e-2, rtol=1.6e-2)
+    torch.testing.assert_close(got_q.view(rows, 14, 64), want_q, **tol)
+    torch.testing.assert_close(got_k.view(rows, 2, 64), want_k, **tol)
+    torch.testing.assert_close(got_v, v, **tol)
+    got = skinny_linear(c["x"], c["w_gate_up"], gated=True, norm=RMSNormPrologue(c["norm_w"], 1e-6))
+    want = _reference(rms_norm(c["x"], c["norm_w"], 1e-6), c["w_gate_up"], None, True)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_fused_projections_in_a_cuda_graph_replay_with_new_inputs() -> None:
+    """The split-K rotary qkv launch (its counters must reset) captured once and replayed with
+    new rows, positions and residuals."""
+    from hallm.ops.triton.skinny_gemm import (
+        RMSNormPrologue,
+        RotaryEpilogue,
+        counters_for,
+        skinny_config,
+        skinny_linear,
+    )
+
+    assert skinny_config(1, 1152, 896, paired=True).split_k > 1
+    c = _norm_rotary_case(torch.bfloat16, 1, 0)
+    counters = counters_for(1152, "cuda")
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return skinny_linear(  # type: ignore[return-value]
+            c["x"],
+            c["w_qkv"],
+            c["b_qkv"],
+            norm=RMSNormPrologue(c["norm_w"], 1e-6, c["residual"]),
+            rotary=RotaryEpilogue(c["positions"], c["inv_freq"], 1.0, 64, 16),
+            counters=counters,
+        )
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, res = run()
+    for seed in range(1, 4):
+        new = _norm_rotary_case(torch.bfloat16, 1, seed)
+        for name in ("x", "residual", "positions"):
+            c[name].copy_(new[name])
+        graph.replay()
+        torch.cuda.synchronize()
+        want_out, want_res = run()
+        assert torch.equal(res, want_res)
+        assert torch.equal(out, want_out)
+    assert not counters.any()

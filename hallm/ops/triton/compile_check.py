@@ -225,21 +225,29 @@ def _skinny_variants(
     dtypes: tuple[torch.dtype, ...],
 ) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
     """The skinny GEMM as `skinny_linear` launches it: 1 and 64 rows, split-K (Qwen2.5-0.5B's
-    down projection), gated (its gate/up), with bias (its qkv)."""
+    down projection), gated (its gate/up), with bias (its qkv); and as the fused decoder layer
+    launches it: qkv with the RMSNorm prologue (residual add) and the rotary epilogue, gate/up
+    with the RMSNorm prologue."""
     from hallm.ops.triton import skinny_gemm
 
     k = skinny_gemm.jit_kernels()
     out: list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]] = []
+    # label, N, K, bias, epilogue, norm prologue
     shapes = (
-        ("qkv", 1152, 896, True, False),
-        ("down", 896, 4864, False, False),
-        ("gate_up", 4864, 896, False, True),
+        ("qkv", 1152, 896, True, skinny_gemm.PLAIN, False),
+        ("down", 896, 4864, False, skinny_gemm.PLAIN, False),
+        ("gate_up", 4864, 896, False, skinny_gemm.GATED, False),
+        ("qkv-norm-rotary", 1152, 896, True, skinny_gemm.ROTARY, True),
+        ("gate_up-norm", 4864, 896, False, skinny_gemm.GATED, True),
     )
     for dtype in dtypes:
         t = _SIG_DTYPE[dtype]
         for rows in (1, 64):
-            for label, n, kk, bias, gated in shapes:
-                cfg = skinny_gemm.skinny_config(rows, n, kk)
+            for label, n, kk, bias, epilogue, norm in shapes:
+                paired = epilogue != skinny_gemm.PLAIN
+                cfg = skinny_gemm.skinny_config(
+                    rows, n, kk, gated=epilogue == skinny_gemm.GATED, paired=paired
+                )
                 out.append(
                     (
                         f"skinny-{label}-{t}-m{rows}",
@@ -251,27 +259,40 @@ def _skinny_variants(
                             "out_ptr": f"*{t}",
                             "part_ptr": "*fp32" if cfg.split_k > 1 else f"*{t}",
                             "counter_ptr": "*i32",
+                            "res_ptr": f"*{t}",
+                            "res_out_ptr": f"*{t}",
+                            "norm_w_ptr": f"*{t}",
+                            "pos_ptr": "*i64",
+                            "inv_freq_ptr": "*fp32",
                             "M": "i32",
                             "N": "i32",
                             "K": "i32",
                             "x_stride": "i32",
                             "out_stride": "i32",
+                            "res_stride": "i32",
                             "K_PER_SPLIT": "i32",
+                            "eps": "fp32",
+                            "rope_scaling": "fp32",
                         },
                         {
                             "HAS_BIAS": bias,
-                            "GATED": gated,
+                            "EPILOGUE": int(epilogue),
+                            "NORM": norm,
+                            "RESIDUAL": norm,
                             "SPLIT_K": cfg.split_k,
                             "DOT_F32": False,
                             "BLOCK_M": cfg.block_m,
                             "BLOCK_N": cfg.block_n,
                             "BLOCK_K": cfg.block_k,
+                            "NORM_TILES": triton.cdiv(kk, cfg.block_k),
+                            "HEAD_SIZE": 64,
+                            "ROTATED_HEADS": 16,
                         },
                         {
                             "num_warps": cfg.num_warps,
                             "num_stages": cfg.num_stages,
                             # these shapes' sizes and strides are multiples of 16, as in a launch
-                            "aligned": ("N", "K", "x_stride", "out_stride", "K_PER_SPLIT"),
+                            "aligned": ("N", "K", "x_stride", "out_stride", "res_stride", "K_PER_SPLIT"),
                         },
                     )
                 )
@@ -367,6 +388,8 @@ CI_SUBSET = (
     "skinny-qkv-bf16-m1",
     "skinny-down-bf16-m1",
     "skinny-gate_up-bf16-m64",
+    "skinny-qkv-norm-rotary-bf16-m1",
+    "skinny-gate_up-norm-bf16-m1",
 )
 
 

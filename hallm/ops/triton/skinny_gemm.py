@@ -1,5 +1,5 @@
-"""Linear layers over few rows (decode steps): `y = x @ W.T + b`, with an optional SiLU-gated
-epilogue, in one Triton kernel.
+"""Linear layers over few rows (decode steps): `y = x @ W.T + b` in one Triton kernel, with an
+optional RMSNorm prologue and a SiLU-gated or rotary epilogue.
 
 Why: a decode step multiplies a handful of activation rows by each weight matrix, so it is a
 weight stream. cuBLAS picks tiles for big GEMMs; on an H200 at one row it spends 4.4 us on
@@ -10,9 +10,16 @@ tensor-core dot; a matrix whose columns are too few to fill the GPU also splits 
 program of a column block to finish sums the fp32 partials (an atomic counter, reset for the
 next launch, so a CUDA graph replays it).
 
-The gated form computes `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)` for a weight stacked as
-[gate; up] ([2I, K], the layout of `GatedMLP.gate_up_proj`), rounding where the reference
-module rounds: the projection, the SiLU output, the product.
+At that size a kernel's launch and dependency wait, not its bytes, set its time, so the
+decoder layer's neighbours of a projection fold into it (`hallm_cuda.fused.FusedDecoderLayer`):
+- `RMSNormPrologue`: normalize the rows (after adding the residual, whose sum the first column
+  block writes out) before the product, in place of an RMSNorm kernel;
+- GATED: `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)` for a weight stacked as [gate; up] ([2I, K],
+  the layout of `GatedMLP.gate_up_proj`), in place of a SiLU-and-mul kernel;
+- `RotaryEpilogue`: NeoX rotate-half of the q and k heads of a fused qkv projection, in place
+  of the rotary kernel. A program owns dims d and d + head_size/2 of one head.
+Each rounds where the module it replaces rounds: the residual sum, the normalized and the
+weighted rows, the projection, the SiLU output and the product, the cos/sin tables.
 """
 
 from __future__ import annotations
@@ -32,6 +39,37 @@ MAX_ROWS = 64
 #: Programs per SM a launch aims for before it splits K.
 _PROGRAMS_PER_SM = 2
 _MAX_SPLIT_K = 8
+#: The EPILOGUE constexpr.
+PLAIN = tl.constexpr(0)
+GATED = tl.constexpr(1)
+ROTARY = tl.constexpr(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNormPrologue:
+    """Normalize x (or x + residual) by `RMSNorm(weight, eps)` before the product.
+
+    weight [K]; residual [M, K] (last dim contiguous) or None. With a residual the launch also
+    returns x + residual, the residual stream that `RMSNorm.forward(x, residual)` returns."""
+
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryEpilogue:
+    """Rotate the first `rotated_heads` heads of the output (q, then k of a fused qkv
+    projection; v's heads pass through) by `RotaryEmbedding` (full NeoX rotate-half).
+
+    positions [M] (any int dtype); inv_freq float32 [head_size / 2]; scaling the
+    `attention_scaling` the cos/sin tables are multiplied by."""
+
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    scaling: float
+    head_size: int
+    rotated_heads: int
 
 
 def _skinny_gemm_kernel(
@@ -41,33 +79,61 @@ def _skinny_gemm_kernel(
     out_ptr,
     part_ptr,
     counter_ptr,
+    res_ptr,
+    res_out_ptr,
+    norm_w_ptr,
+    pos_ptr,
+    inv_freq_ptr,
     M,
     N,
     K,
     x_stride,
     out_stride,
+    res_stride,
     K_PER_SPLIT,
+    eps,
+    rope_scaling,
     HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    NORM: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM_TILES: tl.constexpr = 1,
+    HEAD_SIZE: tl.constexpr = 32,
+    ROTATED_HEADS: tl.constexpr = 0,
     USE_PDL: tl.constexpr = False,
 ):
-    # x [M, K] (row stride x_stride), w [N or 2N, K] contiguous, out [M, N] (row stride out_stride);
-    # part fp32 [SPLIT_K, BLOCK_M, N], counter int32 [cdiv(N, BLOCK_N)] (SPLIT_K > 1 only).
+    # x [M, K] (row stride x_stride); w [W, K] contiguous, W = 2N (GATED) or N; out [M, N] (row
+    # stride out_stride); part fp32 [SPLIT_K, BLOCK_M, W], counter int32 [programs along N]
+    # (SPLIT_K > 1 only). NORM: res [M, K] (row stride res_stride, RESIDUAL only), res_out
+    # contiguous [M, K], norm_w [K]. ROTARY: pos [M], inv_freq fp32 [HEAD_SIZE / 2].
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
+    # Columns: a plain program owns rn; a paired one owns rn and rn2, whose epilogue combines
+    # them (GATED: gate column rn with up column rn + N; ROTARY: dims d and d + HEAD_SIZE/2 of
+    # one head, the rotate-half pairs).
+    col = tl.arange(0, BLOCK_N)
+    head = 0
+    if EPILOGUE == ROTARY:
+        head = pid_n // (HEAD_SIZE // 2 // BLOCK_N)
+        col = (pid_n % (HEAD_SIZE // 2 // BLOCK_N)) * BLOCK_N + col  # rotary frequency index
+        rn = head * HEAD_SIZE + col
+        rn2 = rn + HEAD_SIZE // 2
+    else:
+        rn = pid_n * BLOCK_N + col
+        rn2 = rn + N
     n_mask = rn < N
     w_rows = rn.to(tl.int64) * K
+    w2_rows = rn2.to(tl.int64) * K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
     # The first weight tile is loaded before waiting on the previous kernel (weights are
@@ -75,60 +141,109 @@ def _skinny_gemm_kernel(
     k = k_begin + rk
     w_mask = n_mask[:, None] & (k < k_end)[None, :]
     w = tl.load(w_ptr + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
-    u = w
-    if GATED:
-        u = tl.load(w_ptr + (w_rows + N * K)[:, None] + k[None, :], mask=w_mask, other=0.0)
+    w2 = w
+    if EPILOGUE != PLAIN:
+        w2 = tl.load(w_ptr + w2_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+    act_dtype = x_ptr.dtype.element_ty
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if NORM:
+        # RMSNorm needs the whole row's sum of squares before the first product: every
+        # program reads the (few, L2-resident) rows once more; the tiles are unrolled so their
+        # loads are in flight together.
+        sum_sq = tl.zeros([BLOCK_M], tl.float32)
+        for i in tl.static_range(NORM_TILES):
+            kk = i * BLOCK_K + rk
+            hm = m_mask[:, None] & (kk < K)[None, :]
+            h = tl.load(x_ptr + rm[:, None] * x_stride + kk[None, :], mask=hm, other=0.0)
+            if RESIDUAL:
+                r = tl.load(res_ptr + rm[:, None] * res_stride + kk[None, :], mask=hm, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(act_dtype)  # rounded like `x + residual`
+            hf = h.to(tl.float32)
+            sum_sq += tl.sum(hf * hf, axis=1)
+        rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         k = k_begin + k0 + rk
-        x = tl.load(
-            x_ptr + rm[:, None] * x_stride + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0.0
-        )
+        x_mask = m_mask[:, None] & (k < k_end)[None, :]
+        x = tl.load(x_ptr + rm[:, None] * x_stride + k[None, :], mask=x_mask, other=0.0)
+        if NORM:
+            if RESIDUAL:
+                r = tl.load(res_ptr + rm[:, None] * res_stride + k[None, :], mask=x_mask, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(act_dtype)
+                if pid_n == 0:  # the first column block writes the residual stream, each split its K range
+                    tl.store(res_out_ptr + rm[:, None] * K + k[None, :], x, mask=x_mask)
+            nw = tl.load(norm_w_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
+            # rounded where RMSNorm rounds: the normalized row, then the weighted one
+            x = ((x.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32) * nw[None, :]).to(act_dtype)
         if DOT_F32:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-        if GATED:
+        if EPILOGUE != PLAIN:
             if DOT_F32:
-                acc_up = tl.dot(x.to(tl.float32), tl.trans(u.to(tl.float32)), acc_up, input_precision="ieee")
+                acc2 = tl.dot(x.to(tl.float32), tl.trans(w2.to(tl.float32)), acc2, input_precision="ieee")
             else:
-                acc_up = tl.dot(x, tl.trans(u), acc_up)
+                acc2 = tl.dot(x, tl.trans(w2), acc2)
         k = k + BLOCK_K  # the next tile; masked off (no traffic) after this split's last one
         w_mask = n_mask[:, None] & (k < k_end)[None, :]
         w = tl.load(w_ptr + w_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
-        if GATED:
-            u = tl.load(w_ptr + (w_rows + N * K)[:, None] + k[None, :], mask=w_mask, other=0.0)
+        if EPILOGUE != PLAIN:
+            w2 = tl.load(w_ptr + w2_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
 
-    dtype = out_ptr.dtype.element_ty
-    out = out_ptr + rm[:, None] * out_stride + rn[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    else:
-        bias = tl.zeros([1, BLOCK_N], tl.float32)
+    is_last = True
     if SPLIT_K > 1:
         # The last of the SPLIT_K programs of this column block sums the partials: the barrier
         # orders every thread's stores before the counter's release, the acquire orders the
         # loads (through L2: .cg) after the other programs' stores; it resets the counter.
-        part = part_ptr + rm[:, None] * N + rn[None, :]
-        tl.store(part + pid_k * BLOCK_M * N, acc, mask=n_mask[None, :])
+        part_w = 2 * N if EPILOGUE == GATED else N
+        part = part_ptr + rm[:, None] * part_w + rn[None, :]
+        part2 = part_ptr + rm[:, None] * part_w + rn2[None, :]
+        tl.store(part + pid_k * BLOCK_M * part_w, acc, mask=n_mask[None, :])
+        if EPILOGUE != PLAIN:
+            tl.store(part2 + pid_k * BLOCK_M * part_w, acc2, mask=n_mask[None, :])
         tl.debug_barrier()
-        if tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+        is_last = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if is_last:
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in range(SPLIT_K):
-                acc += tl.load(part + s * BLOCK_M * N, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
-            tl.store(out, (acc + bias).to(dtype), mask=out_mask)
-    elif GATED:
-        if HAS_BIAS:
-            acc_up += tl.load(bias_ptr + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        gate = (acc + bias).to(dtype).to(tl.float32)
+                offset = s * BLOCK_M * part_w
+                acc += tl.load(part + offset, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
+                if EPILOGUE != PLAIN:
+                    acc2 += tl.load(part2 + offset, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
+
+    dtype = out_ptr.dtype.element_ty
+    out = out_ptr + rm[:, None] * out_stride + rn[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:  # (broadcast by hand: the interpreter rejects a mask & a scalar)
+        out_mask = out_mask & ((tl.zeros([BLOCK_M, BLOCK_N], tl.int32) + is_last.to(tl.int32)) != 0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE != PLAIN:
+            acc2 += tl.load(bias_ptr + rn2, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == GATED:
+        gate = acc.to(dtype).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype)  # silu, rounded like F.silu's output
-        tl.store(out, (act.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype), mask=out_mask)
+        tl.store(out, (act.to(tl.float32) * acc2.to(dtype).to(tl.float32)).to(dtype), mask=out_mask)
+    elif EPILOGUE == ROTARY:
+        # NeoX rotate-half of the q and k heads (the first ROTATED_HEADS), the projection
+        # rounded first and cos/sin rounded to the activation dtype, as the rotary kernel does
+        x1 = acc.to(dtype).to(tl.float32)
+        x2 = acc2.to(dtype).to(tl.float32)
+        pos = tl.load(pos_ptr + rm, mask=m_mask, other=0).to(tl.float32)
+        freq = pos[:, None] * tl.load(inv_freq_ptr + col)[None, :]
+        cos = (tl.cos(freq) * rope_scaling).to(dtype).to(tl.float32)
+        sin = (tl.sin(freq) * rope_scaling).to(dtype).to(tl.float32)
+        rotate = head < ROTATED_HEADS
+        y1 = tl.where(rotate, x1 * cos - x2 * sin, x1)
+        y2 = tl.where(rotate, x2 * cos + x1 * sin, x2)
+        tl.store(out, y1.to(dtype), mask=out_mask)
+        tl.store(out + HEAD_SIZE // 2, y2.to(dtype), mask=out_mask)
     else:
-        tl.store(out, (acc + bias).to(dtype), mask=out_mask)
+        tl.store(out, acc.to(dtype), mask=out_mask)
 
 
 @functools.cache
@@ -159,19 +274,26 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def skinny_config(m: int, n: int, k: int, num_sms: int = 132, gated: bool = False) -> SkinnyConfig:
-    """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle
-    (never for the gated form, whose epilogue needs the whole sum of both halves).
+def skinny_config(
+    m: int, n: int, k: int, num_sms: int = 132, gated: bool = False, paired: bool | None = None
+) -> SkinnyConfig:
+    """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
 
-    Decided from shapes only (host ints fixed for a captured batch size)."""
+    A paired program (gated, or rotary: `paired`, default `gated`) streams two row blocks per
+    output block, so it has half the programs of a plain one over the same weight; it splits
+    down to one tile per split where a plain launch would keep two. Decided from shapes only
+    (host ints fixed for a captured batch size)."""
+    paired = gated if paired is None else paired
     block_m = max(16, triton.next_power_of_2(m))
-    block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + BLOCK_N) x BLOCK_K x 3 stages < 99 KB
+    block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + 2 BLOCK_N) x BLOCK_K x 3 stages < 99 KB
     block_n = 16
-    col_blocks = triton.cdiv(n, block_n)
+    weight_rows = 2 * n if gated else n
+    col_blocks = triton.cdiv(weight_rows, 2 * block_n if paired else block_n)
+    tiles_per_split = 1 if paired else 2
     split = 1
     target = _PROGRAMS_PER_SM * num_sms
     while (
-        not gated and split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2
+        split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= tiles_per_split
     ):
         split *= 2
     return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
@@ -183,43 +305,85 @@ def counters_for(n: int, device: torch.device | str) -> torch.Tensor:
     return torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device)
 
 
+def _check_rotary(rotary: RotaryEpilogue, n: int, m: int, block_n: int) -> None:
+    d = rotary.head_size
+    if d % (2 * block_n) or n % d:
+        raise ValueError(
+            f"the rotary epilogue needs head_size a multiple of {2 * block_n} dividing the {n} "
+            f"outputs, got head_size {d}; use the rotary kernel (hallm.ops.triton.fused.rotary)"
+        )
+    if rotary.inv_freq.shape != (d // 2,) or rotary.inv_freq.dtype != torch.float32:
+        raise ValueError(
+            f"inv_freq must be float32 [{d // 2}] (full rotary), got {rotary.inv_freq.dtype} "
+            f"{tuple(rotary.inv_freq.shape)}"
+        )
+    if rotary.positions.shape != (m,):
+        raise ValueError(f"positions must be [{m}] (one per row), got {tuple(rotary.positions.shape)}")
+    if not 0 <= rotary.rotated_heads <= n // d:
+        raise ValueError(f"rotated_heads {rotary.rotated_heads} outside [0, {n // d}] heads")
+
+
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     gated: bool = False,
+    norm: RMSNormPrologue | None = None,
+    rotary: RotaryEpilogue | None = None,
     counters: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`F.linear(x, weight, bias)` for x [M, K] with M <= MAX_ROWS (last dim contiguous) and a
     contiguous weight [N, K]; gated=True takes weight [2I, K] (gate rows, then up rows) and
-    returns `silu(gate) * up` [M, I]. counters: from `counters_for(N)`, kept by the caller so a
-    captured graph reuses them (allocated here when None)."""
+    returns `silu(gate) * up` [M, I]. `norm` multiplies RMSNorm(x) (or of x + norm.residual)
+    instead of x; `rotary` rotates the output's q/k heads (not with gated). counters: from
+    `counters_for(N)`, kept by the caller so a captured graph reuses them (allocated here
+    when None). Returns the output, and with `norm.residual` also x + residual [M, K]."""
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {m}; use F.linear")
     if weight.shape[1] != k or not weight.is_contiguous():
         raise ValueError(f"weight {tuple(weight.shape)} must be contiguous with {k} columns")
+    if gated and rotary is not None:
+        raise ValueError("skinny_linear takes gated or rotary, not both")
     if x.stride(-1) != 1:
         x = x.contiguous()
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    residual = norm.residual if norm is not None else None
+    res_out = out
+    if residual is not None:
+        if residual.shape != (m, k):
+            raise ValueError(f"residual {tuple(residual.shape)} must match x {(m, k)}")
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        res_out = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    if norm is not None and norm.weight.shape != (k,):
+        raise ValueError(f"norm weight {tuple(norm.weight.shape)} must be [{k}]")
     if m == 0:
-        return out
+        return (out, res_out) if residual is not None else out
     index = x.device.index if x.device.type == "cuda" else 0
-    cfg = config or skinny_config(m, n, k, _num_sms(index or 0), gated=gated)
-    if gated and cfg.split_k > 1:
-        raise ValueError("the gated skinny GEMM does not split K")
+    cfg = config or skinny_config(
+        m, n, k, _num_sms(index or 0), gated=gated, paired=gated or rotary is not None
+    )
     if cfg.block_m < m or cfg.block_n < 16:
         raise ValueError(f"{cfg} must tile {m} rows (block_m >= rows) with block_n >= 16")
+    if rotary is not None:
+        _check_rotary(rotary, n, m, cfg.block_n)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     part = out
     if cfg.split_k > 1:
-        part = torch.empty((cfg.split_k, cfg.block_m, n), dtype=torch.float32, device=x.device)
+        part = torch.empty((cfg.split_k, cfg.block_m, weight.shape[0]), dtype=torch.float32, device=x.device)
         if counters is None:
             counters = counters_for(n, x.device)
-    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    if rotary is not None:
+        epilogue, col_blocks = ROTARY, n // (2 * cfg.block_n)
+    elif gated:
+        epilogue, col_blocks = GATED, triton.cdiv(n, cfg.block_n)
+    else:
+        epilogue, col_blocks = PLAIN, triton.cdiv(n, cfg.block_n)
+    grid = (col_blocks, cfg.split_k)
     _kernels(interpreting()).skinny_gemm[grid](
         x,
         weight,
@@ -227,22 +391,35 @@ def skinny_linear(
         out,
         part,
         counters if counters is not None else out,
+        residual if residual is not None else x,
+        res_out,
+        norm.weight if norm is not None else weight,
+        rotary.positions if rotary is not None else out,
+        rotary.inv_freq if rotary is not None else out,
         m,
         n,
         k,
         x.stride(0),
         out.stride(0),
+        residual.stride(0) if residual is not None else 0,
         k_per_split,
+        float(norm.eps) if norm is not None else 0.0,
+        float(rotary.scaling) if rotary is not None else 1.0,
         HAS_BIAS=bias is not None,
-        GATED=gated,
+        EPILOGUE=int(epilogue),
+        NORM=norm is not None,
+        RESIDUAL=residual is not None,
         SPLIT_K=cfg.split_k,
         # The interpreter's 16-bit dot is broken (triton 3.9 reinterprets the bits): fp32 there.
         DOT_F32=x.dtype == torch.float32 or interpreting(),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        NORM_TILES=triton.cdiv(k, cfg.block_k),
+        HEAD_SIZE=rotary.head_size if rotary is not None else 32,
+        ROTATED_HEADS=rotary.rotated_heads if rotary is not None else 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(x.device),
     )
-    return out
+    return (out, res_out) if residual is not None else out

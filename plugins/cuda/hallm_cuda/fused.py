@@ -16,6 +16,11 @@ dependent launch, `hallm.ops.triton.runtime.pdl_launch`). Measured on an H200
 this way, while cuBLAS stays faster for bigger weights (its gate/up, lm_head, all of
 Llama-3.1-8B's). The gated form (gate/up with the SiLU-and-mul in its epilogue) measured slower
 than cuBLAS + the SiLU kernel, so it is off unless HALLM_CUDA_SKINNY_GATED_ROWS is set.
+
+Llama-family decoder layers of small models are replaced as a whole
+(`hallm_cuda.fused_decoder.FusedDecoderLayer`: the norms, the rotary and the SiLU folded into
+the projections for the same few-row steps); HALLM_CUDA_FUSED_DECODER=0 keeps the per-module
+swaps there.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hallm.ops.fusion import LINEAR, RMS_NORM, ROTARY, SILU_GATED_MLP, swap_layers
+from hallm.ops.fusion import DECODER_LAYER, LINEAR, RMS_NORM, ROTARY, SILU_GATED_MLP, swap_layers
 
 #: Most rows (tokens) a projection sends to the skinny GEMM instead of cuBLAS.
 SKINNY_ROWS = 16
@@ -152,6 +157,16 @@ class FusedGatedMLP(nn.Module):
 
 
 def _replacement(kind: str, module: nn.Module, skinny_rows: int) -> nn.Module | None:
+    if kind == DECODER_LAYER:
+        from hallm_cuda.fused_decoder import FusedDecoderLayer, fits
+
+        if skinny_rows <= 0 or os.environ.get("HALLM_CUDA_FUSED_DECODER", "1") == "0" or not fits(module):
+            return None  # its submodules are swapped one by one
+
+        def swap_children(layer: nn.Module) -> None:
+            swap_layers(layer, lambda k, m: _replacement(k, m, skinny_rows), "fused Triton layers")
+
+        return FusedDecoderLayer(module, skinny_rows, swap_children)
     if kind == RMS_NORM:
         return FusedRMSNorm(module)
     if kind == ROTARY:

@@ -75,6 +75,7 @@ def test_fused_layers_reproduce_the_model(tiny_model_dir) -> None:  # type: igno
     fused = fused_mod.fuse_layers(load_model(str(path)).model)
     names = {type(m).__name__ for m in fused.modules()}
     assert {"FusedRMSNorm", "FusedRotaryEmbedding", "FusedGatedMLP"} <= names
+    assert "FusedDecoderLayer" not in names  # q/k norm: not the plain Llama layer
     assert not {"RMSNorm", "RotaryEmbedding", "GatedMLP"} & names
     # every projection is a SkinnyLinear but gate/up, whose skinny form is FusedGatedMLP's own
     plain_linear = {n.rsplit(".", 1)[-1] for n, m in fused.named_modules() if type(m) is torch.nn.Linear}
@@ -135,3 +136,66 @@ def test_fused_gated_mlp_caps_its_rows() -> None:
     for rows in (3, MAX_ROWS + 16):
         x = torch.randn(rows, 32, dtype=torch.bfloat16)
         torch.testing.assert_close(fused(x), mlp(x), atol=3e-2, rtol=3e-2)
+
+
+def _qwen2_model(seed: int) -> torch.nn.Module:
+    """A hallm Qwen2 (q/k/v biases, tied embeddings) with head_size 32, the smallest the fused
+    decoder layer's rotary epilogue tiles, random weights, float16 (the fused path takes 16-bit
+    activations; float16's finer rounding than bf16's lets the comparison see a wrong sum)."""
+    import transformers as tf
+
+    from hallm.core.models.llama import Qwen2ForCausalLM
+
+    config = tf.Qwen2Config(
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                torch.randn_like(p) * (0.2 if "norm" in name else 0.05) + (1.0 if "norm" in name else 0.0)
+            )
+    return model.to(torch.float16)
+
+
+def test_fused_decoder_layer_reproduces_the_model(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Whole-layer fusion (norms, rotary and SiLU folded into the projections) on decode steps
+    against the plain PyTorch modules, float16: prefill (too many rows: the stock forward), then
+    decode steps of 1 and 2 requests, which must take the fused path (one RMSNorm launch per
+    step: the final norm). Leaving k unrotated moves the logits by 0.05-0.15; rounding, 0.003."""
+    fused_mod = pytest.importorskip("hallm_cuda.fused")
+    import hallm.ops.triton.fused as kernels
+    from tests.utils.paged_forward import PagedRunner, _ReferenceBackend
+
+    monkeypatch.setenv("HALLM_CUDA_SKINNY_ROWS", "4")
+    plain = PagedRunner(_qwen2_model(0), backend_cls=_ReferenceBackend)
+    fused = PagedRunner(fused_mod.fuse_layers(_qwen2_model(0)), backend_cls=_ReferenceBackend)
+    names = [type(m).__name__ for m in fused.model.modules()]
+    assert names.count("FusedDecoderLayer") == 2 and "LlamaDecoderLayer" not in names
+    assert sorted(n for n, _ in fused.model.named_parameters()) == sorted(
+        n for n, _ in plain.model.named_parameters()
+    )
+    norms = []
+    real_rms_norm = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a, **kw: norms.append(1) or real_rms_norm(*a, **kw))
+    steps = [
+        [("a", list(range(3, 20))), ("b", list(range(30, 41)))],
+        [("a", [7]), ("b", [9])],
+        [("a", [11])],
+        [("a", [5]), ("b", [13])],
+    ]
+    for i, chunks in enumerate(steps):
+        norms.clear()
+        got, want = fused.step(chunks), plain.step(chunks)
+        assert len(norms) == (5 if i == 0 else 1)  # stock forward: 2 per layer + the final norm
+        for g, w in zip(got, want, strict=True):
+            # PyTorch rounds per op (rotary, SiLU, norm) where the kernels round once
+            torch.testing.assert_close(g, w, atol=8e-3, rtol=8e-3)

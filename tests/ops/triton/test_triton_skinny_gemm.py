@@ -77,15 +77,111 @@ def test_bad_input_says_what_to_do() -> None:
         skinny_linear(torch.zeros(2, 8), torch.zeros(4, 9))
 
 
-def test_gated_never_splits_k() -> None:
-    """A gate/up whose column blocks are too few to fill the GPU would split K if it were plain;
-    the gated epilogue needs whole sums, so the automatic config keeps one split."""
+def test_paired_launches_split_to_one_tile() -> None:
+    """A gate/up or rotary launch has half the programs of a plain one over the same weight, so
+    it splits K further (to one tile per split); the split gated sum matches."""
     from hallm.ops.triton.skinny_gemm import skinny_config, skinny_linear
 
-    assert skinny_config(1, 40, 2048).split_k > 1
-    assert skinny_config(1, 40, 2048, gated=True).split_k == 1
+    assert skinny_config(1, 1152, 896).split_k == 1
+    assert skinny_config(1, 1152, 896, paired=True).split_k == 2
+    assert skinny_config(1, 40, 2048, gated=True).split_k > 1
     torch.manual_seed(5)
     x = torch.randn(1, 2048)
     w = torch.randn(80, 2048) / 2048**0.5
     gate, up = F.linear(x, w).split(40, dim=-1)
     torch.testing.assert_close(skinny_linear(x, w, gated=True), F.silu(gate) * up, atol=1e-4, rtol=1e-4)
+
+
+def _config(m: int, split_k: int, block_k: int = 64):  # type: ignore[no-untyped-def]
+    from hallm.ops.triton.skinny_gemm import SkinnyConfig
+
+    return SkinnyConfig(
+        block_m=max(16, 1 << (m - 1).bit_length()), block_n=16, block_k=block_k, split_k=split_k
+    )
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(("m", "k", "split_k"), [(1, 200, 1), (3, 300, 3), (17, 64, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_prologue_matches_rms_norm_then_linear(
+    m: int, k: int, split_k: int, residual: bool, gated: bool, dtype: torch.dtype
+) -> None:
+    """RMSNorm (with the residual add) folded into the projection: the same rows reach the
+    product as from the RMSNorm kernel, and the residual stream comes back exactly."""
+    from hallm.ops.triton.fused import rms_norm
+    from hallm.ops.triton.skinny_gemm import RMSNormPrologue, counters_for, skinny_linear
+
+    torch.manual_seed(m * 10 + k)
+    n = 40
+    x = torch.randn(m, k, dtype=dtype)
+    r = torch.randn(m, k, dtype=dtype) if residual else None
+    norm_w = torch.randn(k, dtype=dtype) * 0.2 + 1.0
+    w = torch.randn(2 * n if gated else n, k, dtype=dtype) / k**0.5
+    b = torch.randn(w.shape[0], dtype=dtype)
+    normed = rms_norm(x, norm_w, 1e-6, r)
+    normed, want_res = normed if r is not None else (normed, None)
+    want = skinny_linear(normed, w, b, gated=gated, config=_config(m, 1))
+    counters = counters_for(n, "cpu")
+    for _ in range(2):  # the split launch leaves its counters at zero for the next
+        got = skinny_linear(
+            x,
+            w,
+            b,
+            gated=gated,
+            norm=RMSNormPrologue(norm_w, 1e-6, r),
+            counters=counters,
+            config=_config(m, split_k),
+        )
+        if r is not None:
+            got, got_res = got
+            torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    assert not counters.any()
+
+
+@pytest.mark.parametrize(("m", "split_k"), [(1, 1), (4, 2), (18, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_epilogue_matches_linear_then_rotary(m: int, split_k: int, dtype: torch.dtype) -> None:
+    """qkv projection + rotary of q and k (not v) in one launch, against F.linear + the rotary
+    kernel the fused layers use."""
+    from hallm.ops.triton.fused import rotary
+    from hallm.ops.triton.skinny_gemm import RotaryEpilogue, skinny_linear
+
+    torch.manual_seed(m)
+    hq, hk, d, k = 4, 2, 64, 160
+    w = torch.randn((hq + 2 * hk) * d, k, dtype=dtype) / k**0.5
+    b = torch.randn(w.shape[0], dtype=dtype)
+    x = torch.randn(m, k, dtype=dtype)
+    positions = torch.randint(0, 5000, (m,))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    qkv = F.linear(x.float(), w.float(), b.float()).to(dtype)
+    q, kk, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    want_q, want_k = rotary(positions, q.view(m, hq, d), kk.view(m, hk, d), inv_freq, 0.9)
+    got = skinny_linear(
+        x, w, b, rotary=RotaryEpilogue(positions, inv_freq, 0.9, d, hq + hk), config=_config(m, split_k, 32)
+    )
+    got_q, got_k, got_v = got.split([hq * d, hk * d, hk * d], dim=-1)
+    # bf16: the projection rounds to the same value up to summation order, then one unit
+    torch.testing.assert_close(got_q.view(m, hq, d), want_q, **TOL[dtype])
+    torch.testing.assert_close(got_k.view(m, hk, d), want_k, **TOL[dtype])
+    torch.testing.assert_close(got_v, v, **TOL[dtype])
+
+
+def test_epilogue_input_checks() -> None:
+    from hallm.ops.triton.skinny_gemm import RMSNormPrologue, RotaryEpilogue, skinny_linear
+
+    x, w = torch.zeros(2, 32), torch.zeros(96, 32)
+    inv = torch.ones(12)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        skinny_linear(x, w, rotary=RotaryEpilogue(torch.zeros(2, dtype=torch.long), inv, 1.0, 24, 3))
+    with pytest.raises(ValueError, match="float32 \\[16\\]"):
+        skinny_linear(x, w, rotary=RotaryEpilogue(torch.zeros(2, dtype=torch.long), inv, 1.0, 32, 3))
+    with pytest.raises(ValueError, match="gated or rotary"):
+        skinny_linear(
+            x, w, gated=True, rotary=RotaryEpilogue(torch.zeros(2, dtype=torch.long), inv, 1.0, 32, 3)
+        )
+    with pytest.raises(ValueError, match="residual"):
+        skinny_linear(x, w, norm=RMSNormPrologue(torch.ones(32), 1e-6, torch.zeros(3, 32)))
+    with pytest.raises(ValueError, match="norm weight"):
+        skinny_linear(x, w, norm=RMSNormPrologue(torch.ones(31), 1e-6))
