@@ -7,7 +7,10 @@ SiLU-and-mul, down, lm_head) and each row count, times `F.linear` (plus `silu_an
 gated one: what the model runs without the skinny kernel) and `skinny_linear` with its shipped
 configuration, in CUDA-graph replays over enough weight copies (>= 256 MB) that every weight
 comes from HBM, as inside a model. Prints microseconds, the weight stream's GB/s, and cuBLAS /
-skinny. --sweep also tries other tiles at one row and prints the best per projection.
+skinny. --sweep also tries other tiles at one row and prints the best per projection. --fused
+times what the fused decoder layer launches for Qwen2.5-0.5B's qkv (RMSNorm with the residual,
+projection, rotary) and gate/up (RMSNorm, projection, SiLU-and-mul) against the kernels of the
+per-module path, with a few tile/split/stage choices for the fused launch.
 """
 
 from __future__ import annotations
@@ -130,11 +133,95 @@ def sweep_configs(n: int, k: int, gated: bool) -> list[Any]:
     return out
 
 
+def bench_fused(rows: int) -> list[dict[str, Any]]:
+    """Qwen2.5-0.5B qkv and gate/up as the fused decoder layer launches them vs the module chain."""
+    return [
+        r for name, gated in (("qkv", False), ("gate_up", True)) for r in _bench_fused_proj(name, gated, rows)
+    ]
+
+
+def _bench_fused_proj(name: str, gated: bool, rows: int) -> list[dict[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    from hallm.ops.triton.fused import rms_norm, rotary, silu_and_mul
+    from hallm.ops.triton.skinny_gemm import (
+        RMSNormPrologue,
+        RotaryEpilogue,
+        SkinnyConfig,
+        counters_for,
+        skinny_config,
+        skinny_linear,
+    )
+
+    dev, dt = "cuda", torch.bfloat16
+    hidden, inter, d = 896, 4864, 64
+    n_rows = 2 * inter if gated else 18 * d
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(rows, hidden, device=dev, dtype=dt, generator=gen)
+    res = torch.randn(rows, hidden, device=dev, dtype=dt, generator=gen)
+    nw = torch.randn(hidden, device=dev, dtype=dt, generator=gen) * 0.1 + 1
+    pos = torch.arange(1000, 1000 + rows, device=dev)
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
+    copies = max(1, -(-L2_FLUSH_BYTES // (n_rows * hidden * 2)))
+    ws = [
+        torch.randn(n_rows, hidden, device=dev, dtype=dt, generator=gen) * hidden**-0.5 for _ in range(copies)
+    ]
+    bs = [None if gated else torch.randn(n_rows, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
+    counters = [counters_for(n_rows, dev) for _ in range(copies)]
+    rope = None if gated else RotaryEpilogue(pos, inv, 1.0, d, 16)
+
+    def modules(i: int) -> Any:
+        def run() -> None:
+            h, _ = rms_norm(x, nw, 1e-6, res)
+            if gated:
+                silu_and_mul(F.linear(h, ws[i]))
+            else:
+                y = skinny_linear(h, ws[i], bs[i], counters=counters[i])
+                q, k, _ = y.split([14 * d, 2 * d, 2 * d], dim=-1)
+                rotary(pos, q.view(rows, 14, d), k.view(rows, 2, d), inv, 1.0)
+
+        return run
+
+    def fused(i: int, cfg: Any) -> Any:
+        norm = RMSNormPrologue(nw, 1e-6, res)
+        return lambda: skinny_linear(
+            x, ws[i], bs[i], gated=gated, norm=norm, rotary=rope, counters=counters[i], config=cfg
+        )
+
+    t_modules = time_op(modules, copies)
+    shipped = skinny_config(rows, n_rows // 2 if gated else n_rows, hidden, gated=gated, paired=True)
+    variants = ((256, 1, 4, 3), (128, 7, 4, 2), (256, 4, 8, 2), (256, 4, 4, 1), (512, 2, 8, 2))
+    configs = [shipped] + [
+        SkinnyConfig(shipped.block_m, 16, bk, sp, num_warps=w, num_stages=st) for bk, sp, w, st in variants
+    ]
+    out = []
+    for cfg in configs:
+        t = time_op(lambda i, cfg=cfg: fused(i, cfg), copies)
+        label = "shipped" if cfg is shipped else "variant"
+        print(
+            f"fused {name:8} M={rows:3}: modules {t_modules:6.2f} us, fused {t:6.2f} us ({label} {cfg})",
+            flush=True,
+        )
+        out.append(
+            {
+                "fused": name,
+                "rows": rows,
+                "modules_us": t_modules,
+                "fused_us": t,
+                "config": str(cfg),
+                "shipped": cfg is shipped,
+            }
+        )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,16,32,64")
     p.add_argument("--models", default="qwen2.5-0.5b,llama-3.1-8b")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--fused", action="store_true", help="only the fused decoder layer's launches")
     p.add_argument("--out", default="benchmarks/results/raw")
     args = p.parse_args()
     bw = copy_bandwidth()
@@ -145,6 +232,10 @@ def main() -> None:
         "copy_bw_gbps": bw / 1e9,
         "rows": [],
     }
+    if args.fused:
+        record["fused"] = [r for rows in args.rows.split(",") for r in bench_fused(int(rows))]
+        append_jsonl(Path(args.out) / "skinny-gemm.jsonl", record)
+        return
     for model in args.models.split(","):
         for name, (n, k, bias, gated) in SHAPES[model].items():
             for rows in [int(r) for r in args.rows.split(",")]:

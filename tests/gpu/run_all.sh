@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear profile conformance (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused profile conformance (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -16,6 +16,7 @@
 # g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
 # g2-long   the same with 3072 requests (~6 minutes of generation: the most one 10-minute device call holds)
 # linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
+# linear-fused  the fused decoder layer's qkv and gate/up launches vs the per-module kernels (--fused)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 #
 # Logs and JSON go to $HALLM_GPU_RESULTS, else $OUT (the device tool's folder), else
@@ -71,10 +72,11 @@ for step in $STEPS; do
     g1) run g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b ;;
     g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
     g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 ;;
-    g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab-env HALLM_CUDA_FUSED_DECODER=0 ;;
+    g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab-env HALLM_CUDA_FUSED_DECODER=0 --ab-env HALLM_TRITON_SKINNY_ONE_TILE=0 ;;
     g2-long) run g2-long $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 3072 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 570 ;;
     g1-llama) run g1-llama $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --hf-cb-requests 16 --hf-padded-requests 32 --hf-batch-size 32 ;;
     linear) run linear $PY benchmarks/gpu_linear.py --out "$RES" ;;
+    linear-fused) run linear-fused $PY benchmarks/gpu_linear.py --out "$RES" --fused --rows 1,16 ;;
     profile) run profile $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from types import SimpleNamespace
 
 import torch
@@ -200,9 +201,10 @@ def _skinny_gemm_kernel(
         part_w = 2 * N if EPILOGUE == GATED else N
         part = part_ptr + rm[:, None] * part_w + rn[None, :]
         part2 = part_ptr + rm[:, None] * part_w + rn2[None, :]
-        tl.store(part + pid_k * BLOCK_M * part_w, acc, mask=n_mask[None, :])
+        part_mask = m_mask[:, None] & n_mask[None, :]  # rows past M are never stored: no traffic
+        tl.store(part + pid_k * BLOCK_M * part_w, acc, mask=part_mask)
         if EPILOGUE != PLAIN:
-            tl.store(part2 + pid_k * BLOCK_M * part_w, acc2, mask=n_mask[None, :])
+            tl.store(part2 + pid_k * BLOCK_M * part_w, acc2, mask=part_mask)
         tl.debug_barrier()
         is_last = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
         if is_last:
@@ -211,9 +213,9 @@ def _skinny_gemm_kernel(
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in range(SPLIT_K):
                 offset = s * BLOCK_M * part_w
-                acc += tl.load(part + offset, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
+                acc += tl.load(part + offset, mask=part_mask, other=0.0, cache_modifier=".cg")
                 if EPILOGUE != PLAIN:
-                    acc2 += tl.load(part2 + offset, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
+                    acc2 += tl.load(part2 + offset, mask=part_mask, other=0.0, cache_modifier=".cg")
 
     dtype = out_ptr.dtype.element_ty
     out = out_ptr + rm[:, None] * out_stride + rn[None, :]
@@ -274,27 +276,31 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _one_tile() -> bool:
+    return os.environ.get("HALLM_TRITON_SKINNY_ONE_TILE", "1") != "0"
+
+
 def skinny_config(
     m: int, n: int, k: int, num_sms: int = 132, gated: bool = False, paired: bool | None = None
 ) -> SkinnyConfig:
     """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
 
-    A paired program (gated, or rotary: `paired`, default `gated`) streams two row blocks per
-    output block, so it has half the programs of a plain one over the same weight; it splits
-    down to one tile per split where a plain launch would keep two. Decided from shapes only
-    (host ints fixed for a captured batch size)."""
+    A paired launch (gated, or rotary: `paired`, default `gated`) splits K into one tile per
+    program whatever the column count: the fused decoder layer's launches are latency-bound, and
+    a program whose weights are one tile loads all of them before its dependency wait, so after
+    it only the (L2-resident) activations and the partials' merge remain (HALLM_TRITON_SKINNY_ONE_TILE=0:
+    the plain rule, for A/B runs). Decided from shapes only (host ints fixed for a captured batch
+    size)."""
     paired = gated if paired is None else paired
     block_m = max(16, triton.next_power_of_2(m))
     block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + 2 BLOCK_N) x BLOCK_K x 3 stages < 99 KB
     block_n = 16
-    weight_rows = 2 * n if gated else n
-    col_blocks = triton.cdiv(weight_rows, 2 * block_n if paired else block_n)
-    tiles_per_split = 1 if paired else 2
+    if paired and _one_tile():
+        return SkinnyConfig(block_m, block_n, block_k, split_k=min(_MAX_SPLIT_K, triton.cdiv(k, block_k)))
+    col_blocks = triton.cdiv(2 * n if gated else n, 2 * block_n if paired else block_n)
     split = 1
     target = _PROGRAMS_PER_SM * num_sms
-    while (
-        split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= tiles_per_split
-    ):
+    while split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2:
         split *= 2
     return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
 
