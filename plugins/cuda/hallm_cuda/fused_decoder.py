@@ -18,6 +18,7 @@ submodules. The submodules keep their names, so the parameters' names do not cha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,7 @@ class FusedDecoderLayer(nn.Module):
         self.post_attention_layernorm = layer.post_attention_layernorm
         self._stock_forward = type(layer).forward
         self.max_rows = min(max_rows, MAX_ROWS)
+        self.fold_gate_up = os.environ.get("HALLM_CUDA_FUSED_GATE_UP", "1") != "0"
         attn = self.self_attn
         self.rotated_heads = attn.num_heads + attn.num_kv_heads
         device = attn.qkv_proj.weight.device
@@ -142,6 +144,9 @@ class FusedDecoderLayer(nn.Module):
             )
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         hidden = attn.o_proj(attn.attn(q, k, v))
+        if not self.fold_gate_up:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
         norm = self.post_attention_layernorm
         gate_up = self.mlp.gate_up_proj
         act, residual = skinny_linear(

@@ -166,16 +166,19 @@ def _qwen2_model(seed: int) -> torch.nn.Module:
     return model.to(torch.float16)
 
 
-def test_fused_decoder_layer_reproduces_the_model(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fold_gate_up", ["1", "0"])
+def test_fused_decoder_layer_reproduces_the_model(monkeypatch, fold_gate_up: str) -> None:  # type: ignore[no-untyped-def]
     """Whole-layer fusion (norms, rotary and SiLU folded into the projections) on decode steps
     against the plain PyTorch modules, float16: prefill (too many rows: the stock forward), then
     decode steps of 1 and 2 requests, which must take the fused path (one RMSNorm launch per
-    step: the final norm). Leaving k unrotated moves the logits by 0.05-0.15; rounding, 0.003."""
+    step: the final norm; with HALLM_CUDA_FUSED_GATE_UP=0 also one per layer, before gate/up).
+    Leaving k unrotated moves the logits by 0.05-0.15; rounding, 0.003."""
     fused_mod = pytest.importorskip("hallm_cuda.fused")
     import hallm.ops.triton.fused as kernels
     from tests.utils.paged_forward import PagedRunner, _ReferenceBackend
 
     monkeypatch.setenv("HALLM_CUDA_SKINNY_ROWS", "4")
+    monkeypatch.setenv("HALLM_CUDA_FUSED_GATE_UP", fold_gate_up)
     plain = PagedRunner(_qwen2_model(0), backend_cls=_ReferenceBackend)
     fused = PagedRunner(fused_mod.fuse_layers(_qwen2_model(0)), backend_cls=_ReferenceBackend)
     names = [type(m).__name__ for m in fused.model.modules()]
@@ -195,7 +198,8 @@ def test_fused_decoder_layer_reproduces_the_model(monkeypatch) -> None:  # type:
     for i, chunks in enumerate(steps):
         norms.clear()
         got, want = fused.step(chunks), plain.step(chunks)
-        assert len(norms) == (5 if i == 0 else 1)  # stock forward: 2 per layer + the final norm
+        # the stock forward (prefill): 2 per layer + the final norm
+        assert len(norms) == (5 if i == 0 else 1 if fold_gate_up == "1" else 3)
         for g, w in zip(got, want, strict=True):
             # PyTorch rounds per op (rotary, SiLU, norm) where the kernels round once
             torch.testing.assert_close(g, w, atol=8e-3, rtol=8e-3)
