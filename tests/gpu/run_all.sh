@@ -14,7 +14,7 @@
 # g1        benchmarks/gpu_g1.py: offline throughput, hallm vs HF continuous batching vs HF padded
 # g4-decoder  Qwen2.5-0.5B's decode steps with and without the fused decoder layer (HALLM_CUDA_FUSED_DECODER=0)
 # g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
-# g2-long   the same with 3072 requests (~6 minutes of generation: the most one 10-minute device call holds)
+# g2-long   the same with 3584 requests (~7 minutes of generation: about the most one 10-minute device call holds)
 # linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
 # linear-fused  the fused decoder layer's qkv and gate/up launches vs the per-module kernels (--fused)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
@@ -73,7 +73,7 @@ for step in $STEPS; do
     g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
     g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 ;;
     g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab-env HALLM_CUDA_FUSED_DECODER=0 --ab-env HALLM_CUDA_FUSED_GATE_UP=0 ;;
-    g2-long) run g2-long $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 3072 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 570 ;;
+    g2-long) run g2-long $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 3584 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 570 ;;
     g1-llama) run g1-llama $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --hf-cb-requests 16 --hf-padded-requests 32 --hf-batch-size 32 ;;
     linear) run linear $PY benchmarks/gpu_linear.py --out "$RES" ;;
     linear-fused) run linear-fused $PY benchmarks/gpu_linear.py --out "$RES" --fused --rows 1,16 ;;
