@@ -72,7 +72,7 @@ for step in $STEPS; do
     g1) run g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b ;;
     g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
     g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 ;;
-    g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab-env HALLM_CUDA_FUSED_DECODER=0 --ab-env HALLM_CUDA_FUSED_GATE_UP=0 ;;
+    g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab-env HALLM_CUDA_FUSED_DECODER=0 --ab-env HALLM_CUDA_FUSED_GATE_UP=1 ;;
     g2-long) run g2-long $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 3584 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 570 ;;
     g1-llama) run g1-llama $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --hf-cb-requests 16 --hf-padded-requests 32 --hf-batch-size 32 ;;
     linear) run linear $PY benchmarks/gpu_linear.py --out "$RES" ;;

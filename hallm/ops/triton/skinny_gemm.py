@@ -80,7 +80,6 @@ def _skinny_gemm_kernel(
     out_ptr,
     part_ptr,
     counter_ptr,
-    sq_ptr,
     res_ptr,
     res_out_ptr,
     norm_w_ptr,
@@ -104,6 +103,7 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM_TILES: tl.constexpr = 1,
     HEAD_SIZE: tl.constexpr = 32,
     ROTATED_HEADS: tl.constexpr = 0,
     USE_PDL: tl.constexpr = False,
@@ -111,8 +111,7 @@ def _skinny_gemm_kernel(
     # x [M, K] (row stride x_stride); w [W, K] contiguous, W = 2N (GATED) or N; out [M, N] (row
     # stride out_stride); part fp32 [SPLIT_K, BLOCK_M, W], counter int32 [programs along N]
     # (SPLIT_K > 1 only). NORM: res [M, K] (row stride res_stride, RESIDUAL only), res_out
-    # contiguous [M, K], norm_w [K], sq fp32 [programs along N, SPLIT_K, BLOCK_M] (SPLIT_K > 1).
-    # ROTARY: pos [M], inv_freq fp32 [HEAD_SIZE / 2].
+    # contiguous [M, K], norm_w [K]. ROTARY: pos [M], inv_freq fp32 [HEAD_SIZE / 2].
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -150,10 +149,23 @@ def _skinny_gemm_kernel(
         gdc_wait()
         gdc_launch_dependents()
     act_dtype = x_ptr.dtype.element_ty
-    # RMSNorm: rstd(row) * sum_k (h_k * nw_k) W[n, k] == sum_k (rstd * h_k * nw_k) W[n, k], so each
-    # program multiplies h * nw and sums h^2 over its own K range; the row's 1/rms scales the
-    # merged sum (a pass over the whole row before the product cost 3 us per launch on an H200).
-    sum_sq = tl.zeros([BLOCK_M], tl.float32)
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if NORM:
+        # RMSNorm needs the whole row's sum of squares before the first product: every
+        # program reads the (few, L2-resident) rows once more; the tiles are unrolled so their
+        # loads are in flight together. (Scaling the merged sum by 1/rms instead, each program
+        # summing squares over its own K range, measured 1.2-1.5x slower on an H200: run 13.)
+        sum_sq = tl.zeros([BLOCK_M], tl.float32)
+        for i in tl.static_range(NORM_TILES):
+            kk = i * BLOCK_K + rk
+            hm = m_mask[:, None] & (kk < K)[None, :]
+            h = tl.load(x_ptr + rm[:, None] * x_stride + kk[None, :], mask=hm, other=0.0)
+            if RESIDUAL:
+                r = tl.load(res_ptr + rm[:, None] * res_stride + kk[None, :], mask=hm, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(act_dtype)  # rounded like `x + residual`
+            hf = h.to(tl.float32)
+            sum_sq += tl.sum(hf * hf, axis=1)
+        rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         k = k_begin + k0 + rk
         x_mask = m_mask[:, None] & (k < k_end)[None, :]
@@ -165,9 +177,8 @@ def _skinny_gemm_kernel(
                 if pid_n == 0:  # the first column block writes the residual stream, each split its K range
                     tl.store(res_out_ptr + rm[:, None] * K + k[None, :], x, mask=x_mask)
             nw = tl.load(norm_w_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
-            xf = x.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, axis=1)
-            x = (xf * nw[None, :]).to(act_dtype)  # the weighted row, rounded for the 16-bit dot
+            # rounded where RMSNorm rounds: the normalized row, then the weighted one
+            x = ((x.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32) * nw[None, :]).to(act_dtype)
         if DOT_F32:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -195,28 +206,18 @@ def _skinny_gemm_kernel(
         tl.store(part + pid_k * BLOCK_M * part_w, acc, mask=part_mask)
         if EPILOGUE != PLAIN:
             tl.store(part2 + pid_k * BLOCK_M * part_w, acc2, mask=part_mask)
-        sq = sq_ptr + pid_n * SPLIT_K * BLOCK_M + rm
-        if NORM:
-            tl.store(sq + pid_k * BLOCK_M, sum_sq, mask=m_mask)
         tl.debug_barrier()
         is_last = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
         if is_last:
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            sum_sq = tl.zeros([BLOCK_M], tl.float32)
             for s in range(SPLIT_K):
                 offset = s * BLOCK_M * part_w
                 acc += tl.load(part + offset, mask=part_mask, other=0.0, cache_modifier=".cg")
                 if EPILOGUE != PLAIN:
                     acc2 += tl.load(part2 + offset, mask=part_mask, other=0.0, cache_modifier=".cg")
-                if NORM:
-                    sum_sq += tl.load(sq + s * BLOCK_M, mask=m_mask, other=0.0, cache_modifier=".cg")
 
-    if NORM:
-        rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
-        acc = acc * rstd[:, None]
-        acc2 = acc2 * rstd[:, None]
     dtype = out_ptr.dtype.element_ty
     out = out_ptr + rm[:, None] * out_stride + rn[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -297,7 +298,7 @@ def skinny_config(
     block_n = 16
     if paired and _one_tile():
         split = min(_MAX_SPLIT_K, triton.cdiv(k, block_k))
-        # one iteration has nothing to pipeline (run 13: 5.6 us with 1 stage, 6.2 with 3, for qkv)
+        # one iteration has nothing to pipeline (run 13 call 2: qkv 5.6 us with 1 stage, 6.2 with 3)
         stages = 1 if split * block_k >= k else 3
         return SkinnyConfig(block_m, block_n, block_k, split_k=split, num_stages=stages)
     col_blocks = triton.cdiv(2 * n if gated else n, 2 * block_n if paired else block_n)
@@ -381,19 +382,17 @@ def skinny_linear(
     if rotary is not None:
         _check_rotary(rotary, n, m, cfg.block_n)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    part = out
+    if cfg.split_k > 1:
+        part = torch.empty((cfg.split_k, cfg.block_m, weight.shape[0]), dtype=torch.float32, device=x.device)
+        if counters is None:
+            counters = counters_for(n, x.device)
     if rotary is not None:
         epilogue, col_blocks = ROTARY, n // (2 * cfg.block_n)
     elif gated:
         epilogue, col_blocks = GATED, triton.cdiv(n, cfg.block_n)
     else:
         epilogue, col_blocks = PLAIN, triton.cdiv(n, cfg.block_n)
-    part = sq = out
-    if cfg.split_k > 1:
-        part = torch.empty((cfg.split_k, cfg.block_m, weight.shape[0]), dtype=torch.float32, device=x.device)
-        if norm is not None:
-            sq = torch.empty((col_blocks, cfg.split_k, cfg.block_m), dtype=torch.float32, device=x.device)
-        if counters is None:
-            counters = counters_for(n, x.device)
     grid = (col_blocks, cfg.split_k)
     _kernels(interpreting()).skinny_gemm[grid](
         x,
@@ -402,7 +401,6 @@ def skinny_linear(
         out,
         part,
         counters if counters is not None else out,
-        sq,
         residual if residual is not None else x,
         res_out,
         norm.weight if norm is not None else weight,
@@ -427,6 +425,7 @@ def skinny_linear(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        NORM_TILES=triton.cdiv(k, cfg.block_k),
         HEAD_SIZE=rotary.head_size if rotary is not None else 32,
         ROTATED_HEADS=rotary.rotated_heads if rotary is not None else 0,
         num_warps=cfg.num_warps,

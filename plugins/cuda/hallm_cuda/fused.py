@@ -18,8 +18,8 @@ Llama-3.1-8B's). The gated form (gate/up with the SiLU-and-mul in its epilogue) 
 than cuBLAS + the SiLU kernel, so it is off unless HALLM_CUDA_SKINNY_GATED_ROWS is set.
 
 Llama-family decoder layers of small models are replaced as a whole
-(`hallm_cuda.fused_decoder.FusedDecoderLayer`: the norms, the rotary and the SiLU folded into
-the projections for the same few-row steps); HALLM_CUDA_FUSED_DECODER=0 keeps the per-module
+(`hallm_cuda.fused_decoder.FusedDecoderLayer`: the input RMSNorm and the rotary folded into the
+qkv projection for the same few-row steps); HALLM_CUDA_FUSED_DECODER=0 keeps the per-module
 swaps there.
 """
 

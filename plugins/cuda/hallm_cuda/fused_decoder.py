@@ -1,19 +1,21 @@
-"""A Llama-family decoder layer whose decode steps run in five kernels plus attention.
+"""A Llama-family decoder layer whose decode steps fold the input RMSNorm and the rotary
+embedding into the qkv projection.
 
 `LlamaDecoderLayer` with the per-module swaps of `hallm_cuda.fused` still launches, per layer
 and step, RMSNorm, qkv, rotary, (KV write + attention), o, RMSNorm, gate/up, SiLU-and-mul and
 down: on an H200 Qwen2.5-0.5B's batch-1 step was 24 layers x 11 kernels, 0.85 ms against a
 0.24 ms memory floor, each kernel's launch and dependency wait costing more than its bytes
 (benchmarks/results/gpu.md, run 12). For steps of at most `max_rows` tokens `FusedDecoderLayer`
-folds the neighbours into the projections (`hallm.ops.triton.skinny_gemm`):
+runs (`hallm.ops.triton.skinny_gemm`):
 
     qkv  = skinny(norm(hidden + residual) @ Wqkv.T + b), q and k rotated in its epilogue
     out  = o_proj(attn(q, k, v))
-    act  = skinny_gated(norm(out + residual) @ Wgu.T)          # silu(gate) * up
-    return down_proj(act), residual
+    then the stock post-attention RMSNorm, gate/up, SiLU-and-mul and down_proj
 
-Larger steps (prefill, big batches) run the stock `LlamaDecoderLayer.forward` over the swapped
-submodules. The submodules keep their names, so the parameters' names do not change.
+HALLM_CUDA_FUSED_GATE_UP=1 also folds that RMSNorm and the SiLU-and-mul into a gated skinny
+gate/up; it measured slower than cuBLAS there (run 13), so it is off. Larger steps (prefill, big
+batches) run the stock `LlamaDecoderLayer.forward` over the swapped submodules. The submodules
+keep their names, so the parameters' names do not change.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class FusedDecoderLayer(nn.Module):
         self.post_attention_layernorm = layer.post_attention_layernorm
         self._stock_forward = type(layer).forward
         self.max_rows = min(max_rows, MAX_ROWS)
-        self.fold_gate_up = os.environ.get("HALLM_CUDA_FUSED_GATE_UP", "1") != "0"
+        # gate/up with the RMSNorm prologue and SiLU epilogue measured slower than RMSNorm + cuBLAS
+        # + SiLU-and-mul (H200, run 13: 17-26 us against 10 us; the step 1.07-1.24 ms against 0.84)
+        self.fold_gate_up = os.environ.get("HALLM_CUDA_FUSED_GATE_UP", "0") == "1"
         attn = self.self_attn
         self.rotated_heads = attn.num_heads + attn.num_kv_heads
         device = attn.qkv_proj.weight.device
