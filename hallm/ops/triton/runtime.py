@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from hallm.ops.env import env_flag
+
 try:  # grid dependency control (programmatic dependent launch), in kernels under USE_PDL
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # no triton, or one without it: pdl_launch says no
@@ -51,7 +53,7 @@ def pdl_launch(device: Any) -> dict[str, Any]:
     if (
         gdc_wait is None
         or interpreting()
-        or os.environ.get("HALLM_TRITON_PDL", "1") == "0"
+        or not env_flag("HALLM_TRITON_PDL", True)
         or not _pdl_capable(device)
     ):
         return {"USE_PDL": False}

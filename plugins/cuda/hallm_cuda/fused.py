@@ -25,13 +25,13 @@ swaps there.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hallm.ops.env import env_flag, env_int
 from hallm.ops.fusion import DECODER_LAYER, LINEAR, RMS_NORM, ROTARY, SILU_GATED_MLP, swap_layers
 
 #: Most rows (tokens) a projection sends to the skinny GEMM instead of cuBLAS.
@@ -43,7 +43,7 @@ _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _skinny_rows() -> int:
-    return int(os.environ.get("HALLM_CUDA_SKINNY_ROWS", SKINNY_ROWS))
+    return env_int("HALLM_CUDA_SKINNY_ROWS", SKINNY_ROWS)
 
 
 def _plain_linear(linear: nn.Module) -> bool:
@@ -139,9 +139,12 @@ class FusedGatedMLP(nn.Module):
         self.gate_up_proj = mlp.gate_up_proj
         down = mlp.down_proj
         self.down_proj = SkinnyLinear(down, max_rows) if max_rows > 0 and _skinny_fits(down) else down
-        from hallm.ops.triton.skinny_gemm import MAX_ROWS
+        from hallm.ops.triton.skinny_gemm import MAX_ROWS, counters_for
 
         self.max_rows = min(gated_rows, MAX_ROWS) if _plain_linear(mlp.gate_up_proj) else 0
+        if self.max_rows:  # the gated launch splits K; a buffer so a captured graph reuses them
+            w = self.gate_up_proj.weight
+            self.register_buffer("counters", counters_for(w.shape[0] // 2, w.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.gate_up_proj.weight
@@ -149,7 +152,9 @@ class FusedGatedMLP(nn.Module):
         if rows:
             from hallm.ops.triton.skinny_gemm import skinny_linear
 
-            act = skinny_linear(x.reshape(rows, w.shape[1]), w, self.gate_up_proj.bias, gated=True)
+            act = skinny_linear(
+                x.reshape(rows, w.shape[1]), w, self.gate_up_proj.bias, gated=True, counters=self.counters
+            )
             return self.down_proj(act.view(*x.shape[:-1], self.intermediate_size))
         from hallm.ops.triton.fused import silu_and_mul
 
@@ -160,11 +165,11 @@ def _replacement(kind: str, module: nn.Module, skinny_rows: int) -> nn.Module | 
     if kind == DECODER_LAYER:
         from hallm_cuda.fused_decoder import FusedDecoderLayer, fits
 
-        if skinny_rows <= 0 or os.environ.get("HALLM_CUDA_FUSED_DECODER", "1") == "0" or not fits(module):
+        if skinny_rows <= 0 or not env_flag("HALLM_CUDA_FUSED_DECODER", True) or not fits(module):
             return None  # its submodules are swapped one by one
 
         def swap_children(layer: nn.Module) -> None:
-            swap_layers(layer, lambda k, m: _replacement(k, m, skinny_rows), "fused Triton layers")
+            swap_layers(layer, lambda k, m: _replacement(k, m, skinny_rows), None)
 
         return FusedDecoderLayer(module, skinny_rows, swap_children)
     if kind == RMS_NORM:
@@ -172,7 +177,7 @@ def _replacement(kind: str, module: nn.Module, skinny_rows: int) -> nn.Module | 
     if kind == ROTARY:
         return FusedRotaryEmbedding(module)
     if kind == SILU_GATED_MLP:
-        gated = int(os.environ.get("HALLM_CUDA_SKINNY_GATED_ROWS", 0))
+        gated = env_int("HALLM_CUDA_SKINNY_GATED_ROWS", 0)
         return FusedGatedMLP(module, skinny_rows, gated)
     if kind == LINEAR and skinny_rows > 0 and _skinny_fits(module):
         return SkinnyLinear(module, skinny_rows)  # type: ignore[arg-type]
@@ -181,7 +186,7 @@ def _replacement(kind: str, module: nn.Module, skinny_rows: int) -> nn.Module | 
 
 def fuse_layers(model: Any) -> Any:
     """Replace recognized layer modules of `model` in place (see the module doc); return it."""
-    if os.environ.get("HALLM_CUDA_FUSED", "1") != "0":
+    if env_flag("HALLM_CUDA_FUSED", True):
         rows = _skinny_rows()
         swap_layers(model, lambda kind, module: _replacement(kind, module, rows), "fused Triton layers")
     return model
