@@ -56,9 +56,12 @@ def _plain_decoder_layer(layer: nn.Module) -> bool:
     """`LlamaDecoderLayer.forward` runs exactly: input_layernorm(hidden, residual) -> qkv_proj ->
     rotary -> attn -> o_proj -> post_attention_layernorm(hidden, residual) -> gate_up_proj ->
     SiLU-and-mul -> down_proj, with every piece recognized here (no q/k norm: Qwen3's layers
-    keep the per-module swaps)."""
+    keep the per-module swaps), and no forward hooks in it: a fused layer skips the forwards
+    of the modules it folds."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or getattr(attn, "q_norm", None) is not None:
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
         return False
     return (
         layer_kind(layer.input_layernorm) == RMS_NORM
@@ -70,10 +73,14 @@ def _plain_decoder_layer(layer: nn.Module) -> bool:
     )
 
 
-def swap_layers(model: Any, make: Callable[[str, nn.Module], nn.Module | None], label: str) -> dict[str, int]:
+def swap_layers(
+    model: Any, make: Callable[[str, nn.Module], nn.Module | None], label: str | None
+) -> dict[str, int]:
     """Replace, in place, each recognized module of `model` for which `make` returns a module.
 
-    Returns how many modules of each class were replaced, and logs it under `label`."""
+    `make` may swap the module's own children before wrapping them (a decoder layer does); the
+    modules it was handed are not visited again. Returns how many modules of each class were
+    replaced, and logs it under `label` (None: no log, for a swap nested in a `make`)."""
     counts: dict[str, int] = {}
     if not isinstance(model, nn.Module):
         return counts
@@ -83,11 +90,14 @@ def swap_layers(model: Any, make: Callable[[str, nn.Module], nn.Module | None], 
             continue  # detached; its replacement decides what to do with its children
         for name, child in list(parent.named_children()):
             kind = layer_kind(child)
-            new = make(kind, child) if kind is not None else None
+            if kind is None:
+                continue
+            subtree = {id(m) for m in child.modules()}  # before `make` may rewire it
+            new = make(kind, child)
             if new is not None:
                 setattr(parent, name, new)
-                replaced.update(id(m) for m in child.modules())
+                replaced.update(subtree)
                 counts[type(child).__name__] = counts.get(type(child).__name__, 0) + 1
-    if counts:
+    if counts and label is not None:
         logger.info("%s: %s", label, ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
     return counts

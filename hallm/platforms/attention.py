@@ -192,6 +192,8 @@ class AttentionBackend(ABC):
         """Write this step's keys/values into the cache, then attend; return `out`.
 
         query [num_tokens, num_heads, head_size]; key/value [num_tokens, num_kv_heads,
-        head_size]; out [num_tokens, num_heads, head_size], written in place. Query head h
+        head_size]; out [num_tokens, num_heads, head_size], written in place. query, key and
+        value may be views into one fused qkv projection's output: their token dim strided, the
+        head and head_size dims contiguous (the conformance kit hands them over that way). Query head h
         reads KV head `h // (num_heads // num_kv_heads)`. The softmax scale is `spec.scale`.
         """

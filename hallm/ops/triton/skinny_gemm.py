@@ -11,7 +11,7 @@ program of a column block to finish sums the fp32 partials (an atomic counter, r
 next launch, so a CUDA graph replays it).
 
 At that size a kernel's launch and dependency wait, not its bytes, set its time, so the
-decoder layer's neighbours of a projection fold into it (`hallm_cuda.fused.FusedDecoderLayer`):
+decoder layer's neighbours of a projection fold into it (`hallm_cuda.fused_decoder.FusedDecoderLayer`):
 - `RMSNormPrologue`: normalize the rows (after adding the residual, whose sum the first column
   block writes out) before the product, in place of an RMSNorm kernel;
 - GATED: `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)` for a weight stacked as [gate; up] ([2I, K],
@@ -24,9 +24,7 @@ weighted rows, the projection, the SiLU output and the product, the cos/sin tabl
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from types import SimpleNamespace
 
 import torch
@@ -34,43 +32,38 @@ import triton
 import triton.language as tl
 
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
+from hallm.ops.triton.skinny_launch import (
+    MAX_ROWS,
+    RMSNormPrologue,
+    RotaryEpilogue,
+    SkinnyConfig,
+    _num_sms,
+    counters_for,
+    launch_constexprs,
+    pointer_args,
+    skinny_config,
+    split_k_of,
+)
 
-#: Most activation rows the kernel takes; larger steps are GEMMs (use cuBLAS).
-MAX_ROWS = 64
-#: Programs per SM a launch aims for before it splits K.
-_PROGRAMS_PER_SM = 2
-_MAX_SPLIT_K = 8
+# the launch's configuration lives in skinny_launch; these names are this module's API too
+__all__ = [
+    "GATED",
+    "MAX_ROWS",
+    "PLAIN",
+    "ROTARY",
+    "RMSNormPrologue",
+    "RotaryEpilogue",
+    "SkinnyConfig",
+    "counters_for",
+    "jit_kernels",
+    "skinny_config",
+    "skinny_linear",
+]
+
 #: The EPILOGUE constexpr.
 PLAIN = tl.constexpr(0)
 GATED = tl.constexpr(1)
 ROTARY = tl.constexpr(2)
-
-
-@dataclasses.dataclass(frozen=True)
-class RMSNormPrologue:
-    """Normalize x (or x + residual) by `RMSNorm(weight, eps)` before the product.
-
-    weight [K]; residual [M, K] (last dim contiguous) or None. With a residual the launch also
-    returns x + residual, the residual stream that `RMSNorm.forward(x, residual)` returns."""
-
-    weight: torch.Tensor
-    eps: float
-    residual: torch.Tensor | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class RotaryEpilogue:
-    """Rotate the first `rotated_heads` heads of the output (q, then k of a fused qkv
-    projection; v's heads pass through) by `RotaryEmbedding` (full NeoX rotate-half).
-
-    positions [M] (any int dtype); inv_freq float32 [head_size / 2]; scaling the
-    `attention_scaling` the cos/sin tables are multiplied by."""
-
-    positions: torch.Tensor
-    inv_freq: torch.Tensor
-    scaling: float
-    head_size: int
-    rotated_heads: int
 
 
 def _skinny_gemm_kernel(
@@ -258,63 +251,6 @@ def jit_kernels() -> SimpleNamespace:
     return _kernels(False)
 
 
-@dataclasses.dataclass(frozen=True)
-class SkinnyConfig:
-    """Tile shape and K split of one skinny-GEMM launch."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 132  # an H100/H200: what the interpreter and compile checks assume
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _one_tile() -> bool:
-    return os.environ.get("HALLM_TRITON_SKINNY_ONE_TILE", "1") != "0"
-
-
-def skinny_config(
-    m: int, n: int, k: int, num_sms: int = 132, gated: bool = False, paired: bool | None = None
-) -> SkinnyConfig:
-    """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
-
-    A paired launch (gated, or rotary: `paired`, default `gated`) splits K into one tile per
-    program whatever the column count: the fused decoder layer's launches are latency-bound, and
-    a program whose weights are one tile loads all of them before its dependency wait, so after
-    it only the (L2-resident) activations and the partials' merge remain (HALLM_TRITON_SKINNY_ONE_TILE=0:
-    the plain rule, for A/B runs). Decided from shapes only (host ints fixed for a captured batch
-    size)."""
-    paired = gated if paired is None else paired
-    block_m = max(16, triton.next_power_of_2(m))
-    block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + 2 BLOCK_N) x BLOCK_K x 3 stages < 99 KB
-    block_n = 16
-    if paired and _one_tile():
-        split = min(_MAX_SPLIT_K, triton.cdiv(k, block_k))
-        # one iteration has nothing to pipeline (run 13 call 2: qkv 5.6 us with 1 stage, 6.2 with 3)
-        stages = 1 if split * block_k >= k else 3
-        return SkinnyConfig(block_m, block_n, block_k, split_k=split, num_stages=stages)
-    col_blocks = triton.cdiv(2 * n if gated else n, 2 * block_n if paired else block_n)
-    split = 1
-    target = _PROGRAMS_PER_SM * num_sms
-    while split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2:
-        split *= 2
-    return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
-
-
-def counters_for(n: int, device: torch.device | str) -> torch.Tensor:
-    """The zeroed int32 counters a split-K launch over N outputs needs (one per column block
-    of the narrowest tile); every launch leaves them zero again, so a caller keeps one."""
-    return torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device)
-
-
 def _check_rotary(rotary: RotaryEpilogue, n: int, m: int, block_n: int) -> None:
     d = rotary.head_size
     if d % (2 * block_n) or n % d:
@@ -381,10 +317,10 @@ def skinny_linear(
         raise ValueError(f"{cfg} must tile {m} rows (block_m >= rows) with block_n >= 16")
     if rotary is not None:
         _check_rotary(rotary, n, m, cfg.block_n)
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    k_per_split, split_k = split_k_of(cfg, k)
     part = out
-    if cfg.split_k > 1:
-        part = torch.empty((cfg.split_k, cfg.block_m, weight.shape[0]), dtype=torch.float32, device=x.device)
+    if split_k > 1:
+        part = torch.empty((split_k, cfg.block_m, weight.shape[0]), dtype=torch.float32, device=x.device)
         if counters is None:
             counters = counters_for(n, x.device)
     if rotary is not None:
@@ -393,19 +329,20 @@ def skinny_linear(
         epilogue, col_blocks = GATED, triton.cdiv(n, cfg.block_n)
     else:
         epilogue, col_blocks = PLAIN, triton.cdiv(n, cfg.block_n)
-    grid = (col_blocks, cfg.split_k)
+    grid = (col_blocks, split_k)
+    present = {"x_ptr": x, "w_ptr": weight, "out_ptr": out}
+    if bias is not None:
+        present["bias_ptr"] = bias
+    if split_k > 1:
+        present["part_ptr"], present["counter_ptr"] = part, counters
+    if norm is not None:
+        present["norm_w_ptr"] = norm.weight
+    if residual is not None:
+        present["res_ptr"], present["res_out_ptr"] = residual, res_out
+    if rotary is not None:
+        present["pos_ptr"], present["inv_freq_ptr"] = rotary.positions, rotary.inv_freq
     _kernels(interpreting()).skinny_gemm[grid](
-        x,
-        weight,
-        bias if bias is not None else weight,
-        out,
-        part,
-        counters if counters is not None else out,
-        residual if residual is not None else x,
-        res_out,
-        norm.weight if norm is not None else weight,
-        rotary.positions if rotary is not None else out,
-        rotary.inv_freq if rotary is not None else out,
+        *pointer_args(present),
         m,
         n,
         k,
@@ -415,19 +352,18 @@ def skinny_linear(
         k_per_split,
         float(norm.eps) if norm is not None else 0.0,
         float(rotary.scaling) if rotary is not None else 1.0,
-        HAS_BIAS=bias is not None,
-        EPILOGUE=int(epilogue),
-        NORM=norm is not None,
-        RESIDUAL=residual is not None,
-        SPLIT_K=cfg.split_k,
-        # The interpreter's 16-bit dot is broken (triton 3.9 reinterprets the bits): fp32 there.
-        DOT_F32=x.dtype == torch.float32 or interpreting(),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        NORM_TILES=triton.cdiv(k, cfg.block_k),
-        HEAD_SIZE=rotary.head_size if rotary is not None else 32,
-        ROTATED_HEADS=rotary.rotated_heads if rotary is not None else 0,
+        **launch_constexprs(
+            cfg,
+            k,
+            bias=bias is not None,
+            epilogue=epilogue,
+            norm=norm is not None,
+            residual=residual is not None,
+            split_k=split_k,
+            # The interpreter's 16-bit dot is broken (triton 3.9 reinterprets the bits): fp32 there.
+            dot_f32=x.dtype == torch.float32 or interpreting(),
+            rotary=rotary,
+        ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(x.device),

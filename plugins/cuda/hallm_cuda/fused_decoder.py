@@ -20,15 +20,18 @@ keep their names, so the parameters' names do not change.
 
 from __future__ import annotations
 
-import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-#: Largest qkv or gate/up weight the fused path takes (H200, run 13: Qwen2.5-0.5B's 17 MB
-#: gate/up is faster folded; Llama-3.1-8B's 50-117 MB projections stay with cuBLAS).
+from hallm.ops.env import env_flag
+
+#: Largest weight a fused launch takes: the qkv projection, and gate/up when it is folded too
+#: (H200, run 13: Qwen2.5-0.5B's 2 MB qkv is faster with the norm and rotary folded in;
+#: Llama-3.1-8B's 50-117 MB projections stay with cuBLAS, where the skinny GEMM is not faster).
 FUSED_MAX_WEIGHT_BYTES = 24 << 20
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -38,12 +41,22 @@ def _weight_bytes(linear: nn.Module) -> int:
     return w.numel() * w.element_size()
 
 
+def fold_gate_up() -> bool:
+    """HALLM_CUDA_FUSED_GATE_UP=1: also fold the post-attention RMSNorm and the SiLU-and-mul into
+    a gated skinny gate/up. Off: it measured slower than RMSNorm + cuBLAS + SiLU-and-mul (H200,
+    run 13: 17-26 us against 10 us; the step 1.07-1.24 ms against 0.84)."""
+    return env_flag("HALLM_CUDA_FUSED_GATE_UP", False)
+
+
 def fits(layer: nn.Module) -> bool:
-    """Whether a recognized decoder layer's shapes suit the fused path: projections small enough
-    to win over cuBLAS, and a head size the rotary epilogue tiles (a multiple of 32)."""
+    """Whether a recognized decoder layer suits the fused path: 16-bit weights, the projections
+    it folds small enough to win over cuBLAS, and a head size the rotary epilogue tiles (a
+    multiple of 32)."""
     attn = layer.self_attn
+    folded = [attn.qkv_proj, layer.mlp.gate_up_proj] if fold_gate_up() else [attn.qkv_proj]
     return (
-        max(_weight_bytes(attn.qkv_proj), _weight_bytes(layer.mlp.gate_up_proj)) <= FUSED_MAX_WEIGHT_BYTES
+        attn.qkv_proj.weight.dtype in _DTYPES
+        and max(_weight_bytes(linear) for linear in folded) <= FUSED_MAX_WEIGHT_BYTES
         and attn.head_size % 32 == 0
     )
 
@@ -65,9 +78,7 @@ class FusedDecoderLayer(nn.Module):
         self.post_attention_layernorm = layer.post_attention_layernorm
         self._stock_forward = type(layer).forward
         self.max_rows = min(max_rows, MAX_ROWS)
-        # gate/up with the RMSNorm prologue and SiLU epilogue measured slower than RMSNorm + cuBLAS
-        # + SiLU-and-mul (H200, run 13: 17-26 us against 10 us; the step 1.07-1.24 ms against 0.84)
-        self.fold_gate_up = os.environ.get("HALLM_CUDA_FUSED_GATE_UP", "0") == "1"
+        self.fold_gate_up = fold_gate_up()
         attn = self.self_attn
         self.rotated_heads = attn.num_heads + attn.num_kv_heads
         device = attn.qkv_proj.weight.device
@@ -79,33 +90,40 @@ class FusedDecoderLayer(nn.Module):
         self.register_buffer(
             "gate_up_counters", counters_for(gate_up.shape[0] // 2, device), persistent=False
         )
-        self._rotary_ok: dict[int, bool] = {}
+        # per rotary module (the model's one, handed in at each call)
+        self._rotary_ok: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def _fusable_rotary(self, rotary: nn.Module) -> bool:
         """Full NeoX rotary with fixed frequencies (FusedRotaryEmbedding, or a RotaryEmbedding
         without the long-rope switch), over the whole head."""
-        key = id(rotary)
-        if key not in self._rotary_ok:
+        ok = self._rotary_ok.get(rotary)
+        if ok is None:
             from hallm.ops.fusion import ROTARY, layer_kind
+            from hallm_cuda.fused import FusedRotaryEmbedding
 
             inv_freq = getattr(rotary, "inv_freq", None)
-            self._rotary_ok[key] = (
-                (layer_kind(rotary) == ROTARY or type(rotary).__name__ == "FusedRotaryEmbedding")
+            ok = (
+                (layer_kind(rotary) == ROTARY or isinstance(rotary, FusedRotaryEmbedding))
+                and not (rotary._forward_hooks or rotary._forward_pre_hooks)
                 and inv_freq is not None
                 and inv_freq.dtype == torch.float32
                 and 2 * inv_freq.numel() == self.self_attn.head_size
             )
-        return self._rotary_ok[key]
+            self._rotary_ok[rotary] = ok
+        return ok
 
     def _fused_rows(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: nn.Module) -> bool:
         from hallm.ops.triton.runtime import interpreting
 
         rows = hidden.shape[0]
+        weight = self.self_attn.qkv_proj.weight
         return (
             0 < rows <= self.max_rows
             and hidden.dim() == 2
             and hidden.dtype in _DTYPES
-            and hidden.dtype == self.self_attn.qkv_proj.weight.dtype
+            and hidden.dtype == weight.dtype
+            and weight.is_contiguous()
+            and (not self.fold_gate_up or self.mlp.gate_up_proj.weight.is_contiguous())
             and (hidden.is_cuda or interpreting())
             and positions.shape == (rows,)
             and self._fusable_rotary(rotary)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,32 +140,37 @@ def test_fused_gated_mlp_caps_its_rows() -> None:
         torch.testing.assert_close(fused(x), mlp(x), atol=3e-2, rtol=3e-2)
 
 
-def _qwen2_model(seed: int) -> torch.nn.Module:
-    """A hallm Qwen2 (q/k/v biases, tied embeddings) with head_size 32, the smallest the fused
-    decoder layer's rotary epilogue tiles, random weights, float16 (the fused path takes 16-bit
-    activations; float16's finer rounding than bf16's lets the comparison see a wrong sum)."""
+def _qwen2_model(
+    seed: int, hidden: int = 384, heads: int = 12, dtype: torch.dtype = torch.float16, **config: Any
+) -> torch.nn.Module:
+    """A hallm Qwen2 (q/k/v biases, tied embeddings), random weights. By default head_size 32,
+    the smallest the fused decoder layer's rotary epilogue tiles, with a hidden size of 1.5
+    tiles of K, so the qkv launch splits K two ways (the second one ragged) and merges the
+    partials, and float16 (the fused path takes 16-bit activations; float16's finer rounding
+    than bf16's lets the comparison see a wrong sum)."""
     import transformers as tf
 
     from hallm.core.models.llama import Qwen2ForCausalLM
 
-    config = tf.Qwen2Config(
+    cfg = tf.Qwen2Config(
         vocab_size=96,
-        hidden_size=128,
+        hidden_size=hidden,
         intermediate_size=192,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=4,
         max_position_embeddings=256,
         tie_word_embeddings=True,
+        **config,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(
                 torch.randn_like(p) * (0.2 if "norm" in name else 0.05) + (1.0 if "norm" in name else 0.0)
             )
-    return model.to(torch.float16)
+    return model.to(dtype)
 
 
 @pytest.mark.parametrize("fold_gate_up", ["1", "0"])
@@ -172,7 +179,7 @@ def test_fused_decoder_layer_reproduces_the_model(monkeypatch, fold_gate_up: str
     against the plain PyTorch modules, float16: prefill (too many rows: the stock forward), then
     decode steps of 1 and 2 requests, which must take the fused path (one RMSNorm launch per
     step: the final norm; with HALLM_CUDA_FUSED_GATE_UP=0 also one per layer, before gate/up).
-    Leaving k unrotated moves the logits by 0.05-0.15; rounding, 0.003."""
+    Leaving k unrotated moves the logits by ~0.6; rounding, 0.003."""
     fused_mod = pytest.importorskip("hallm_cuda.fused")
     import hallm.ops.triton.fused as kernels
     from tests.utils.paged_forward import PagedRunner, _ReferenceBackend
@@ -203,3 +210,58 @@ def test_fused_decoder_layer_reproduces_the_model(monkeypatch, fold_gate_up: str
         for g, w in zip(got, want, strict=True):
             # PyTorch rounds per op (rotary, SiLU, norm) where the kernels round once
             torch.testing.assert_close(g, w, atol=8e-3, rtol=8e-3)
+
+
+_FALLBACKS = {
+    # (model kwargs, whether fuse_layers makes FusedDecoderLayers)
+    "float32": ({"dtype": torch.float32}, False),  # the fused launches take 16-bit weights
+    "head_size_16": ({"hidden": 192}, False),  # the rotary epilogue tiles heads of 32k dims
+    # rotary over half of each head: the layer is fused, its decode steps take the stock path
+    "partial_rotary": (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FALLBACKS))
+def test_fused_decoder_layer_keeps_the_stock_path_where_it_cannot_fold(monkeypatch, case: str) -> None:  # type: ignore[no-untyped-def]
+    """Models the fused decoder layer cannot fold keep the stock forward at every step (two
+    RMSNorm launches per layer and step, plus the final norm) and the plain model's logits."""
+    fused_mod = pytest.importorskip("hallm_cuda.fused")
+    import hallm.ops.triton.fused as kernels
+    from tests.utils.paged_forward import PagedRunner, _ReferenceBackend
+
+    monkeypatch.setenv("HALLM_CUDA_SKINNY_ROWS", "4")
+    kwargs, wrapped = _FALLBACKS[case]
+    plain = PagedRunner(_qwen2_model(1, **kwargs), backend_cls=_ReferenceBackend)
+    fused = PagedRunner(fused_mod.fuse_layers(_qwen2_model(1, **kwargs)), backend_cls=_ReferenceBackend)
+    names = [type(m).__name__ for m in fused.model.modules()]
+    assert names.count("FusedDecoderLayer") == (2 if wrapped else 0)
+    norms = []
+    real_rms_norm = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a, **kw: norms.append(1) or real_rms_norm(*a, **kw))
+    for chunks in ([("a", list(range(3, 12)))], [("a", [7])], [("a", [5])]):
+        norms.clear()
+        got, want = fused.step(chunks), plain.step(chunks)
+        assert len(norms) == 5
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=8e-3, rtol=8e-3)
+
+
+def test_swap_layers_visits_a_fused_decoder_layers_children_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A decoder layer's `make` swaps the layer's children itself; the outer walk must not hand
+    the detached originals to `make` again (stray SkinnyLinears, counts of modules that are not
+    in the model)."""
+    fused_mod = pytest.importorskip("hallm_cuda.fused")
+    from hallm.ops import fusion
+
+    monkeypatch.setenv("HALLM_CUDA_SKINNY_ROWS", "4")
+    model = _qwen2_model(0)
+    seen: list[int] = []
+    real_make = fused_mod._replacement
+    monkeypatch.setattr(fused_mod, "_replacement", lambda k, m, r: seen.append(id(m)) or real_make(k, m, r))
+    counts = fusion.swap_layers(model, lambda k, m: fused_mod._replacement(k, m, 4), "test")
+    assert len(seen) == len(set(seen))
+    # 2 layers, the lm_head (small: a SkinnyLinear), the final norm, the rotary
+    assert counts == {"LlamaDecoderLayer": 2, "Linear": 1, "RMSNorm": 1, "RotaryEmbedding": 1}

@@ -1,0 +1,165 @@
+"""How a skinny-GEMM launch is configured (`hallm.ops.triton.skinny_gemm`): its tiles and K split
+from the shapes, the prologue and epilogue inputs, the pointer arguments with the stand-ins for
+absent inputs, and the constexprs. `skinny_linear` and `compile_check` both build launches from
+these, so the kernels CI compiles are the ones a launch runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+
+from hallm.ops.env import env_flag
+
+#: Most activation rows the kernel takes; larger steps are GEMMs (use cuBLAS).
+MAX_ROWS = 64
+#: Programs per SM a launch aims for before it splits K.
+_PROGRAMS_PER_SM = 2
+_MAX_SPLIT_K = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNormPrologue:
+    """Normalize x (or x + residual) by `RMSNorm(weight, eps)` before the product.
+
+    weight [K]; residual [M, K] (last dim contiguous) or None. With a residual the launch also
+    returns x + residual, the residual stream that `RMSNorm.forward(x, residual)` returns."""
+
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryEpilogue:
+    """Rotate the first `rotated_heads` heads of the output (q, then k of a fused qkv
+    projection; v's heads pass through) by `RotaryEmbedding` (full NeoX rotate-half).
+
+    positions [M] (any int dtype); inv_freq float32 [head_size / 2]; scaling the
+    `attention_scaling` the cos/sin tables are multiplied by."""
+
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    scaling: float
+    head_size: int
+    rotated_heads: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SkinnyConfig:
+    """Tile shape and K split of one skinny-GEMM launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132  # an H100/H200: what the interpreter and compile checks assume
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _one_tile() -> bool:
+    return env_flag("HALLM_TRITON_SKINNY_ONE_TILE", True)
+
+
+def skinny_config(
+    m: int, n: int, k: int, num_sms: int = 132, gated: bool = False, paired: bool | None = None
+) -> SkinnyConfig:
+    """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
+
+    A paired launch (gated, or rotary: `paired`, default `gated`) splits K into one tile per
+    program whatever the column count (at most 8 splits: past 8 tiles of K a program takes
+    several): the fused decoder layer's launches are latency-bound, and
+    a program whose weights are one tile loads all of them before its dependency wait, so after
+    it only the (L2-resident) activations and the partials' merge remain (HALLM_TRITON_SKINNY_ONE_TILE=0:
+    the plain rule, for A/B runs). Decided from shapes only (host ints fixed for a captured batch
+    size)."""
+    paired = gated if paired is None else paired
+    block_m = max(16, triton.next_power_of_2(m))
+    block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + 2 BLOCK_N) x BLOCK_K x 3 stages < 99 KB
+    block_n = 16
+    if paired and _one_tile():
+        split = min(_MAX_SPLIT_K, triton.cdiv(k, block_k))
+        # one iteration has nothing to pipeline (run 13 call 2: qkv 5.6 us with 1 stage, 6.2 with 3)
+        stages = 1 if split * block_k >= k else 3
+        return SkinnyConfig(block_m, block_n, block_k, split_k=split, num_stages=stages)
+    col_blocks = triton.cdiv(2 * n if gated else n, 2 * block_n if paired else block_n)
+    split = 1
+    target = _PROGRAMS_PER_SM * num_sms
+    while split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2:
+        split *= 2
+    return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
+
+
+def counters_for(n: int, device: torch.device | str) -> torch.Tensor:
+    """The zeroed int32 counters a split-K launch over N outputs needs (one per column block
+    of the narrowest tile); every launch leaves them zero again, so a caller keeps one."""
+    return torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device)
+
+
+#: The kernel's pointer arguments, in order; an absent input is passed as the stand-in named
+#: here (any pointer of the launch: the kernel does not read it). `compile_check` builds the
+#: same specializations from this table.
+POINTERS = (
+    "x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "counter_ptr",
+    "res_ptr", "res_out_ptr", "norm_w_ptr", "pos_ptr", "inv_freq_ptr",
+)  # fmt: skip
+STAND_INS = {
+    "bias_ptr": "w_ptr",
+    "part_ptr": "out_ptr",
+    "counter_ptr": "out_ptr",
+    "res_ptr": "x_ptr",
+    "res_out_ptr": "out_ptr",
+    "norm_w_ptr": "w_ptr",
+    "pos_ptr": "out_ptr",
+    "inv_freq_ptr": "out_ptr",
+}
+
+
+def pointer_args(present: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The kernel's pointer arguments in order, from the present ones (x, w, out at least)."""
+    return [present[name] if name in present else present[STAND_INS[name]] for name in POINTERS]
+
+
+def launch_constexprs(
+    cfg: SkinnyConfig,
+    k: int,
+    *,
+    bias: bool,
+    epilogue: int,
+    norm: bool,
+    residual: bool,
+    split_k: int,
+    dot_f32: bool,
+    rotary: RotaryEpilogue | None = None,
+) -> dict[str, object]:
+    """The constexprs of one launch (`skinny_linear` and `compile_check` both use this)."""
+    return {
+        "HAS_BIAS": bias,
+        "EPILOGUE": int(epilogue),
+        "NORM": norm,
+        "RESIDUAL": residual,
+        "SPLIT_K": split_k,
+        "DOT_F32": dot_f32,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "NORM_TILES": triton.cdiv(k, cfg.block_k),
+        "HEAD_SIZE": rotary.head_size if rotary is not None else 32,
+        "ROTATED_HEADS": rotary.rotated_heads if rotary is not None else 0,
+    }
+
+
+def split_k_of(cfg: SkinnyConfig, k: int) -> tuple[int, int]:
+    """(K per split, splits) of a launch: whole tiles per split, so rounding may need fewer
+    splits than `cfg.split_k` (8 asked over 9 tiles of K: 5 splits of 2 tiles)."""
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
