@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused profile conformance (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused profile profile-engine profile-host profile-launch conformance (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -18,6 +18,9 @@
 # linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
 # linear-fused  the fused decoder layer's qkv and gate/up launches vs the per-module kernels (--fused)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
+# profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
+# profile-launch  the decode graphs' host launch cost at batch 1/16/32, with projections on the skinny GEMM up to 32 rows, and without PDL
+# profile-engine  the same with --engine: whole engine decode steps split into graph, outside-graph and idle GPU time (Qwen at batch 1 and 32, Llama-3.1-8B at batch 1)
 #
 # Logs and JSON go to $HALLM_GPU_RESULTS, else $OUT (the device tool's folder), else
 # benchmarks/results/raw. Wheels in .whl/ (e.g. the transformers version CI pins) are installed
@@ -78,6 +81,13 @@ for step in $STEPS; do
     linear) run linear $PY benchmarks/gpu_linear.py --out "$RES" ;;
     linear-fused) run linear-fused $PY benchmarks/gpu_linear.py --out "$RES" --fused --rows 1,16 ;;
     profile) run profile $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
+    profile-engine) run profile-engine-qwen $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --engine
+                    run profile-engine-llama $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 1 --engine ;;
+    profile-host) run profile-host-qwen $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --host
+                  HALLM_TRITON_PDL=0 run profile-host-qwen-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1 ;;
+    profile-launch) run profile-launch $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,16,32
+                    HALLM_CUDA_SKINNY_ROWS=32 run profile-launch-skinny32 $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 32
+                    HALLM_TRITON_PDL=0 run profile-launch-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
