@@ -16,6 +16,7 @@ from hallm.platforms.attention import (
     BatchLayout,
     LayoutTensors,
 )
+from hallm.platforms.env import env_flag, env_int
 from hallm.platforms.errors import (
     BackendSelectionError,
     ConfigError,
@@ -62,6 +63,8 @@ __all__ = [
     "PluginLoadError",
     "Probe",
     "cache_root",
+    "env_flag",
+    "env_int",
     "get_forward_context",
     "hookimpl",
     "hookspec",

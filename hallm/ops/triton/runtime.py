@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from hallm.ops.env import env_flag
+from hallm.platforms import env_flag
 
 try:  # grid dependency control (programmatic dependent launch), in kernels under USE_PDL
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

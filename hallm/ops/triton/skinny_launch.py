@@ -11,7 +11,7 @@ import functools
 import torch
 import triton
 
-from hallm.ops.env import env_flag
+from hallm.platforms import env_flag
 
 #: Most activation rows the kernel takes; larger steps are GEMMs (use cuBLAS).
 MAX_ROWS = 64

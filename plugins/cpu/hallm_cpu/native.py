@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hallm.ops.env import env_flag
-from hallm.platforms import cache_root
+from hallm.platforms import cache_root, env_flag
 
 logger = logging.getLogger("hallm.cpu")
 

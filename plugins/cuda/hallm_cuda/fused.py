@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hallm.ops.env import env_flag, env_int
 from hallm.ops.fusion import DECODER_LAYER, LINEAR, RMS_NORM, ROTARY, SILU_GATED_MLP, swap_layers
+from hallm.platforms import env_flag, env_int
 
 #: Most rows (tokens) a projection sends to the skinny GEMM instead of cuBLAS.
 SKINNY_ROWS = 16

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hallm.ops.env import env_flag
+from hallm.platforms import env_flag
 
 #: Largest weight a fused launch takes: the qkv projection, and gate/up when it is folded too
 #: (H200, run 13: Qwen2.5-0.5B's 2 MB qkv is faster with the norm and rotary folded in;

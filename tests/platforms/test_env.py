@@ -1,10 +1,10 @@
-"""hallm.ops.env: switches and counts from the environment, with errors for values it would misread."""
+"""hallm.platforms.env: switches and counts from the environment, with errors for values it would misread."""
 
 from __future__ import annotations
 
 import pytest
 
-from hallm.ops.env import env_flag, env_int
+from hallm.platforms import env_flag, env_int
 
 
 @pytest.mark.parametrize(
