@@ -27,6 +27,7 @@ import json
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,6 @@ ENGINE_STEPS = 24
 
 
 def profile_batch(llm: Any, batch: int, ctx: int) -> dict[str, Any]:
-    import time
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -146,8 +145,6 @@ def profile_host(llm: Any, batch: int, ctx: int, steps: int = 64) -> str:
 
 
 def profile_engine(llm: Any, batch: int, ctx: int) -> dict[str, Any]:
-    import time
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -289,6 +286,54 @@ def _host_waits(events: list[dict[str, Any]], lo: float, hi: float) -> list[dict
     )
 
 
+def launch_costs(llm: Any, batch: int) -> dict[str, float]:
+    """Host microseconds of the CUDA calls a decode step makes, with the GPU busy (as in the
+    engine, where the host runs a step ahead) and idle: relaunching the step's graph while its
+    previous launch runs, alternating two graphs, small H2D copies from pageable and pinned
+    memory, the lm_head and argmax launches, a D2H copy to pinned memory, an event record."""
+    import numpy as np
+    import torch
+
+    runner = llm.engine.executor.worker.runner
+    graphs = runner.graphs
+    g = graphs.graphs[int(graphs.bucket[batch])]
+    other = graphs.graphs[int(graphs.bucket[max(1, batch // 2)])] if batch > 1 else graphs.graphs[2]
+    hidden = graphs.outputs[int(graphs.bucket[batch])][:batch]
+    host = np.arange(batch + 1, dtype=np.int32)
+    pinned = torch.from_numpy(host).pin_memory()
+    dst = torch.empty(batch + 1, dtype=torch.int32, device="cuda")
+
+    def timed(fn: Any, busy: bool, n: int = 12) -> float:
+        out = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            if busy:
+                g.replay()  # ~1 ms of GPU work queued ahead of the call
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        return sorted(out)[len(out) // 2]
+
+    logits = runner.model.compute_logits(hidden)
+    rows = {
+        "graph relaunch, its previous launch running": timed(g.replay, True),
+        "graph launch, another graph running": timed(other.replay, True),
+        "graph launch, GPU idle": timed(g.replay, False),
+        "H2D copy from pageable, GPU busy": timed(
+            lambda: dst.copy_(torch.from_numpy(host), non_blocking=True), True
+        ),
+        "H2D copy from pinned, GPU busy": timed(lambda: dst.copy_(pinned, non_blocking=True), True),
+        "compute_logits (lm_head + float), GPU busy": timed(
+            lambda: runner.model.compute_logits(hidden), True
+        ),
+        "argmax, GPU busy": timed(lambda: logits.argmax(dim=-1), True),
+        "D2H to pinned (non_blocking), GPU busy": timed(lambda: dst.to("cpu", non_blocking=True), True),
+        "event record, GPU busy": timed(lambda: torch.Event(device=dst.device).record(), True),
+    }
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-0.5b")
@@ -297,6 +342,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/raw")
     p.add_argument("--engine", action="store_true", help="also profile whole engine decode steps")
     p.add_argument("--host", action="store_true", help="also cProfile the host over the decode steps")
+    p.add_argument("--launch-costs", action="store_true", help="also time the step's CUDA calls on the host")
     args = p.parse_args()
 
     from hallm.entrypoints.llm import LLM
@@ -330,6 +376,15 @@ def main() -> None:
         print(f"{'launches':>8} {'mean us':>8} {'total us':>9}  kernel")
         for k in r["kernels"]:
             print(f"{k['per_replay']:8.0f} {k['mean_us']:8.2f} {k['total_us']:9.1f}  {k['kernel']}")
+        if args.launch_costs:
+            import torch
+
+            with torch.inference_mode():
+                costs = launch_costs(llm, batch)
+            record.setdefault("launch_costs", []).append({"batch": batch, **costs})
+            print(f"\nhost us per call, batch {batch} (median of 12):")
+            for name, us in costs.items():
+                print(f"{us:9.1f}  {name}")
         if args.host:
             print(f"\nhost profile, batch {batch}, decode steps:\n{profile_host(llm, batch, args.ctx)}")
         if args.engine:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused profile profile-engine profile-host profile-launch conformance (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused profile profile-engine profile-host profile-launch host-overhead conformance (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -19,7 +19,8 @@
 # linear-fused  the fused decoder layer's qkv and gate/up launches vs the per-module kernels (--fused)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
-# profile-launch  the decode graphs' host launch cost at batch 1/16/32, with projections on the skinny GEMM up to 32 rows, and without PDL
+# profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, with projections on the skinny GEMM up to 32 rows, and without PDL
+# host-overhead  benchmarks/host_overhead.py: the engine's host time per decode step by phase (tiny model, batch 1/32/256)
 # profile-engine  the same with --engine: whole engine decode steps split into graph, outside-graph and idle GPU time (Qwen at batch 1 and 32, Llama-3.1-8B at batch 1)
 #
 # Logs and JSON go to $HALLM_GPU_RESULTS, else $OUT (the device tool's folder), else
@@ -85,9 +86,10 @@ for step in $STEPS; do
                     run profile-engine-llama $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 1 --engine ;;
     profile-host) run profile-host-qwen $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --host
                   HALLM_TRITON_PDL=0 run profile-host-qwen-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1 ;;
-    profile-launch) run profile-launch $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,16,32
+    profile-launch) run profile-launch $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,16,32 --launch-costs
                     HALLM_CUDA_SKINNY_ROWS=32 run profile-launch-skinny32 $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 32
                     HALLM_TRITON_PDL=0 run profile-launch-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
+    host-overhead) run host-overhead $PY benchmarks/host_overhead.py --device cuda --batches 1,32,256 ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
