@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import triton
 
+from hallm.ops.triton import skinny_launch
 from hallm.ops.triton.attention import jit_kernels
 from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
 
@@ -217,94 +218,7 @@ def variants(
                 )
             )
     out.extend(_fused_variants(tuple(dtypes)))
-    out.extend(_skinny_variants(tuple(d for d in dtypes if d != torch.float32)))
-    return out
-
-
-def _skinny_variants(
-    dtypes: tuple[torch.dtype, ...],
-) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
-    """The skinny GEMM as `skinny_linear` launches it (its pointer stand-ins and constexprs):
-    1 and 64 rows, split-K (Qwen2.5-0.5B's down projection), gated (its gate/up), with bias
-    (its qkv); and as the fused decoder layer launches it: qkv with the RMSNorm prologue (with
-    the residual add, and without it: the first layer) and the rotary epilogue, gate/up with
-    the RMSNorm prologue."""
-    from hallm.ops.triton import skinny_gemm, skinny_launch
-
-    k = skinny_gemm.jit_kernels()
-    out: list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]] = []
-    # Qwen2.5-0.5B's heads: 64 dims, 14 q + 2 k rotated
-    rotary = skinny_launch.RotaryEpilogue(torch.empty(0), torch.empty(0), 1.0, 64, 16)
-    # label, N, K, bias, epilogue, norm prologue, residual add
-    shapes = (
-        ("qkv", 1152, 896, True, skinny_gemm.PLAIN, False, False),
-        ("down", 896, 4864, False, skinny_gemm.PLAIN, False, False),
-        ("gate_up", 4864, 896, False, skinny_gemm.GATED, False, False),
-        ("qkv-norm-rotary", 1152, 896, True, skinny_gemm.ROTARY, True, True),
-        ("qkv-norm-rotary-first", 1152, 896, True, skinny_gemm.ROTARY, True, False),
-        ("gate_up-norm", 4864, 896, False, skinny_gemm.GATED, True, True),
-    )
-    for dtype in dtypes:
-        t = _SIG_DTYPE[dtype]
-        for rows in (1, 64):
-            for label, n, kk, bias, epilogue, norm, residual in shapes:
-                cfg = skinny_launch.skinny_config(
-                    rows, n, kk, gated=epilogue == skinny_gemm.GATED, paired=epilogue != skinny_gemm.PLAIN
-                )
-                _, split_k = skinny_launch.split_k_of(cfg, kk)
-                present = {"x_ptr": t, "w_ptr": t, "out_ptr": t}
-                if bias:
-                    present["bias_ptr"] = t
-                if split_k > 1:
-                    present["part_ptr"], present["counter_ptr"] = "fp32", "i32"
-                if norm:
-                    present["norm_w_ptr"] = t
-                if residual:
-                    present["res_ptr"], present["res_out_ptr"] = t, t
-                if epilogue == skinny_gemm.ROTARY:
-                    present["pos_ptr"], present["inv_freq_ptr"] = "i64", "fp32"
-                signature = {
-                    name: "*" + present.get(name, present.get(skinny_launch.STAND_INS.get(name, ""), ""))
-                    for name in skinny_launch.POINTERS
-                }
-                signature.update(
-                    {
-                        "M": "i32",
-                        "N": "i32",
-                        "K": "i32",
-                        "x_stride": "i32",
-                        "out_stride": "i32",
-                        "res_stride": "i32",
-                        "K_PER_SPLIT": "i32",
-                        "eps": "fp32",
-                        "rope_scaling": "fp32",
-                    }
-                )
-                constexprs = skinny_launch.launch_constexprs(
-                    cfg,
-                    kk,
-                    bias=bias,
-                    epilogue=epilogue,
-                    norm=norm,
-                    residual=residual,
-                    split_k=split_k,
-                    dot_f32=False,
-                    rotary=rotary if epilogue == skinny_gemm.ROTARY else None,
-                )
-                out.append(
-                    (
-                        f"skinny-{label}-{t}-m{rows}",
-                        k.skinny_gemm,
-                        signature,
-                        constexprs,
-                        {
-                            "num_warps": cfg.num_warps,
-                            "num_stages": cfg.num_stages,
-                            # these shapes' sizes and strides are multiples of 16, as in a launch
-                            "aligned": ("N", "K", "x_stride", "out_stride", "res_stride", "K_PER_SPLIT"),
-                        },
-                    )
-                )
+    out.extend(skinny_launch.compile_variants(tuple(_SIG_DTYPE[d] for d in dtypes if d != torch.float32)))
     return out
 
 

@@ -57,7 +57,7 @@ def _skinny_fits(linear: nn.Module) -> bool:
     return _plain_linear(linear) and w.numel() * w.element_size() <= SKINNY_MAX_WEIGHT_BYTES
 
 
-def _skinny_input(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> int:
+def skinny_input_rows(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> int:
     """The rows of x when this call may take the skinny GEMM, else 0."""
     from hallm.ops.triton.runtime import interpreting
 
@@ -87,7 +87,7 @@ class SkinnyLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _skinny_input(x, self.weight, self.max_rows)
+        rows = skinny_input_rows(x, self.weight, self.max_rows)
         if not rows:
             return F.linear(x, self.weight, self.bias)
         from hallm.ops.triton.skinny_gemm import skinny_linear
@@ -148,7 +148,7 @@ class FusedGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.gate_up_proj.weight
-        rows = _skinny_input(x, w, self.max_rows)
+        rows = skinny_input_rows(x, w, self.max_rows)
         if rows:
             from hallm.ops.triton.skinny_gemm import skinny_linear
 

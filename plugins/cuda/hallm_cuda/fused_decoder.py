@@ -113,18 +113,13 @@ class FusedDecoderLayer(nn.Module):
         return ok
 
     def _fused_rows(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: nn.Module) -> bool:
-        from hallm.ops.triton.runtime import interpreting
+        from hallm_cuda.fused import skinny_input_rows
 
-        rows = hidden.shape[0]
-        weight = self.self_attn.qkv_proj.weight
+        rows = skinny_input_rows(hidden, self.self_attn.qkv_proj.weight, self.max_rows)
         return (
-            0 < rows <= self.max_rows
+            rows > 0
             and hidden.dim() == 2
-            and hidden.dtype in _DTYPES
-            and hidden.dtype == weight.dtype
-            and weight.is_contiguous()
             and (not self.fold_gate_up or self.mlp.gate_up_proj.weight.is_contiguous())
-            and (hidden.is_cuda or interpreting())
             and positions.shape == (rows,)
             and self._fusable_rotary(rotary)
         )
