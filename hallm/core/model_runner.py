@@ -95,6 +95,7 @@ class ModelRunner:
             hf_config=cfg.hf_config,
             seed=cfg.seed,
             extra_models=contributed_models(),
+            ops=self.platform.op_table(),
         ).model
         self.vocab_size = int(self.config.model.hf_config.vocab_size)
         self.attn_layers = list(model.attention_layers())

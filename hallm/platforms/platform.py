@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from hallm.platforms.attention import AttentionBackend
+    from hallm.platforms.ops import OpTable
 
 #: Model/activation dtypes by the names used in configs and on the command line.
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -172,8 +173,22 @@ class Platform(ABC):
         Default: nothing.
         """
 
+    def op_table(self) -> OpTable:
+        """This device's kernels for the ops inside hallm's native layers (`hallm.platforms.ops`).
+
+        The model's layers are built with this table and call it; an entry left None runs the
+        reference in `hallm.ops.reference_ops`. Default: an empty table (every op the reference).
+        """
+        from hallm.platforms.ops import OpTable
+
+        return OpTable()
+
     def compile_model(self, model: Any, config: Any) -> Any:
-        """Return the model to run (compiled, or otherwise transformed). Default: unchanged."""
+        """Return the model to run, compiled (e.g. `torch.compile`). Default: unchanged.
+
+        The model is built; a device's kernels reach its layers through `op_table()`, never by
+        replacing modules here.
+        """
         return model
 
     def step_graphs(self, runner: Any) -> Any | None:

@@ -1,4 +1,8 @@
-"""The gated MLP of the Llama family: `down(act(gate(x)) * up(x))` with gate and up fused."""
+"""The gated MLP of the Llama family: `down(act(gate(x)) * up(x))` with gate and up fused.
+
+With SiLU the activation and product run as the op table's `silu_and_mul`; the projections are
+`Linear` layers, whose kernels come from the table too.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hallm.core.layers.linear import Linear
+from hallm.core.layers.op_context import current_ops
 from hallm.platforms import ConfigError
 
 
@@ -43,10 +49,17 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.intermediate_size = intermediate_size
         # Rows [0, I) are gate_proj, rows [I, 2I) are up_proj (see the models' load_weights).
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(hidden_act)
+        self.silu = self.act is F.silu
+        op = current_ops().silu_and_mul
+        assert op is not None  # current_ops() fills every elementwise entry
+        self._silu_and_mul = op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.silu:
+            return self.down_proj(self._silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)

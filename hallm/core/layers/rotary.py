@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hallm.core.layers.op_context import current_ops
+from hallm.ops.reference_ops import apply_rotary, rotary_cos_sin
 from hallm.platforms import ConfigError
 
 
@@ -54,20 +56,6 @@ def compute_inv_freq(config: Any, head_size: int, seq_len: int | None = None) ->
     return inv_freq.float(), float(scaling)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `2 * cos.shape[-1]` dims of x [T, H, D] (NeoX "rotate half" layout).
-
-    cos/sin [T, 1, rotary_dim/2]. Returns a new tensor; dims past rotary_dim pass through.
-    """
-    half = cos.shape[-1]
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
-    if 2 * half == x.shape[-1]:
-        return torch.cat((out1, out2), dim=-1)
-    return torch.cat((out1, out2, x[..., 2 * half :]), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """forward(positions [T], q [T, Hq, D], k [T, Hk, D]) -> (q, k) rotated by position."""
 
@@ -89,6 +77,12 @@ class RotaryEmbedding(nn.Module):
         if long_inv_freq is not None:
             self.original_max_position = int(rope_parameters(config)["original_max_position_embeddings"])
             self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+        # The table's rotary takes fixed frequencies over the whole head; long-rope's switch and
+        # partial rotary run here.
+        self.plain = self.original_max_position is None and self.rotary_dim == head_size
+        op = current_ops().rotary
+        assert op is not None  # current_ops() fills every elementwise entry
+        self._op = op
 
     @staticmethod
     def _long_inv_freq(config: Any, head_size: int) -> torch.Tensor | None:
@@ -101,14 +95,14 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.plain:
+            return self._op(positions, q, k, self.inv_freq, self.attention_scaling)
         inv_freq = self.inv_freq
         if self.original_max_position is not None:
             # A 0-d tensor condition: no host sync, graph-capturable.
             use_long = positions.max() >= self.original_max_position
             inv_freq = torch.where(use_long, self.long_inv_freq, self.inv_freq)
-        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, rotary_dim/2]
-        cos = (freqs.cos() * self.attention_scaling).to(q.dtype)[:, None, :]  # [T, 1, rotary_dim/2]
-        sin = (freqs.sin() * self.attention_scaling).to(q.dtype)[:, None, :]
+        cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def extra_repr(self) -> str:

@@ -12,12 +12,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from hallm.core.layers.op_context import KernelLayer, building_with
 from hallm.core.model_loader.dtype import dtype_name, resolve_dtype
 from hallm.core.model_loader.dummy import init_dummy_weights
 from hallm.core.model_loader.hf import iterate_safetensors, load_config, safetensors_files
 from hallm.core.model_loader.source import resolve_source
 from hallm.core.models.registry import resolve_model_class
 from hallm.platforms import DTYPE_NAMES, ConfigError
+from hallm.platforms.ops import OpTable
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +81,15 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
             setattr(model.get_submodule(module_name), leaf, first)
 
 
-def build_model(cls: type, hf_config: Any, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def build_model(
+    cls: type, hf_config: Any, device: torch.device | str, dtype: torch.dtype, ops: OpTable | None = None
+) -> nn.Module:
     """Instantiate `cls(hf_config)` with parameters in `dtype` on `device`, weights unset
-    (on the meta device first when the class allows it, see hallm.core.models.interface)."""
+    (on the meta device first when the class allows it, see hallm.core.models.interface), its
+    layers built with the op table `ops` (None: the references)."""
     device = torch.device(device)
-    with _default_dtype(dtype):
-        if getattr(cls, "supports_meta_init", True):
+    with _default_dtype(dtype), building_with(ops):
+        if getattr(cls, "supports_meta_init", True):  # declared by ModelBase; a plugin's model may omit it
             with torch.device("meta"):
                 model = cls(hf_config)
             _materialize(model, device)
@@ -92,6 +97,15 @@ def build_model(cls: type, hf_config: Any, device: torch.device | str, dtype: to
             with torch.device(device):
                 model = cls(hf_config)
     return model.eval()
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Let every `KernelLayer` build its op-table kernels from its loaded weights, children
+    before parents (a decoder stack uses its layers' linear kernels)."""
+    with torch.no_grad():
+        for module in reversed(list(model.modules())):
+            if isinstance(module, KernelLayer):
+                module.prepare_kernels()
 
 
 def load_model(
@@ -106,6 +120,7 @@ def load_model(
     extra_models: Mapping[str, type] | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    ops: OpTable | None = None,
 ) -> LoadedModel:
     """Load a model for hallm.
 
@@ -121,6 +136,7 @@ def load_model(
     extra_models: plugin-contributed architecture -> model class (checked first).
     cache_dir: root of hallm's cache for converted GGUF files (default $HALLM_CACHE_DIR or
         ~/.cache/hallm).
+    ops: the platform's op table the native layers are built with (None: the references).
     """
     if load_format not in LOAD_FORMATS:
         raise ConfigError(f"unknown load format {load_format!r}; valid: {', '.join(LOAD_FORMATS)}")
@@ -152,7 +168,7 @@ def load_model(
         dtype = dtype_name(dtype) or "auto"
     torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None), supported_dtypes)
     cls = resolve_model_class(hf_config, extra_models)
-    net: Any = build_model(cls, hf_config, device, torch_dtype)
+    net: Any = build_model(cls, hf_config, device, torch_dtype, ops)
     if dummy:
         init_dummy_weights(net, std=float(getattr(hf_config, "initializer_range", None) or 0.02), seed=seed)
     else:
@@ -160,6 +176,7 @@ def load_model(
         files = safetensors_files(model_dir)
         with torch.no_grad():
             net.load_weights(iterate_safetensors(files, device))
+    prepare_kernels(net)
     logger.info(
         "loaded %s (%s) as %s in %s on %s",
         model_dir or "dummy weights",

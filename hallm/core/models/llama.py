@@ -19,11 +19,14 @@ import torch
 from torch import nn
 
 from hallm.core.layers.attention import Attention
+from hallm.core.layers.linear import Linear
 from hallm.core.layers.mlp import GatedMLP
 from hallm.core.layers.norm import RMSNorm
+from hallm.core.layers.op_context import current_ops
 from hallm.core.layers.rotary import RotaryEmbedding
 from hallm.core.models.interface import ModelBase, layer_sliding_window
 from hallm.core.models.weights import load_checkpoint_weights, stacked_shards
+from hallm.platforms.ops import DecoderLayerWeights, DecoderStackKernel, DecoderStackWeights
 
 
 def head_size_of(config: Any) -> int:
@@ -42,8 +45,8 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         # Rows: [q (q_size) | k (kv_size) | v (kv_size)] -- one matmul instead of three.
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(
@@ -98,6 +101,31 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def stack_weights(self) -> DecoderLayerWeights | None:
+        """This layer as the op table's decoder stack sees it; None when its MLP is not SiLU."""
+        attn, mlp = self.self_attn, self.mlp
+        if not mlp.silu:
+            return None
+        q_norm, k_norm = attn.q_norm, attn.k_norm
+        return DecoderLayerWeights(
+            input_norm=self.input_layernorm.weight.detach(),
+            input_eps=self.input_layernorm.eps,
+            qkv=attn.qkv_proj.bound(),
+            q_norm=None if q_norm is None else q_norm.weight.detach(),
+            k_norm=None if k_norm is None else k_norm.weight.detach(),
+            qk_eps=q_norm.eps if q_norm is not None else 0.0,
+            attention=attn.attn,
+            o=attn.o_proj.bound(),
+            post_norm=self.post_attention_layernorm.weight.detach(),
+            post_eps=self.post_attention_layernorm.eps,
+            gate_up=mlp.gate_up_proj.bound(),
+            down=mlp.down_proj.bound(),
+            num_heads=attn.num_heads,
+            num_kv_heads=attn.num_kv_heads,
+            head_size=attn.head_size,
+            intermediate_size=mlp.intermediate_size,
+        )
+
 
 class LlamaModel(nn.Module):
     """input_ids [T], positions [T] -> final-normed hidden states [T, hidden]."""
@@ -110,9 +138,33 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_size_of(config))
+        self._make_stack = current_ops().llama_decoder_stack
+        self.stack: DecoderStackKernel | None = None
+
+    def prepare_kernels(self) -> None:
+        """Ask the op table for a kernel of the whole decoder stack (after the layers' own)."""
+        self.stack = None
+        if self._make_stack is None or not self.rotary_emb.plain:
+            return
+        layers = [layer.stack_weights() for layer in self.layers]  # type: ignore[operator]
+        if any(w is None for w in layers):
+            return
+        self.stack = self._make_stack(
+            DecoderStackWeights(
+                layers=tuple(layers),  # type: ignore[arg-type]
+                final_norm=self.norm.weight.detach(),
+                final_eps=self.norm.eps,
+                inv_freq=self.rotary_emb.inv_freq,
+                rotary_scaling=float(self.rotary_emb.attention_scaling),
+            )
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        if self.stack is not None:
+            out = self.stack(positions, hidden)
+            if out is not None:
+                return out
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, self.rotary_emb)
@@ -129,7 +181,7 @@ class LlamaForCausalLM(ModelBase):
         qkv_bias, o_bias, qk_norm = self.attention_flags(config)
         self.model = LlamaModel(config, qkv_bias, o_bias, qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

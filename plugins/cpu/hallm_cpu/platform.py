@@ -19,6 +19,7 @@ from hallm.platforms import API_VERSION, Capabilities, Platform, Probe
 
 if TYPE_CHECKING:
     from hallm.platforms import AttentionBackend
+    from hallm.platforms.ops import OpTable
 
 # cgroup files that cap this container's memory (v2, then v1); "max" or a huge value: no cap.
 _CGROUP_LIMITS = (
@@ -71,15 +72,11 @@ class CpuPlatform(Platform):
 
         return [CpuNativeAttention, CpuReferenceAttention]
 
-    def compile_model(self, model: Any, config: Any) -> Any:
-        """Swap linear layers for CPU-friendly layouts and kernels (`hallm_cpu.linear`) and the
-        norm / rotary / MLP chains for native fused ones (`hallm_cpu.fused`); Llama-family decoder
-        stacks then run small steps in one native call (`hallm_cpu.decoder`)."""
-        from hallm_cpu.decoder import stack_decoders
-        from hallm_cpu.fused import fuse_layers
-        from hallm_cpu.linear import optimize_linears
+    def op_table(self) -> OpTable:
+        """The native kernels (`hallm_cpu.ops`)."""
+        from hallm_cpu.ops import cpu_op_table
 
-        return stack_decoders(fuse_layers(optimize_linears(model)))
+        return cpu_op_table()
 
     def memory_info(self, device_index: int = 0) -> tuple[int, int]:
         """(available, total) host memory in bytes, capped by the container's cgroup limit."""

@@ -1,10 +1,11 @@
-"""The one-call decoder stack (hallm_cpu.decoder) gives exactly what the swapped modules give."""
+"""The one-call decoder stack (hallm_cpu.decoder) gives exactly what the layers give one op at a time."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from hallm_cpu import decoder, native
+from hallm_cpu import ops as cpu_ops
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from hallm import LLM, SamplingParams
@@ -43,7 +44,7 @@ def test_stack_matches_the_module_path_exactly(arch: str, dtype: str, tmp_path, 
     monkeypatch.setattr(decoder, "get_forward_context", lambda: fast_steps.append(1) or real_context())
     stacked = generate(str(tmp_path), dtype)
     assert len(fast_steps) >= 20, "the one-call path never ran"
-    monkeypatch.setattr(decoder, "stack_decoders", lambda model: model)
+    monkeypatch.setattr(cpu_ops, "decoder_stack", lambda weights: None)
     modules = generate(str(tmp_path), dtype)
     for a, b in zip(stacked, modules, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -51,10 +52,28 @@ def test_stack_matches_the_module_path_exactly(arch: str, dtype: str, tmp_path, 
             assert {k: v.logprob for k, v in la.items()} == {k: v.logprob for k, v in lb.items()}
 
 
-def test_only_hallm_llama_models_with_native_layers_are_stacked() -> None:
+def test_the_stack_is_declined_without_natively_packed_projections() -> None:
+    from hallm.core.layers.op_context import building_with
     from hallm.core.models.llama import LlamaModel
 
     cfg = LlamaConfig(**SHAPE)
-    plain = LlamaModel(cfg, qkv_bias=False, o_bias=False, qk_norm=False)
-    assert not decoder.supports(plain)  # its layers were not swapped to native ones
-    assert not decoder.supports(torch.nn.Linear(4, 4))
+    with building_with(None):  # the reference table: projections run F.linear
+        plain = LlamaModel(cfg, qkv_bias=False, o_bias=False, qk_norm=False)
+    with building_with(cpu_ops.cpu_op_table()):
+        native_model = LlamaModel(cfg, qkv_bias=False, o_bias=False, qk_norm=False)
+    plain.prepare_kernels()
+    for m in reversed(list(native_model.modules())):
+        if hasattr(m, "prepare_kernels"):
+            m.prepare_kernels()
+    assert plain.stack is None
+    assert isinstance(native_model.stack, decoder.CpuDecoderStack)
+    stack_weights = [layer.stack_weights() for layer in plain.layers]
+    assert decoder.decoder_stack(
+        type(native_model.stack.weights)(
+            layers=tuple(stack_weights),
+            final_norm=plain.norm.weight,
+            final_eps=1e-6,
+            inv_freq=plain.rotary_emb.inv_freq,
+            rotary_scaling=1.0,
+        )
+    ) is None

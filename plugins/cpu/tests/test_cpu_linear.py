@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hallm_cpu.linear import BF16_GEMV_ROWS, WIDE_OUTPUT, CpuLinear, optimize_linears
+from hallm_cpu.linear import BF16_GEMV_ROWS, WIDE_OUTPUT, CpuLinear
 from torch import nn
+
+from hallm.platforms.ops import LinearWeights
 
 
 @pytest.mark.parametrize("out_features", [64, WIDE_OUTPUT])
@@ -18,7 +20,7 @@ def test_cpu_linear_matches_nn_linear(
 ) -> None:
     torch.manual_seed(0)
     ref = nn.Linear(48, out_features, bias=bias).to(dtype)
-    fast = CpuLinear(ref, native_bf16)
+    fast = CpuLinear(LinearWeights(ref.weight.detach(), None if ref.bias is None else ref.bias.detach()), native_bf16, use_native=False)
     x = torch.randn(rows, 48, dtype=dtype)
     # The oracle: the same product in fp32 from the same (possibly bf16) values.
     expected = torch.nn.functional.linear(
@@ -31,11 +33,21 @@ def test_cpu_linear_matches_nn_linear(
     assert fast.transposed == (dtype == torch.float32 and out_features >= WIDE_OUTPUT)
 
 
-def test_optimize_linears_replaces_every_linear_and_keeps_outputs() -> None:
+def test_the_transposed_layout_replaces_the_layers_weight() -> None:
+    """A kernel that keeps W^T tells the layer to drop its [N, K] copy; the layer still computes
+    what it computed (the core's Linear, prepared with the CPU table's entry)."""
+    from hallm_cpu.linear import linear_op
+
+    from hallm.core.layers.linear import Linear
+    from hallm.core.layers.op_context import building_with
+    from hallm.platforms.ops import OpTable
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, WIDE_OUTPUT, bias=False)))
+    with building_with(OpTable(linear=linear_op(use_native=False))):
+        layer = Linear(16, WIDE_OUTPUT, bias=False)
+    torch.nn.init.normal_(layer.weight)
     x = torch.randn(3, 16)
-    before = model(x)
-    optimize_linears(model)
-    assert not any(type(m) is nn.Linear for m in model.modules())
-    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    before = torch.nn.functional.linear(x, layer.weight)
+    layer.prepare_kernels()
+    assert layer.weight is None
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)

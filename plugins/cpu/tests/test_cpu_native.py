@@ -1,5 +1,6 @@
-"""The native CPU kernels (hallm_cpu.native) against their oracles: the fp32 product, the core's
-layer modules, and dense attention over the unpaged keys/values (hallm.ops.testing)."""
+"""The native CPU kernels (hallm_cpu.native) against their oracles: the fp32 product, the op
+table's references (hallm.ops.reference_ops), and dense attention over the unpaged keys/values
+(hallm.ops.testing)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import torch
 import torch.nn.functional as F
 from hallm_cpu import native
 from hallm_cpu.attention import CpuNativeAttention, CpuReferenceAttention
-from hallm_cpu.fused import CpuGatedMLP, CpuRMSNorm, CpuRotaryEmbedding, fuse_layers
 from hallm_cpu.linear import CpuLinear
+from hallm_cpu.ops import cpu_op_table
+from hallm_cpu.ops import rotary as cpu_rotary
 from hallm_cpu.platform import CpuPlatform
 from torch import nn
 
 from hallm.core.layers.mlp import GatedMLP
-from hallm.core.layers.norm import RMSNorm
-from hallm.core.layers.rotary import RotaryEmbedding
+from hallm.core.layers.op_context import building_with
+from hallm.ops import reference_ops
 from hallm.ops.testing import cache_slot_view, expected_attention, make_paged_batch
 from hallm.platforms import AttentionSpec
+from hallm.platforms.ops import LinearWeights
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels not built")
 
@@ -54,7 +57,8 @@ def test_linear_matches_fp32_product(dtype: torch.dtype, m: int, n: int, k: int,
 def test_cpu_linear_packs_once_and_drops_the_unpacked_weight(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     ref = nn.Linear(40, 24).to(dtype)
-    fast = CpuLinear(ref, native_bf16=False, use_native=True)
+    weights = LinearWeights(ref.weight.detach(), ref.bias.detach())
+    fast = CpuLinear(weights, native_bf16=False, use_native=True)
     assert fast.weight is None and fast.packed is not None and fast.packed.shape == (2, 40, 16)
     for rows in (1, 5, 64):
         x = torch.randn(rows, 40).to(dtype)
@@ -62,7 +66,7 @@ def test_cpu_linear_packs_once_and_drops_the_unpacked_weight(dtype: torch.dtype)
         torch.testing.assert_close(fast(x).float(), want, **tol(dtype))
     # A CPU with native bf16 compute keeps bf16 weights on oneDNN/MKL unless the kernels were
     # built with the bf16 dot-product instructions.
-    on_native_bf16 = CpuLinear(ref, native_bf16=True, use_native=True)
+    on_native_bf16 = CpuLinear(weights, native_bf16=True, use_native=True)
     assert (on_native_bf16.packed is None) == (dtype == torch.bfloat16 and not native.bf16_dot())
 
 
@@ -101,36 +105,31 @@ def test_bf16_panels_hold_k_pairs_where_the_dot_product_is_built() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_the_core_module(dtype: torch.dtype, with_residual: bool) -> None:
+def test_rms_norm_matches_the_reference(dtype: torch.dtype, with_residual: bool) -> None:
     torch.manual_seed(1)
-    core = RMSNorm(96, eps=1e-5).to(dtype)
-    with torch.no_grad():
-        core.weight.copy_(torch.randn(96))
-    fused = CpuRMSNorm(core)
+    weight = torch.randn(96).to(dtype)
     x = torch.randn(7, 96).to(dtype)
     if with_residual:
         r = torch.randn(7, 96).to(dtype)
-        want, want_res = core(x, r)
-        got, got_res = fused(x, r)
+        want, want_res = reference_ops.rms_norm(x, weight, 1e-5, r)
+        got, got_res = native.rms_norm(x, weight, 1e-5, r)
         torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)  # the residual sum rounds once
     else:
-        want, got = core(x), fused(x)
+        want, got = reference_ops.rms_norm(x, weight, 1e-5), native.rms_norm(x, weight, 1e-5)
     torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_matches_the_core_module_in_place_on_strided_views(dtype: torch.dtype) -> None:
-    config = type("Cfg", (), {"rope_theta": 10000.0, "rope_parameters": None})()
-    core = RotaryEmbedding(config, 64)
-    fused = CpuRotaryEmbedding(core)
+def test_rotary_matches_the_reference_in_place_on_strided_views(dtype: torch.dtype) -> None:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))
     t, hq, hk, d = 5, 4, 2, 64
     qkv = torch.randn(t, (hq + 2 * hk) * d).to(dtype)
     q = qkv[:, : hq * d].view(t, hq, d)
     k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
     v_before = qkv[:, (hq + hk) * d :].clone()
     positions = torch.tensor([0, 1, 7, 300, 40000])
-    want_q, want_k = core(positions, q.clone(), k.clone())
-    got_q, got_k = fused(positions, q, k)
+    want_q, want_k = reference_ops.rotary(positions, q.clone(), k.clone(), inv_freq, 1.0)
+    got_q, got_k = cpu_rotary(positions, q, k, inv_freq, 1.0)
     assert got_q.data_ptr() == q.data_ptr()  # rotated in place, no copy of the QKV output
     torch.testing.assert_close(got_q.float(), want_q.float(), **tol(dtype))
     torch.testing.assert_close(got_k.float(), want_k.float(), **tol(dtype))
@@ -138,12 +137,20 @@ def test_rotary_matches_the_core_module_in_place_on_strided_views(dtype: torch.d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gated_mlp_matches_the_core_module(dtype: torch.dtype) -> None:
+def test_gated_mlp_built_with_the_cpu_table_matches_the_reference_build(dtype: torch.dtype) -> None:
     torch.manual_seed(2)
-    core = GatedMLP(48, 80, "silu").to(dtype)
-    fused = CpuGatedMLP(core)
+    with building_with(None):
+        core = GatedMLP(48, 80, "silu").to(dtype)
+    with building_with(cpu_op_table()):
+        fast = GatedMLP(48, 80, "silu").to(dtype)
+    for p in core.parameters():
+        nn.init.normal_(p, std=0.1)
+    fast.load_state_dict(core.state_dict())
+    fast.gate_up_proj.prepare_kernels()
+    fast.down_proj.prepare_kernels()
+    assert isinstance(fast.down_proj.kernel.kernel, CpuLinear)
     x = torch.randn(6, 48).to(dtype)
-    torch.testing.assert_close(fused(x).float(), core(x).float(), **tol(dtype))
+    torch.testing.assert_close(fast(x).float(), core(x).float(), **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -161,20 +168,6 @@ def test_silu_and_mul_matches_torch_across_the_range(dtype: torch.dtype) -> None
     gate_up = rows[:, : 2 * i]
     want = (F.silu(gate_up[:, :i].double()).to(dtype).double() * gate_up[:, i:].double()).to(dtype)
     torch.testing.assert_close(native.silu_and_mul(gate_up).float(), want.float(), **tol(dtype))
-
-
-def test_fuse_layers_swaps_recognized_modules_only() -> None:
-    model = nn.ModuleDict(
-        {
-            "norm": RMSNorm(8),
-            "mlp": GatedMLP(8, 16, "silu"),
-            "gelu_mlp": GatedMLP(8, 16, "gelu"),
-            "lin": nn.Linear(8, 8),
-        }
-    )
-    fuse_layers(model)
-    assert isinstance(model["norm"], CpuRMSNorm) and isinstance(model["mlp"], CpuGatedMLP)
-    assert isinstance(model["gelu_mlp"], GatedMLP) and type(model["lin"]) is nn.Linear
 
 
 ATTENTION_CASES = [
