@@ -15,6 +15,7 @@ import torch
 
 from hallm.core.sampling_params import SamplingParams
 from hallm.platforms import BatchLayout, LayoutTensors
+from hallm.platforms.graphs import StepInputBuffers
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,11 +52,6 @@ class CachedRequestState:
         self.block_table[self.num_blocks : self.num_blocks + n] = block_ids
         self.num_blocks += n
 
-    def append_token(self, token_id: int) -> None:
-        self.token_ids[self.num_tokens] = token_id
-        self.num_tokens += 1
-        self.output_token_ids.append(token_id)
-
     def add_pending(self, handle: Any, row: int) -> None:
         """A token sampled on the device, id not known yet: it takes the next position."""
         self.pending.append((handle, row, self.num_tokens))
@@ -72,7 +68,7 @@ class StepBuffers:
     """Host (numpy) and device (torch) buffers for the largest step the config allows."""
 
     def __init__(
-        self, max_num_tokens: int, max_num_reqs: int, max_blocks_per_req: int, device: torch.device, pin: bool
+        self, max_num_tokens: int, max_num_reqs: int, max_blocks_per_req: int, device: torch.device
     ) -> None:
         self.device = device
         self.input_ids = np.zeros(max_num_tokens, dtype=np.int64)
@@ -82,19 +78,22 @@ class StepBuffers:
         self.seq_lens = np.zeros(max_num_reqs, dtype=np.int32)
         self.context_lens = np.zeros(max_num_reqs, dtype=np.int32)
         self.block_tables = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
-        self._on_host = device.type == "cpu"
-        if not self._on_host:
+        # Persistent device copies (None on the CPU, where the host arrays are the tensors).
+        self.device_inputs: StepInputBuffers | None = None
+        if device.type != "cpu":
 
             def dev(a: np.ndarray) -> torch.Tensor:
                 return torch.empty(a.shape, dtype=torch.from_numpy(a[:0]).dtype, device=device)
 
-            self.d_input_ids = dev(self.input_ids)
-            self.d_positions = dev(self.positions)
-            self.d_slot_mapping = dev(self.slot_mapping)
-            self.d_query_start_loc = dev(self.query_start_loc)
-            self.d_seq_lens = dev(self.seq_lens)
-            self.d_context_lens = dev(self.context_lens)
-            self.d_block_tables = dev(self.block_tables)
+            self.device_inputs = StepInputBuffers(
+                input_ids=dev(self.input_ids),
+                positions=dev(self.positions),
+                slot_mapping=dev(self.slot_mapping),
+                query_start_loc=dev(self.query_start_loc),
+                seq_lens=dev(self.seq_lens),
+                context_lens=dev(self.context_lens),
+                block_tables=dev(self.block_tables),
+            )
 
     def _to_device(self, host: np.ndarray, dev_buf: torch.Tensor | None, n: int) -> torch.Tensor:
         src = torch.from_numpy(host[:n])
@@ -124,21 +123,13 @@ class StepBuffers:
         self.slot_mapping[:num_tokens] = (
             self.block_tables[req_idx, block_idx].astype(np.int64) * block_size + positions % block_size
         )
-        on_dev = not self._on_host
+        d = self.device_inputs
         tensors = LayoutTensors(
-            query_start_loc=self._to_device(
-                self.query_start_loc, self.d_query_start_loc if on_dev else None, num_reqs + 1
-            ),
-            seq_lens=self._to_device(self.seq_lens, self.d_seq_lens if on_dev else None, num_reqs),
-            context_lens=self._to_device(
-                self.context_lens, self.d_context_lens if on_dev else None, num_reqs
-            ),
-            block_tables=self._to_device(
-                self.block_tables, self.d_block_tables if on_dev else None, num_reqs
-            )[:, :max_blocks],
-            slot_mapping=self._to_device(
-                self.slot_mapping, self.d_slot_mapping if on_dev else None, num_tokens
-            ),
+            query_start_loc=self._to_device(self.query_start_loc, d and d.query_start_loc, num_reqs + 1),
+            seq_lens=self._to_device(self.seq_lens, d and d.seq_lens, num_reqs),
+            context_lens=self._to_device(self.context_lens, d and d.context_lens, num_reqs),
+            block_tables=self._to_device(self.block_tables, d and d.block_tables, num_reqs)[:, :max_blocks],
+            slot_mapping=self._to_device(self.slot_mapping, d and d.slot_mapping, num_tokens),
         )
         layout = BatchLayout(
             num_reqs=num_reqs,
@@ -154,6 +145,6 @@ class StepBuffers:
             block_size=block_size,
             tensors=tensors,
         )
-        input_ids = self._to_device(self.input_ids, self.d_input_ids if on_dev else None, num_tokens)
-        pos = self._to_device(self.positions, self.d_positions if on_dev else None, num_tokens)
+        input_ids = self._to_device(self.input_ids, d and d.input_ids, num_tokens)
+        pos = self._to_device(self.positions, d and d.positions, num_tokens)
         return layout, input_ids, pos

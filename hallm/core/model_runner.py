@@ -30,6 +30,7 @@ from hallm.core.scheduler_output import SchedulerOutput
 from hallm.core.step_handle import InFlightSteps, StepHandle
 from hallm.platforms import AttentionBackend, AttentionSpec, Platform
 from hallm.platforms.forward_context import ForwardContext, set_forward_context
+from hallm.platforms.graphs import StepGraphRunner, StepInputBuffers
 
 logger = logging.getLogger("hallm.runner")
 
@@ -69,16 +70,10 @@ class ModelRunner:
         # of its blocks: a request that keeps its row copies only its new blocks.
         self._row_state: list[CachedRequestState | None] = [None] * self.max_num_reqs
         self._row_blocks: list[int] = [0] * self.max_num_reqs
-        # A platform's graph runner (see Platform.step_graphs): `can_replay(layout) -> bool` and
-        # `replay(layout, input_ids, positions) -> hidden`; it reads this runner's buffers.
-        self.graphs: Any = None
-        self.buffers = StepBuffers(
-            self.max_num_tokens,
-            self.max_num_reqs,
-            self.max_blocks_per_req,
-            device,
-            pin=platform.capabilities().pin_memory,
-        )
+        # A platform's graph runner (hallm.platforms.graphs): it reads `inputs` and calls `forward`.
+        self.graphs: StepGraphRunner | None = None
+        self.buffers = StepBuffers(self.max_num_tokens, self.max_num_reqs, self.max_blocks_per_req, device)
+        self.inputs: StepInputBuffers | None = self.buffers.device_inputs
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -170,7 +165,7 @@ class ModelRunner:
             )
         layout, input_ids, positions = b.build(num_reqs, num_tokens, self.block_size, per_req_blocks)
         self._row_state = [None] * self.max_num_reqs  # the rows written here belong to no request
-        hidden = self._forward(layout, input_ids, positions)
+        hidden = self.forward(layout, input_ids, positions)
         self.model.compute_logits(hidden[-num_reqs:])
         self.platform.synchronize()
         self.kv_caches = []
@@ -179,7 +174,8 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _forward(self, layout: Any, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, layout: Any, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The model forward of one step -> hidden [num_tokens, hidden] (see StepGraphTarget)."""
         metadata: dict[type, Any] = {}
         for backend in self.backends:
             cls = type(backend)
@@ -297,7 +293,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_replay(layout):
             hidden = self.graphs.replay(layout, input_ids, positions)
         else:
-            hidden = self._forward(layout, input_ids, positions)
+            hidden = self.forward(layout, input_ids, positions)
 
         handle = StepHandle(self.in_flight)
         self._prompt_logprobs(states, step, layout, hidden, handle)

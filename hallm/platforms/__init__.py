@@ -16,7 +16,7 @@ from hallm.platforms.attention import (
     BatchLayout,
     LayoutTensors,
 )
-from hallm.platforms.env import env_flag, env_int
+from hallm.platforms.env import SETTINGS, env_flag
 from hallm.platforms.errors import (
     BackendSelectionError,
     ConfigError,
@@ -28,17 +28,41 @@ from hallm.platforms.errors import (
 )
 from hallm.platforms.executor import Executor
 from hallm.platforms.forward_context import ForwardContext, get_forward_context, set_forward_context
+from hallm.platforms.graphs import StepGraphRunner, StepGraphTarget, StepInputBuffers
 from hallm.platforms.hookspecs import HallmHookSpecs, hookimpl, hookspec
 from hallm.platforms.kv_connector import KVConnector, KVConnectorRole
+from hallm.platforms.ops import (
+    OP_NAMES,
+    BoundLinear,
+    DecoderLayerWeights,
+    DecoderStackKernel,
+    DecoderStackWeights,
+    LinearKernel,
+    LinearWeights,
+    OpTable,
+    PagedAttentionLayer,
+)
 from hallm.platforms.paths import cache_root
 from hallm.platforms.platform import DTYPE_NAMES, Capabilities, Platform, Probe
 
 #: The plugin API version ("MAJOR.MINOR"). A plugin whose `Platform.api_version` has another
 #: major version is refused at load; a newer minor version than the core's gets a warning.
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 __all__ = [
     "API_VERSION",
+    "OP_NAMES",
+    "BoundLinear",
+    "DecoderLayerWeights",
+    "DecoderStackKernel",
+    "DecoderStackWeights",
+    "LinearKernel",
+    "LinearWeights",
+    "OpTable",
+    "PagedAttentionLayer",
+    "StepGraphRunner",
+    "StepGraphTarget",
+    "StepInputBuffers",
     "DTYPE_NAMES",
     "FEATURE_SLIDING_WINDOW",
     "FEATURE_SOFT_CAP",
@@ -64,7 +88,7 @@ __all__ = [
     "Probe",
     "cache_root",
     "env_flag",
-    "env_int",
+    "SETTINGS",
     "get_forward_context",
     "hookimpl",
     "hookspec",

@@ -140,6 +140,9 @@ class AttentionBackend(ABC):
     kv_cache_dtypes: ClassVar[frozenset[str]] = frozenset({"auto"})
     #: Optional features, from `KNOWN_FEATURES`.
     features: ClassVar[frozenset[str]] = frozenset()
+    #: `forward` only launches device work and reads no device value back to the host (no
+    #: `.item()`, no host copy), so a step graph may capture it (`Platform.step_graphs`).
+    graph_safe: ClassVar[bool] = False
 
     def __init__(self, spec: AttentionSpec) -> None:
         self.spec = spec

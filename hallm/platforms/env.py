@@ -1,15 +1,30 @@
-"""Read hallm's tuning switches from the environment, refusing values that would be misread.
+"""hallm's user settings in the environment: every HALLM_* variable hallm reads, declared here.
 
-The kernels and plugins take a few HALLM_* variables for A/B runs (HALLM_TRITON_PDL=0,
-HALLM_CUDA_FUSED_DECODER=0, ...). A value such as "false" or "off" must not silently mean the
-opposite of what its writer meant, so every switch goes through `env_flag` and every count
-through `env_int`, which raise a ValueError that names the variable and the values it takes.
-They read the environment at each call (tests and benchmarks set it per case).
+Each is a documented setting (listed in the README), never an experiment switch. Code reads them
+through these names, and a switch through `env_flag`, which refuses a value it would misread:
+"false" or "off" must not silently mean the opposite of what its writer meant.
 """
 
 from __future__ import annotations
 
 import os
+
+#: The device id to use when none is given (`--device`); else "auto".
+DEVICE = "HALLM_DEVICE"
+#: The bearer token `hallm serve` requires on /v1 routes (and `hallm bench serve` sends).
+API_KEY = "HALLM_API_KEY"
+#: Where hallm keeps what it derives at run time (converted GGUF models, compiled kernels).
+CACHE_DIR = "HALLM_CACHE_DIR"
+#: 0 keeps the CPU plugin on its pure-torch paths (its C kernels are not built or loaded).
+CPU_NATIVE = "HALLM_CPU_NATIVE"
+
+#: Every setting with its one-line meaning (the README lists the same).
+SETTINGS: dict[str, str] = {
+    DEVICE: "device id used when --device is not given (default: auto)",
+    API_KEY: "bearer token `hallm serve` requires on /v1 routes (default: none)",
+    CACHE_DIR: "cache of converted GGUF models and compiled kernels (default: ~/.cache/hallm)",
+    CPU_NATIVE: "0 keeps the CPU plugin on its pure-torch paths (default: 1, native C kernels)",
+}
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -18,6 +33,8 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 def env_flag(name: str, default: bool) -> bool:
     """The switch `name`: unset or empty gives `default`; 1/true/yes/on and 0/false/no/off (any
     case) give True and False; anything else raises ValueError."""
+    if name not in SETTINGS:
+        raise KeyError(f"{name} is not a hallm setting; declare it in hallm.platforms.env")
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
         return default
@@ -29,20 +46,3 @@ def env_flag(name: str, default: bool) -> bool:
         f"{name}={os.environ[name]!r} is not a switch: set it to 1 (or true/yes/on) or 0 "
         f"(or false/no/off), or unset it for the default ({int(default)})"
     )
-
-
-def env_int(name: str, default: int, minimum: int = 0) -> int:
-    """The count `name`: unset or empty gives `default`; an integer >= `minimum`, else ValueError."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ValueError(
-            f"{name}={os.environ[name]!r} must be an integer >= {minimum}, or unset for the "
-            f"default ({default})"
-        )
-    return value

@@ -108,12 +108,12 @@ class BoundLinear:
 class DecoderLayerWeights:
     """One Llama-family decoder layer, in the order it runs:
 
-        h, residual = rms_norm(hidden, input_norm, residual)
-        q, k, v     = split(qkv(h));  q, k = per-head rms_norm(q_norm / k_norm)  (when set)
-        q, k        = rotary(positions, q, k)
-        hidden      = o(attention(q, k, v))
-        h, residual = rms_norm(hidden, post_norm, residual)
-        hidden      = down(silu_and_mul(gate_up(h)))
+    h, residual = rms_norm(hidden, input_norm, residual)
+    q, k, v     = split(qkv(h));  q, k = per-head rms_norm(q_norm / k_norm)  (when set)
+    q, k        = rotary(positions, q, k)
+    hidden      = o(attention(q, k, v))
+    h, residual = rms_norm(hidden, post_norm, residual)
+    hidden      = down(silu_and_mul(gate_up(h)))
     """
 
     input_norm: Tensor  # [H]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CACHE_ENV = "HALLM_CACHE_DIR"
+from hallm.platforms.env import CACHE_DIR
+
+CACHE_ENV = CACHE_DIR
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from hallm.platforms.attention import AttentionBackend
+    from hallm.platforms.graphs import StepGraphRunner, StepGraphTarget
     from hallm.platforms.ops import OpTable
 
 #: Model/activation dtypes by the names used in configs and on the command line.
@@ -191,10 +192,12 @@ class Platform(ABC):
         """
         return model
 
-    def step_graphs(self, runner: Any) -> Any | None:
-        """Return a graph runner that captures and replays decode steps, or None for eager.
-
-        Called once by the model runner after the KV cache is allocated. Default: None.
+    def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
+        """Capture decode steps of `target` (the model runner: its persistent input buffers and
+        its forward, `hallm.platforms.graphs`) and return the runner that replays them, or None
+        to run eagerly. Called once, after the KV cache is allocated, when the platform declares
+        `Capabilities.graph_capture` and the user did not ask for `--enforce-eager`. A capture
+        that fails raises an error that names the cause. Default: None.
         """
         return None
 

@@ -12,6 +12,8 @@ they replace, and replayed from a CUDA graph (added in run 13).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,24 +80,28 @@ def test_split_k_in_a_cuda_graph_replays_with_new_inputs() -> None:
         torch.testing.assert_close(out, _reference(x, w, None, False), atol=2e-2, rtol=1.6e-2)
 
 
-def _pdl_chain(x: torch.Tensor, weights: list[torch.Tensor], norm_w: torch.Tensor) -> torch.Tensor:
+def _pdl_chain(
+    x: torch.Tensor, weights: list[torch.Tensor], norm_w: torch.Tensor, target: Any
+) -> torch.Tensor:
     """norm -> up projection -> down projection (split K) -> norm ..., every kernel a Triton
     launch, so with PDL each one starts while its predecessor runs."""
     from hallm.ops.triton.fused import rms_norm, silu_and_mul
     from hallm.ops.triton.skinny_gemm import skinny_linear
 
-    h, residual = rms_norm(x, norm_w, 1e-6, torch.zeros_like(x))
+    h, residual = rms_norm(x, norm_w, 1e-6, torch.zeros_like(x), target)
     for up, down in zip(weights[::2], weights[1::2], strict=True):
-        a = silu_and_mul(skinny_linear(h, up))  # [rows, 2I] -> [rows, I]
-        h, residual = rms_norm(skinny_linear(a, down), norm_w, 1e-6, residual)
+        a = silu_and_mul(skinny_linear(h, up, target=target), target)  # [rows, 2I] -> [rows, I]
+        h, residual = rms_norm(skinny_linear(a, down, target=target), norm_w, 1e-6, residual, target)
     return h
 
 
 @pytest.mark.parametrize("rows", [1, 7])
 def test_pdl_chain_is_bit_identical_to_plain_launches(rows: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Programmatic dependent launch changes when kernels start, never what they compute: the
-    same chain eagerly and replayed from a CUDA graph, with and without HALLM_TRITON_PDL."""
+    same chain eagerly and replayed from a CUDA graph, launched for a target with and without
+    PDL."""
     from hallm.ops.triton.runtime import pdl_launch
+    from hallm.ops.triton.target import TritonTarget
 
     gen = torch.Generator(device="cuda").manual_seed(rows)
     hidden, inter = 896, 4864
@@ -107,14 +113,15 @@ def test_pdl_chain_is_bit_identical_to_plain_launches(rows: int, monkeypatch) ->
     norm_w = randn(hidden).abs() + 0.5
     x = randn(rows, hidden)
     results = {}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for pdl in ("0", "1"):
-        monkeypatch.setenv("HALLM_TRITON_PDL", pdl)
-        assert pdl_launch(x.device)["USE_PDL"] == (pdl == "1" and torch.cuda.get_device_capability()[0] >= 9)
-        eager = _pdl_chain(x, weights, norm_w)
+        target = TritonTarget(num_sms=sms, pdl=pdl == "1" and torch.cuda.get_device_capability()[0] >= 9)
+        assert pdl_launch(target)["USE_PDL"] == target.pdl
+        eager = _pdl_chain(x, weights, norm_w, target)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = _pdl_chain(x, weights, norm_w)
+            captured = _pdl_chain(x, weights, norm_w, target)
         graph.replay()
         torch.cuda.synchronize()
         results[pdl] = (eager.clone(), captured.clone())

@@ -1,10 +1,17 @@
-"""hallm.platforms.env: switches and counts from the environment, with errors for values it would misread."""
+"""hallm.platforms.env: the declared user settings, and switches read without misreading a value."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from hallm.platforms import env_flag, env_int
+from hallm.platforms import SETTINGS, env_flag
+from hallm.platforms.env import CPU_NATIVE
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -21,44 +28,36 @@ from hallm.platforms import env_flag, env_int
     ],
 )
 def test_env_flag_reads_the_common_spellings(monkeypatch, raw: str, want: bool) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("HALLM_TEST_FLAG", raw)
-    assert env_flag("HALLM_TEST_FLAG", not want) is want
+    monkeypatch.setenv(CPU_NATIVE, raw)
+    assert env_flag(CPU_NATIVE, not want) is want
 
 
 @pytest.mark.parametrize("default", [True, False])
 def test_env_flag_unset_or_empty_is_the_default(monkeypatch, default: bool) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.delenv("HALLM_TEST_FLAG", raising=False)
-    assert env_flag("HALLM_TEST_FLAG", default) is default
-    monkeypatch.setenv("HALLM_TEST_FLAG", "")
-    assert env_flag("HALLM_TEST_FLAG", default) is default
+    monkeypatch.delenv(CPU_NATIVE, raising=False)
+    assert env_flag(CPU_NATIVE, default) is default
+    monkeypatch.setenv(CPU_NATIVE, "")
+    assert env_flag(CPU_NATIVE, default) is default
 
 
-def test_env_flag_refuses_what_it_cannot_read(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("HALLM_TEST_FLAG", "disabled")
-    with pytest.raises(ValueError, match=r"HALLM_TEST_FLAG='disabled' is not a switch: set it to 1"):
-        env_flag("HALLM_TEST_FLAG", True)
+def test_env_flag_refuses_what_it_cannot_read_and_names_it_does_not_declare(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(CPU_NATIVE, "disabled")
+    with pytest.raises(ValueError, match=r"HALLM_CPU_NATIVE='disabled' is not a switch: set it to 1"):
+        env_flag(CPU_NATIVE, True)
+    with pytest.raises(KeyError, match="HALLM_TRY_THIS is not a hallm setting"):
+        env_flag("HALLM_TRY_THIS", True)
 
 
-def test_env_int(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.delenv("HALLM_TEST_INT", raising=False)
-    assert env_int("HALLM_TEST_INT", 16) == 16
-    monkeypatch.setenv("HALLM_TEST_INT", " 8 ")
-    assert env_int("HALLM_TEST_INT", 16) == 8
-    for bad in ("eight", "-1", "1.5"):
-        monkeypatch.setenv("HALLM_TEST_INT", bad)
-        with pytest.raises(ValueError, match=r"HALLM_TEST_INT=.* must be an integer >= 0"):
-            env_int("HALLM_TEST_INT", 16)
-
-
-def test_a_misspelled_cuda_switch_stops_the_swap_with_a_clear_error(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """HALLM_CUDA_FUSED=false used to mean "on" (anything but "0" did)."""
-    fused = pytest.importorskip("hallm_cuda.fused")
-    from torch import nn
-
-    monkeypatch.setenv("HALLM_CUDA_FUSED", "false")
-    model = nn.Sequential(nn.Linear(4, 4))
-    assert fused.fuse_layers(model) is model  # off: nothing swapped
-    assert type(model[0]) is nn.Linear
-    monkeypatch.setenv("HALLM_CUDA_FUSED", "nope")
-    with pytest.raises(ValueError, match="HALLM_CUDA_FUSED='nope'"):
-        fused.fuse_layers(model)
+def test_every_hallm_variable_in_the_library_is_a_declared_setting_listed_in_the_readme() -> None:
+    """No experiment switches: every HALLM_* name in hallm/ and plugins/ is a setting of
+    hallm.platforms.env, and the README lists each."""
+    files = subprocess.run(
+        ["git", "ls-files", "hallm", "plugins"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    used: set[str] = set()
+    for name in files:
+        if name.endswith((".py", ".c", ".h", ".md")):
+            used |= set(re.findall(r"\bHALLM_[A-Z0-9_]+", (ROOT / name).read_text(errors="replace")))
+    assert used - set(SETTINGS) == set()
+    readme = (ROOT / "README.md").read_text()
+    assert [s for s in SETTINGS if s not in readme] == []

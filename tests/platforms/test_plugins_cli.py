@@ -12,7 +12,7 @@ import pytest
 
 from hallm.entrypoints import cli
 from hallm.entrypoints.cli import add_device_arg, main
-from hallm.platforms import DeviceSelectionError, registry
+from hallm.platforms import API_VERSION, DeviceSelectionError, registry
 
 
 def _rows(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -64,7 +64,7 @@ def hygiene(mixed_site: Path, run_py: Any, parse_last_json: Callable[..., Any]) 
 def test_plugins_json_reports_broken_plugins_as_rows(hygiene: dict[str, Any]) -> None:
     assert hygiene["rc"] == 0
     report = hygiene["report"]
-    assert report["api_version"] == "1.0" and report["auto_choice"] == "fastdev"
+    assert report["api_version"] == API_VERSION and report["auto_choice"] == "fastdev"
     rows = _rows(report)
     fakecpu = rows["hallm.platforms", "fakecpu"]
     assert fakecpu["distribution"] == "hallm-fakecpu" and fakecpu["version"] == "0.3.0"

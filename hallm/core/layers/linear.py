@@ -55,4 +55,6 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )

@@ -46,6 +46,7 @@ from hallm.ops.triton.launch_config import (
 )
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
 from hallm.ops.triton.split_kv_reduce import merge_segments, reduce_kernel
+from hallm.ops.triton.target import TritonTarget
 
 # ---- kernels (plain functions; decorated per mode by `_kernels`) -------------------------------
 
@@ -298,6 +299,7 @@ def paged_attention(
     split_kv: bool | None = None,
     workspace: dict[Any, Any] | None = None,
     config: KernelConfig | None = None,
+    target: TritonTarget | None = None,
     num_segments: int | None = None,
     merge_in_kernel: bool | None = None,
     min_segment_tiles: int | None = None,
@@ -410,8 +412,8 @@ def paged_attention(
         DOT_F32=query.dtype == torch.float32 or interpreting(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **pdl_launch(query.device),
+        **pdl_launch(target),
     )
     if split_kv and not meta["MERGE_IN_KERNEL"]:
-        merge_segments(out, segm_out, segm_max, segm_sum, query_start_loc, num_reqs, segments)
+        merge_segments(out, segm_out, segm_max, segm_sum, query_start_loc, num_reqs, segments, target)
     return out

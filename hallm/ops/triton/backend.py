@@ -16,6 +16,7 @@ import torch
 
 from hallm.ops.triton.attention import paged_attention
 from hallm.ops.triton.kv_write import write_kv
+from hallm.ops.triton.target import TritonTarget
 from hallm.platforms import (
     FEATURE_SLIDING_WINDOW,
     FEATURE_SOFT_CAP,
@@ -60,6 +61,13 @@ class TritonPagedAttention(AttentionBackend):
     features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP})
     #: forward() only launches kernels and reads no device value: safe to capture in a graph.
     graph_safe: ClassVar[bool] = True
+    #: The device the kernels launch on (see `for_target`); None: `hallm.ops.triton.target.GENERIC`.
+    target: ClassVar[TritonTarget | None] = None
+
+    @classmethod
+    def for_target(cls, target: TritonTarget) -> type[TritonPagedAttention]:
+        """This backend launching for `target` (the plugin that lists it describes its device)."""
+        return type(cls.__name__, (cls,), {"target": target, "__module__": cls.__module__})
 
     @classmethod
     def validate(cls, spec: AttentionSpec) -> list[str]:
@@ -96,7 +104,7 @@ class TritonPagedAttention(AttentionBackend):
         out: torch.Tensor,
     ) -> torch.Tensor:
         """Write key/value at the step's slots, then causal paged attention into `out`."""
-        write_kv(key, value, kv_cache, metadata.slot_mapping)
+        write_kv(key, value, kv_cache, metadata.slot_mapping, self.target)
         return paged_attention(
             query,
             kv_cache,
@@ -110,4 +118,5 @@ class TritonPagedAttention(AttentionBackend):
             out=out,
             num_real_tokens=metadata.num_real_tokens,
             workspace=metadata.workspace,
+            target=self.target,
         )

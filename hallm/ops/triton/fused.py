@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
+from hallm.ops.triton.target import TritonTarget
 
 
 def _rms_norm_kernel(
@@ -142,7 +143,11 @@ def jit_kernels() -> SimpleNamespace:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    target: TritonTarget | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`hallm.core.layers.norm.RMSNorm.forward` in one kernel: x [rows, N] (rows contiguous in
     the last dim). With `residual`, returns (norm(x + residual), x + residual)."""
@@ -168,7 +173,7 @@ def rms_norm(
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
             num_warps=min(16, max(1, block // 256)),
-            **pdl_launch(x.device),
+            **pdl_launch(target),
         )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
@@ -180,6 +185,7 @@ def rotary(
     k: torch.Tensor,
     inv_freq: torch.Tensor,
     scaling: float,
+    target: TritonTarget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`RotaryEmbedding.forward` (NeoX rotate-half, no long-rope switch) in one kernel.
 
@@ -212,12 +218,12 @@ def rotary(
             HALF_PAD=triton.next_power_of_2(half),
             REST_PAD=triton.next_power_of_2(rest) if rest > 0 else 0,
             num_warps=4,
-            **pdl_launch(q.device),
+            **pdl_launch(target),
         )
     return q_out, k_out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, target: TritonTarget | None = None) -> torch.Tensor:
     """silu(x[..., :N]) * x[..., N:] for x [T, 2N] (last dim contiguous)."""
     n = x.shape[-1] // 2
     rows = x.reshape(-1, 2 * n)
@@ -225,6 +231,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         block = min(1024, triton.next_power_of_2(n))
         _kernels(interpreting()).silu_and_mul[(rows.shape[0], triton.cdiv(n, block))](
-            rows, out, rows.stride(0), out.stride(0), n, BLOCK=block, num_warps=4, **pdl_launch(x.device)
+            rows, out, rows.stride(0), out.stride(0), n, BLOCK=block, num_warps=4, **pdl_launch(target)
         )
     return out.view(*x.shape[:-1], n)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
+from hallm.ops.triton.target import TritonTarget
 
 
 def _write_kv_kernel(
@@ -69,7 +70,11 @@ def check_cache(kv_cache: torch.Tensor) -> None:
 
 
 def write_kv(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    target: TritonTarget | None = None,
 ) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_size] into the paged cache at `slot_mapping`.
 
@@ -102,5 +107,5 @@ def write_kv(
         HEAD_SIZE=head_size,
         BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_size),
         num_warps=4 if num_kv_heads * head_size >= 512 else 1,
-        **pdl_launch(key.device),
+        **pdl_launch(target),
     )

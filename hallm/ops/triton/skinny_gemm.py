@@ -37,13 +37,13 @@ from hallm.ops.triton.skinny_launch import (
     RMSNormPrologue,
     RotaryEpilogue,
     SkinnyConfig,
-    _num_sms,
     counters_for,
     launch_constexprs,
     pointer_args,
     skinny_config,
     split_k_of,
 )
+from hallm.ops.triton.target import GENERIC, TritonTarget
 
 # the launch's configuration lives in skinny_launch; these names are this module's API too
 __all__ = [
@@ -279,6 +279,7 @@ def skinny_linear(
     rotary: RotaryEpilogue | None = None,
     counters: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
+    target: TritonTarget | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`F.linear(x, weight, bias)` for x [M, K] with M <= MAX_ROWS (last dim contiguous) and a
     contiguous weight [N, K]; gated=True takes weight [2I, K] (gate rows, then up rows) and
@@ -309,10 +310,8 @@ def skinny_linear(
         raise ValueError(f"norm weight {tuple(norm.weight.shape)} must be [{k}]")
     if m == 0:
         return (out, res_out) if residual is not None else out
-    index = x.device.index if x.device.type == "cuda" else 0
-    cfg = config or skinny_config(
-        m, n, k, _num_sms(index or 0), gated=gated, paired=gated or rotary is not None
-    )
+    num_sms = (target or GENERIC).num_sms
+    cfg = config or skinny_config(m, n, k, num_sms, gated=gated, paired=gated or rotary is not None)
     if cfg.block_m < m or cfg.block_n < 16:
         raise ValueError(f"{cfg} must tile {m} rows (block_m >= rows) with block_n >= 16")
     if rotary is not None:
@@ -366,6 +365,6 @@ def skinny_linear(
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **pdl_launch(x.device),
+        **pdl_launch(target),
     )
     return (out, res_out) if residual is not None else out

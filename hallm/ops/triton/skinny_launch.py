@@ -7,13 +7,12 @@ launch runs."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import torch
 import triton
 
-from hallm.platforms import env_flag
+from hallm.ops.triton.target import GENERIC
 
 #: Most activation rows the kernel takes; larger steps are GEMMs (use cuBLAS).
 MAX_ROWS = 64
@@ -61,19 +60,8 @@ class SkinnyConfig:
     num_stages: int = 3
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 132  # an H100/H200: what the interpreter and compile checks assume
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _one_tile() -> bool:
-    return env_flag("HALLM_TRITON_SKINNY_ONE_TILE", True)
-
-
 def skinny_config(
-    m: int, n: int, k: int, num_sms: int = 132, gated: bool = False, paired: bool | None = None
+    m: int, n: int, k: int, num_sms: int = GENERIC.num_sms, gated: bool = False, paired: bool | None = None
 ) -> SkinnyConfig:
     """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
 
@@ -88,7 +76,7 @@ def skinny_config(
     block_m = max(16, triton.next_power_of_2(m))
     block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + 2 BLOCK_N) x BLOCK_K x 3 stages < 99 KB
     block_n = 16
-    if paired and _one_tile():
+    if paired:
         split = min(_MAX_SPLIT_K, triton.cdiv(k, block_k))
         # one iteration has nothing to pipeline (run 13 call 2: qkv 5.6 us with 1 stage, 6.2 with 3)
         stages = 1 if split * block_k >= k else 3

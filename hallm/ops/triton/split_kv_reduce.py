@@ -16,6 +16,7 @@ import triton.language as tl
 
 from hallm.ops.triton.launch_config import head_pad
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
+from hallm.ops.triton.target import TritonTarget
 
 
 def _reduce_kernel(
@@ -72,6 +73,7 @@ def merge_segments(
     query_start_loc: torch.Tensor,
     num_reqs: int,
     num_segments: int,
+    target: TritonTarget | None = None,
 ) -> None:
     """Write the merged attention output into out [num_tokens, num_heads, head_size] (padding
     tokens past query_start_loc[num_reqs] are left alone)."""
@@ -90,5 +92,5 @@ def merge_segments(
         HEAD_PAD=head_pad(head_size),
         NUM_SEGMENTS=num_segments,
         num_warps=4,
-        **pdl_launch(out.device),
+        **pdl_launch(target),
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from hallm.platforms import cache_root, env_flag
+from hallm.platforms.env import CPU_NATIVE
 
 logger = logging.getLogger("hallm.cpu")
 
@@ -122,7 +123,7 @@ def build(flags: tuple[str, ...] = FLAGS + ARCH_FLAGS) -> ctypes.CDLL:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None when native kernels are off."""
-    if not env_flag("HALLM_CPU_NATIVE", True):
+    if not env_flag(CPU_NATIVE, True):
         return None
     error = ""
     for flags in (FLAGS + ARCH_FLAGS, FLAGS):  # -march=native is unknown to some compilers

@@ -11,7 +11,7 @@ import platform as _host
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import psutil  # type: ignore[import-untyped]
 

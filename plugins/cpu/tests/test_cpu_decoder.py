@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hallm_cpu import decoder, native
 from hallm_cpu import ops as cpu_ops
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -68,12 +67,15 @@ def test_the_stack_is_declined_without_natively_packed_projections() -> None:
     assert plain.stack is None
     assert isinstance(native_model.stack, decoder.CpuDecoderStack)
     stack_weights = [layer.stack_weights() for layer in plain.layers]
-    assert decoder.decoder_stack(
-        type(native_model.stack.weights)(
-            layers=tuple(stack_weights),
-            final_norm=plain.norm.weight,
-            final_eps=1e-6,
-            inv_freq=plain.rotary_emb.inv_freq,
-            rotary_scaling=1.0,
+    assert (
+        decoder.decoder_stack(
+            type(native_model.stack.weights)(
+                layers=tuple(stack_weights),
+                final_norm=plain.norm.weight,
+                final_eps=1e-6,
+                inv_freq=plain.rotary_emb.inv_freq,
+                rotary_scaling=1.0,
+            )
         )
-    ) is None
+        is None
+    )

@@ -20,7 +20,11 @@ def test_cpu_linear_matches_nn_linear(
 ) -> None:
     torch.manual_seed(0)
     ref = nn.Linear(48, out_features, bias=bias).to(dtype)
-    fast = CpuLinear(LinearWeights(ref.weight.detach(), None if ref.bias is None else ref.bias.detach()), native_bf16, use_native=False)
+    fast = CpuLinear(
+        LinearWeights(ref.weight.detach(), None if ref.bias is None else ref.bias.detach()),
+        native_bf16,
+        use_native=False,
+    )
     x = torch.randn(rows, 48, dtype=dtype)
     # The oracle: the same product in fp32 from the same (possibly bf16) values.
     expected = torch.nn.functional.linear(

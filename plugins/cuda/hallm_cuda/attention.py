@@ -8,11 +8,13 @@ imports triton.
 from __future__ import annotations
 
 from hallm.ops.triton.backend import TritonAttentionMetadata, TritonPagedAttention
+from hallm.ops.triton.target import TritonTarget
 from hallm.platforms import AttentionBackend
 
 __all__ = ["TritonAttentionMetadata", "TritonPagedAttention", "backends"]
 
 
-def backends() -> list[type[AttentionBackend]]:
-    """Backends in order of preference (flash-attn/flashinfer backends are not written yet)."""
-    return [TritonPagedAttention]
+def backends(target: TritonTarget) -> list[type[AttentionBackend]]:
+    """Backends in order of preference, launching for `target` (flash-attn/flashinfer backends
+    are not written yet)."""
+    return [TritonPagedAttention.for_target(target)]

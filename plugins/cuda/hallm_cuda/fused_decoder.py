@@ -1,177 +1,99 @@
-"""A Llama-family decoder layer whose decode steps fold the input RMSNorm and the rotary
-embedding into the qkv projection.
+"""The Llama-family decoder stack with each layer's input RMSNorm and rotary embedding folded
+into its qkv projection: the CUDA op table's `llama_decoder_stack`.
 
-`LlamaDecoderLayer` with the per-module swaps of `hallm_cuda.fused` still launches, per layer
-and step, RMSNorm, qkv, rotary, (KV write + attention), o, RMSNorm, gate/up, SiLU-and-mul and
-down: on an H200 Qwen2.5-0.5B's batch-1 step was 24 layers x 11 kernels, 0.85 ms against a
-0.24 ms memory floor, each kernel's launch and dependency wait costing more than its bytes
-(benchmarks/results/gpu.md, run 12). For steps of at most `max_rows` tokens `FusedDecoderLayer`
-runs (`hallm.ops.triton.skinny_gemm`):
+A layer run one op at a time launches, per decode step, RMSNorm, qkv, rotary, (KV write +
+attention), o, RMSNorm, gate/up, SiLU-and-mul and down; for a small model each launch and its
+dependency wait cost more than its bytes. For steps of at most SKINNY_ROWS tokens this stack
+runs each layer as
 
     qkv  = skinny(norm(hidden + residual) @ Wqkv.T + b), q and k rotated in its epilogue
     out  = o_proj(attn(q, k, v))
-    then the stock post-attention RMSNorm, gate/up, SiLU-and-mul and down_proj
+    then the post-attention RMSNorm, gate/up, SiLU-and-mul and down_proj from the table
 
-HALLM_CUDA_FUSED_GATE_UP=1 also folds that RMSNorm and the SiLU-and-mul into a gated skinny
-gate/up; it measured slower than cuBLAS there (run 13), so it is off. Larger steps (prefill, big
-batches) run the stock `LlamaDecoderLayer.forward` over the swapped submodules. The submodules
-keep their names, so the parameters' names do not change.
+so the norm and rotary launches are gone. Larger steps (prefill, big batches) are declined and
+the layers run one op at a time. Only models whose qkv weights are small enough for the skinny
+GEMM to win take it (large models' projections stay with cuBLAS); layers with per-head q/k
+norms (Qwen3) are declined.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from typing import Any
-
 import torch
-from torch import nn
 
-from hallm.platforms import env_flag
+from hallm.ops.triton.target import TritonTarget
+from hallm.platforms.ops import DecoderStackWeights
+from hallm_cuda.ops import SKINNY_DTYPES, SKINNY_ROWS, skinny_input_rows
 
-#: Largest weight a fused launch takes: the qkv projection, and gate/up when it is folded too
-#: (H200, run 13: Qwen2.5-0.5B's 2 MB qkv is faster with the norm and rotary folded in;
-#: Llama-3.1-8B's 50-117 MB projections stay with cuBLAS, where the skinny GEMM is not faster).
+#: Largest qkv weight the fused launch takes.
 FUSED_MAX_WEIGHT_BYTES = 24 << 20
-_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _weight_bytes(linear: nn.Module) -> int:
-    w = linear.weight
-    return w.numel() * w.element_size()
+def decoder_stack(weights: DecoderStackWeights, target: TritonTarget) -> FusedDecoderStack | None:
+    """The table's entry: a stack for 16-bit models with small qkv weights, no q/k norm, and a
+    head size the rotary epilogue tiles (a multiple of 32); None otherwise."""
+    for layer in weights.layers:
+        w = layer.qkv.weights.weight
+        if (
+            w is None
+            or w.dtype not in SKINNY_DTYPES
+            or not w.is_contiguous()
+            or w.numel() * w.element_size() > FUSED_MAX_WEIGHT_BYTES
+            or layer.q_norm is not None
+            or layer.head_size % 32
+        ):
+            return None
+    head_size = weights.layers[0].head_size
+    if weights.inv_freq.dtype != torch.float32 or 2 * weights.inv_freq.numel() != head_size:
+        return None
+    return FusedDecoderStack(weights, target)
 
 
-def fold_gate_up() -> bool:
-    """HALLM_CUDA_FUSED_GATE_UP=1: also fold the post-attention RMSNorm and the SiLU-and-mul into
-    a gated skinny gate/up. Off: it measured slower than RMSNorm + cuBLAS + SiLU-and-mul (H200,
-    run 13: 17-26 us against 10 us; the step 1.07-1.24 ms against 0.84)."""
-    return env_flag("HALLM_CUDA_FUSED_GATE_UP", False)
+class FusedDecoderStack:
+    """`(positions [T], hidden [T, H]) -> final-normed hidden [T, H]`, or None for steps of more
+    than SKINNY_ROWS tokens (see the module doc)."""
 
-
-def fits(layer: nn.Module) -> bool:
-    """Whether a recognized decoder layer suits the fused path: 16-bit weights, the projections
-    it folds small enough to win over cuBLAS, and a head size the rotary epilogue tiles (a
-    multiple of 32)."""
-    attn = layer.self_attn
-    folded = [attn.qkv_proj, layer.mlp.gate_up_proj] if fold_gate_up() else [attn.qkv_proj]
-    return (
-        attn.qkv_proj.weight.dtype in _DTYPES
-        and max(_weight_bytes(linear) for linear in folded) <= FUSED_MAX_WEIGHT_BYTES
-        and attn.head_size % 32 == 0
-    )
-
-
-class FusedDecoderLayer(nn.Module):
-    """Same call signature and parameters as the `LlamaDecoderLayer` it wraps (see module doc).
-
-    `swap_children(layer)` applies the per-module fusions to the wrapped layer's submodules
-    (used by both paths: o_proj and down_proj, the fallback's norms and MLP)."""
-
-    def __init__(self, layer: nn.Module, max_rows: int, swap_children: Callable[[nn.Module], Any]) -> None:
-        super().__init__()
+    def __init__(self, weights: DecoderStackWeights, target: TritonTarget) -> None:
         from hallm.ops.triton.skinny_gemm import MAX_ROWS, counters_for
 
-        swap_children(layer)
-        self.self_attn = layer.self_attn
-        self.mlp = layer.mlp
-        self.input_layernorm = layer.input_layernorm
-        self.post_attention_layernorm = layer.post_attention_layernorm
-        self._stock_forward = type(layer).forward
-        self.max_rows = min(max_rows, MAX_ROWS)
-        self.fold_gate_up = fold_gate_up()
-        attn = self.self_attn
-        self.rotated_heads = attn.num_heads + attn.num_kv_heads
-        device = attn.qkv_proj.weight.device
-        # split-K counters, zero between launches; buffers so a captured graph reuses them
-        self.register_buffer(
-            "qkv_counters", counters_for(attn.qkv_proj.weight.shape[0], device), persistent=False
-        )
-        gate_up = self.mlp.gate_up_proj.weight
-        self.register_buffer(
-            "gate_up_counters", counters_for(gate_up.shape[0] // 2, device), persistent=False
-        )
-        # per rotary module (the model's one, handed in at each call)
-        self._rotary_ok: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+        self.weights = weights
+        self.target = target
+        self.max_rows = min(SKINNY_ROWS, MAX_ROWS)
+        # split-K counters per layer, zero between launches; kept so a captured graph reuses them
+        self.counters = [
+            counters_for(layer.qkv.weights.weight.shape[0], layer.qkv.weights.weight.device)
+            for layer in weights.layers
+        ]
 
-    def _fusable_rotary(self, rotary: nn.Module) -> bool:
-        """Full NeoX rotary with fixed frequencies (FusedRotaryEmbedding, or a RotaryEmbedding
-        without the long-rope switch), over the whole head."""
-        ok = self._rotary_ok.get(rotary)
-        if ok is None:
-            from hallm.ops.fusion import ROTARY, layer_kind
-            from hallm_cuda.fused import FusedRotaryEmbedding
-
-            inv_freq = getattr(rotary, "inv_freq", None)
-            ok = (
-                (layer_kind(rotary) == ROTARY or isinstance(rotary, FusedRotaryEmbedding))
-                and not (rotary._forward_hooks or rotary._forward_pre_hooks)
-                and inv_freq is not None
-                and inv_freq.dtype == torch.float32
-                and 2 * inv_freq.numel() == self.self_attn.head_size
-            )
-            self._rotary_ok[rotary] = ok
-        return ok
-
-    def _fused_rows(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: nn.Module) -> bool:
-        from hallm_cuda.fused import skinny_input_rows
-
-        rows = skinny_input_rows(hidden, self.self_attn.qkv_proj.weight, self.max_rows)
-        return (
-            rows > 0
-            and hidden.dim() == 2
-            and (not self.fold_gate_up or self.mlp.gate_up_proj.weight.is_contiguous())
-            and positions.shape == (rows,)
-            and self._fusable_rotary(rotary)
-        )
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        rotary: nn.Module,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._fused_rows(hidden, positions, rotary):
-            return self._stock_forward(self, positions, hidden, residual, rotary)
+    def __call__(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+        from hallm.ops.triton.fused import rms_norm, silu_and_mul
         from hallm.ops.triton.skinny_gemm import RMSNormPrologue, RotaryEpilogue, skinny_linear
 
-        attn = self.self_attn
-        norm = self.input_layernorm
-        rope = RotaryEpilogue(
-            positions, rotary.inv_freq, float(rotary.attention_scaling), attn.head_size, self.rotated_heads
-        )
-        if residual is None:  # the first layer: the embeddings are the residual stream
-            residual = hidden
-            qkv = skinny_linear(
-                hidden,
-                attn.qkv_proj.weight,
-                attn.qkv_proj.bias,
-                norm=RMSNormPrologue(norm.weight, norm.eps),
-                rotary=rope,
-                counters=self.qkv_counters,
+        w = self.weights
+        rows = skinny_input_rows(hidden, w.layers[0].qkv.weights.weight, self.max_rows)
+        if not rows or hidden.dim() != 2 or positions.shape != (rows,):
+            return None
+        target = self.target
+        residual: torch.Tensor | None = None
+        for layer, counters in zip(w.layers, self.counters, strict=True):
+            qs, kvs = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
+            rope = RotaryEpilogue(
+                positions, w.inv_freq, w.rotary_scaling, layer.head_size, layer.num_heads + layer.num_kv_heads
             )
-        else:
-            qkv, residual = skinny_linear(
-                hidden,
-                attn.qkv_proj.weight,
-                attn.qkv_proj.bias,
-                norm=RMSNormPrologue(norm.weight, norm.eps, residual),
-                rotary=rope,
-                counters=self.qkv_counters,
-            )
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        hidden = attn.o_proj(attn.attn(q, k, v))
-        if not self.fold_gate_up:
-            hidden, residual = self.post_attention_layernorm(hidden, residual)
-            return self.mlp(hidden), residual
-        norm = self.post_attention_layernorm
-        gate_up = self.mlp.gate_up_proj
-        act, residual = skinny_linear(
-            hidden,
-            gate_up.weight,
-            gate_up.bias,
-            gated=True,
-            norm=RMSNormPrologue(norm.weight, norm.eps, residual),
-            counters=self.gate_up_counters,
-        )
-        return self.mlp.down_proj(act), residual
+            qkv_w, qkv_b = layer.qkv.weights.weight, layer.qkv.weights.bias
+            if residual is None:  # the first layer: the embeddings are the residual stream
+                residual = hidden
+                norm = RMSNormPrologue(layer.input_norm, layer.input_eps)
+                qkv = skinny_linear(
+                    hidden, qkv_w, qkv_b, norm=norm, rotary=rope, counters=counters, target=target
+                )
+            else:
+                norm = RMSNormPrologue(layer.input_norm, layer.input_eps, residual)
+                qkv, residual = skinny_linear(  # type: ignore[misc]
+                    hidden, qkv_w, qkv_b, norm=norm, rotary=rope, counters=counters, target=target
+                )
+            q, k, v = qkv.split([qs, kvs, kvs], dim=-1)  # type: ignore[union-attr]
+            hidden = layer.o.kernel(layer.attention(q, k, v))
+            h, residual = rms_norm(hidden, layer.post_norm, layer.post_eps, residual, target)  # type: ignore[misc]
+            hidden = layer.down.kernel(silu_and_mul(layer.gate_up.kernel(h), target))
+        out, _ = rms_norm(hidden, w.final_norm, w.final_eps, residual, target)  # type: ignore[misc]
+        return out

@@ -1,10 +1,10 @@
 """CUDA graphs of decode steps, captured for padded batch sizes.
 
-`capture_decode_graphs(runner)` is what `CudaPlatform.step_graphs` returns: after the KV cache
+`capture_decode_graphs(target)` is what `CudaPlatform.step_graphs` returns: after the KV cache
 exists, it captures one graph per batch size in `capture_sizes` (largest first, sharing one
-memory pool). Each graph runs the whole model forward of a decode step (every request has one
-new token) reading only the runner's persistent device buffers (`runner.buffers.d_*`), so a
-replay picks up whatever the runner copied there for the step.
+memory pool). Each graph runs the model runner's forward of a decode step (every request has one
+new token) reading only its persistent device inputs (`StepGraphTarget.inputs`), so a replay
+picks up whatever the runner copied there for the step.
 
 A step of n decode requests replays the smallest captured size B >= n. Rows n..B-1 are padding
 requests: one token each, slot -1 (its key/value is not written), sequence length 1 read from
@@ -13,8 +13,9 @@ that nothing reads: every operation of the model is row-wise except attention, w
 per request.
 
 Prefill and mixed steps, and decode steps larger than the largest size, run eagerly. Only
-backends that declare `graph_safe = True` (no host reads in forward) are captured; otherwise,
-or if capture fails, the engine stays eager and says why in the log.
+backends that declare `graph_safe = True` (no host reads in forward) are captured; otherwise the
+engine stays eager and says why in the log. A capture that fails is an error that names the
+cause (and `--enforce-eager`, which runs without graphs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from hallm.platforms import BatchLayout, LayoutTensors
+from hallm.platforms.graphs import StepGraphTarget
 
 logger = logging.getLogger("hallm.cuda.graphs")
 
@@ -44,30 +46,34 @@ def capture_sizes(max_reqs: int) -> list[int]:
     return out
 
 
-def capture_decode_graphs(runner: Any, sizes: list[int] | None = None) -> DecodeGraphs | None:
-    """Capture decode graphs for `runner`, or return None (eager) with the reason logged."""
-    unsafe = sorted({type(b).name for b in runner.backends if not getattr(type(b), "graph_safe", False)})
+def capture_decode_graphs(target: StepGraphTarget, sizes: list[int] | None = None) -> DecodeGraphs | None:
+    """Capture decode graphs of `target`, or return None (eager) with the reason logged.
+
+    Raises RuntimeError naming the cause when a capture fails."""
+    unsafe = sorted({type(b).name for b in target.backends if not type(b).graph_safe})
     if unsafe:
         logger.info("CUDA graphs off: attention backend(s) %s are not graph-safe", unsafe)
         return None
-    if not hasattr(runner.buffers, "d_input_ids"):
-        logger.info("CUDA graphs off: the runner has no device buffers")
+    if target.inputs is None:
+        logger.info("CUDA graphs off: the model runner has no device input buffers")
         return None
-    max_reqs = min(runner.max_num_reqs, runner.max_num_tokens)
+    max_reqs = min(target.max_num_reqs, target.max_num_tokens)
     try:
-        return DecodeGraphs(runner, sizes or capture_sizes(max_reqs))
-    except Exception:
-        logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
-        torch.cuda.synchronize()
-        return None
+        return DecodeGraphs(target, sizes or capture_sizes(max_reqs))
+    except Exception as exc:
+        raise RuntimeError(
+            f"capturing the decode CUDA graphs failed: {type(exc).__name__}: {exc}. "
+            "Run with --enforce-eager to decode without graphs, and report this error."
+        ) from exc
 
 
 class DecodeGraphs:
     """The graph runner the model runner calls: `can_replay(layout)`, `replay(layout, ids, pos)`."""
 
-    def __init__(self, runner: Any, sizes: list[int]) -> None:
-        self.runner = runner
-        self.buffers = runner.buffers
+    def __init__(self, target: StepGraphTarget, sizes: list[int]) -> None:
+        assert target.inputs is not None  # checked by capture_decode_graphs
+        self.target = target
+        self.buffers = target.inputs
         self.sizes = sorted(set(sizes))
         self.max_size = self.sizes[-1]
         # bucket[n]: the smallest captured size >= n
@@ -77,7 +83,7 @@ class DecodeGraphs:
             while self.sizes[j] < n:
                 j += 1
             self.bucket[n] = self.sizes[j]
-        device = self.buffers.d_input_ids.device
+        device = self.buffers.input_ids.device
         self.arange = torch.arange(self.max_size + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, Any] = {}  # size -> torch.cuda.CUDAGraph (anything with replay())
         self.outputs: dict[int, torch.Tensor] = {}
@@ -98,11 +104,11 @@ class DecodeGraphs:
     def _layout(self, size: int) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
         b = self.buffers
         tensors = LayoutTensors(
-            query_start_loc=b.d_query_start_loc[: size + 1],
-            seq_lens=b.d_seq_lens[:size],
-            context_lens=b.d_context_lens[:size],
-            block_tables=b.d_block_tables[:size],  # full rows: a replay may need every column
-            slot_mapping=b.d_slot_mapping[:size],
+            query_start_loc=b.query_start_loc[: size + 1],
+            seq_lens=b.seq_lens[:size],
+            context_lens=b.context_lens[:size],
+            block_tables=b.block_tables[:size],  # full rows: a replay may need every column
+            slot_mapping=b.slot_mapping[:size],
         )
         layout = BatchLayout(
             num_reqs=size,
@@ -115,10 +121,10 @@ class DecodeGraphs:
             context_lens=np.zeros(size, dtype=np.int32),
             block_tables=np.zeros((size, 1), dtype=np.int32),
             slot_mapping=np.full(size, -1, dtype=np.int64),
-            block_size=self.runner.block_size,
+            block_size=self.target.block_size,
             tensors=tensors,
         )
-        return layout, b.d_input_ids[:size], b.d_positions[:size]
+        return layout, b.input_ids[:size], b.positions[:size]
 
     def _new_pool(self) -> Any:
         return torch.cuda.graph_pool_handle()
@@ -133,24 +139,24 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.runner._forward(layout, input_ids, positions)
+                self.target.forward(layout, input_ids, positions)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            hidden = self.runner._forward(layout, input_ids, positions)
+            hidden = self.target.forward(layout, input_ids, positions)
         self.graphs[size] = graph
         self.outputs[size] = hidden
 
     def _pad(self, n: int, size: int) -> None:
         """Make rows n..size-1 of the device buffers padding requests (see the module doc)."""
         b = self.buffers
-        b.d_query_start_loc[n : size + 1].copy_(self.arange[n : size + 1])  # qsl[n] == n already
-        b.d_seq_lens[n:size].fill_(1)
-        b.d_context_lens[n:size].fill_(0)
-        b.d_block_tables[n:size, 0].fill_(0)
-        b.d_slot_mapping[n:size].fill_(-1)
-        b.d_input_ids[n:size].fill_(0)
-        b.d_positions[n:size].fill_(0)
+        b.query_start_loc[n : size + 1].copy_(self.arange[n : size + 1])  # qsl[n] == n already
+        b.seq_lens[n:size].fill_(1)
+        b.context_lens[n:size].fill_(0)
+        b.block_tables[n:size, 0].fill_(0)
+        b.slot_mapping[n:size].fill_(-1)
+        b.input_ids[n:size].fill_(0)
+        b.positions[n:size].fill_(0)
 
     def can_replay(self, layout: BatchLayout) -> bool:
         """Decode-only steps (one new token per request) of at most the largest captured size."""

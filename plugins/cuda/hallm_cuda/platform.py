@@ -24,12 +24,17 @@ from hallm.platforms import API_VERSION, Capabilities, Platform, Probe
 if TYPE_CHECKING:
     import torch
 
+    from hallm.ops.triton.target import TritonTarget
     from hallm.platforms import AttentionBackend
+    from hallm.platforms.graphs import StepGraphRunner, StepGraphTarget
+    from hallm.platforms.ops import OpTable
 
 #: Compute capability from which bf16 is supported (Ampere).
 BF16_MIN_CAPABILITY = (8, 0)
 #: Oldest GPU Triton compiles for.
 MIN_CAPABILITY = (7, 5)
+#: Compute capability from which kernels launch with programmatic dependent launch (Hopper).
+PDL_MIN_CAPABILITY = (9, 0)
 
 
 def torch_cuda_version() -> tuple[str | None, str | None]:
@@ -98,6 +103,9 @@ class CudaPlatform(Platform):
     # Released together with the core (hallm-cuda pins hallm<0.2), so it speaks the core's API.
     api_version: ClassVar[str] = API_VERSION
 
+    def __init__(self) -> None:
+        self._target: TritonTarget | None = None
+
     @classmethod
     def probe(cls) -> Probe:
         """Available when torch is a CUDA build, the driver is there and a device is visible."""
@@ -151,10 +159,10 @@ class CudaPlatform(Platform):
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:
-        """The Triton backend (hallm.ops.triton)."""
+        """The Triton backend (hallm.ops.triton), launching for this GPU."""
         from hallm_cuda.attention import backends
 
-        return backends()
+        return backends(self.triton_target())
 
     def update_config(self, config: Any) -> None:
         from hallm.platforms import ConfigError
@@ -218,14 +226,25 @@ class CudaPlatform(Platform):
 
     # ---- engine hooks -----------------------------------------------------------------------
 
-    def compile_model(self, model: Any, config: Any) -> Any:
-        """Fuse the decoder layers' elementwise chains into Triton kernels (`hallm_cuda.fused`)."""
-        from hallm_cuda.fused import fuse_layers
+    def triton_target(self) -> TritonTarget:
+        """Device 0's SM count, and programmatic dependent launch from sm_90 on."""
+        if self._target is None:
+            import torch
 
-        return fuse_layers(model)
+            from hallm.ops.triton.target import TritonTarget
 
-    def step_graphs(self, runner: Any) -> Any | None:
+            sms = int(torch.cuda.get_device_properties(0).multi_processor_count)
+            self._target = TritonTarget(num_sms=sms, pdl=self.compute_capability(0) >= PDL_MIN_CAPABILITY)
+        return self._target
+
+    def op_table(self) -> OpTable:
+        """hallm's Triton kernels for the layers' ops (`hallm_cuda.ops`)."""
+        from hallm_cuda.ops import cuda_op_table
+
+        return cuda_op_table(self.triton_target())
+
+    def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
         """CUDA graphs of decode steps for padded batch sizes (see `hallm_cuda.graphs`)."""
         from hallm_cuda.graphs import capture_decode_graphs
 
-        return capture_decode_graphs(runner)
+        return capture_decode_graphs(target)

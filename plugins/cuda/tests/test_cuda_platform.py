@@ -172,13 +172,17 @@ def test_explicit_device_selection_says_why_cuda_is_unusable() -> None:
         select_platform("cuda")
 
 
-def test_attention_backends_are_the_triton_backend() -> None:
+def test_attention_backends_are_the_triton_backend_for_this_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
     from hallm.ops.triton.backend import TritonPagedAttention
+    from hallm.ops.triton.target import TritonTarget
     from hallm.platforms import AttentionSpec
 
+    target = TritonTarget(num_sms=78, pdl=True)
+    monkeypatch.setattr(CudaPlatform, "triton_target", lambda self: target)
     (backend,) = CudaPlatform().attention_backends()
-    assert backend is TritonPagedAttention and backend.graph_safe
+    assert issubclass(backend, TritonPagedAttention) and backend.graph_safe
+    assert backend.name == "triton" and backend.target == target
     spec = AttentionSpec(
         num_heads=14, num_kv_heads=2, head_size=64, scale=0.125, dtype="bfloat16", block_size=16
     )
@@ -187,25 +191,3 @@ def test_attention_backends_are_the_triton_backend() -> None:
         num_heads=8, num_kv_heads=8, head_size=128, scale=0.1, dtype="float32", sliding_window=64
     )
     assert backend.validate(spec) == []
-
-
-def test_capture_sizes() -> None:
-    from hallm_cuda.graphs import capture_sizes
-
-    assert capture_sizes(1) == [1]
-    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
-    sizes = capture_sizes(256)
-    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and sizes == sorted(set(sizes))
-    assert capture_sizes(10_000)[-1] == 512
-
-
-def test_graphs_stay_off_for_backends_that_are_not_graph_safe() -> None:
-    from types import SimpleNamespace
-
-    from hallm_cuda.graphs import capture_decode_graphs
-
-    class Eager:
-        name = "eager_only"
-
-    runner = SimpleNamespace(backends=[Eager()], buffers=SimpleNamespace(), max_num_reqs=8, max_num_tokens=64)
-    assert capture_decode_graphs(runner) is None

@@ -79,17 +79,13 @@ def test_bad_input_says_what_to_do() -> None:
 
 def test_paired_launches_split_to_one_tile(monkeypatch: pytest.MonkeyPatch) -> None:
     """A gate/up or rotary launch splits K to one tile per program (its weights load before the
-    dependency wait); HALLM_TRITON_SKINNY_ONE_TILE=0 gives the plain rule. The split gated sum
-    matches."""
+    dependency wait). The split gated sum matches."""
     from hallm.ops.triton.skinny_gemm import skinny_config, skinny_linear
 
     assert skinny_config(1, 1152, 896).split_k == 1
     assert skinny_config(1, 1152, 896, paired=True).split_k == 4  # 896 = 3.5 tiles of 256
     assert skinny_config(1, 40, 2048, gated=True).split_k == 8
     assert skinny_config(1, 40, 8192, gated=True).split_k == 8  # at most 8: 4 tiles each
-    monkeypatch.setenv("HALLM_TRITON_SKINNY_ONE_TILE", "0")
-    assert skinny_config(1, 1152, 896, paired=True).split_k == 1
-    monkeypatch.delenv("HALLM_TRITON_SKINNY_ONE_TILE")
     torch.manual_seed(5)
     x = torch.randn(1, 2048)
     w = torch.randn(80, 2048) / 2048**0.5

@@ -1,0 +1,117 @@
+"""The decode-graph runner (hallm_cuda.graphs) without a GPU: what it captures, how a replay of a
+smaller batch pads the buffers, and that a failing capture is an error naming its cause.
+
+A stand-in graph replays by running the captured forward again over the same persistent buffers,
+which is what a CUDA graph's replay does; the real capture runs in tests/gpu on the GPU machine.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hallm_cuda.graphs import DecodeGraphs, capture_decode_graphs, capture_sizes
+
+from hallm.platforms.graphs import StepInputBuffers
+
+MAX_REQS, MAX_BLOCKS = 8, 4
+
+
+class Target:
+    """A StepGraphTarget whose forward reads the buffers the way a model does: token ids,
+    positions, and per-request lengths through the layout's tensors."""
+
+    max_num_reqs = MAX_REQS
+    max_num_tokens = 64
+    block_size = 16
+
+    def __init__(self, graph_safe: bool = True, fail: bool = False) -> None:
+        self.backends = [type("Backend", (), {"name": "fake", "graph_safe": graph_safe})()]
+        self.fail = fail
+        self.inputs = StepInputBuffers(
+            input_ids=torch.zeros(64, dtype=torch.int64),
+            positions=torch.zeros(64, dtype=torch.int64),
+            slot_mapping=torch.zeros(64, dtype=torch.int64),
+            query_start_loc=torch.zeros(MAX_REQS + 1, dtype=torch.int32),
+            seq_lens=torch.zeros(MAX_REQS, dtype=torch.int32),
+            context_lens=torch.zeros(MAX_REQS, dtype=torch.int32),
+            block_tables=torch.zeros(MAX_REQS, MAX_BLOCKS, dtype=torch.int32),
+        )
+
+    def forward(self, layout: Any, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise torch.cuda.OutOfMemoryError("no memory left for the graph pool")
+        t = layout.tensors
+        return (input_ids * 1000 + positions * 10 + t.seq_lens + t.block_tables[:, 0] * 100).float()
+
+
+class RerunGraphs(DecodeGraphs):
+    def _new_pool(self) -> None:
+        return None
+
+    def _synchronize(self) -> None:
+        pass
+
+    def _capture(self, size: int, pool: Any) -> None:
+        layout, ids, pos = self._layout(size)
+        out = self.target.forward(layout, ids, pos)
+
+        def replay() -> None:
+            out.copy_(self.target.forward(layout, ids, pos))
+
+        self.graphs[size] = SimpleNamespace(replay=replay)
+        self.outputs[size] = out
+
+
+def test_a_replay_of_a_smaller_batch_equals_the_eager_forward() -> None:
+    target = Target()
+    graphs = RerunGraphs(target, [1, 2, 4, 8])
+    b = target.inputs
+    n = 3  # replays the graph of 4, with one padding row
+    ids, pos, seq = torch.tensor([5, 6, 7]), torch.tensor([11, 0, 3]), torch.tensor([12, 1, 4])
+    b.input_ids[:n], b.positions[:n], b.seq_lens[:n] = ids, pos, seq
+    b.query_start_loc[: n + 1] = torch.arange(n + 1)
+    b.block_tables[:n, 0] = torch.tensor([2, 3, 1])
+    layout = SimpleNamespace(num_reqs=n, num_tokens=n, num_prefill_reqs=0)
+    assert graphs.can_replay(layout)
+    with torch.inference_mode():  # as the model runner steps
+        got = graphs.replay(layout, b.input_ids[:n], b.positions[:n])
+    want = (ids * 1000 + pos * 10 + seq + torch.tensor([2, 3, 1]) * 100).float()
+    assert torch.equal(got, want)
+    # the padding row reads the null block with length 1 and writes nothing
+    assert b.seq_lens[3] == 1 and b.block_tables[3, 0] == 0 and b.slot_mapping[3] == -1
+    assert not graphs.can_replay(SimpleNamespace(num_reqs=2, num_tokens=5, num_prefill_reqs=1))
+    assert not graphs.can_replay(SimpleNamespace(num_reqs=9, num_tokens=9, num_prefill_reqs=0))
+
+
+def test_buckets_take_the_smallest_captured_size() -> None:
+    graphs = RerunGraphs(Target(), [1, 2, 4, 8])
+    assert [int(graphs.bucket[n]) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert graphs.outputs.keys() == {1, 2, 4, 8}
+
+
+def test_a_failing_capture_is_an_error_that_names_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hallm_cuda.graphs as graphs_mod
+
+    monkeypatch.setattr(graphs_mod, "DecodeGraphs", RerunGraphs)
+    with pytest.raises(RuntimeError, match=r"OutOfMemoryError: no memory left.*--enforce-eager"):
+        capture_decode_graphs(Target(fail=True), [1, 2])
+
+
+def test_graphs_stay_off_for_backends_that_are_not_graph_safe_or_without_device_inputs() -> None:
+    assert capture_decode_graphs(Target(graph_safe=False)) is None
+    target = Target()
+    target.inputs = None  # type: ignore[assignment]
+    assert capture_decode_graphs(target) is None
+
+
+def test_capture_sizes() -> None:
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    sizes = capture_sizes(256)
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and sizes == sorted(set(sizes))
+    assert capture_sizes(10_000)[-1] == 512
+    assert np.all(np.diff(capture_sizes(512)) > 0)
