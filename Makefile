@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check hallm plugins examples tests benchmarks
 
 typecheck: setup
-	$(VENV)/bin/mypy hallm/platforms
+	$(VENV)/bin/mypy hallm/platforms hallm/core hallm/ops
 
 unit: setup
 	$(VENV)/bin/pytest -q -ra

@@ -8,7 +8,6 @@ clear error and never disturbs the requests already running.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,9 +44,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, config.model.max_model_len)
         self.output_processor = OutputProcessor(tokenizer)
         self.eos_token_ids = self._eos_token_ids()
-        self.start_time = time.monotonic()
         # Async scheduling needs an executor that can launch a step without waiting for it.
-        self.async_scheduling = config.scheduler.async_scheduling and hasattr(self.executor, "execute_async")
+        self.async_scheduling = config.scheduler.async_scheduling and self.executor.supports_async
         self.scheduler.async_scheduling = self.async_scheduling
         # The launched step whose results are not processed yet: (step, handle with .get()).
         self._in_flight: tuple[SchedulerOutput, Any] | None = None
@@ -186,13 +184,8 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens, but the model's context limit (max_model_len) is "
                 f"{max_len} and at least one token must be generated; shorten the prompt"
             )
-        if (
-            params.prompt_logprobs is not None
-            and len(token_ids) > self.config.scheduler.max_num_batched_tokens
-        ):
-            pass  # chunked prefill handles it
         needed = self.scheduler.kv.blocks_needed(len(token_ids) + 1)
-        usable = self.scheduler.kv.pool.num_usable_blocks
+        usable = self.scheduler.kv.num_usable_blocks
         if needed > usable:
             raise InvalidRequestError(
                 f"the prompt needs {needed} KV-cache blocks but the whole pool has {usable}; it can never fit: "
@@ -258,7 +251,7 @@ class LLMEngine:
         step = self.scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
         if not step.is_empty or step.finished_req_ids:
-            handle = self.executor.execute_async(step)  # type: ignore[attr-defined]
+            handle = self.executor.execute_async(step)
             if not step.is_empty:
                 self._in_flight = (step, handle)
         if previous is None:
@@ -275,20 +268,21 @@ class LLMEngine:
         return outputs
 
     def get_stats(self) -> dict[str, Any]:
-        pool = self.scheduler.kv.pool
+        kv = self.scheduler.kv
+        stats = kv.prefix_cache_stats
         return {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
-            "kv_cache_usage": pool.usage(),
-            "num_free_blocks": pool.num_free_blocks,
-            "num_blocks": pool.num_blocks,
+            "kv_cache_usage": kv.usage,
+            "num_free_blocks": kv.num_free_blocks,
+            "num_blocks": kv.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_queries": pool.stats.queries,
-            "prefix_cache_hits": pool.stats.hits,
-            "prefix_cache_hit_rate": pool.stats.hit_rate,
-            "prefix_cache_requests": pool.stats.requests,
-            "prefix_cache_tokens_saved": pool.stats.tokens_saved,
-            "prefix_cache_evictions": pool.stats.evictions,
+            "prefix_cache_queries": stats.queries,
+            "prefix_cache_hits": stats.hits,
+            "prefix_cache_hit_rate": stats.hit_rate,
+            "prefix_cache_requests": stats.requests,
+            "prefix_cache_tokens_saved": stats.tokens_saved,
+            "prefix_cache_evictions": stats.evictions,
         }
 
     def reset_prefix_cache(self) -> bool:

@@ -78,6 +78,7 @@ class EngineArgs:
         caps = platform.capabilities()
         ckpt_dtype = getattr(source.hf_config, "dtype", None)
         dtype = dtype_name(resolve_dtype(self.dtype, ckpt_dtype, caps.dtypes))
+        assert dtype is not None  # resolve_dtype returns one of caps.dtypes
         if self.dtype == "auto" and dtype_name(ckpt_dtype) not in (None, dtype):
             logger.info(
                 "checkpoint dtype %s is not supported on %s; using %s", ckpt_dtype, choice.device_id, dtype
@@ -85,6 +86,10 @@ class EngineArgs:
 
         limit = _model_context_length(source.hf_config)
         max_model_len = self.max_model_len or limit
+        if max_model_len is None:
+            raise ConfigError(
+                "the model's config gives no context length (max_position_embeddings); pass --max-model-len"
+            )
         if limit is not None and max_model_len > limit:
             raise ConfigError(
                 f"max_model_len {max_model_len} exceeds the model's context length {limit} "
@@ -116,9 +121,7 @@ class EngineArgs:
                 max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 async_scheduling=(
-                    platform.device_type != "cpu"
-                    if self.async_scheduling is None
-                    else bool(self.async_scheduling)
+                    caps.async_scheduling if self.async_scheduling is None else bool(self.async_scheduling)
                 ),
             ),
             parallel=ParallelConfig(

@@ -114,11 +114,11 @@ def run_engine_process(
             outbox.send(encoder.encode(StartupFailed(f"{type(exc).__name__}: {exc}")))
             engine = None
         if engine is not None:
-            pool = engine.scheduler.kv.pool
+            kv = engine.scheduler.kv
             ready = Ready(
                 pid=os.getpid(),
-                num_blocks=pool.num_blocks,
-                num_usable_blocks=pool.num_usable_blocks,
+                num_blocks=kv.num_blocks,
+                num_usable_blocks=kv.num_usable_blocks,
                 block_size=config.cache.block_size,
                 max_model_len=config.model.max_model_len,
                 stats=engine_stats(engine),

@@ -125,11 +125,15 @@ class StepBuffers:
         )
         d = self.device_inputs
         tensors = LayoutTensors(
-            query_start_loc=self._to_device(self.query_start_loc, d and d.query_start_loc, num_reqs + 1),
-            seq_lens=self._to_device(self.seq_lens, d and d.seq_lens, num_reqs),
-            context_lens=self._to_device(self.context_lens, d and d.context_lens, num_reqs),
-            block_tables=self._to_device(self.block_tables, d and d.block_tables, num_reqs)[:, :max_blocks],
-            slot_mapping=self._to_device(self.slot_mapping, d and d.slot_mapping, num_tokens),
+            query_start_loc=self._to_device(
+                self.query_start_loc, d.query_start_loc if d else None, num_reqs + 1
+            ),
+            seq_lens=self._to_device(self.seq_lens, d.seq_lens if d else None, num_reqs),
+            context_lens=self._to_device(self.context_lens, d.context_lens if d else None, num_reqs),
+            block_tables=self._to_device(self.block_tables, d.block_tables if d else None, num_reqs)[
+                :, :max_blocks
+            ],
+            slot_mapping=self._to_device(self.slot_mapping, d.slot_mapping if d else None, num_tokens),
         )
         layout = BatchLayout(
             num_reqs=num_reqs,
@@ -145,6 +149,6 @@ class StepBuffers:
             block_size=block_size,
             tensors=tensors,
         )
-        input_ids = self._to_device(self.input_ids, d and d.input_ids, num_tokens)
-        pos = self._to_device(self.positions, d and d.positions, num_tokens)
+        input_ids = self._to_device(self.input_ids, d.input_ids if d else None, num_tokens)
+        pos = self._to_device(self.positions, d.positions if d else None, num_tokens)
         return layout, input_ids, pos

@@ -82,7 +82,7 @@ class ModelRunner:
         from hallm.platforms.registry import models as contributed_models
 
         cfg = self.config.model
-        model = load_model(
+        model: Any = load_model(
             cfg.model,
             self.device,
             self.dtype,
@@ -211,7 +211,7 @@ class ModelRunner:
             )
             state.sampling = RequestSamplingState(
                 params=params,
-                prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
+                prompt_token_ids=state.token_ids[: state.num_prompt_tokens],  # type: ignore[arg-type]
                 output_token_ids=state.output_token_ids,
                 generator=generator,
                 eos_token_ids=new.eos_token_ids,

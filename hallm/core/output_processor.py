@@ -92,7 +92,8 @@ class OutputProcessor:
         stopped: list[str] = []
         computed_after: dict[str, int] = {}
         if output.prompt_logprobs and step is not None:
-            for data in (*step.new_requests, *step.cached_requests):
+            scheduled: list[Any] = [*step.new_requests, *step.cached_requests]
+            for data in scheduled:
                 if data.req_id in output.prompt_logprobs:
                     computed_after[data.req_id] = (
                         data.num_computed_tokens + step.num_scheduled_tokens[data.req_id]
@@ -120,9 +121,9 @@ class OutputProcessor:
             if token is None:
                 continue
             if seq.logprobs is not None and request.request_id in output.logprobs:
-                ids, vals, rank = output.logprobs[request.request_id]
-                seq.logprobs.append(self._position_logprobs(ids, vals, rank))
-                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + vals[0]
+                lp_ids, lp_vals, lp_rank = output.logprobs[request.request_id]
+                seq.logprobs.append(self._position_logprobs(lp_ids, lp_vals, lp_rank))
+                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + lp_vals[0]
             if seq.detokenizer is not None:
                 # A token-level stop (EOS, a stop token id) leaves the token's text out unless
                 # include_stop_str_in_output; update() also applies the stop strings.

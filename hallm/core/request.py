@@ -95,7 +95,7 @@ class Request:
             if not params.ignore_eos and last in self.eos_token_ids:
                 self.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if last in params.stop_token_ids:
+            if last in (params.stop_token_ids or ()):
                 self.status = RequestStatus.FINISHED_STOPPED
                 self.stop_reason = last
                 return True

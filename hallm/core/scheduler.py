@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 
 from hallm.core.config import CacheConfig, SchedulerConfig
+from hallm.core.kv_cache.block_pool import KVBlock
 from hallm.core.kv_cache.manager import KVCacheManager
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.request import Request, RequestStatus
@@ -136,7 +137,8 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_pending_tokens:
                 break  # preempted with a token in flight: admitted once it resolves
-            computed_blocks, num_hit = ([], 0)
+            computed_blocks: list[KVBlock] = []
+            num_hit = 0
             if request.num_computed_tokens == 0:
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - request.num_computed_tokens - num_hit

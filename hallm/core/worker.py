@@ -45,9 +45,10 @@ class Worker:
         self.platform.empty_cache()
         free, total = self.platform.memory_info(self.local_rank)
         peak = self.platform.peak_memory_bytes()
+        allocated = self.platform.allocated_memory_bytes()
         activation_peak = 0
-        if peak is not None:
-            activation_peak = max(0, peak - self._allocated_now())
+        if peak is not None and allocated is not None:
+            activation_peak = max(0, peak - allocated)
         budget = int(total * self.config.cache.gpu_memory_utilization) - (total - free) - activation_peak
         logger.info(
             "memory: total %.2f GiB, in use %.2f GiB, activation peak %.2f GiB -> KV budget %.2f GiB",
@@ -57,13 +58,6 @@ class Worker:
             budget / 2**30,
         )
         return max(0, budget)
-
-    def _allocated_now(self) -> int:
-        import torch
-
-        if self.device.type == "cuda":
-            return int(torch.cuda.memory_allocated(self.device))
-        return 0
 
     def bytes_per_block(self) -> int:
         assert self.runner is not None

@@ -3,17 +3,33 @@
 The core ships `uni` (in process), `mp` (one process per rank) and `ray`; a plugin may
 contribute another through the `hallm_executors` hook. The engine calls, in order:
 `start()`, `available_kv_cache_bytes()`, `kv_cache_bytes_per_block()`,
-`init_kv_cache(num_blocks)`, then `execute(step)`
-once per step, `check_health()` at will, and `shutdown()` last.
+`init_kv_cache(num_blocks)`, then `execute(step)` (or, with async scheduling,
+`execute_async(step)`) once per step, `check_health()` at will, and `shutdown()` last.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from hallm.platforms.platform import Platform
+
+
+class StepResult(Protocol):
+    """A launched step: `get()` waits for it and returns what `Executor.execute` returns."""
+
+    def get(self) -> Any: ...
+
+
+class FinishedStep:
+    """A step that ran to the end before it was returned."""
+
+    def __init__(self, output: Any) -> None:
+        self.output = output
+
+    def get(self) -> Any:
+        return self.output
 
 
 class Executor(ABC):
@@ -26,6 +42,9 @@ class Executor(ABC):
     """
 
     name: ClassVar[str]
+    #: `execute_async` returns before the step has finished, so the engine may schedule the
+    #: next step while this one runs (async scheduling). Default: False.
+    supports_async: bool = False
 
     def __init__(self, config: Any, platform: Platform) -> None:
         self.config = config
@@ -50,6 +69,11 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, step: Any) -> Any:
         """Run one scheduled step and return the sampled tokens (rank 0's result)."""
+
+    def execute_async(self, step: Any) -> StepResult:
+        """Launch one step; the result's `get()` returns what `execute` returns. Steps resolve
+        in launch order. Default: run the step to the end (`execute`)."""
+        return FinishedStep(self.execute(step))
 
     def check_health(self) -> None:
         """Raise if a worker is dead or unresponsive. Default: nothing (in-process)."""

@@ -40,13 +40,24 @@ class StepInputBuffers:
 class StepGraphTarget(Protocol):
     """The model runner as a graph runner sees it."""
 
-    max_num_reqs: int
-    max_num_tokens: int
-    block_size: int
-    #: One per attention layer; a runner captures only when every one is `graph_safe`.
-    backends: Sequence[AttentionBackend]
-    #: The persistent device inputs; None on a device that runs from host memory.
-    inputs: StepInputBuffers | None
+    @property
+    def max_num_reqs(self) -> int: ...
+
+    @property
+    def max_num_tokens(self) -> int: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def backends(self) -> Sequence[AttentionBackend]:
+        """One per attention layer; a runner captures only when every one is `graph_safe`."""
+        ...
+
+    @property
+    def inputs(self) -> StepInputBuffers | None:
+        """The persistent device inputs; None on a device that runs from host memory."""
+        ...
 
     def forward(self, layout: BatchLayout, input_ids: Tensor, positions: Tensor) -> Tensor:
         """The model forward of one step (attention metadata built from `layout`) -> hidden

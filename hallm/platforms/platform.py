@@ -48,7 +48,9 @@ class Capabilities:
     graph_capture: the platform can capture and replay decode steps (`step_graphs`).
     max_world_size: the most ranks for tensor parallelism (None: no limit known; 1: none).
     torch_compile: `compile_model` does something useful on this device.
-    pin_memory: host buffers can be pinned for faster host-to-device copies.
+    async_scheduling: overlap scheduling the next step with the device running this one (the
+        default of `--async-scheduling`). Worth it where steps run asynchronously to the host
+        (an accelerator); on a host device the step is the host's own work.
     """
 
     dtypes: tuple[str, ...]
@@ -56,7 +58,7 @@ class Capabilities:
     graph_capture: bool = False
     max_world_size: int | None = 1
     torch_compile: bool = False
-    pin_memory: bool = False
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if not self.dtypes:
@@ -161,6 +163,11 @@ class Platform(ABC):
         """
         return None
 
+    def allocated_memory_bytes(self) -> int | None:
+        """Device memory held by live tensors of this process now, if measurable (the baseline
+        `peak_memory_bytes()` is compared with). Default: None."""
+        return None
+
     def reset_peak_memory(self) -> None:
         """Start a new peak-memory measurement. Default: nothing."""
 
@@ -202,7 +209,14 @@ class Platform(ABC):
         return None
 
     def worker_class(self) -> type | None:
-        """A Worker class replacing the core's (e.g. a JAX worker). Default: None (the core's)."""
+        """A worker class replacing the core's `hallm.core.worker.Worker` (e.g. a JAX worker).
+
+        It is built as `cls(config, platform)` and must have the core worker's methods:
+        `init_device()`, `load_model()`, `available_kv_cache_bytes()`, `bytes_per_block()`,
+        `init_kv_cache(num_blocks)` and `execute(step) -> ModelRunnerOutput`; `execute_async(step)`
+        (a handle whose `get()` gives the output) is optional and turns on async scheduling.
+        Default: None (the core's worker).
+        """
         return None
 
     def describe(self) -> dict[str, Any]:

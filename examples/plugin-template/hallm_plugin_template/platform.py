@@ -56,7 +56,7 @@ class TemplatePlatform(Platform):
             graph_capture=False,  # True only if step_graphs() returns a graph runner
             max_world_size=None,  # gloo tensor parallelism works across host processes
             torch_compile=False,
-            pin_memory=False,
+            async_scheduling=False,  # a host device: the step is the host's own work
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:

@@ -8,6 +8,7 @@ from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.core.worker import Worker
 from hallm.platforms import Executor, Platform
+from hallm.platforms.executor import FinishedStep, StepResult
 
 
 class UniExecutor(Executor):
@@ -17,6 +18,8 @@ class UniExecutor(Executor):
         super().__init__(config, platform)
         worker_cls = platform.worker_class() or Worker
         self.worker = worker_cls(config, platform)
+        # A platform's own worker may leave out execute_async (see Platform.worker_class).
+        self.supports_async = callable(getattr(worker_cls, "execute_async", None))
 
     def start(self) -> None:
         self.worker.init_device()
@@ -34,21 +37,10 @@ class UniExecutor(Executor):
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute(step)  # type: ignore[no-any-return]
 
-    def execute_async(self, step: SchedulerOutput) -> Any:
-        """Launch a step and return a handle whose `get()` gives its ModelRunnerOutput. The
-        engine uses this (async scheduling) when an executor has it."""
-        launch = getattr(self.worker, "execute_async", None)
-        if launch is None:  # a platform's own worker class without it: run the step to the end
-            return _Done(self.worker.execute(step))
-        return launch(step)
+    def execute_async(self, step: SchedulerOutput) -> StepResult:
+        if not self.supports_async:
+            return FinishedStep(self.worker.execute(step))
+        return self.worker.execute_async(step)  # type: ignore[no-any-return]
 
     def shutdown(self) -> None:
         self.worker = None  # type: ignore[assignment]
-
-
-class _Done:
-    def __init__(self, output: ModelRunnerOutput) -> None:
-        self.output = output
-
-    def get(self) -> ModelRunnerOutput:
-        return self.output

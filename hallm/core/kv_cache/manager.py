@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hallm.core.kv_cache.block_pool import BlockPool, KVBlock
+from hallm.core.kv_cache.block_pool import BlockPool, KVBlock, PrefixCacheStats
 from hallm.core.kv_cache.hashing import extend_block_hashes
 from hallm.core.request import Request
 
@@ -22,6 +22,25 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the pool, the null block included."""
+        return self.pool.num_blocks
+
+    @property
+    def num_usable_blocks(self) -> int:
+        """Blocks a request can be given (all but the null block)."""
+        return self.pool.num_usable_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the usable blocks held by requests."""
+        return self.pool.usage()
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.pool.stats
 
     def blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)

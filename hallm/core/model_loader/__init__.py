@@ -4,7 +4,7 @@ dummy weights; dtype resolution; tokenizers; the default packaged model."""
 from __future__ import annotations
 
 from hallm.core.model_loader.dtype import dtype_name, resolve_dtype
-from hallm.core.model_loader.gguf import cache_root, convert_gguf, gguf_cache_dir
+from hallm.core.model_loader.gguf import convert_gguf, gguf_cache_dir
 from hallm.core.model_loader.loader import LOAD_FORMATS, LoadedModel, build_model, load_model
 from hallm.core.model_loader.resolve import ResolvedModel, resolve_model
 from hallm.core.model_loader.source import (
@@ -14,6 +14,7 @@ from hallm.core.model_loader.source import (
     resolve_tokenizer_source,
 )
 from hallm.core.model_loader.tokenizer import load_tokenizer
+from hallm.platforms.paths import cache_root
 
 __all__ = [
     "LOAD_FORMATS",

@@ -183,7 +183,7 @@ class LlamaForCausalLM(ModelBase):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 
     @classmethod
     def attention_flags(cls, config: Any) -> tuple[bool, bool, bool]:

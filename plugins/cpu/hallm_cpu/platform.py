@@ -63,7 +63,7 @@ class CpuPlatform(Platform):
             graph_capture=False,
             max_world_size=None,  # gloo tensor parallelism: any number of ranks
             torch_compile=False,
-            pin_memory=False,
+            async_scheduling=False,
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:

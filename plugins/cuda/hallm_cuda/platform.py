@@ -155,7 +155,6 @@ class CudaPlatform(Platform):
             graph_capture=True,
             max_world_size=max(1, device_count()),
             torch_compile=False,
-            pin_memory=True,
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:
@@ -218,6 +217,11 @@ class CudaPlatform(Platform):
         import torch
 
         return int(torch.cuda.max_memory_allocated())
+
+    def allocated_memory_bytes(self) -> int | None:
+        import torch
+
+        return int(torch.cuda.memory_allocated())
 
     def reset_peak_memory(self) -> None:
         import torch
