@@ -4,7 +4,7 @@ on the converted directory."""
 
 from __future__ import annotations
 
-import time
+import pytest
 from pathlib import Path
 
 import torch
@@ -23,17 +23,24 @@ def test_default_model_is_the_packaged_gguf(smollm2_gguf: Path) -> None:
 
 
 def test_gguf_cache_is_a_complete_hf_dir(
-    smollm2_gguf: Path, smollm2_dir: Path, hallm_cache_dir: Path
+    smollm2_gguf: Path, smollm2_dir: Path, hallm_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from hallm.core.model_loader import gguf
     from transformers import AutoConfig
 
     names = {p.name for p in smollm2_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
     config = AutoConfig.from_pretrained(smollm2_dir)
     assert config.architectures == ["LlamaForCausalLM"] and str(config.dtype).endswith("float32")
-    start = time.perf_counter()
+    weights = smollm2_dir / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+
+    def no_conversion(*args: object) -> None:
+        raise AssertionError("a cache hit converted the GGUF file again")
+
+    monkeypatch.setattr(gguf, "_write_hf_dir", no_conversion)
     assert convert_gguf(smollm2_gguf, hallm_cache_dir) == smollm2_dir  # a cache hit: no work
-    assert time.perf_counter() - start < 2
+    assert weights.stat().st_mtime_ns == mtime
     assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
