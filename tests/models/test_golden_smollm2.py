@@ -4,9 +4,9 @@ on the converted directory."""
 
 from __future__ import annotations
 
-import pytest
 from pathlib import Path
 
+import pytest
 import torch
 
 from hallm.core.model_loader import convert_gguf, default_model_path, load_model, load_tokenizer
@@ -25,8 +25,9 @@ def test_default_model_is_the_packaged_gguf(smollm2_gguf: Path) -> None:
 def test_gguf_cache_is_a_complete_hf_dir(
     smollm2_gguf: Path, smollm2_dir: Path, hallm_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hallm.core.model_loader import gguf
     from transformers import AutoConfig
+
+    from hallm.core.model_loader import gguf
 
     names = {p.name for p in smollm2_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
