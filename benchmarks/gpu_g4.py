@@ -37,6 +37,8 @@ from benchmarks.gpu_common import (
     weight_bytes_read,
     write_model_dir,
 )
+from benchmarks.variants import VARIANTS
+from benchmarks.variants import apply as apply_variant
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
 
@@ -52,10 +54,15 @@ def attention_case(
     merge_in_kernel: bool | None = None,
     min_segment_tiles: int | None = None,
 ) -> dict[str, Any]:
+    import dataclasses
+
     import torch
     import triton.testing
+    from hallm_cuda.platform import CudaPlatform
 
     from hallm.ops.triton import paged_attention
+
+    target = CudaPlatform().triton_target()  # what the engine launches with (PDL on sm_90+)
 
     heads, kv_heads, head_size = shape
     block = 16
@@ -73,7 +80,7 @@ def attention_case(
     out = torch.empty_like(q)
     workspace: dict = {}
 
-    def fn() -> None:
+    def fn(target: Any = target) -> None:
         paged_attention(
             q,
             cache,
@@ -89,12 +96,14 @@ def attention_case(
             num_segments=segments,
             merge_in_kernel=merge_in_kernel,
             min_segment_tiles=min_segment_tiles,
+            target=target,
         )
 
     fn()
     torch.cuda.synchronize()
     ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    kernel_us = profiled_kernel_us(fn)
+    # without PDL, so no kernel is timed while it waits on the one before
+    kernel_us = profiled_kernel_us(lambda: fn(dataclasses.replace(target, pdl=False)))
     kv_bytes = batch * ctx * 2 * kv_heads * head_size * 2
     return {
         "ms": ms,
@@ -108,29 +117,20 @@ def attention_case(
 def profiled_kernel_us(fn: Any, iters: int = 30) -> float:
     """Median device time of the kernels one `fn()` launches (attention, and the split-KV reduce
     when there is one), from the profiler's kernel records: each call after a 256 MB write that
-    evicts the KV from L2, with PDL off so no kernel is timed while it waits on the one before."""
-    import os
+    evicts the KV from L2 (`fn` launches without PDL)."""
     import statistics
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    old = os.environ.get("HALLM_TRITON_PDL")
-    os.environ["HALLM_TRITON_PDL"] = "0"
-    try:
-        fn()
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            flush.zero_()
+            fn()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                flush.zero_()
-                fn()
-            torch.cuda.synchronize()
-    finally:
-        if old is None:
-            os.environ.pop("HALLM_TRITON_PDL", None)
-        else:
-            os.environ["HALLM_TRITON_PDL"] = old
     per_kernel: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and (
@@ -343,17 +343,12 @@ def step_worker(
 
 
 def bench_steps(
-    models: list[str], bw: float, tmp: Path, timeout: int, ab_env: list[str]
+    models: list[str], bw: float, tmp: Path, timeout: int, variants: list[str]
 ) -> list[dict[str, Any]]:
-    import os
-
     rows = []
-    # (model, label, extra environment): the shipped engine, then each A/B variant
-    runs = [(m, "shipped", {}) for m in models]
-    for assignment in ab_env:
-        name, _, value = assignment.partition("=")
-        runs += [(m, assignment, {name: value}) for m in models]
-    for model, label, extra in runs:
+    # (model, variant): the shipped engine, then each A/B variant (benchmarks/variants.py)
+    runs = [(m, label) for label in ["shipped", *variants] for m in models]
+    for model, label in runs:
         model_dir = write_model_dir(model, tmp / model)
         result = tmp / f"steps-{model}-{len(rows)}.json"
         cmd = [
@@ -365,15 +360,15 @@ def bench_steps(
             str(model_dir),
             "--result",
             str(result),
+            "--variant",
+            label,
         ]
-        env = {**os.environ, **extra}
-        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, check=False, env=env)
+        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not result.exists():
             print(f"step worker {model} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
             continue
         for r in json.loads(result.read_text()):
             r["variant"] = label
-            r["fused_layers"] = extra.get("HALLM_CUDA_FUSED", "1") == "1"
             floor_bytes = weight_bytes_read(model) + r["batch"] * (r["ctx"] + 16) * kv_bytes_per_token(model)
             r["floor_ms"] = floor_bytes / bw * 1e3
             r["step_over_floor"] = r["step_ms"] / r["floor_ms"]
@@ -397,20 +392,21 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-tiles", action="store_true", help="Qwen2.5-0.5B attention tile/warp/stage sweep")
     p.add_argument("--sweep-merge", action="store_true", help="split-KV merge chunk / segment-length sweep")
-    p.add_argument("--ab-fused", action="store_true", help="also measure steps with HALLM_CUDA_FUSED=0")
     p.add_argument(
-        "--ab-env",
+        "--ab",
         action="append",
         default=[],
-        metavar="NAME=VALUE",
-        help="also measure steps with this variable set",
+        choices=[v for v in VARIANTS if v != "shipped"],
+        help="also measure the decode steps of this engine variant (benchmarks/variants.py)",
     )
+    p.add_argument("--variant", default="shipped", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=int, default=400)
     p.add_argument("--step-worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.step_worker:
+        apply_variant(args.variant)
         rows = step_worker(args.step_worker, args.model_dir, [1, 32, 128], 1024, 32, eager=False)
         Path(args.result).write_text(json.dumps(rows))
         return
@@ -432,7 +428,7 @@ def main() -> None:
             bw,
             tmp,
             args.timeout,
-            args.ab_env + (["HALLM_CUDA_FUSED=0"] if args.ab_fused else []),
+            args.ab,
         )
     append_jsonl(Path(args.out) / "g4.jsonl", record)
 

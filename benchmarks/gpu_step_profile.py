@@ -34,6 +34,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_common import append_jsonl, environment, write_model_dir
+from benchmarks.variants import VARIANTS
+from benchmarks.variants import apply as apply_variant
 
 REPLAYS = 10
 ENGINE_STEPS = 24
@@ -343,7 +345,11 @@ def main() -> None:
     p.add_argument("--engine", action="store_true", help="also profile whole engine decode steps")
     p.add_argument("--host", action="store_true", help="also cProfile the host over the decode steps")
     p.add_argument("--launch-costs", action="store_true", help="also time the step's CUDA calls on the host")
+    p.add_argument(
+        "--variant", default="shipped", choices=list(VARIANTS), help="engine variant (benchmarks/variants.py)"
+    )
     args = p.parse_args()
+    apply_variant(args.variant)
 
     from hallm.entrypoints.llm import LLM
 

@@ -36,7 +36,7 @@ PHASES = (
     ("update", "hallm.core.scheduler.Scheduler", "update"),
     ("runner state", "hallm.core.model_runner.ModelRunner", "_update_states"),
     ("input build", "hallm.core.input_batch.StepBuffers", "build"),
-    ("forward", "hallm.core.model_runner.ModelRunner", "_forward"),
+    ("forward", "hallm.core.model_runner.ModelRunner", "forward"),
     ("forward", "hallm_cuda.graphs.DecodeGraphs", "replay"),
     ("logits + sampling", "hallm.core.model_runner.ModelRunner", "_sample"),
     ("resolve", "hallm.core.step_handle.StepHandle", "_finish"),

@@ -10,16 +10,16 @@
 # greedy    tests/gpu/test_engine_gpu.py: the engine on the GPU vs HF transformers on the same
 #           weights (tiny models in float32, graphs on and off; a Qwen2.5-0.5B-shaped model in bf16)
 # g4        benchmarks/gpu_g4.py: copy bandwidth, attention-kernel bandwidth, decode steps of both models vs roofline
-# g4-sweep  the same for Qwen2.5-0.5B with the segment and tile sweeps and the steps without fused layers (tuning)
+# g4-sweep  the same for Qwen2.5-0.5B with the segment and tile sweeps and the steps on the reference ops (tuning)
 # g1        benchmarks/gpu_g1.py: offline throughput, hallm vs HF continuous batching vs HF padded
-# g4-decoder  Qwen2.5-0.5B's decode steps with and without the fused decoder layer (HALLM_CUDA_FUSED_DECODER=0)
+# g4-decoder  Qwen2.5-0.5B's decode steps with and without the fused decoder stack, and with cuBLAS projections (benchmarks/variants.py)
 # g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
 # g2-long   the same with 3584 requests (~7 minutes of generation: about the most one 10-minute device call holds)
 # linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
 # linear-fused  the fused decoder layer's qkv and gate/up launches vs the per-module kernels (--fused)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
-# profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, with projections on the skinny GEMM up to 32 rows, and without PDL
+# profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
 # host-overhead  benchmarks/host_overhead.py: the engine's host time per decode step by phase (tiny model, batch 1/32/256)
 # profile-engine  the same with --engine: whole engine decode steps split into graph, outside-graph and idle GPU time (Qwen at batch 1 and 32, Llama-3.1-8B at batch 1)
 #
@@ -70,13 +70,13 @@ for step in $STEPS; do
     kernels) run kernels $PY -m pytest -q -n 8 -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py tests/gpu/test_skinny_gemm_gpu.py ;;
     greedy) run greedy $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py ;;
     g4) run g4 $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b,llama-3.1-8b ;;
-    g4-sweep) run g4-sweep $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --sweep --sweep-tiles --ab-fused ;;
+    g4-sweep) run g4-sweep $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --sweep --sweep-tiles --ab reference-ops ;;
     g4-llama) run g4-llama $PY benchmarks/gpu_g4.py --out "$RES" --models llama-3.1-8b --parts step ;;
     g4-steps) run g4-steps $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b,llama-3.1-8b --parts step ;;
     g1) run g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b ;;
     g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
     g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 ;;
-    g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab-env HALLM_CUDA_FUSED_DECODER=0 --ab-env HALLM_CUDA_FUSED_GATE_UP=1 ;;
+    g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab no-decoder-stack --ab no-skinny ;;
     g2-long) run g2-long $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 3584 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 570 ;;
     g1-llama) run g1-llama $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --hf-cb-requests 16 --hf-padded-requests 32 --hf-batch-size 32 ;;
     linear) run linear $PY benchmarks/gpu_linear.py --out "$RES" ;;
@@ -85,10 +85,9 @@ for step in $STEPS; do
     profile-engine) run profile-engine-qwen $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --engine
                     run profile-engine-llama $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 1 --engine ;;
     profile-host) run profile-host-qwen $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --host
-                  HALLM_TRITON_PDL=0 run profile-host-qwen-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1 ;;
+                  run profile-host-qwen-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1 --variant no-pdl ;;
     profile-launch) run profile-launch $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,16,32 --launch-costs
-                    HALLM_CUDA_SKINNY_ROWS=32 run profile-launch-skinny32 $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 32
-                    HALLM_TRITON_PDL=0 run profile-launch-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
+                    run profile-launch-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --variant no-pdl ;;
     host-overhead) run host-overhead $PY benchmarks/host_overhead.py --device cuda --batches 1,32,256 ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;
