@@ -2,15 +2,14 @@
 
     python3 benchmarks/gpu_linear.py [--rows 1,16,32,64] [--sweep] [--out DIR]
 
-For each projection of Qwen2.5-0.5B and Llama-3.1-8B (qkv with its bias, o, gate/up with the
-SiLU-and-mul, down, lm_head) and each row count, times `F.linear` (plus `silu_and_mul` for the
-gated one: what the model runs without the skinny kernel) and `skinny_linear` with its shipped
-configuration, in CUDA-graph replays over enough weight copies (>= 256 MB) that every weight
-comes from HBM, as inside a model. Prints microseconds, the weight stream's GB/s, and cuBLAS /
-skinny. --sweep also tries other tiles at one row and prints the best per projection. --fused
-times what the fused decoder layer launches for Qwen2.5-0.5B's qkv (RMSNorm with the residual,
-projection, rotary) and gate/up (RMSNorm, projection, SiLU-and-mul) against the kernels of the
-per-module path, with a few tile/split/stage choices for the fused launch.
+For each projection of Qwen2.5-0.5B and Llama-3.1-8B (qkv with its bias, o, gate/up, down,
+lm_head) and each row count, times `F.linear` (what the model runs without the skinny kernel)
+and `skinny_linear` with its shipped configuration, in CUDA-graph replays over enough weight
+copies (>= 256 MB) that every weight comes from HBM, as inside a model. Prints microseconds, the
+weight stream's GB/s, and cuBLAS / skinny. --sweep also tries other tiles at one row and prints
+the best per projection. --fused times what the fused decoder stack launches for Qwen2.5-0.5B's
+qkv (RMSNorm with the residual, projection, rotary) against the kernels of the per-module path,
+with a few tile/split/stage choices for the fused launch.
 """
 
 from __future__ import annotations
@@ -26,21 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_common import append_jsonl, copy_bandwidth, environment
 
-# name: (N, K, bias, gated); N of a gated projection is the intermediate size (weight 2N x K)
+# name: (N, K, bias); gate/up is the stacked [gate; up] weight (N = 2 x the intermediate size)
 SHAPES = {
     "qwen2.5-0.5b": {
-        "qkv": (1152, 896, True, False),
-        "o": (896, 896, False, False),
-        "gate_up": (4864, 896, False, True),
-        "down": (896, 4864, False, False),
-        "lm_head": (151936, 896, False, False),
+        "qkv": (1152, 896, True),
+        "o": (896, 896, False),
+        "gate_up": (9728, 896, False),
+        "down": (896, 4864, False),
+        "lm_head": (151936, 896, False),
     },
     "llama-3.1-8b": {
-        "qkv": (6144, 4096, False, False),
-        "o": (4096, 4096, False, False),
-        "gate_up": (14336, 4096, False, True),
-        "down": (4096, 14336, False, False),
-        "lm_head": (128256, 4096, False, False),
+        "qkv": (6144, 4096, False),
+        "o": (4096, 4096, False),
+        "gate_up": (28672, 4096, False),
+        "down": (4096, 14336, False),
+        "lm_head": (128256, 4096, False),
     },
 }
 L2_FLUSH_BYTES = 256 << 20
@@ -60,32 +59,25 @@ def time_op(make_fn: Any, copies: int) -> float:
     return triton.testing.do_bench_cudagraph(run, rep=60, return_mode="median") * 1e3 / copies
 
 
-def bench_shape(n: int, k: int, bias: bool, gated: bool, rows: int, configs: list[Any]) -> dict[str, Any]:
+def bench_shape(n: int, k: int, bias: bool, rows: int, configs: list[Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from hallm.ops.triton.fused import silu_and_mul
     from hallm.ops.triton.skinny_gemm import counters_for, skinny_config, skinny_linear
 
     dev = "cuda"
-    w_rows = 2 * n if gated else n
-    w_bytes = w_rows * k * 2
+    w_bytes = n * k * 2
     copies = max(1, -(-L2_FLUSH_BYTES // w_bytes))
     gen = torch.Generator(device=dev).manual_seed(0)
-    ws = [
-        torch.randn(w_rows, k, device=dev, dtype=torch.bfloat16, generator=gen) * k**-0.5
-        for _ in range(copies)
-    ]
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) * k**-0.5 for _ in range(copies)]
     bs = [
-        torch.randn(w_rows, device=dev, dtype=torch.bfloat16, generator=gen) if bias else None
+        torch.randn(n, device=dev, dtype=torch.bfloat16, generator=gen) if bias else None
         for _ in range(copies)
     ]
     x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16, generator=gen)
     counters = [counters_for(n, dev) for _ in range(copies)]
 
     def cublas(i: int) -> Any:
-        if gated:
-            return lambda: silu_and_mul(F.linear(x, ws[i], bs[i]))
         return lambda: F.linear(x, ws[i], bs[i])
 
     want = cublas(0)()
@@ -94,11 +86,9 @@ def bench_shape(n: int, k: int, bias: bool, gated: bool, rows: int, configs: lis
     shipped = skinny_config(rows, n, k)
     results = []
     for cfg in [shipped, *[c for c in configs if c != shipped]]:
-        if gated and cfg.split_k > 1:
-            continue
 
         def skinny(i: int, cfg: Any = cfg) -> Any:
-            return lambda: skinny_linear(x, ws[i], bs[i], gated=gated, counters=counters[i], config=cfg)
+            return lambda: skinny_linear(x, ws[i], bs[i], counters=counters[i], config=cfg)
 
         got = skinny(0)()
         err = (got.float() - want.float()).abs().max().item()
@@ -121,12 +111,12 @@ def bench_shape(n: int, k: int, bias: bool, gated: bool, rows: int, configs: lis
     return row
 
 
-def sweep_configs(n: int, k: int, gated: bool) -> list[Any]:
+def sweep_configs(n: int, k: int) -> list[Any]:
     from hallm.ops.triton.skinny_gemm import SkinnyConfig
 
     out = []
     for bn, bk in itertools.product((16, 32, 64), (256, 512, 1024)):
-        for split in (1,) if gated else (1, 2, 4, 8):
+        for split in (1, 2, 4, 8):
             if split > 1 and k // (split * bk) < 1:
                 continue
             out.append(SkinnyConfig(16, bn, bk, split, num_warps=4, num_stages=3))
@@ -134,17 +124,11 @@ def sweep_configs(n: int, k: int, gated: bool) -> list[Any]:
 
 
 def bench_fused(rows: int) -> list[dict[str, Any]]:
-    """Qwen2.5-0.5B qkv and gate/up as the fused decoder layer launches them vs the module chain."""
-    return [
-        r for name, gated in (("qkv", False), ("gate_up", True)) for r in _bench_fused_proj(name, gated, rows)
-    ]
-
-
-def _bench_fused_proj(name: str, gated: bool, rows: int) -> list[dict[str, Any]]:
+    """Qwen2.5-0.5B's qkv as the fused decoder stack launches it (RMSNorm with the residual,
+    projection, rotary) vs the module chain."""
     import torch
-    import torch.nn.functional as F
 
-    from hallm.ops.triton.fused import rms_norm, rotary, silu_and_mul
+    from hallm.ops.triton.fused import rms_norm, rotary
     from hallm.ops.triton.skinny_gemm import (
         RMSNormPrologue,
         RotaryEpilogue,
@@ -155,8 +139,8 @@ def _bench_fused_proj(name: str, gated: bool, rows: int) -> list[dict[str, Any]]
     )
 
     dev, dt = "cuda", torch.bfloat16
-    hidden, inter, d = 896, 4864, 64
-    n_rows = 2 * inter if gated else 18 * d
+    hidden, d = 896, 64
+    n_rows = 18 * d
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(rows, hidden, device=dev, dtype=dt, generator=gen)
     res = torch.randn(rows, hidden, device=dev, dtype=dt, generator=gen)
@@ -167,30 +151,27 @@ def _bench_fused_proj(name: str, gated: bool, rows: int) -> list[dict[str, Any]]
     ws = [
         torch.randn(n_rows, hidden, device=dev, dtype=dt, generator=gen) * hidden**-0.5 for _ in range(copies)
     ]
-    bs = [None if gated else torch.randn(n_rows, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
+    bs = [torch.randn(n_rows, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
     counters = [counters_for(n_rows, dev) for _ in range(copies)]
-    rope = None if gated else RotaryEpilogue(pos, inv, 1.0, d, 16)
+    rope = RotaryEpilogue(pos, inv, 1.0, d, 16)
 
     def modules(i: int) -> Any:
         def run() -> None:
             h, _ = rms_norm(x, nw, 1e-6, res)
-            if gated:
-                silu_and_mul(F.linear(h, ws[i]))
-            else:
-                y = skinny_linear(h, ws[i], bs[i], counters=counters[i])
-                q, k, _ = y.split([14 * d, 2 * d, 2 * d], dim=-1)
-                rotary(pos, q.view(rows, 14, d), k.view(rows, 2, d), inv, 1.0)
+            y = skinny_linear(h, ws[i], bs[i], counters=counters[i])
+            q, k, _ = y.split([14 * d, 2 * d, 2 * d], dim=-1)
+            rotary(pos, q.view(rows, 14, d), k.view(rows, 2, d), inv, 1.0)
 
         return run
 
     def fused(i: int, cfg: Any) -> Any:
         norm = RMSNormPrologue(nw, 1e-6, res)
         return lambda: skinny_linear(
-            x, ws[i], bs[i], gated=gated, norm=norm, rotary=rope, counters=counters[i], config=cfg
+            x, ws[i], bs[i], norm=norm, rotary=rope, counters=counters[i], config=cfg
         )
 
     t_modules = time_op(modules, copies)
-    shipped = skinny_config(rows, n_rows // 2 if gated else n_rows, hidden, gated=gated, paired=True)
+    shipped = skinny_config(rows, n_rows, hidden, paired=True)
     variants = ((256, 1, 4, 3), (128, 7, 4, 2), (256, 4, 8, 2), (256, 4, 4, 1), (512, 2, 8, 2))
     configs = [shipped] + [
         SkinnyConfig(shipped.block_m, 16, bk, sp, num_warps=w, num_stages=st) for bk, sp, w, st in variants
@@ -200,12 +181,12 @@ def _bench_fused_proj(name: str, gated: bool, rows: int) -> list[dict[str, Any]]
         t = time_op(lambda i, cfg=cfg: fused(i, cfg), copies)
         label = "shipped" if cfg is shipped else "variant"
         print(
-            f"fused {name:8} M={rows:3}: modules {t_modules:6.2f} us, fused {t:6.2f} us ({label} {cfg})",
+            f"fused qkv M={rows:3}: modules {t_modules:6.2f} us, fused {t:6.2f} us ({label} {cfg})",
             flush=True,
         )
         out.append(
             {
-                "fused": name,
+                "fused": "qkv",
                 "rows": rows,
                 "modules_us": t_modules,
                 "fused_us": t,
@@ -221,7 +202,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,16,32,64")
     p.add_argument("--models", default="qwen2.5-0.5b,llama-3.1-8b")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--fused", action="store_true", help="only the fused decoder layer's launches")
+    p.add_argument("--fused", action="store_true", help="only the fused decoder stack's launch")
     p.add_argument("--out", default="benchmarks/results/raw")
     args = p.parse_args()
     bw = copy_bandwidth()
@@ -237,10 +218,10 @@ def main() -> None:
         append_jsonl(Path(args.out) / "skinny-gemm.jsonl", record)
         return
     for model in args.models.split(","):
-        for name, (n, k, bias, gated) in SHAPES[model].items():
+        for name, (n, k, bias) in SHAPES[model].items():
             for rows in [int(r) for r in args.rows.split(",")]:
-                configs = sweep_configs(n, k, gated) if args.sweep and rows == 1 else []
-                r = {"model": model, "proj": name, **bench_shape(n, k, bias, gated, rows, configs)}
+                configs = sweep_configs(n, k) if args.sweep and rows == 1 else []
+                r = {"model": model, "proj": name, **bench_shape(n, k, bias, rows, configs)}
                 record["rows"].append(r)
                 best = f", best {r['best_us']:.2f} us {r['best']}" if "best" in r else ""
                 print(

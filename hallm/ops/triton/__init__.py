@@ -13,7 +13,7 @@ their attention backends; nothing imports it at plugin load). Kernels:
   the partial results with a small second kernel.
 
 - `skinny_gemm.skinny_linear`: a linear layer over few rows (decode steps), with an optional
-  SiLU-gated epilogue; streams the weight once for all rows.
+  RMSNorm prologue and rotary epilogue; streams the weight once for all rows.
 
 On sm_90+ every kernel launches with programmatic dependent launch (`runtime.pdl_launch`).
 

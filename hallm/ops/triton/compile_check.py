@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import triton
 
-from hallm.ops.triton import skinny_launch
+from hallm.ops.triton import skinny_gemm, skinny_launch
 from hallm.ops.triton.attention import jit_kernels
 from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
 
@@ -218,7 +218,12 @@ def variants(
                 )
             )
     out.extend(_fused_variants(tuple(dtypes)))
-    out.extend(skinny_launch.compile_variants(tuple(_SIG_DTYPE[d] for d in dtypes if d != torch.float32)))
+    out.extend(
+        skinny_launch.compile_variants(
+            skinny_gemm.jit_kernels().skinny_gemm,
+            tuple(_SIG_DTYPE[d] for d in dtypes if d != torch.float32),
+        )
+    )
     return out
 
 
@@ -297,7 +302,8 @@ def _fused_variants(
 
 #: The CI subset: every code path once (KV write, decode, split-KV merged in the kernel and by
 #: the reduce kernel, prefill with window and soft cap, the float32 exact-dot path) at
-#: Llama-3-8B's head shape.
+#: Llama-3-8B's head shape; the skinny GEMM plain, split-K, at 64 rows (its largest shared
+#: memory), and with the RMSNorm prologue (with and without the residual) and rotary epilogue.
 CI_SUBSET = (
     "write_kv-bf16-h32/8-d128",
     "attention-decode-split-bf16-h32/8-d128",
@@ -310,9 +316,10 @@ CI_SUBSET = (
     "silu_and_mul-bf16",
     "skinny-qkv-bf16-m1",
     "skinny-down-bf16-m1",
-    "skinny-gate_up-bf16-m64",
+    "skinny-down-bf16-m64",
     "skinny-qkv-norm-rotary-bf16-m1",
-    "skinny-gate_up-norm-bf16-m1",
+    "skinny-qkv-norm-rotary-bf16-m64",
+    "skinny-qkv-norm-rotary-first-bf16-m1",
 )
 
 

@@ -1,25 +1,23 @@
 """Linear layers over few rows (decode steps): `y = x @ W.T + b` in one Triton kernel, with an
-optional RMSNorm prologue and a SiLU-gated or rotary epilogue.
+optional RMSNorm prologue and rotary epilogue.
 
 Why: a decode step multiplies a handful of activation rows by each weight matrix, so it is a
-weight stream. cuBLAS picks tiles for big GEMMs; on an H200 at one row it spends 4.4 us on
-Qwen2.5-0.5B's 2 MB qkv projection (0.5 us of bytes) and adds a split-K reduce kernel to the
-down projection (benchmarks/results/gpu.md, run 11). Here each program owns BLOCK_N output
-columns and streams those weight rows once, with all (<= BLOCK_M) activation rows in a
-tensor-core dot; a matrix whose columns are too few to fill the GPU also splits K, and the last
-program of a column block to finish sums the fp32 partials (an atomic counter, reset for the
-next launch, so a CUDA graph replays it).
+weight stream. cuBLAS picks tiles for big GEMMs: at one row it spends several times a small
+projection's byte time on it (Qwen2.5-0.5B's 2 MB qkv) and adds a split-K reduce kernel to the
+down projection (benchmarks/results/gpu.md: the skinny GEMM against cuBLAS). Here each program
+owns BLOCK_N output columns and streams those weight rows once, with all (<= BLOCK_M)
+activation rows in a tensor-core dot; a matrix whose columns are too few to fill the GPU also
+splits K, and the last program of a column block to finish sums the fp32 partials (an atomic
+counter, reset for the next launch, so a CUDA graph replays it).
 
-At that size a kernel's launch and dependency wait, not its bytes, set its time, so the
-decoder layer's neighbours of a projection fold into it (`hallm_cuda.fused_decoder.FusedDecoderLayer`):
+At that size a kernel's launch and dependency wait, not its bytes, set its time, so the decoder
+layer's neighbours of its qkv projection fold into it (`hallm_cuda.fused_decoder.FusedDecoderStack`):
 - `RMSNormPrologue`: normalize the rows (after adding the residual, whose sum the first column
   block writes out) before the product, in place of an RMSNorm kernel;
-- GATED: `silu(x @ Wg.T + bg) * (x @ Wu.T + bu)` for a weight stacked as [gate; up] ([2I, K],
-  the layout of `GatedMLP.gate_up_proj`), in place of a SiLU-and-mul kernel;
 - `RotaryEpilogue`: NeoX rotate-half of the q and k heads of a fused qkv projection, in place
   of the rotary kernel. A program owns dims d and d + head_size/2 of one head.
 Each rounds where the module it replaces rounds: the residual sum, the normalized and the
-weighted rows, the projection, the SiLU output and the product, the cos/sin tables.
+weighted rows, the projection, the cos/sin tables.
 """
 
 from __future__ import annotations
@@ -34,6 +32,8 @@ import triton.language as tl
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
 from hallm.ops.triton.skinny_launch import (
     MAX_ROWS,
+    PLAIN,
+    ROTARY,
     RMSNormPrologue,
     RotaryEpilogue,
     SkinnyConfig,
@@ -47,7 +47,6 @@ from hallm.ops.triton.target import GENERIC, TritonTarget
 
 # the launch's configuration lives in skinny_launch; these names are this module's API too
 __all__ = [
-    "GATED",
     "MAX_ROWS",
     "PLAIN",
     "ROTARY",
@@ -59,11 +58,6 @@ __all__ = [
     "skinny_config",
     "skinny_linear",
 ]
-
-#: The EPILOGUE constexpr.
-PLAIN = tl.constexpr(0)
-GATED = tl.constexpr(1)
-ROTARY = tl.constexpr(2)
 
 
 def _skinny_gemm_kernel(
@@ -101,18 +95,17 @@ def _skinny_gemm_kernel(
     ROTATED_HEADS: tl.constexpr = 0,
     USE_PDL: tl.constexpr = False,
 ):
-    # x [M, K] (row stride x_stride); w [W, K] contiguous, W = 2N (GATED) or N; out [M, N] (row
-    # stride out_stride); part fp32 [SPLIT_K, BLOCK_M, W], counter int32 [programs along N]
-    # (SPLIT_K > 1 only). NORM: res [M, K] (row stride res_stride, RESIDUAL only), res_out
-    # contiguous [M, K], norm_w [K]. ROTARY: pos [M], inv_freq fp32 [HEAD_SIZE / 2].
+    # x [M, K] (row stride x_stride); w [N, K] contiguous; out [M, N] (row stride out_stride);
+    # part fp32 [SPLIT_K, BLOCK_M, N], counter int32 [programs along N] (SPLIT_K > 1 only).
+    # NORM: res [M, K] (row stride res_stride, RESIDUAL only), res_out contiguous [M, K],
+    # norm_w [K]. ROTARY: pos [M], inv_freq fp32 [HEAD_SIZE / 2].
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
-    # Columns: a plain program owns rn; a paired one owns rn and rn2, whose epilogue combines
-    # them (GATED: gate column rn with up column rn + N; ROTARY: dims d and d + HEAD_SIZE/2 of
-    # one head, the rotate-half pairs).
+    # Columns: a plain program owns rn; a rotary one owns rn and rn2, dims d and d + HEAD_SIZE/2
+    # of one head (the rotate-half pairs), which its epilogue combines.
     col = tl.arange(0, BLOCK_N)
     head = 0
     if EPILOGUE == ROTARY:
@@ -122,7 +115,7 @@ def _skinny_gemm_kernel(
         rn2 = rn + HEAD_SIZE // 2
     else:
         rn = pid_n * BLOCK_N + col
-        rn2 = rn + N
+        rn2 = rn  # no second column
     n_mask = rn < N
     w_rows = rn.to(tl.int64) * K
     w2_rows = rn2.to(tl.int64) * K
@@ -147,7 +140,7 @@ def _skinny_gemm_kernel(
         # RMSNorm needs the whole row's sum of squares before the first product: every
         # program reads the (few, L2-resident) rows once more; the tiles are unrolled so their
         # loads are in flight together. (Scaling the merged sum by 1/rms instead, each program
-        # summing squares over its own K range, measured 1.2-1.5x slower on an H200: run 13.)
+        # summing squares over its own K range, measured slower: benchmarks/results/gpu.md.)
         sum_sq = tl.zeros([BLOCK_M], tl.float32)
         for i in tl.static_range(NORM_TILES):
             kk = i * BLOCK_K + rk
@@ -187,18 +180,16 @@ def _skinny_gemm_kernel(
         if EPILOGUE != PLAIN:
             w2 = tl.load(w_ptr + w2_rows[:, None] + k[None, :], mask=w_mask, other=0.0)
 
-    is_last = True
+    out_mask = m_mask[:, None] & n_mask[None, :]  # rows past M are never stored: no traffic
     if SPLIT_K > 1:
         # The last of the SPLIT_K programs of this column block sums the partials: the barrier
         # orders every thread's stores before the counter's release, the acquire orders the
         # loads (through L2: .cg) after the other programs' stores; it resets the counter.
-        part_w = 2 * N if EPILOGUE == GATED else N
-        part = part_ptr + rm[:, None] * part_w + rn[None, :]
-        part2 = part_ptr + rm[:, None] * part_w + rn2[None, :]
-        part_mask = m_mask[:, None] & n_mask[None, :]  # rows past M are never stored: no traffic
-        tl.store(part + pid_k * BLOCK_M * part_w, acc, mask=part_mask)
+        part = part_ptr + rm[:, None] * N + rn[None, :]
+        part2 = part_ptr + rm[:, None] * N + rn2[None, :]
+        tl.store(part + pid_k * BLOCK_M * N, acc, mask=out_mask)
         if EPILOGUE != PLAIN:
-            tl.store(part2 + pid_k * BLOCK_M * part_w, acc2, mask=part_mask)
+            tl.store(part2 + pid_k * BLOCK_M * N, acc2, mask=out_mask)
         tl.debug_barrier()
         is_last = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
         if is_last:
@@ -206,25 +197,20 @@ def _skinny_gemm_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in range(SPLIT_K):
-                offset = s * BLOCK_M * part_w
-                acc += tl.load(part + offset, mask=part_mask, other=0.0, cache_modifier=".cg")
+                offset = s * BLOCK_M * N
+                acc += tl.load(part + offset, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if EPILOGUE != PLAIN:
-                    acc2 += tl.load(part2 + offset, mask=part_mask, other=0.0, cache_modifier=".cg")
+                    acc2 += tl.load(part2 + offset, mask=out_mask, other=0.0, cache_modifier=".cg")
+        # only the last program stores (broadcast by hand: the interpreter rejects a mask & a scalar)
+        out_mask = out_mask & ((tl.zeros([BLOCK_M, BLOCK_N], tl.int32) + is_last.to(tl.int32)) != 0)
 
     dtype = out_ptr.dtype.element_ty
     out = out_ptr + rm[:, None] * out_stride + rn[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:  # (broadcast by hand: the interpreter rejects a mask & a scalar)
-        out_mask = out_mask & ((tl.zeros([BLOCK_M, BLOCK_N], tl.int32) + is_last.to(tl.int32)) != 0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if EPILOGUE != PLAIN:
             acc2 += tl.load(bias_ptr + rn2, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE == GATED:
-        gate = acc.to(dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)  # silu, rounded like F.silu's output
-        tl.store(out, (act.to(tl.float32) * acc2.to(dtype).to(tl.float32)).to(dtype), mask=out_mask)
-    elif EPILOGUE == ROTARY:
+    if EPILOGUE == ROTARY:
         # NeoX rotate-half of the q and k heads (the first ROTATED_HEADS), the projection
         # rounded first and cos/sin rounded to the activation dtype, as the rotary kernel does
         x1 = acc.to(dtype).to(tl.float32)
@@ -274,7 +260,6 @@ def skinny_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    gated: bool = False,
     norm: RMSNormPrologue | None = None,
     rotary: RotaryEpilogue | None = None,
     counters: torch.Tensor | None = None,
@@ -282,21 +267,18 @@ def skinny_linear(
     target: TritonTarget | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`F.linear(x, weight, bias)` for x [M, K] with M <= MAX_ROWS (last dim contiguous) and a
-    contiguous weight [N, K]; gated=True takes weight [2I, K] (gate rows, then up rows) and
-    returns `silu(gate) * up` [M, I]. `norm` multiplies RMSNorm(x) (or of x + norm.residual)
-    instead of x; `rotary` rotates the output's q/k heads (not with gated). counters: from
-    `counters_for(N)`, kept by the caller so a captured graph reuses them (allocated here
-    when None). Returns the output, and with `norm.residual` also x + residual [M, K]."""
+    contiguous weight [N, K]. `norm` multiplies RMSNorm(x) (or of x + norm.residual) instead of
+    x; `rotary` rotates the output's q/k heads. counters: from `counters_for(N)`, kept by the
+    caller so a captured graph reuses them (allocated here when None). Returns the output, and
+    with `norm.residual` also x + residual [M, K]."""
     m, k = x.shape
     if m > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {m}; use F.linear")
     if weight.shape[1] != k or not weight.is_contiguous():
         raise ValueError(f"weight {tuple(weight.shape)} must be contiguous with {k} columns")
-    if gated and rotary is not None:
-        raise ValueError("skinny_linear takes gated or rotary, not both")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     residual = norm.residual if norm is not None else None
     res_out = out
@@ -311,7 +293,7 @@ def skinny_linear(
     if m == 0:
         return (out, res_out) if residual is not None else out
     num_sms = (target or GENERIC).num_sms
-    cfg = config or skinny_config(m, n, k, num_sms, gated=gated, paired=gated or rotary is not None)
+    cfg = config or skinny_config(m, n, k, num_sms, paired=rotary is not None)
     if cfg.block_m < m or cfg.block_n < 16:
         raise ValueError(f"{cfg} must tile {m} rows (block_m >= rows) with block_n >= 16")
     if rotary is not None:
@@ -319,13 +301,11 @@ def skinny_linear(
     k_per_split, split_k = split_k_of(cfg, k)
     part = out
     if split_k > 1:
-        part = torch.empty((split_k, cfg.block_m, weight.shape[0]), dtype=torch.float32, device=x.device)
+        part = torch.empty((split_k, cfg.block_m, n), dtype=torch.float32, device=x.device)
         if counters is None:
             counters = counters_for(n, x.device)
     if rotary is not None:
         epilogue, col_blocks = ROTARY, n // (2 * cfg.block_n)
-    elif gated:
-        epilogue, col_blocks = GATED, triton.cdiv(n, cfg.block_n)
     else:
         epilogue, col_blocks = PLAIN, triton.cdiv(n, cfg.block_n)
     grid = (col_blocks, split_k)

@@ -1,8 +1,8 @@
 """How a skinny-GEMM launch is configured (`hallm.ops.triton.skinny_gemm`): its tiles and K split
 from the shapes, the prologue and epilogue inputs, the pointer arguments with the stand-ins for
-absent inputs, and the constexprs. `skinny_linear` builds its launches from these, and so does
-`compile_variants`, the list `compile_check` compiles, so the kernels CI compiles are the ones a
-launch runs."""
+absent inputs, the epilogue codes, and the constexprs. `skinny_linear` builds its launches from
+these, and so does `compile_variants`, the list `compile_check` compiles, so the kernels CI
+compiles are the ones a launch runs. This module imports no kernel: `skinny_gemm` imports it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 
 from hallm.ops.triton.target import GENERIC
 
@@ -19,6 +20,13 @@ MAX_ROWS = 64
 #: Programs per SM a launch aims for before it splits K.
 _PROGRAMS_PER_SM = 2
 _MAX_SPLIT_K = 8
+
+#: The EPILOGUE constexpr: the plain product, or the rotary embedding of the q and k heads.
+PLAIN = tl.constexpr(0)
+ROTARY = tl.constexpr(1)
+
+#: A kernel variant for `compile_check`: (name, kernel, signature, constexprs, compile options).
+CompileVariant = tuple[str, Any, dict[str, str], dict[str, Any], dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,27 +69,26 @@ class SkinnyConfig:
 
 
 def skinny_config(
-    m: int, n: int, k: int, num_sms: int = GENERIC.num_sms, gated: bool = False, paired: bool | None = None
+    m: int, n: int, k: int, num_sms: int = GENERIC.num_sms, paired: bool = False
 ) -> SkinnyConfig:
     """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
 
-    A paired launch (gated, or rotary: `paired`, default `gated`) splits K into one tile per
-    program whatever the column count (at most 8 splits: past 8 tiles of K a program takes
-    several): the fused decoder layer's launches are latency-bound, and
-    a program whose weights are one tile loads all of them before its dependency wait, so after
-    it only the (L2-resident) activations and the partials' merge remain (HALLM_TRITON_SKINNY_ONE_TILE=0:
-    the plain rule, for A/B runs). Decided from shapes only (host ints fixed for a captured batch
-    size)."""
-    paired = gated if paired is None else paired
+    A paired launch (the rotary epilogue: a program owns two columns of each head) splits K
+    into one tile per program whatever the column count (at most 8 splits: past 8 tiles of K a
+    program takes several): the fused decoder stack's launches are latency-bound, and a program
+    whose weights are one tile loads all of them before its dependency wait, so after it only
+    the (L2-resident) activations and the partials' merge remain. Decided from shapes only
+    (host ints fixed for a captured batch size)."""
     block_m = max(16, triton.next_power_of_2(m))
     block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + 2 BLOCK_N) x BLOCK_K x 3 stages < 99 KB
     block_n = 16
     if paired:
         split = min(_MAX_SPLIT_K, triton.cdiv(k, block_k))
-        # one iteration has nothing to pipeline (run 13 call 2: qkv 5.6 us with 1 stage, 6.2 with 3)
+        # one iteration has nothing to pipeline: a single stage measured faster at decode sizes
+        # (the fused decoder layer's launches in benchmarks/results/gpu.md)
         stages = 1 if split * block_k >= k else 3
         return SkinnyConfig(block_m, block_n, block_k, split_k=split, num_stages=stages)
-    col_blocks = triton.cdiv(2 * n if gated else n, 2 * block_n if paired else block_n)
+    col_blocks = triton.cdiv(n, block_n)
     split = 1
     target = _PROGRAMS_PER_SM * num_sms
     while split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2:
@@ -155,36 +162,27 @@ def split_k_of(cfg: SkinnyConfig, k: int) -> tuple[int, int]:
     return k_per_split, triton.cdiv(k, k_per_split)
 
 
-def compile_variants(
-    sig_dtypes: tuple[str, ...],
-) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
-    """`compile_check`'s variants of the skinny GEMM, for 16-bit dtypes named as in a Triton
-    signature ("bf16", "fp16"). The kernel as `skinny_linear` launches it (its pointer stand-ins and constexprs):
-    1 and 64 rows, split-K (Qwen2.5-0.5B's down projection), gated (its gate/up), with bias
-    (its qkv); and as the fused decoder layer launches it: qkv with the RMSNorm prologue (with
-    the residual add, and without it: the first layer) and the rotary epilogue, gate/up with
-    the RMSNorm prologue."""
-    from hallm.ops.triton import skinny_gemm  # it imports this module
-
-    k = skinny_gemm.jit_kernels()
-    out: list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]] = []
+def compile_variants(kernel: Any, sig_dtypes: tuple[str, ...]) -> list[CompileVariant]:
+    """`compile_check`'s variants of the skinny GEMM `kernel` (`skinny_gemm.jit_kernels()`), for
+    16-bit dtypes named as in a Triton signature ("bf16", "fp16"). The kernel as `skinny_linear`
+    launches it (its pointer stand-ins and constexprs): 1 and 64 rows, split-K (Qwen2.5-0.5B's
+    down projection), with bias (its qkv); and as the fused decoder stack launches it: qkv with
+    the RMSNorm prologue (with the residual add, and without it: the first layer) and the
+    rotary epilogue."""
+    out: list[CompileVariant] = []
     # Qwen2.5-0.5B's heads: 64 dims, 14 q + 2 k rotated
     rotary = RotaryEpilogue(torch.empty(0), torch.empty(0), 1.0, 64, 16)
     # label, N, K, bias, epilogue, norm prologue, residual add
     shapes = (
-        ("qkv", 1152, 896, True, skinny_gemm.PLAIN, False, False),
-        ("down", 896, 4864, False, skinny_gemm.PLAIN, False, False),
-        ("gate_up", 4864, 896, False, skinny_gemm.GATED, False, False),
-        ("qkv-norm-rotary", 1152, 896, True, skinny_gemm.ROTARY, True, True),
-        ("qkv-norm-rotary-first", 1152, 896, True, skinny_gemm.ROTARY, True, False),
-        ("gate_up-norm", 4864, 896, False, skinny_gemm.GATED, True, True),
+        ("qkv", 1152, 896, True, PLAIN, False, False),
+        ("down", 896, 4864, False, PLAIN, False, False),
+        ("qkv-norm-rotary", 1152, 896, True, ROTARY, True, True),
+        ("qkv-norm-rotary-first", 1152, 896, True, ROTARY, True, False),
     )
     for t in sig_dtypes:
         for rows in (1, 64):
             for label, n, kk, bias, epilogue, norm, residual in shapes:
-                cfg = skinny_config(
-                    rows, n, kk, gated=epilogue == skinny_gemm.GATED, paired=epilogue != skinny_gemm.PLAIN
-                )
+                cfg = skinny_config(rows, n, kk, paired=epilogue == ROTARY)
                 _, split_k = split_k_of(cfg, kk)
                 present = {"x_ptr": t, "w_ptr": t, "out_ptr": t}
                 if bias:
@@ -195,7 +193,7 @@ def compile_variants(
                     present["norm_w_ptr"] = t
                 if residual:
                     present["res_ptr"], present["res_out_ptr"] = t, t
-                if epilogue == skinny_gemm.ROTARY:
+                if epilogue == ROTARY:
                     present["pos_ptr"], present["inv_freq_ptr"] = "i64", "fp32"
                 signature = {
                     name: "*" + present.get(name, present.get(STAND_INS.get(name, ""), ""))
@@ -223,12 +221,12 @@ def compile_variants(
                     residual=residual,
                     split_k=split_k,
                     dot_f32=False,
-                    rotary=rotary if epilogue == skinny_gemm.ROTARY else None,
+                    rotary=rotary if epilogue == ROTARY else None,
                 )
                 out.append(
                     (
                         f"skinny-{label}-{t}-m{rows}",
-                        k.skinny_gemm,
+                        kernel,
                         signature,
                         constexprs,
                         {

@@ -1,4 +1,5 @@
-"""hallm.ops.triton.skinny_gemm in the interpreter against F.linear and the GatedMLP it serves."""
+"""hallm.ops.triton.skinny_gemm in the interpreter against F.linear, and its RMSNorm prologue and
+rotary epilogue against the kernels they replace."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-
-from hallm.core.layers.mlp import GatedMLP
 
 # float32: summation order only; bf16: one unit in the last place of the rounded output
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
@@ -54,20 +53,6 @@ def test_strided_rows_and_auto_config() -> None:
     torch.testing.assert_close(skinny_linear(x, w), F.linear(x, w), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_matches_gated_mlp(bias: bool, dtype: torch.dtype) -> None:
-    from hallm.ops.triton.skinny_gemm import skinny_linear
-
-    torch.manual_seed(4)
-    mlp = GatedMLP(48, 40, "silu", bias=bias).to(dtype)
-    x = torch.randn(3, 48, dtype=dtype)
-    gate, up = F.linear(x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias).split(40, dim=-1)
-    want = F.silu(gate) * up  # the tensor GatedMLP feeds down_proj
-    got = skinny_linear(x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, gated=True)
-    torch.testing.assert_close(got, want, **TOL[dtype])
-
-
 def test_bad_input_says_what_to_do() -> None:
     from hallm.ops.triton.skinny_gemm import MAX_ROWS, skinny_linear
 
@@ -77,20 +62,30 @@ def test_bad_input_says_what_to_do() -> None:
         skinny_linear(torch.zeros(2, 8), torch.zeros(4, 9))
 
 
-def test_paired_launches_split_to_one_tile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A gate/up or rotary launch splits K to one tile per program (its weights load before the
-    dependency wait). The split gated sum matches."""
-    from hallm.ops.triton.skinny_gemm import skinny_config, skinny_linear
+def test_paired_launches_split_to_one_tile() -> None:
+    """A rotary launch splits K to one tile per program (its weights load before the dependency
+    wait), with one pipeline stage when that covers K. The split rotary launch matches."""
+    from hallm.ops.triton.fused import rotary
+    from hallm.ops.triton.skinny_gemm import RotaryEpilogue, skinny_config, skinny_linear
 
     assert skinny_config(1, 1152, 896).split_k == 1
-    assert skinny_config(1, 1152, 896, paired=True).split_k == 4  # 896 = 3.5 tiles of 256
-    assert skinny_config(1, 40, 2048, gated=True).split_k == 8
-    assert skinny_config(1, 40, 8192, gated=True).split_k == 8  # at most 8: 4 tiles each
+    one_tile = skinny_config(1, 1152, 896, paired=True)
+    assert (one_tile.split_k, one_tile.num_stages) == (4, 1)  # 896 = 3.5 tiles of 256
+    assert skinny_config(1, 40, 2048, paired=True).split_k == 8
+    several = skinny_config(1, 40, 8192, paired=True)
+    assert (several.split_k, several.num_stages) == (8, 3)  # at most 8: 4 tiles each
     torch.manual_seed(5)
-    x = torch.randn(1, 2048)
-    w = torch.randn(80, 2048) / 2048**0.5
-    gate, up = F.linear(x, w).split(40, dim=-1)
-    torch.testing.assert_close(skinny_linear(x, w, gated=True), F.silu(gate) * up, atol=1e-4, rtol=1e-4)
+    d, k = 32, 2048
+    x = torch.randn(1, k)
+    w = torch.randn(3 * d, k) / k**0.5  # one q, one k and one v head
+    positions = torch.tensor([7])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    q, kk, v = F.linear(x, w).split(d, dim=-1)
+    want_q, want_k = rotary(positions, q.view(1, 1, d), kk.view(1, 1, d), inv_freq, 1.0)
+    got = skinny_linear(x, w, rotary=RotaryEpilogue(positions, inv_freq, 1.0, d, 2))
+    torch.testing.assert_close(
+        got, torch.cat([want_q.view(1, d), want_k.view(1, d), v], dim=-1), atol=1e-4, rtol=1e-4
+    )
 
 
 def _config(m: int, split_k: int, block_k: int = 64):  # type: ignore[no-untyped-def]
@@ -101,12 +96,11 @@ def _config(m: int, split_k: int, block_k: int = 64):  # type: ignore[no-untyped
     )
 
 
-@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize(("m", "k", "split_k"), [(1, 200, 1), (3, 300, 3), (17, 64, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_prologue_matches_rms_norm_then_linear(
-    m: int, k: int, split_k: int, residual: bool, gated: bool, dtype: torch.dtype
+    m: int, k: int, split_k: int, residual: bool, dtype: torch.dtype
 ) -> None:
     """RMSNorm (with the residual add) folded into the projection: the same rows reach the
     product as from the RMSNorm kernel, and the residual stream comes back exactly."""
@@ -118,18 +112,17 @@ def test_norm_prologue_matches_rms_norm_then_linear(
     x = torch.randn(m, k, dtype=dtype)
     r = torch.randn(m, k, dtype=dtype) if residual else None
     norm_w = torch.randn(k, dtype=dtype) * 0.2 + 1.0
-    w = torch.randn(2 * n if gated else n, k, dtype=dtype) / k**0.5
-    b = torch.randn(w.shape[0], dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype) / k**0.5
+    b = torch.randn(n, dtype=dtype)
     normed = rms_norm(x, norm_w, 1e-6, r)
     normed, want_res = normed if r is not None else (normed, None)
-    want = skinny_linear(normed, w, b, gated=gated, config=_config(m, 1))
+    want = skinny_linear(normed, w, b, config=_config(m, 1))
     counters = counters_for(n, "cpu")
     for _ in range(2):  # the split launch leaves its counters at zero for the next
         got = skinny_linear(
             x,
             w,
             b,
-            gated=gated,
             norm=RMSNormPrologue(norm_w, 1e-6, r),
             counters=counters,
             config=_config(m, split_k),
@@ -178,10 +171,6 @@ def test_epilogue_input_checks() -> None:
         skinny_linear(x, w, rotary=RotaryEpilogue(torch.zeros(2, dtype=torch.long), inv, 1.0, 24, 3))
     with pytest.raises(ValueError, match="float32 \\[16\\]"):
         skinny_linear(x, w, rotary=RotaryEpilogue(torch.zeros(2, dtype=torch.long), inv, 1.0, 32, 3))
-    with pytest.raises(ValueError, match="gated or rotary"):
-        skinny_linear(
-            x, w, gated=True, rotary=RotaryEpilogue(torch.zeros(2, dtype=torch.long), inv, 1.0, 32, 3)
-        )
     with pytest.raises(ValueError, match="residual"):
         skinny_linear(x, w, norm=RMSNormPrologue(torch.ones(32), 1e-6, torch.zeros(3, 32)))
     with pytest.raises(ValueError, match="norm weight"):
