@@ -207,8 +207,8 @@ def _attention_kernel(
     out_ptrs = out_ptr + token[:, None] * out_stride_t + head[:, None] * out_stride_h + offs_d[None, :]
     out_mask = row_mask[:, None] & d_mask[None, :]
     seg_row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment  # [M]
-    # Four branches, two stores written twice: one shared tail choosing by a runtime flag made
-    # Llama-3-8B's split-KV launches ~12% slower on an H200 (run 12, benchmarks/results/gpu.md).
+    # Four branches, two stores written twice: one shared tail choosing by a runtime flag
+    # measured slower on Llama-3-8B's split-KV launches (benchmarks/results/gpu.md).
     if NUM_SEGMENTS == 1:
         tl.store(
             out_ptrs, (acc / tl.where(l_i > 0, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask

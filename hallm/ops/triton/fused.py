@@ -2,8 +2,9 @@
 SiLU-and-mul. Each replaces a chain of small PyTorch kernels with one launch.
 
 Why: a decode step of a small model is a thousand tiny kernels; even replayed from a CUDA
-graph each costs ~2 us on an H100, so Qwen2.5-0.5B's step took 6x its memory floor with the
-rotary embedding alone launching ~22 kernels per layer (benchmarks/results/gpu.md). Arithmetic
+graph each costs microseconds, far more than its bytes, and PyTorch's rotary embedding alone is
+~22 kernels per layer, so a small model's step ran several times its memory floor
+(benchmarks/results/gpu.md). Arithmetic
 is float32 inside each kernel, rounding to the activation dtype where the reference modules
 (hallm.core.layers, HF transformers) round: the residual sum, the normalized activations before
 the weight, the rotary cos/sin tables, the SiLU output.

@@ -16,21 +16,21 @@ import triton
 SPLIT_KV_SEGMENTS = 16
 #: Decode-only steps launching fewer (request, KV head) programs than this use split-KV...
 SPLIT_KV_MAX_PROGRAMS = 256
-#: ...with enough segments to launch about this many programs (a few per SM of an H100).
+#: ...with enough segments to launch about this many programs (a few per SM of a GPU with
+#: ~130 SMs).
 SPLIT_KV_TARGET_PROGRAMS = 512
 #: Split-KV steps with at most this many segments merge them in the attention launch; with more
-#: (batch 1-4), the last program's pass over the partials is a serial tail that costs more than a
-#: second kernel launched with PDL (H200, runs 10 and 12 in benchmarks/results/gpu.md).
+#: (the smallest batches), the last program's pass over the partials is a serial tail that
+#: measured slower than a second kernel launched with PDL (benchmarks/results/gpu.md).
 MERGE_IN_KERNEL_MAX_SEGMENTS = 8
 #: A split-KV segment covers at least this many KV tiles: a short context uses fewer segments
 #: than the launch has (the rest exit at once), and with the in-kernel merge a request whose
-#: keys fit one segment skips the merge. One tile measured best (run 12).
+#: keys fit one segment skips the merge. One tile measured fastest (benchmarks/results/gpu.md).
 SPLIT_KV_MIN_TILES = 1
 #: Most float32 elements of one [BLOCK_M, SEG_CHUNK, HEAD_PAD] tile of partials the in-kernel
 #: merge loads at once (64 registers per thread at 4 warps). Within it the merge takes half the
-#: segments per load (two rounds): in run 12's sweep that was the fastest chunk at 4 and at 8
-#: segments for both head shapes (Qwen2.5-0.5B batch 64 at 1k context: 2 per load 11.0 us,
-#: 4 or 8 per load 11.4 us; batch 32, 8 segments: 4 per load 8.5 us, 2 or 8 8.9 us).
+#: segments per load (two rounds), the fastest chunk at 4 and at 8 segments for both head shapes
+#: in the merge sweep (benchmarks/results/gpu.md).
 MERGE_TILE_ELEMENTS = 8192
 
 
@@ -51,8 +51,8 @@ def head_pad(head_size: int) -> int:
 def kernel_config(dtype: torch.dtype, head_size: int, num_q_per_kv: int, decode_only: bool) -> KernelConfig:
     """The tile shape for a step: short query tiles for decode, taller ones when prefill is present.
 
-    Decode streams keys/values: long KV tiles (128 positions at head size <= 64, 64 at 128;
-    measured on an H100, benchmarks/results/gpu.md). Shared memory stays under ~96 KB for every
+    Decode streams keys/values: long KV tiles (128 positions at head size <= 64, 64 at 128: the
+    fastest in the tile sweep, benchmarks/results/gpu.md). Shared memory stays under ~96 KB for every
     dtype and head size up to 256, so the same configuration compiles for sm_80/86/89/90.
     """
     rows = triton.next_power_of_2(num_q_per_kv)

@@ -90,7 +90,8 @@ class CpuPlatform(Platform):
         return free, total
 
     def device_name(self, index: int = 0) -> str:
-        """The CPU model and the number of threads torch uses, e.g. "AMD EPYC 7R13 (8 threads)"."""
+        """The CPU model as /proc/cpuinfo names it and the number of threads torch uses, e.g.
+        "<model name> (8 threads)"."""
         import torch
 
         return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"

@@ -144,8 +144,8 @@ void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, i
     /* Work items: (request, chunk of QUERY_CHUNK query tokens, range of KV heads). A whole request's
      * heads in one item read each cached position's row [Hk, D] contiguously, block after block,
      * while the next block is prefetched: the blocks of a request sit anywhere in the pool, and
-     * per-head items striding through them ran at ~6 GB/s. With fewer requests than threads x 4,
-     * the heads are split so every thread has work. */
+     * per-head items striding through them ran far below copy bandwidth. With fewer requests than
+     * threads x 4, the heads are split so every thread has work. */
     const int64_t want = 4 * (int64_t)nthreads;
     const int64_t head_groups = R >= want ? 1 : (Hk < (want + R - 1) / R ? Hk : (want + R - 1) / R);
     int64_t items = 0;

@@ -9,8 +9,8 @@
  * dtype where hallm.core.layers rounds (the residual sum, the normalized activations before the weight,
  * the rotary cos/sin, the SiLU output), so bf16 runs track the eager path.
  *
- * Why hand-written: on a 2-core AVX2 EPYC, MKL's GEMV streams weights at ~13 GB/s against ~30 GB/s of
- * copy bandwidth, and a bf16 GEMM without native bf16 instructions is emulated; the kernels below stream
+ * Why hand-written: with few cores, MKL's GEMV streams weights at well under half the copy bandwidth,
+ * and a bf16 GEMM without native bf16 instructions is emulated; the kernels below stream
  * fp32 weights at copy speed and convert bf16 weights in registers, or, built for AVX512-BF16, multiply
  * them with its dot-product instructions. The reference paged attention gathers
  * every request's K/V into a padded tensor per layer; the kernel here reads the blocks in place.
