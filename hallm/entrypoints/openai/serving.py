@@ -14,6 +14,7 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response
 
+from hallm.core.engine import AdmissionLimits, InvalidRequestError, check_admission
 from hallm.core.sampling_params import SamplingParams
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, EngineRequestError
 from hallm.entrypoints.openai.errors import error_body
@@ -58,59 +59,21 @@ class ServerContext:
                 code="engine_dead",
             )
 
-    def check_prompt(self, token_ids: list[int], max_tokens: int | None, param: str) -> None:
-        """Refuse a prompt that is empty, has ids outside the vocabulary, or cannot fit."""
-        n = len(token_ids)
-        if n == 0:
-            raise RequestError(f"{param} is empty; give at least one token", param)
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(
-                f"{param} has token id {bad}, outside the vocabulary [0, {self.vocab_size})", param
-            )
-        limit = self.max_model_len
-        if n >= limit:
-            raise RequestError(
-                f"This model's maximum context length (max_model_len) is {limit} tokens, but the {param} has "
-                f"{n} tokens and at least one token must be generated. Shorten the {param}.",
-                param,
-                code="context_length_exceeded",
-            )
-        if max_tokens is not None and n + max_tokens > limit:
-            raise RequestError(
-                f"This model's maximum context length (max_model_len) is {limit} tokens. However, you requested "
-                f"{n + max_tokens} tokens ({n} in the {param}, {max_tokens} in the completion). Shorten the "
-                f"{param} or lower max_tokens.",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
+    def check_request(self, token_ids: list[int], params: SamplingParams, param: str) -> None:
+        """The engine's admission check (`check_admission`), run here so that a request that can
+        never run is a 400 before it reaches the engine process; the OpenAI API also refuses a
+        max_tokens that runs past the context limit."""
         ready = self.client.ready
-        if ready is not None:
-            needed = -(-(n + 1) // ready.block_size)
-            if needed > ready.num_usable_blocks:
-                raise RequestError(
-                    f"the {param} needs {needed} KV-cache blocks but the server's whole KV cache has "
-                    f"{ready.num_usable_blocks}; shorten the {param}",
-                    param,
-                    code="context_length_exceeded",
-                )
-            # At its longest the sequence holds the KV of all but its last token (as the engine checks).
-            max_new = limit - n if max_tokens is None else min(max_tokens, limit - n)
-            needed = -(-(n + max_new - 1) // ready.block_size)
-            if needed > ready.num_usable_blocks:
-                raise RequestError(
-                    f"the request can grow to {needed} KV-cache blocks ({n} {param} tokens + max_tokens="
-                    f"{max_new}) but the server's whole KV cache has {ready.num_usable_blocks}; lower "
-                    f"max_tokens or shorten the {param}",
-                    "max_tokens",
-                    code="context_length_exceeded",
-                )
-
-    def check_params(self, params: SamplingParams) -> None:
+        limits = AdmissionLimits(
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            block_size=None if ready is None else ready.block_size,
+            num_usable_blocks=None if ready is None else ready.num_usable_blocks,
+        )
         try:
-            params.verify_vocab(self.vocab_size)
-        except ValueError as exc:
-            raise RequestError(str(exc), "logit_bias") from None
+            check_admission(token_ids, params, limits, what=param, max_tokens_within_context=True)
+        except InvalidRequestError as exc:
+            raise RequestError(str(exc), exc.param, code=exc.code) from None
 
     def sequences(
         self, prefix: str, prompts: list[list[int]], params: SamplingParams

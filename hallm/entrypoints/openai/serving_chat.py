@@ -78,7 +78,6 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     params = req.to_sampling_params()
-    ctx.check_params(params)
     ids = apply_chat_template(
         ctx.tokenizer,
         req.template_messages(),
@@ -86,7 +85,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         req.chat_template,
         req.chat_template_kwargs,
     )
-    ctx.check_prompt(ids, params.max_tokens, "messages")
+    ctx.check_request(ids, params, "messages")
     ctx.check_alive()
     head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": ctx.model_name}
     streams = ctx.sequences("chatcmpl", [ids], params)

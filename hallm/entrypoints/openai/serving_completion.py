@@ -42,7 +42,6 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, A
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     params = req.to_sampling_params()
-    ctx.check_params(params)
     prompt_ids: list[list[int]] = []
     prompt_texts: list[str | None] = []
     for prompt in req.prompts():
@@ -52,7 +51,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         else:
             ids = list(prompt)
             prompt_texts.append(None)
-        ctx.check_prompt(ids, params.max_tokens, "prompt")
+        ctx.check_request(ids, params, "prompt")
         prompt_ids.append(ids)
     ctx.check_alive()
     n = params.n
