@@ -13,16 +13,22 @@ from typing import Any, TypeVar
 import msgspec
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from hallm.core.engine import AdmissionLimits, InvalidRequestError, check_admission
 from hallm.core.sampling_params import SamplingParams
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, EngineRequestError
 from hallm.entrypoints.openai.errors import error_body
 from hallm.entrypoints.openai.metrics import ServerMetrics
+from hallm.entrypoints.openai.offload import WorkerPool
 from hallm.entrypoints.openai.protocol import RequestError
 from hallm.entrypoints.openai.text_stream import SequenceUpdate, TokenLogprob, stream_sequence
 
 T = TypeVar("T")
+B = TypeVar("B", bound=BaseModel)
+
+#: Default cap on a request body (--max-request-body-bytes).
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 
 #: Logprobs that JSON cannot carry (-inf) are sent as this, as vLLM does.
 _MIN_LOGPROB = -9999.0
@@ -40,6 +46,29 @@ class ServerContext:
     max_model_len: int
     vocab_size: int
     created: int
+    work: WorkerPool
+    #: A request's own chat_template is run only when the operator allows it.
+    trust_request_chat_template: bool = False
+    #: Bodies larger than this are a 413 before they are parsed.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Text longer than this cannot fit the context: a 400 before it is tokenized.
+    max_prompt_chars: int = 2**62
+
+    async def parse(self, request: Request, model: type[B]) -> B:
+        """The request's JSON body as `model`: size-capped, parsed on a worker thread."""
+        raw = await read_body(request, self.max_body_bytes)
+        return await self.work.run(model.model_validate_json, raw, what="parsing the request body")
+
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing, text too long for any tokenization of it to fit the context."""
+        if len(text) > self.max_prompt_chars:
+            raise RequestError(
+                f"the {param} has {len(text)} characters, more than any text of at most max_model_len="
+                f"{self.max_model_len} tokens can have with this tokenizer ({self.max_prompt_chars}); shorten "
+                f"the {param}",
+                param,
+                code="context_length_exceeded",
+            )
 
     def check_model(self, model: str | None) -> None:
         """A request may omit `model`; naming another model is a 404."""
@@ -90,6 +119,34 @@ class ServerContext:
                     )
                 )
         return out
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
+    length = request.headers.get("content-length", "")
+    too_large = RequestError(
+        f"the request body is larger than the server's limit of {limit} bytes (--max-request-body-bytes)",
+        status=413,
+        code="request_too_large",
+    )
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def max_chars_per_token(tokenizer: Any) -> int:
+    """An upper bound on the characters of text one token stands for: the longest vocabulary entry
+    (byte-level and SentencePiece vocabularies spell a token with at least as many characters as
+    its text has), times 4 for normalizers that fold several characters into one."""
+    vocab = tokenizer.get_vocab()
+    return 4 * max((len(t) for t in vocab), default=1)
 
 
 def new_id(prefix: str) -> str:

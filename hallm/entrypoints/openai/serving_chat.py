@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from hallm.entrypoints.openai.protocol import ChatCompletionRequest, RequestError
+from hallm.entrypoints.openai.chat_template import check_template_request, encode_chat
+from hallm.entrypoints.openai.protocol import ChatCompletionRequest
 from hallm.entrypoints.openai.serving import (
     SSE_DONE,
     Choice,
@@ -25,40 +27,6 @@ from hallm.entrypoints.openai.serving import (
     usage,
 )
 from hallm.entrypoints.openai.text_stream import TokenLogprob
-
-#: Keyword arguments of apply_chat_template a request's chat_template_kwargs may not override.
-_RESERVED = frozenset({"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict"})
-
-
-def apply_chat_template(
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    add_generation_prompt: bool = True,
-    chat_template: str | None = None,
-    kwargs: dict[str, Any] | None = None,
-) -> list[int]:
-    """Render the conversation with the (model's or given) chat template and tokenize it.
-
-    The rendered text already holds the template's special tokens, so it is tokenized without
-    adding more. A template that fails on the input (e.g. a role it does not allow) is a 400.
-    """
-    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-        raise RequestError(
-            "this model's tokenizer has no chat template; pass chat_template or use /v1/completions",
-            "messages",
-        )
-    extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED}
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            chat_template=chat_template,
-            **extra,
-        )
-    except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, bad kwargs
-        raise RequestError(f"the chat template failed on these messages: {exc}", "messages") from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -78,12 +46,23 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     params = req.to_sampling_params()
-    ids = apply_chat_template(
-        ctx.tokenizer,
-        req.template_messages(),
-        req.add_generation_prompt,
-        req.chat_template,
-        req.chat_template_kwargs,
+    variables = check_template_request(
+        req.chat_template, req.chat_template_kwargs, ctx.trust_request_chat_template
+    )
+    ctx.check_text("".join(m.content for m in req.messages), "messages")
+    ids = await ctx.work.run(
+        functools.partial(
+            encode_chat,
+            ctx.tokenizer,
+            req.template_messages(),
+            add_special_tokens=req.add_special_tokens,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            chat_template=req.chat_template,
+            documents=req.documents,
+            variables=variables,
+        ),
+        what="rendering the chat template",
     )
     ctx.check_request(ids, params, "messages")
     ctx.check_alive()

@@ -39,14 +39,23 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, A
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return [list(tokenizer.encode(t)) for t in texts]
+
+
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     params = req.to_sampling_params()
     prompt_ids: list[list[int]] = []
     prompt_texts: list[str | None] = []
-    for prompt in req.prompts():
+    prompts = req.prompts()
+    texts = [p for p in prompts if isinstance(p, str)]
+    for text in texts:
+        ctx.check_text(text, "prompt")
+    encoded = iter(await ctx.work.run(encode_texts, ctx.tokenizer, texts, what="tokenizing the prompt"))
+    for prompt in prompts:
         if isinstance(prompt, str):
-            ids = list(ctx.tokenizer.encode(prompt))
+            ids = next(encoded)
             prompt_texts.append(prompt)
         else:
             ids = list(prompt)
