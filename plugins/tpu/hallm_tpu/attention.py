@@ -73,19 +73,23 @@ def paged_attention_jax(
     def chunk(j: Any, carry: Any) -> Any:
         m, denom, acc = carry  # m, denom [T, Hkv, G]; acc [T, Hkv, G, D]
         blocks = jax.lax.dynamic_slice_in_dim(tables, j * CHUNK_BLOCKS, CHUNK_BLOCKS, axis=1)  # [T, C]
-        k = cache[layer, 0, blocks].reshape(num_tokens, span, num_kv_heads, head_size)
-        v = cache[layer, 1, blocks].reshape(num_tokens, span, num_kv_heads, head_size)
-        s = jnp.einsum("tkgd,tskd->tkgs", q, k.astype(jnp.float32))
         key_pos = j * span + jnp.arange(span)  # [S]
         p = positions[:, None]
-        mask = (key_pos[None, :] <= p) & (key_pos[None, :] > p - window)  # [T, S]
-        mask = mask[:, None, None, :]
+        visible = (key_pos[None, :] <= p) & (key_pos[None, :] > p - window)  # [T, S]
+        # Unused slots may hold anything (NaN too): zero what no query attends before any math.
+        keep = visible[:, :, None, None]
+        k = cache[layer, 0, blocks].reshape(num_tokens, span, num_kv_heads, head_size)
+        v = cache[layer, 1, blocks].reshape(num_tokens, span, num_kv_heads, head_size)
+        k = jnp.where(keep, k.astype(jnp.float32), 0.0)
+        v = jnp.where(keep, v.astype(jnp.float32), 0.0)
+        s = jnp.einsum("tkgd,tskd->tkgs", q, k)
+        mask = visible[:, None, None, :]
         s = jnp.where(mask, s, _MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
         probs = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
         denom = denom * alpha + probs.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("tkgs,tskd->tkgd", probs, v.astype(jnp.float32))
+        acc = acc * alpha[..., None] + jnp.einsum("tkgs,tskd->tkgd", probs, v)
         return m_new, denom, acc
 
     init = (
