@@ -105,14 +105,24 @@ class ServerContext:
             raise RequestError(str(exc), exc.param, code=exc.code) from None
 
     def sequences(
-        self, prefix: str, prompts: list[list[int]], params: SamplingParams
+        self,
+        prefix: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        score_prompt_once: bool = True,
+        request_id: str | None = None,
     ) -> list[AsyncIterator[SequenceUpdate]]:
-        """One engine sequence per (prompt, sample): choice index = prompt index * n + sample index."""
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        """One engine sequence per (prompt, sample): choice index = prompt index * n + sample index.
+
+        `score_prompt_once`: only a prompt's first sample computes its prompt logprobs (a stream,
+        which sends each choice's as soon as it has them, has every sample compute them)."""
+        request_id = f"{prefix}-{request_id or uuid.uuid4().hex}-{uuid.uuid4().hex[:8]}"
         out = []
         for p, ids in enumerate(prompts):
             for i in range(params.n):
                 seq_params = params.child(i) if params.n > 1 else params
+                if score_prompt_once and i > 0 and seq_params.prompt_logprobs is not None:
+                    seq_params.prompt_logprobs = None  # the prompt is scored once, by the first sample
                 out.append(
                     stream_sequence(
                         self.client, self.tokenizer, f"{request_id}-{p}-{i}", ids, seq_params, self.metrics
@@ -264,6 +274,39 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _MIN_LOGPROB
 
 
+def token_label(token_id: int, text: str | None, as_ids: bool) -> str:
+    """How a token is shown in logprobs: its text, or "token_id:N" (return_tokens_as_token_ids)."""
+    return f"token_id:{token_id}" if as_ids else (text or "")
+
+
+def vllm_prompt_logprobs(
+    entries: list[TokenLogprob | None] | None, as_ids: bool
+) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt position (None for the first), token id -> logprob,
+    rank and decoded token, for the prompt token and the top candidates."""
+    if entries is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        pos = {
+            str(e.token_id): {
+                "logprob": finite(e.logprob),
+                "rank": e.rank,
+                "decoded_token": token_label(e.token_id, e.token, as_ids),
+            }
+        }
+        for rank, (tid, text, lp) in enumerate(e.top, start=1):
+            pos.setdefault(
+                str(tid),
+                {"logprob": finite(lp), "rank": rank, "decoded_token": token_label(tid, text, as_ids)},
+            )
+        out.append(pos)
+    return out
+
+
 @dataclasses.dataclass
 class Choice:
     """A choice being accumulated (non-streaming) or tracked (streaming)."""
@@ -275,8 +318,11 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     started: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, update: SequenceUpdate) -> None:
+        if update.prompt_logprobs is not None:
+            self.prompt_logprobs = update.prompt_logprobs
         self.text += update.text
         self.num_tokens += len(update.token_ids)
         self.num_cached_tokens = update.num_cached_tokens

@@ -24,20 +24,26 @@ from hallm.entrypoints.openai.serving import (
     new_id,
     sse,
     sse_error,
+    token_label,
     usage,
+    vllm_prompt_logprobs,
 )
 from hallm.entrypoints.openai.text_stream import TokenLogprob
 
 
-def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(entries: list[TokenLogprob], as_ids: bool = False) -> dict[str, Any]:
     """The chat completions logprobs object."""
 
-    def item(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+    def item(token_id: int, text: str, logprob: float) -> dict[str, Any]:
+        label = token_label(token_id, text, as_ids)
+        return {"token": label, "logprob": finite(logprob), "bytes": list(label.encode("utf-8"))}
 
     return {
         "content": [
-            {**item(e.token, e.logprob), "top_logprobs": [item(text, lp) for _, text, lp in e.top]}
+            {
+                **item(e.token_id, e.token, e.logprob),
+                "top_logprobs": [item(tid, text, lp) for tid, text, lp in e.top],
+            }
             for e in entries
         ]
     }
@@ -66,9 +72,14 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     )
     ctx.check_request(ids, params, "messages")
     ctx.check_alive()
-    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": ctx.model_name}
+    chat_id = f"chatcmpl-{req.request_id}" if req.request_id else new_id("chatcmpl")
+    head = {"id": chat_id, "created": int(time.time()), "model": ctx.model_name}
     streams = ctx.sequences("chatcmpl", [ids], params)
     want_logprobs = params.logprobs is not None
+    as_ids = bool(req.return_tokens_as_token_ids)
+    # echo: the reply starts with the last message's content when that message is the assistant's
+    last = req.messages[-1]
+    echo = last.content if req.echo and last.role == "assistant" else ""
 
     def total_usage(choices: list[Choice]) -> dict[str, Any]:
         return usage(len(ids), sum(c.num_tokens for c in choices), choices[0].num_cached_tokens)
@@ -85,7 +96,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
             choices = [Choice() for _ in streams]
             try:
                 for i in range(len(streams)):
-                    delta = {"role": "assistant", "content": ""}
+                    delta = {"role": "assistant", "content": echo}
                     yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
                 async for i, update in merge(streams):
                     choices[i].add(update)
@@ -96,7 +107,9 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                         {
                             "index": i,
                             "delta": {"content": update.text} if update.text else {},
-                            "logprobs": chat_logprobs(update.logprobs or []) if has_logprobs else None,
+                            "logprobs": chat_logprobs(update.logprobs or [], as_ids)
+                            if has_logprobs
+                            else None,
                             "finish_reason": update.finish_reason,
                             "stop_reason": update.stop_reason,
                         }
@@ -114,14 +127,17 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         out = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
+                "message": {"role": "assistant", "content": echo + c.text},
+                "logprobs": chat_logprobs(c.logprobs, as_ids) if want_logprobs else None,
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
             }
             for i, c in enumerate(choices)
         ]
-        return {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices)}
+        body = {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices)}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, as_ids)
+        return body
 
     result = await cancel_on_disconnect(raw, collect())
     return result if isinstance(result, Response) else json_response(result)
