@@ -8,6 +8,8 @@ block_size` or more marks a padding token, whose write is dropped.
 `paged_attention_jax` is the pure-JAX implementation: every token reads its request's blocks
 through the block table, a chunk of blocks at a time, with an online softmax, for as many chunks
 as the longest sequence of the step needs (a traced loop bound: no recompilation per length).
+`hallm_tpu.pallas_attention` holds the Pallas kernel (`--attention-backend pallas_paged`), tested
+against the same oracle.
 """
 
 from __future__ import annotations
@@ -103,9 +105,16 @@ def paged_attention_jax(
     return out.reshape(num_tokens, num_heads, head_size).astype(query.dtype)
 
 
+def _pallas(*args: Any) -> Any:
+    from hallm_tpu.pallas_attention import paged_attention_pallas
+
+    return paged_attention_pallas(*args)
+
+
 #: `--attention-backend` names of the tpu device -> implementation (same signature).
 ATTENTION_IMPLS: dict[str, Callable[..., Any]] = {
     "jax_paged": paged_attention_jax,
+    "pallas_paged": _pallas,
 }
 #: The implementation used when the user names none.
 DEFAULT_ATTENTION = "jax_paged"

@@ -33,6 +33,9 @@ from hallm_tpu.buckets import Buckets
 logger = logging.getLogger("hallm.tpu")
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: The KV pool of the JAX CPU-backend mode when the user sets no size (see
+#: `available_kv_cache_bytes`).
+CPU_BACKEND_KV_BYTES = 1 << 30
 
 
 class TpuWorker:
@@ -119,6 +122,14 @@ class TpuWorker:
             (total - free) / 2**30,
             budget / 2**30,
         )
+        if self.device.platform == "cpu" and self.config.cache.kv_cache_memory_bytes is None:
+            # JAX's CPU backend writes every page of the cache it allocates, in the host memory
+            # every other process shares: the test mode takes a small pool unless told otherwise.
+            budget = min(budget, CPU_BACKEND_KV_BYTES)
+            logger.info(
+                "JAX CPU backend: KV cache capped at %.2f GiB (--kv-cache-memory-bytes sets it)",
+                budget / 2**30,
+            )
         return max(0, budget)
 
     def init_kv_cache(self, num_blocks: int) -> None:

@@ -1,4 +1,5 @@
-"""The JAX paged attention and KV write against the core's oracle (hallm.ops.reference), on a
+"""The tpu device's paged attention implementations (pure JAX; the Pallas kernel in interpret
+mode) and its KV write against the core's oracle (hallm.ops.reference), on a
 mixed prefill + decode step with shuffled block tables, GQA, several key chunks, a sliding
 window, padding tokens, and NaN-poisoned unused cache slots."""
 
@@ -9,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hallm_tpu.attention import CHUNK_BLOCKS, NO_WINDOW, padded_table_width, paged_attention_jax, write_kv
+from hallm_tpu.attention import (
+    ATTENTION_IMPLS,
+    CHUNK_BLOCKS,
+    NO_WINDOW,
+    padded_table_width,
+    write_kv,
+)
 
 from hallm.ops import reference
 
@@ -19,7 +26,8 @@ CONTEXT_LENS = [7, 40, 0, 2]  # 41 tokens: two chunks of CHUNK_BLOCKS * BLOCK = 
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_matches_reference(window: int | None) -> None:
+@pytest.mark.parametrize("impl", sorted(ATTENTION_IMPLS))
+def test_matches_reference(impl: str, window: int | None) -> None:
     rng = np.random.default_rng(0)
     num_reqs, num_tokens = len(QUERY_LENS), sum(QUERY_LENS)
     padded = num_tokens + 3  # padding tokens: slot past the cache, request row 0, position 0
@@ -57,7 +65,7 @@ def test_matches_reference(window: int | None) -> None:
     )
     num_chunks = -(-int(seq_lens.max()) // (CHUNK_BLOCKS * BLOCK))
     assert num_chunks == 2
-    out = jax.jit(paged_attention_jax, static_argnums=(7,))(
+    out = jax.jit(ATTENTION_IMPLS[impl], static_argnums=(7,))(
         jnp.asarray(pad_rows(q.numpy(), padded)),
         jcache,
         0,

@@ -77,3 +77,10 @@ def test_seeded_sampling_equals_the_cpu_plugin(tiny_model: Callable[[str], Path]
     expected = cpu.generate(prompts, sampling, use_tqdm=False)
     for ours, theirs in zip(tpu, expected, strict=True):
         assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+
+
+def test_pallas_kernel_in_the_model(tiny_model: Callable[[str], Path]) -> None:
+    """The Pallas kernel (interpret mode) serves the whole model: sliding window included."""
+    path = tiny_model("mistral")
+    llm = tpu_llm(path, attention_backend="pallas_paged")
+    check_against_hf(llm, path, "mistral, pallas_paged")
