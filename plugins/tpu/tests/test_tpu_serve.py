@@ -19,15 +19,20 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # The helper starts `--device cpu ...`; the later `--device tpu` wins (argparse keeps the last).
+    # The helper starts `--device cpu ...`; the later flags win (argparse keeps the last).
     # JAX_PLATFORMS=cpu reaches the server through the environment (conftest).
     srv = start_server(
         tiny_model("llama"),
         tmp_path_factory.mktemp("tpu-server"),
         "--device",
         "tpu",
+        # The shapes of test_tpu_vs_hf's tiny llama: its compiled programs are shared.
+        "--block-size",
+        "4",
+        "--num-gpu-blocks-override",
+        "64",
         "--max-num-batched-tokens",
-        "32",
+        "16",
         "--max-num-seqs",
         "4",
     )
