@@ -96,6 +96,97 @@ def run_block_walk(
         )
 
 
+def run_offset_walk(
+    target: Target, backend_cls: type[AttentionBackend], dtype: str, head_size: int, block_size: int
+) -> None:
+    """Fail with the in-block offsets a decode really read, unless every position p was read at
+    offset p % block_size of its block.
+
+    The block walk's twin: every key zero, every value at in-block offset o equal to e_o, so a
+    decode token's output is the share of its positions read at each offset (head_size must be
+    >= block_size).
+    """
+    bs = block_size
+    context = [3 * bs + 5]
+    batch = make_paged_batch(
+        [1],
+        context,
+        num_heads=NUM_HEADS,
+        num_kv_heads=NUM_KV_HEADS,
+        head_size=head_size,
+        block_size=bs,
+        dtype=torch_dtype(dtype),
+        seed=4,
+        poison=0.0,
+        with_tensors=False,
+    )
+    spec = AttentionSpec(NUM_HEADS, NUM_KV_HEADS, head_size, head_size**-0.5, dtype, block_size=bs)
+    cache_dtype = torch_dtype(spec.cache_dtype)
+    onehot = torch.eye(head_size, dtype=torch.float32)[:bs]  # [block_size, head_size]
+    cache = torch.zeros(batch.kv_cache.shape, dtype=torch.float32)
+    cache[1] = onehot[None, :, None, :]
+    slots = torch.from_numpy(batch.layout.slot_mapping)
+    values = onehot[slots % bs][:, None, :].expand(-1, NUM_KV_HEADS, -1)
+
+    platform = target.platform()
+    device = platform.device(0)
+    batch.layout.tensors = layout_tensors(batch.layout, device)
+    query = batch.query.to(device)
+    key = torch.zeros(values.shape, dtype=query.dtype, device=device)
+    value = values.to(device, query.dtype).contiguous()
+    out = torch.zeros_like(query)
+    kv_cache = cache.to(device, cache_dtype)
+    backend_cls(spec).forward(query, key, value, kv_cache, backend_cls.build_metadata(batch.layout), out)
+    platform.synchronize()
+
+    seq_len = int(batch.layout.seq_lens[0])
+    hist = out.cpu().double()[0].mean(dim=0)[:bs]
+
+    def offsets(period: int) -> torch.Tensor:
+        want = torch.zeros(bs, dtype=torch.float64)
+        for p in range(seq_len):
+            want[p % bs % period] += 1 / seq_len
+        return want
+
+    want = offsets(bs)
+    # A third of one position's share: any position read at a wrong offset shows, while the
+    # rounding of the shares (one output rounding of values below 1) stays far below it.
+    tol = 0.3 / seq_len
+    if bool(torch.isfinite(hist).all()) and float((hist - want).abs().max()) <= tol:
+        return
+    missing = [o for o in range(bs) if float(want[o]) > 0 and float(hist[o]) < tol]
+    extra = [o for o in range(bs) if float(hist[o]) > float(want[o]) + tol]
+    text = (
+        f"in-block offsets ({backend_cls.name}, dtype={dtype}, head_size={head_size}, block_size={bs}): with "
+        "all keys zero and every value at in-block offset o equal to e_o, a decode's output is the share of "
+        f"its positions read at each offset. A decode over {seq_len} positions never read offsets "
+        f"{_ranges(missing)} and read offsets {_ranges(extra)} too often"
+    )
+    period = bs // 2
+    while period >= 1:
+        if float((hist - offsets(period)).abs().max()) <= tol:
+            text += (
+                f": position p was read at offset p % {period}, not p % block_size = p % {bs}; the in-block "
+                f"offset breaks for block_size {bs} (a mask, shift or tile width that assumes a smaller block)"
+            )
+            break
+        period //= 2
+    pytest.fail(text, pytrace=False)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"; "none" when empty."""
+    if not values:
+        return "none"
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+
+
 def _explain(
     i: int, table: list[int], seq_len: int, bs: int, hist: torch.Tensor, want: torch.Tensor, atol: float
 ) -> str:

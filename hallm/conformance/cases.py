@@ -35,12 +35,29 @@ SHAPES: tuple[BatchShape, ...] = (
     BatchShape("chunked_prefill", (16, 20, 33), (32, 45, 17)),
     BatchShape("one_token", (1,), (0,)),
     BatchShape("long_context", (1, 64), (2047, 1500)),
+    # Past 4096 keys: a kernel that stops at a power-of-two bound or tiles a fixed maximum.
+    BatchShape("decode_8k", (1,), (8191,)),
 )
-SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+#: Shapes the large head and block sizes run (the usual sizes run every shape).
+LARGE_SIZE_SHAPES = ("mixed", "long_context")
+#: Shapes that run at the preferred sizes only (length, not size, is what they test).
+PREFERRED_SIZE_SHAPES = ("decode_8k",)
+#: Shapes of the other tests, outside the matrix.
+EXTRA_SHAPES: tuple[BatchShape, ...] = (
+    # Sliding window over long contexts: blocks wholly outside every window become the null block.
+    BatchShape("window_null_blocks", (1, 7, 1, 20), (95, 64, 200, 0)),
+    # Long decodes at three lengths: precision lost in accumulation grows with the length.
+    BatchShape("long_uniform", (1, 1, 1), (511, 2047, 8191)),
+)
+SHAPES_BY_NAME = {s.name: s for s in (*SHAPES, *EXTRA_SHAPES)}
 
 #: Head sizes tried when a backend accepts any (None); block sizes when it accepts any multiple.
+#: Every (head, block) pair of the first two tuples runs every shape; the large sizes run each
+#: with the preferred other size, so large offsets and wide heads are tested without the product.
 DEFAULT_HEAD_SIZES = (64, 80, 128)
 DEFAULT_BLOCK_SIZES = (16, 32)
+LARGE_HEAD_SIZES = (96, 256)
+LARGE_BLOCK_SIZES = (64, 128)
 #: Query and KV heads of the matrix tests: grouped-query attention, 4 query heads per KV head.
 NUM_HEADS, NUM_KV_HEADS = 8, 2
 
@@ -84,6 +101,49 @@ def block_sizes(backend: Any) -> list[int]:
     return fitting or [m, 2 * m]
 
 
+def large_head_sizes(backend: Any) -> list[int]:
+    """Extra head sizes for a backend that accepts any: wide heads a default set misses."""
+    return [] if backend.head_sizes is not None else list(LARGE_HEAD_SIZES)
+
+
+def large_block_sizes(backend: Any) -> list[int]:
+    """Extra block sizes for a backend that accepts any multiple: offsets past 6 bits."""
+    if backend.block_sizes is not None:
+        return []
+    m = max(1, int(backend.block_size_multiple))
+    return [b for b in LARGE_BLOCK_SIZES if b % m == 0 and b not in block_sizes(backend)]
+
+
+def size_pairs(backend: Any) -> list[tuple[int, int]]:
+    """(head size, block size) pairs of the matrix: the product of the usual sizes, then each
+    large size with the preferred other one."""
+    return usual_pairs(backend) + large_pairs(backend)
+
+
+def usual_pairs(backend: Any) -> list[tuple[int, int]]:
+    """The product of the declared (or default) head and block sizes."""
+    return list(itertools.product(head_sizes(backend), block_sizes(backend)))
+
+
+def large_pairs(backend: Any) -> list[tuple[int, int]]:
+    """Each large head or block size (see `large_head_sizes`) with the preferred other one."""
+    head, block = preferred_head_size(backend), preferred_block_size(backend)
+    return [(head, b) for b in large_block_sizes(backend)] + [(h, block) for h in large_head_sizes(backend)]
+
+
+def matrix_combinations(backend: Any) -> list[tuple[BatchShape, tuple[int, int]]]:
+    """(shape, (head size, block size)) of the full matrix of one backend."""
+    preferred = (preferred_head_size(backend), preferred_block_size(backend))
+    combos = []
+    for shape in SHAPES:
+        if shape.name in PREFERRED_SIZE_SHAPES:
+            pairs = [preferred]
+        else:
+            pairs = usual_pairs(backend) + (large_pairs(backend) if shape.name in LARGE_SIZE_SHAPES else [])
+        combos += [(shape, pair) for pair in pairs]
+    return combos
+
+
 def preferred_head_size(backend: Any) -> int:
     """One head size for the single-configuration tests: 64 if allowed, else the smallest."""
     sizes = head_sizes(backend)
@@ -112,37 +172,39 @@ def dtype_marks(backend_name: str, dtype: str, kv: str = "auto") -> list[Any]:
 def attention_matrix(backends: Sequence[Any], quick: bool) -> list[Any]:
     """Parameters (backend, dtype, head_size, block_size, kv_cache_dtype, shape) of the matrix.
 
-    Full: every declared (or default) head size x block size x KV dtype x shape, for every dtype
-    name (undeclared dtypes become not-applicable). Quick: every shape once per (backend, dtype,
-    KV dtype), rotating through the (head size, block size) pairs so each appears at least once
-    per backend where there are enough shapes.
+    Full: `matrix_combinations` x KV dtype, for every dtype name (undeclared dtypes become
+    not-applicable). Quick: per (backend, dtype, KV dtype), every shape and every size pair at
+    least once (shape k with pair k + rotation), the rotation moving on between dtypes so that
+    they see different combinations.
     """
     params = []
     for backend in backends:
-        sizes = list(itertools.product(head_sizes(backend), block_sizes(backend)))
+        sizes = size_pairs(backend)
         rotation = 0
         for dtype in DTYPE_NAMES:
             for kv in kv_cache_dtypes(backend):
                 marks = dtype_marks(backend.name, dtype, kv)
-                for shape in SHAPES:
-                    if quick:
-                        chosen = [sizes[rotation % len(sizes)]]
-                        rotation += 1
-                    else:
-                        chosen = sizes
-                    for head, block in chosen:
-                        params.append(
-                            pytest.param(
-                                backend.name,
-                                dtype,
-                                head,
-                                block,
-                                kv,
-                                shape.name,
-                                marks=marks,
-                                id=f"{backend.name}-{dtype}-h{head}-b{block}-kv{kv}-{shape.name}",
-                            )
+                if quick:
+                    count = max(len(SHAPES), len(sizes))
+                    combos = [
+                        (SHAPES[k % len(SHAPES)], sizes[(k + rotation) % len(sizes)]) for k in range(count)
+                    ]
+                    rotation += 1
+                else:
+                    combos = matrix_combinations(backend)
+                for shape, (head, block) in combos:
+                    params.append(
+                        pytest.param(
+                            backend.name,
+                            dtype,
+                            head,
+                            block,
+                            kv,
+                            shape.name,
+                            marks=marks,
+                            id=f"{backend.name}-{dtype}-h{head}-b{block}-kv{kv}-{shape.name}",
                         )
+                    )
     return params
 
 

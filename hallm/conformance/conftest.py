@@ -25,8 +25,10 @@ ARGNAMES = {
     "attention_matrix": ("backend", "dtype", "head_size", "block_size", "kv_cache_dtype", "shape"),
     "backend_dtype": ("backend", "dtype"),
     "default_layout": ("backend", "dtype"),
+    "walk": ("backend", "dtype", "block_size"),
     "gqa": ("backend", "dtype", "num_kv_heads"),
     "features": ("backend", "dtype", "feature"),
+    "window": ("backend", "dtype"),
     "rejects": ("backend", "dtype", "undeclared"),
     "executor": ("executor", "dtype"),
     "connector": ("connector",),
@@ -63,6 +65,14 @@ def _params(kind: str, target: Target, quick: bool) -> list[Any]:
             for dtype in DTYPE_NAMES:
                 marks = [*cases.dtype_marks(b.name, dtype), _requires(f"backend:{b.name}:layout:default")]
                 params.append(pytest.param(b.name, dtype, marks=marks, id=f"{b.name}-{dtype}"))
+    elif kind == "walk":  # the block and offset walks, at every block size the matrix tests
+        for b in backends:
+            for dtype in DTYPE_NAMES:
+                marks = [*cases.dtype_marks(b.name, dtype), _requires(f"backend:{b.name}:layout:default")]
+                for block in [*cases.block_sizes(b), *cases.large_block_sizes(b)]:
+                    params.append(
+                        pytest.param(b.name, dtype, block, marks=marks, id=f"{b.name}-{dtype}-b{block}")
+                    )
     elif kind == "gqa":
         for b in backends:
             for dtype in DTYPE_NAMES:
@@ -87,6 +97,14 @@ def _params(kind: str, target: Target, quick: bool) -> list[Any]:
                     params.append(
                         pytest.param(b.name, dtype, feature, marks=marks, id=f"{b.name}-{dtype}-{feature}")
                     )
+    elif kind == "window":
+        for b in backends:
+            for dtype in DTYPE_NAMES:
+                marks = [
+                    *cases.dtype_marks(b.name, dtype),
+                    _requires(f"backend:{b.name}:feature:sliding_window"),
+                ]
+                params.append(pytest.param(b.name, dtype, marks=marks, id=f"{b.name}-{dtype}"))
     elif kind == "rejects":
         for b in backends:
             for case_id, _, overrides in cases.unsupported_specs(b):

@@ -4,7 +4,8 @@ When a kernel's output or cache differs from the reference, these functions test
 about why, cheapest first, and say which hold: rows of `out` never written; results that read
 NaN-poisoned slots (a block-table walk or length bound that strays outside the request);
 query heads reading the wrong KV head (GQA mapping); a softmax scale other than
-`AttentionSpec.scale` (fitted); keys/values written anywhere but `slot_mapping`. Each finding
+`AttentionSpec.scale` (fitted); a wrong mask, window, soft cap, length bound or request
+(`hallm.conformance.alternatives`); keys/values written anywhere but `slot_mapping`. Each finding
 is a sentence a kernel author can act on. Everything runs on the host in float64.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hallm.conformance.alternatives import explain_alternatives
 from hallm.ops.reference import dense_causal_attention
 from hallm.ops.testing import PagedBatch
 
@@ -57,8 +59,12 @@ def explain_output(
     unwritten: torch.Tensor | None = None,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    null_blocks: bool = False,
 ) -> list[str]:
-    """Findings about a wrong `out` (host float64, real tokens only), most specific first."""
+    """Findings about a wrong `out` (host float64, real tokens only), most specific first.
+
+    null_blocks: the batch's out-of-window blocks were replaced by the NaN-filled null block.
+    """
     n = batch.num_real_tokens
     o, e = out[:n], expected[:n]
     findings: list[str] = []
@@ -75,6 +81,15 @@ def explain_output(
         for t in toks:
             by_req[request_of(batch, t)[0]] = by_req.get(request_of(batch, t)[0], 0) + 1
         where = [f"{describe_request(batch, i)}: {k} token(s)" for i, k in sorted(by_req.items())]
+        if null_blocks:
+            findings.append(
+                f"the output is NaN/Inf for {len(toks)} of {n} tokens, in {_examples(where)}. The kit pointed "
+                "the block-table entries wholly outside every query's sliding window at the null block 0, "
+                "NaN-filled, as an engine may once it frees them: keys/values at positions no query attends "
+                "must not reach the result. Skip those blocks, or zero what they load before any "
+                "arithmetic: masking their scores alone does not stop NaN (NaN * 0 is NaN)"
+            )
+            return findings
         findings.append(
             f"the output is NaN/Inf for {len(toks)} of {n} tokens, in {_examples(where)}. The kit fills every "
             "cache slot that holds none of a request's tokens with NaN (the null block 0, unused slots of "
@@ -105,6 +120,11 @@ def explain_output(
     fitted = fit_scale(batch, o, scale, atol, sliding_window, logits_soft_cap)
     if fitted is not None:
         findings.append(fitted)
+        return findings
+    wrong_reqs = [i for m, i in per_req if m > atol]
+    other = explain_alternatives(batch, out, scale, atol, wrong_reqs, sliding_window, logits_soft_cap)
+    if other is not None:
+        findings.append(other)
     return findings
 
 

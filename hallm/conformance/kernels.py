@@ -57,6 +57,8 @@ class AttentionCase:
     logits_soft_cap: float | None = None
     noncontiguous: bool = False
     prime_through_backend: bool = False  # write the cached context with the backend itself
+    null_out_of_window: bool = False  # blocks outside every query's window -> the null block
+    near_uniform: bool = False  # small keys, values near 1: long sums show accumulation error
     seed: int = 0
 
     @property
@@ -86,6 +88,10 @@ class AttentionCase:
                 f", sliding_window={self.sliding_window}" if self.sliding_window else "",
                 f", logits_soft_cap={self.logits_soft_cap}" if self.logits_soft_cap else "",
                 ", non-contiguous q/k/v" if self.noncontiguous else "",
+                ", out-of-window blocks replaced by the NaN-filled null block"
+                if self.null_out_of_window
+                else "",
+                ", near-uniform attention over values near 1" if self.near_uniform else "",
             ]
         )
         return (
@@ -123,6 +129,8 @@ def build_batch(case: AttentionCase, device: torch.device) -> PagedBatch:
         seed=case.seed,
         num_padding_tokens=s.padding,
     )
+    if case.near_uniform:
+        _make_near_uniform(batch)
     cache_dtype = torch_dtype(case.spec().cache_dtype)
     if cache_dtype != batch.query.dtype:
         # The kernel stores keys/values rounded to the cache dtype: the answer uses those.
@@ -130,6 +138,52 @@ def build_batch(case: AttentionCase, device: torch.device) -> PagedBatch:
         batch.seq_keys = [k.to(cache_dtype).to(k.dtype) for k in batch.seq_keys]
         batch.seq_values = [v.to(cache_dtype).to(v.dtype) for v in batch.seq_values]
     return batch
+
+
+#: Near-uniform attention: keys shrunk so that every score is close to the others, values
+#: spread around 1 so that the output is about 1 and a long sum's rounding does not cancel.
+NEAR_UNIFORM_KEY_SCALE = 0.05
+NEAR_UNIFORM_VALUE_SPREAD = 0.25
+
+
+def _make_near_uniform(batch: PagedBatch) -> None:
+    """Rewrite the batch's keys and values, in the cache too (NaN poison stays NaN)."""
+
+    def keys(t: torch.Tensor) -> torch.Tensor:
+        return (t.float() * NEAR_UNIFORM_KEY_SCALE).to(t.dtype)
+
+    def values(t: torch.Tensor) -> torch.Tensor:
+        return (1.0 + NEAR_UNIFORM_VALUE_SPREAD * t.float()).to(t.dtype)
+
+    batch.key, batch.value = keys(batch.key), values(batch.value)
+    batch.kv_cache[0], batch.kv_cache[1] = keys(batch.kv_cache[0]), values(batch.kv_cache[1])
+    batch.seq_keys = [keys(k) for k in batch.seq_keys]
+    batch.seq_values = [values(v) for v in batch.seq_values]
+
+
+def drop_out_of_window_blocks(batch: PagedBatch, window: int, cache: torch.Tensor | None) -> int:
+    """Point every block-table entry wholly outside all of a request's windows at the null block.
+
+    An engine may free such blocks (the contract allows any block id there). Request i's first
+    new token sits at position context_lens[i] and attends positions > context_lens[i] - window,
+    so table entries k with (k + 1) * block_size <= context_lens[i] - window + 1 are never read.
+    With the default layout `cache` is given and the freed blocks are NaN-filled as well.
+    Returns how many entries were dropped.
+    """
+    lay = batch.layout
+    bs = lay.block_size
+    freed: list[int] = []
+    for i in range(lay.num_reqs):
+        lowest = int(lay.context_lens[i]) - window + 1  # the lowest position any query reads
+        for k in range(max(0, lowest // bs)):
+            freed.append(int(lay.block_tables[i, k]))
+            lay.block_tables[i, k] = 0
+    if lay.tensors is not None:
+        device = lay.tensors.block_tables.device
+        lay.tensors.block_tables = torch.from_numpy(lay.block_tables).to(device, torch.int32)
+    if cache is not None and freed:
+        cache[:, freed] = float("nan")
+    return len(freed)
 
 
 def _inputs(batch: PagedBatch, noncontiguous: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,6 +278,12 @@ def run_case(target: Target, case: AttentionCase) -> Ran:
         cache = torch.full(tuple(shape), float("nan"), dtype=batch.kv_cache.dtype, device=device)
         prime = prime_context(backend, batch, cache)
         platform.synchronize()
+    if case.null_out_of_window:
+        if case.sliding_window is None:
+            raise ValueError("null_out_of_window needs a sliding window")
+        default = has_default_layout(case.backend)
+        if not drop_out_of_window_blocks(batch, case.sliding_window, cache if default else None):
+            pytest.skip(f"not applicable: no block lies outside the window at block size {case.block_size}")
     if has_default_layout(case.backend):
         before = cache.cpu().clone()
     query, key, value = _inputs(batch, case.noncontiguous)
@@ -253,9 +313,12 @@ def check_case(case: AttentionCase, ran: Ran) -> None:
     n = ran.batch.num_real_tokens
     out_host = ran.out.cpu()
     got = out_host.double()
+    padding = padding_rows_finding(out_host, n)
     diff = (got[:n] - expected[:n]).abs()
     limit = atol + rtol * expected[:n].abs()
     if bool(torch.isfinite(got[:n]).all()) and bool((diff <= limit).all()):
+        if padding:
+            pytest.fail(f"{padding} [{header}]", pytrace=False)
         return
     worst = int(torch.nan_to_num(diff - limit, nan=float("inf")).flatten().argmax())
     t, h = worst // (diff.shape[1] * diff.shape[2]), (worst // diff.shape[2]) % diff.shape[1]
@@ -270,13 +333,37 @@ def check_case(case: AttentionCase, ran: Ran) -> None:
         unwritten=unwritten,
         sliding_window=case.sliding_window,
         logits_soft_cap=case.logits_soft_cap,
+        null_blocks=case.null_out_of_window,
     )
+    if not any(not f.startswith("wrong requests:") for f in findings):
+        b = case.backend.name
+        findings.append(
+            "no single cause found; the tests that isolate one property of this configuration: "
+            f"test_block_table_walk[{b}-{case.dtype}-b{case.block_size}] (blocks and in-block offsets), "
+            f"test_softmax_scale[{b}-{case.dtype}], test_gqa_head_mapping[{b}-{case.dtype}-*]"
+        )
+    if padding:
+        findings.append(padding)
     message = (
         f"attention output differs from hallm.ops.reference: max error {float(diff.max()):.3g} "
         f"(atol {atol:g}, rtol {rtol:g}); worst at token {t} (request {req}, position {pos}), head {h}\n"
         f"  case: {header}\n" + "".join(f"  - {f}\n" for f in findings)
     )
     pytest.fail(message, pytrace=False)
+
+
+def padding_rows_finding(out: torch.Tensor, num_real_tokens: int) -> str | None:
+    """What is wrong with the padding rows of `out` (host), or None when they are all zero."""
+    pad = out[num_real_tokens:]
+    if pad.numel() == 0 or bool((pad == 0).all()):
+        return None
+    rows = [str(num_real_tokens + r) for r in (pad != 0).flatten(1).any(dim=1).nonzero().flatten().tolist()]
+    unwritten = bool((pad == torch.tensor(SENTINEL, dtype=pad.dtype)).all())
+    held = f"the kit's fill value {SENTINEL:g}: never written" if unwritten else "non-zero values"
+    return (
+        f"padding rows {', '.join(rows)} of `out` (tokens t >= query_start_loc[-1], slot -1) hold {held}; "
+        "forward must zero the rows of padding tokens (AttentionBackend.forward)"
+    )
 
 
 def _fail_on_cache(header: str, batch: PagedBatch, before: torch.Tensor, after: torch.Tensor) -> None:

@@ -66,6 +66,7 @@ class TestRecord:
     group: the report's row (e.g. "L1 paged attention"). dtype: the report's column, or None
     for tests that do not depend on a dtype. message: why it failed, was skipped or is known to
     fail (empty for a pass).
+    location: for a test that failed on an exception, the raising frame ("path:line (function)").
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -77,6 +78,7 @@ class TestRecord:
     outcome: str
     message: str = ""
     duration: float = 0.0
+    location: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the JSON report."""

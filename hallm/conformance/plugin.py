@@ -22,7 +22,19 @@ import pytest
 
 from hallm.conformance import KIT_VERSION
 from hallm.conformance import outcomes as oc
-from hallm.conformance.report import build_report, matrix, run_passed, summarize, write_reports
+from hallm.conformance.report import (
+    FAILED,
+    INCOMPLETE,
+    PASSED,
+    build_report,
+    failure_causes,
+    matrix,
+    run_passed,
+    run_status,
+    summarize,
+    unavailable_note,
+    write_reports,
+)
 from hallm.conformance.xfails import XfailEntry, XfailsFileError, find_entry, load_xfails
 
 if TYPE_CHECKING:
@@ -31,6 +43,8 @@ if TYPE_CHECKING:
 KIT_DIR = Path(__file__).resolve().parent
 DEVICE_ENV = "HALLM_DEVICE"
 MAX_LEVEL = 3
+#: Failure causes listed in the terminal summary (all of them are in the report).
+MAX_CAUSES = 12
 
 #: Exception text that means the device itself is in trouble; later tests would fail spuriously.
 DEVICE_ERROR = re.compile(
@@ -92,6 +106,13 @@ class KitState:
             except XfailsFileError as exc:
                 raise pytest.UsageError(str(exc)) from exc
         self.active = True
+
+    def device_unavailable(self) -> str | None:
+        """The probe's reason when the plugin loaded but says the device is unusable here."""
+        target = self._target
+        if target is None or not target.loaded or target.available:
+            return None
+        return target.probe.reason if target.probe is not None else "not probed"
 
     def platform_if_loaded(self) -> Any:
         """The platform instance if the kit made one for an available device, else None."""
@@ -207,6 +228,7 @@ class KitHooks:
 
     def __init__(self, state: KitState) -> None:
         self.state = state
+        self.first_failure: dict[tuple[str, str | None], str] = {}
 
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         kit_items = [item for item in items if is_kit_item(item)]
@@ -246,7 +268,14 @@ class KitHooks:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
         if is_kit_item(item) and call.excinfo is not None and report.failed:
-            report.hallm_message = _message(call.excinfo)
+            message, location = _message(call.excinfo), _location(call.excinfo)
+            report.hallm_message, report.hallm_location = message, location
+            # The message and the raising frame, never a traceback: a plugin that raises for one
+            # dtype fails a hundred tests, and the same cause is printed once.
+            key = (message, location)
+            first = self.first_failure.setdefault(key, item.nodeid)
+            where = f"\n(raised at {location})" if location else ""
+            report.longrepr = message + where if first == item.nodeid else f"same failure as {first}{where}"
             if call.when in ("setup", "call"):
                 self._check_device(item, call.excinfo.value)
         return report
@@ -259,11 +288,13 @@ class KitHooks:
         outcome, message = _classify(report)
         if outcome is None:
             return
+        location = getattr(report, "hallm_location", None) if outcome == oc.FAIL else None
         record = state.records.get(report.nodeid)
         if record is None:
             record = state.records[report.nodeid] = _record(item, outcome, message)
+            record.location = location
         elif outcome != record.outcome and oc.worse(outcome, record.outcome) == outcome:
-            record.outcome, record.message = outcome, message
+            record.outcome, record.message, record.location = outcome, message, location
         record.duration += report.duration
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -276,7 +307,7 @@ class KitHooks:
                 state.records[nodeid] = _record(item, oc.ABORTED, f"not run: {stop}")
         records = list(state.records.values())
         if state.report_path:
-            report = build_report(state.meta(), records, state.xfails)
+            report = build_report(state.meta(), records, state.xfails, state.device_unavailable())
             self.paths = (state.report_path, str(write_reports(report, state.report_path)))
         if not run_passed(records) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -290,6 +321,17 @@ class KitHooks:
         tr.section(f"hallm conformance: device {state.device_id}")
         tr.write_line(", ".join(f"{k} {v}" for k, v in summarize(records).items()))
         tr.write_line(matrix(records))
+        causes = failure_causes(records)
+        if causes:
+            tr.write_line(f"failures by cause ({sum(len(ids) for _, ids in causes)} tests):", red=True)
+            for cause, ids in causes[:MAX_CAUSES]:
+                more = f" and {len(ids) - 1} more" if len(ids) > 1 else ""
+                tr.write_line(f"  {len(ids)} x {cause}\n      e.g. {ids[0]}{more}")
+            if len(causes) > MAX_CAUSES:
+                tr.write_line(f"  ... {len(causes) - MAX_CAUSES} more causes (see the report)")
+        unavailable = state.device_unavailable()
+        if unavailable:
+            tr.write_line(unavailable_note(unavailable, records), yellow=True)
         if state.abort_reason:
             tr.write_line(f"ABORTED after a device error: {state.abort_reason}", red=True)
         for entry in state.xfails:
@@ -298,9 +340,13 @@ class KitHooks:
         paths = getattr(self, "paths", None)
         if paths:
             tr.write_line(f"report: {paths[0]} and {paths[1]}")
-        passed = run_passed(records)
+        status = run_status(records, unavailable)
         tr.write_line(
-            f"hallm conformance {'PASSED' if passed else 'FAILED'}", green=passed, red=not passed, bold=True
+            f"hallm conformance {status}",
+            green=status == PASSED,
+            yellow=status == INCOMPLETE,
+            red=status == FAILED,
+            bold=True,
         )
 
     def _check_device(self, item: pytest.Item, exc: BaseException) -> None:
@@ -354,6 +400,22 @@ def _dtype(item: pytest.Item) -> str | None:
     callspec = getattr(item, "callspec", None)
     value = callspec.params.get("dtype") if callspec is not None else None
     return str(value) if value is not None else None
+
+
+def _location(excinfo: pytest.ExceptionInfo[BaseException]) -> str | None:
+    """ "path:line (function)" of the frame that raised, for an exception (not a kit diagnosis).
+
+    The innermost frame outside torch, numpy and the standard library, so a shape error raised
+    deep in torch points at the plugin's line that called it.
+    """
+    if isinstance(excinfo.value, (pytest.fail.Exception, pytest.skip.Exception)):
+        return None
+    frames = list(excinfo.traceback)
+    if not frames:
+        return None
+    libs = ("/torch/", "/numpy/", os.path.dirname(os.__file__) + os.sep)
+    chosen = next((f for f in reversed(frames) if not any(p in str(f.path) for p in libs)), frames[-1])
+    return f"{chosen.path}:{chosen.lineno + 1} ({chosen.name})"
 
 
 def _message(excinfo: pytest.ExceptionInfo[BaseException]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ from hallm.conformance.xfails import XfailEntry
 DTYPE_ORDER = ("float32", "bfloat16", "float16")
 ANY_DTYPE = "any"
 
+#: The run's verdict. INCOMPLETE: nothing failed, but tests were skipped because this
+#: environment lacks something (the device, most often): not a conformance pass.
+PASSED, FAILED, INCOMPLETE = "PASSED", "FAILED", "INCOMPLETE"
+
 
 def summarize(records: Iterable[TestRecord]) -> dict[str, int]:
     """Count of each outcome (every outcome present, zero included)."""
@@ -45,13 +50,66 @@ def run_passed(records: Sequence[TestRecord]) -> bool:
     return not any(r.outcome in FAILING for r in records)
 
 
+def run_status(records: Sequence[TestRecord], device_unavailable: str | None = None) -> str:
+    """PASSED, FAILED, or INCOMPLETE (nothing failed, but the environment skipped tests)."""
+    if not run_passed(records):
+        return FAILED
+    if device_unavailable is not None or any(r.outcome == ENV_SKIP for r in records):
+        return INCOMPLETE
+    return PASSED
+
+
+def unavailable_note(reason: str, records: Sequence[TestRecord]) -> str:
+    """What a run without the device did not test, and how to make that an error."""
+    counts = summarize(records)
+    applicable = len(records) - counts[NOT_APPLICABLE]
+    skipped = collections.Counter(f"L{r.level}" for r in records if r.outcome == ENV_SKIP)
+    levels = ", ".join(f"{n} at {level}" for level, n in sorted(skipped.items()))
+    return (
+        f"the device is NOT AVAILABLE here ({reason}): {counts[ENV_SKIP]} of {applicable} applicable tests "
+        f"were skipped ({levels or 'none'}), so this run checked declarations and discovery only, not "
+        "the kernels or the engine. Run the kit where the device is; pass --require-device "
+        "(--hallm-require-device) to make a missing device fail the run"
+    )
+
+
+def _cause(record: TestRecord) -> str:
+    """A failure's cause without its numbers: the last (most specific) finding, else the first line."""
+    lines = record.message.strip().splitlines()
+    findings = [line.strip()[2:] for line in lines if line.strip().startswith("- ")]
+    text = findings[-1] if findings else (lines[0] if lines else "(no message)")
+    text = text.split(" [", 1)[0]  # the configuration in brackets differs from test to test
+    text = re.sub(r"(?<!\w)\d+(\.\d+)?(e-?\d+)?", "#", text)
+    if record.location:
+        text += f" (raised at {record.location})"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def failure_causes(records: Sequence[TestRecord]) -> list[tuple[str, list[str]]]:
+    """Failing tests grouped by cause, the most frequent first: [(cause, [test ids])]."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        if r.outcome in (FAIL, UNEXPECTED_PASS):
+            groups.setdefault(_cause(r), []).append(r.test_id)
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
+
+
 def build_report(
-    meta: dict[str, Any], records: Sequence[TestRecord], xfails: Sequence[XfailEntry]
+    meta: dict[str, Any],
+    records: Sequence[TestRecord],
+    xfails: Sequence[XfailEntry],
+    device_unavailable: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON report: `meta` (versions, device, options), summary, every test, xfail entries."""
+    """The JSON report: `meta` (versions, device, options), verdict, summary, causes, every test."""
+    status = run_status(records, device_unavailable)
     return {
         **meta,
         "passed": run_passed(records),
+        "status": status,
+        "device_unavailable": device_unavailable,
+        "failure_causes": [
+            {"cause": c, "count": len(ids), "tests": ids} for c, ids in failure_causes(records)
+        ],
         "summary": summarize(records),
         "xfail_entries": [
             {"pattern": e.pattern, "reason": e.reason, "source": e.source, "matched": e.matched}
@@ -119,7 +177,7 @@ def markdown(report: dict[str, Any]) -> str:
     """The whole Markdown report: identity, summary, matrix, then the details that matter."""
     records = [TestRecord(**t) for t in report["tests"]]
     plugin = report.get("plugin", {})
-    status = "PASSED" if report["passed"] else "FAILED"
+    status = report.get("status") or ("PASSED" if report["passed"] else "FAILED")
     out = [
         f"# hallm conformance: device `{report.get('device_id')}`: {status}",
         "",
@@ -134,6 +192,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("abort_reason"):
         out.append(f"- **aborted**: {report['abort_reason']}")
+    if report.get("device_unavailable"):
+        out.append(f"- **incomplete**: {unavailable_note(report['device_unavailable'], records)}")
     summary = report["summary"]
     out += [
         "",
@@ -145,6 +205,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         matrix(records),
     ]
+    if report.get("failure_causes"):
+        out += ["", "## Failures by cause", ""]
+        out += [f"- {c['count']} x {c['cause']} (e.g. `{c['tests'][0]}`)" for c in report["failure_causes"]]
     sections = [
         (FAIL, "Failures"),
         (UNEXPECTED_PASS, "Unexpected passes (remove them from the xfails file)"),
@@ -155,7 +218,11 @@ def markdown(report: dict[str, Any]) -> str:
         chosen = [r for r in records if r.outcome == outcome]
         if chosen:
             out += ["", f"## {title}", ""]
-            out += [f"- `{r.test_id}`: {_first_line(r.message)}" for r in chosen]
+            out += [
+                f"- `{r.test_id}`: {_first_line(r.message)}"
+                + (f" (raised at {r.location})" if r.location else "")
+                for r in chosen
+            ]
     noted = [r for r in records if r.outcome == PASS and r.message]
     if noted:
         out += ["", "## Notes on passing tests", ""]

@@ -324,3 +324,58 @@ def test_declarations_are_well_formed(target: Target) -> None:
         problems.append(f"no backend serves the platform's default dtype {caps.dtypes[0]}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+def test_declarations_agree(target: Target) -> None:
+    """What the platform declares, its backends serve: every dtype, every KV-cache dtype, graphs."""
+    from hallm.conformance.cases import preferred_block_size, preferred_head_size
+    from hallm.platforms import AttentionSpec, Platform
+
+    _loaded(target)
+    assert target.platform_cls is not None
+    try:
+        caps = target.capabilities()
+    except Exception as exc:
+        if target.available:
+            raise
+        pytest.skip(
+            f"capabilities() needs the device, which is not available here: {type(exc).__name__}: {exc}"
+        )
+    backends = target.backends()
+    offered = "; ".join(
+        f"{b.name} declares dtypes {sorted(b.dtypes)}, KV-cache dtypes {sorted(b.kv_cache_dtypes)}"
+        for b in backends
+    )
+    problems = []
+    for dtype in caps.dtypes:
+        serving = [
+            b
+            for b in backends
+            if dtype in b.dtypes
+            and not b.validate(
+                AttentionSpec(8, 2, preferred_head_size(b), 0.125, dtype, block_size=preferred_block_size(b))
+            )
+        ]
+        if not serving:
+            problems.append(
+                f"Capabilities.dtypes has {dtype}, but no attention backend serves it: a user's --dtype {dtype} "
+                "would pass the platform's check and fail only after the model has loaded. Declare it on a "
+                "backend, or drop it from Capabilities.dtypes"
+            )
+    for kv in caps.kv_cache_dtypes:
+        if kv != "auto" and not any(kv in b.kv_cache_dtypes for b in backends):
+            problems.append(
+                f"Capabilities.kv_cache_dtypes has {kv}, but no attention backend declares it in kv_cache_dtypes"
+            )
+    platform_cls = target.platform_cls
+    if caps.graph_capture and platform_cls.step_graphs is Platform.step_graphs:
+        problems.append(
+            f"Capabilities.graph_capture is True, but {platform_cls.__qualname__} does not override "
+            "step_graphs(), so the runner silently runs every step eagerly: implement step_graphs() or "
+            "declare graph_capture=False"
+        )
+    if problems:
+        problems.append(f"the backends: {offered}")
+        pytest.fail(
+            f"{target.origin}: " + "\n  - ".join(["declarations disagree:", *problems]), pytrace=False
+        )

@@ -1,8 +1,10 @@
 """L1 kernels: every attention backend against hallm.ops.reference, over what it declares.
 
 The matrix runs every declared dtype x head size x block size x KV-cache dtype on the named
-batch shapes; the other tests each isolate one property (the KV write, non-contiguous inputs,
-the optional features) and what validate() must refuse.
+batch shapes (large block and head sizes too when a backend accepts any, and an 8k decode);
+the other tests each isolate one property (the KV write, non-contiguous inputs, the optional
+features, out-of-window null blocks, precision over long sums) and what validate() must refuse.
+Every test also holds the padding rows of `out` to zero.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hallm.conformance.cases import (
     unsupported_specs,
 )
 from hallm.conformance.kernels import AttentionCase, check_case, run_case
+from hallm.conformance.precision import check_precision
 from hallm.conformance.target import Target
 
 pytestmark = [pytest.mark.hallm_level(1)]
@@ -111,3 +114,41 @@ def test_features(target: Target, backend: str, dtype: str, feature: str) -> Non
         seed=7,
     )
     check_case(case, run_case(target, case))
+
+
+@pytest.mark.hallm_group("L1 sliding window / soft cap")
+@pytest.mark.hallm_params("window")
+def test_sliding_window_null_blocks(target: Target, backend: str, dtype: str) -> None:
+    """Blocks wholly outside every query's window point at the NaN-filled null block; none may leak."""
+    cls = target.backend(backend)
+    block = preferred_block_size(cls)
+    case = AttentionCase(
+        cls,
+        dtype,
+        preferred_head_size(cls),
+        block,
+        SHAPES_BY_NAME["window_null_blocks"],
+        sliding_window=max(8, block // 2),
+        null_out_of_window=True,
+        seed=10,
+    )
+    check_case(case, run_case(target, case))
+
+
+@pytest.mark.hallm_group("L1 precision over long sums")
+@pytest.mark.hallm_params("backend_dtype")
+def test_long_sum_precision(target: Target, backend: str, dtype: str) -> None:
+    """Near-uniform attention over 512, 2048 and 8192 keys stays within about one ulp at 1.0."""
+    cls = target.backend(backend)
+    case = AttentionCase(
+        cls,
+        dtype,
+        preferred_head_size(cls),
+        preferred_block_size(cls),
+        SHAPES_BY_NAME["long_uniform"],
+        near_uniform=True,
+        seed=11,
+    )
+    ran = run_case(target, case)
+    check_precision(case, ran)  # first: the ordinary tolerance cannot tell precision loss apart
+    check_case(case, ran)

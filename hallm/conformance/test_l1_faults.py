@@ -2,14 +2,15 @@
 
 The softmax scale (an unusual `AttentionSpec.scale`, so a hard-coded 1/sqrt(head_size) shows),
 the GQA head mapping (MHA, GQA and MQA), and the block-table walk (a histogram of the blocks
-each request reads, independent of scale and head mapping).
+each request reads, then of the in-block offsets, independent of scale and head mapping) at
+every block size the matrix tests.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from hallm.conformance.blockwalk import run_block_walk
+from hallm.conformance.blockwalk import run_block_walk, run_offset_walk
 from hallm.conformance.cases import SHAPES_BY_NAME, preferred_block_size, preferred_head_size
 from hallm.conformance.kernels import AttentionCase, check_case, run_case
 from hallm.conformance.target import Target
@@ -56,8 +57,13 @@ def test_gqa_head_mapping(target: Target, backend: str, dtype: str, num_kv_heads
 
 
 @pytest.mark.hallm_group("L1 block-table walk")
-@pytest.mark.hallm_params("default_layout")
-def test_block_table_walk(target: Target, backend: str, dtype: str) -> None:
-    """Each request reads exactly the blocks of its table, each position once."""
+@pytest.mark.hallm_params("walk")
+def test_block_table_walk(target: Target, backend: str, dtype: str, block_size: int) -> None:
+    """Each request reads exactly the blocks of its table, and each position at its in-block offset."""
     cls = target.backend(backend)
-    run_block_walk(target, cls, dtype, preferred_head_size(cls), preferred_block_size(cls))
+    head = preferred_head_size(cls)
+    run_block_walk(target, cls, dtype, head, block_size)
+    if cls.head_sizes is None:
+        head = max(head, block_size)  # the offset walk one-hot encodes offsets in head_size dims
+    if head >= block_size:  # else no declared head size can one-hot encode the offsets
+        run_offset_walk(target, cls, dtype, head, block_size)

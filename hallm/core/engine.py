@@ -7,6 +7,7 @@ clear error and never disturbs the requests already running.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +29,96 @@ PromptType = str | Sequence[int] | dict[str, Any]
 
 
 class InvalidRequestError(HallmError, ValueError):
-    """A request the engine refuses; the message names the field and the limit."""
+    """A request the engine refuses; the message names the field and the limit.
+
+    `param` is the request field at fault and `code` a machine-readable reason (as the OpenAI
+    API reports them), when known.
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class AdmissionLimits:
+    """What a request is checked against before it is accepted: the model's and the KV pool's limits."""
+
+    max_model_len: int
+    vocab_size: int
+    block_size: int | None = None  # None: the KV pool is not known (its checks are skipped)
+    num_usable_blocks: int | None = None
+
+
+def check_admission(
+    token_ids: Sequence[int],
+    params: SamplingParams,
+    limits: AdmissionLimits,
+    what: str = "prompt",
+    max_tokens_within_context: bool = False,
+) -> None:
+    """Refuse a request that can never run: empty prompt, ids outside the vocabulary, a prompt
+    (or a prompt plus its longest output) past the context limit or the whole KV pool, logit_bias
+    ids the model cannot produce. The one admission check: the engine calls it on every request,
+    the API server calls it before sending one to the engine process.
+
+    `what` names the prompt in messages ("prompt", "messages"); `max_tokens_within_context`
+    refuses a max_tokens that runs past the context limit (the OpenAI API's rule) instead of
+    letting it end there.
+    """
+    n = len(token_ids)
+    max_len = limits.max_model_len
+    if n == 0:
+        raise InvalidRequestError(f"the {what} is empty; give at least one token", what)
+    bad = next((t for t in token_ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"the {what} has token id {bad}, outside the vocabulary [0, {limits.vocab_size})", what
+        )
+    if n >= max_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length (max_model_len) is {max_len} tokens, but the {what} has "
+            f"{n} tokens and at least one token must be generated. Shorten the {what}.",
+            what,
+            "context_length_exceeded",
+        )
+    if max_tokens_within_context and params.max_tokens is not None and n + params.max_tokens > max_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length (max_model_len) is {max_len} tokens. However, you requested "
+            f"{n + params.max_tokens} tokens ({n} in the {what}, {params.max_tokens} in the completion). "
+            f"Shorten the {what} or lower max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    if limits.block_size is not None and limits.num_usable_blocks is not None:
+        usable = limits.num_usable_blocks
+        needed = -(-(n + 1) // limits.block_size)
+        if needed > usable:
+            raise InvalidRequestError(
+                f"the {what} needs {needed} KV-cache blocks but the whole KV cache has {usable}; it can never "
+                f"fit: shorten the {what}, or give the engine more KV-cache memory (--gpu-memory-utilization, "
+                "--num-gpu-blocks-override)",
+                what,
+                "context_length_exceeded",
+            )
+        # At its longest a request holds the KV of its prompt and of every output token but the
+        # last. One that could outgrow the whole pool would stall the engine when it got there.
+        room = max_len - n
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        needed = -(-(n + max_new - 1) // limits.block_size)
+        if needed > usable:
+            raise InvalidRequestError(
+                f"the request can grow to {needed} KV-cache blocks ({n} {what} tokens + max_tokens={max_new}) "
+                f"but the whole KV cache has {usable}; it can never fit: lower max_tokens, shorten the "
+                f"{what}, or give the engine more KV-cache memory",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+    try:
+        params.verify_vocab(limits.vocab_size)
+    except ValueError as e:
+        raise InvalidRequestError(str(e), "logit_bias") from None
 
 
 class LLMEngine:
@@ -176,37 +266,13 @@ class LLMEngine:
             self.scheduler.add_request(child)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        max_len = self.config.model.max_model_len
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        if len(token_ids) >= max_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(token_ids)} tokens, but the model's context limit (max_model_len) is "
-                f"{max_len} and at least one token must be generated; shorten the prompt"
-            )
-        needed = self.scheduler.kv.blocks_needed(len(token_ids) + 1)
-        usable = self.scheduler.kv.num_usable_blocks
-        if needed > usable:
-            raise InvalidRequestError(
-                f"the prompt needs {needed} KV-cache blocks but the whole pool has {usable}; it can never fit: "
-                "shorten it, or give the engine more KV-cache memory (--gpu-memory-utilization, "
-                "--num-gpu-blocks-override)"
-            )
-        # At its longest a request holds the KV of its prompt and of every output token but the
-        # last. One that could outgrow the whole pool would stall the engine when it got there.
-        room = max_len - len(token_ids)
-        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-        needed = self.scheduler.kv.blocks_needed(len(token_ids) + max_new - 1)
-        if needed > usable:
-            raise InvalidRequestError(
-                f"the request can grow to {needed} KV-cache blocks ({len(token_ids)} prompt tokens + "
-                f"max_tokens={max_new}) but the whole pool has {usable}; it can never fit: lower "
-                "max_tokens, shorten the prompt, or give the engine more KV-cache memory"
-            )
-        try:
-            params.verify_vocab(int(self.config.model.hf_config.vocab_size))
-        except ValueError as e:
-            raise InvalidRequestError(str(e)) from None
+        limits = AdmissionLimits(
+            max_model_len=self.config.model.max_model_len,
+            vocab_size=int(self.config.model.hf_config.vocab_size),
+            block_size=self.config.cache.block_size,
+            num_usable_blocks=self.scheduler.kv.num_usable_blocks,
+        )
+        check_admission(token_ids, params, limits)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

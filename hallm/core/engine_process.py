@@ -287,6 +287,17 @@ class EngineLoop:
                 )
                 for pos in seq.logprobs[start:]
             ]
+        prompt_logprobs = None
+        if out.prompt_logprobs is not None and start == 0 and (seq.token_ids or out.finished):
+            # The prompt is scored before the first token is sampled: send it once, complete.
+            prompt_logprobs = [
+                None
+                if pos is None
+                else TokenLogprobs(
+                    list(pos), [lp.logprob for lp in pos.values()], [lp.rank for lp in pos.values()]
+                )
+                for pos in out.prompt_logprobs
+            ]
         if out.finished:
             self.num_sent.pop(out.request_id, None)
         else:
@@ -298,6 +309,7 @@ class EngineLoop:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             num_cached_tokens=out.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _shutdown(self) -> None:

@@ -79,6 +79,9 @@ class RequestDelta(msgspec.Struct, array_like=True):
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    #: With `prompt_logprobs`: one entry per prompt position (None for the first), sent once,
+    #: with the first delta after the whole prompt was scored.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

@@ -28,6 +28,13 @@ class AttentionSpec:
 
     dtype: the query/key/value dtype by name ("float32", "bfloat16", "float16").
     kv_cache_dtype: "auto" (same as dtype) or a narrower cache dtype a backend declares.
+    scale: the softmax scale, applied once to q.k (not necessarily 1/sqrt(head_size)).
+    sliding_window: None, or W >= 1: the token at position p attends to positions
+        (p - W, p] only, W positions itself included. Blocks holding only positions that no
+        query of the step attends may be the null block (any block id, NaN-filled contents
+        included): their keys and values must never reach the result.
+    logits_soft_cap: None, or c > 0: the scaled logits s = scale * q.k become c * tanh(s / c)
+        before the causal (and window) mask and the softmax.
     """
 
     num_heads: int
@@ -126,6 +133,9 @@ class AttentionBackend(ABC):
 
     The KV cache of one layer is one tensor whose shape `kv_cache_shape()` decides; the default
     is `[2, num_blocks, block_size, num_kv_heads, head_size]` (index 0 keys, 1 values).
+
+    `name` (the id users pass to `--attention-backend`) is required: a subclass that implements
+    `forward` without a non-empty string `name` fails when the class is defined.
     """
 
     name: ClassVar[str]
@@ -143,6 +153,17 @@ class AttentionBackend(ABC):
     #: `forward` only launches device work and reads no device value back to the host (no
     #: `.item()`, no host copy), so a step graph may capture it (`Platform.step_graphs`).
     graph_safe: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if getattr(cls.forward, "__isabstractmethod__", False):
+            return  # an intermediate abstract base; its concrete subclasses are checked
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(
+                f"AttentionBackend subclass {cls.__qualname__} must set the class attribute `name` "
+                f"(a non-empty str, the id --attention-backend selects), got {name!r}"
+            )
 
     def __init__(self, spec: AttentionSpec) -> None:
         self.spec = spec
@@ -198,5 +219,11 @@ class AttentionBackend(ABC):
         head_size]; out [num_tokens, num_heads, head_size], written in place. query, key and
         value may be views into one fused qkv projection's output: their token dim strided, the
         head and head_size dims contiguous (the conformance kit hands them over that way). Query head h
-        reads KV head `h // (num_heads // num_kv_heads)`. The softmax scale is `spec.scale`.
+        reads KV head `h // (num_heads // num_kv_heads)`. The softmax scale is `spec.scale`;
+        `spec.sliding_window` and `spec.logits_soft_cap` mean what `AttentionSpec` says.
+
+        Padding rows: tokens t >= `query_start_loc[-1]` belong to no request (their slot is
+        -1). Their keys/values are not written, and their rows of `out` must be zeroed, so
+        that no stale or NaN value from an earlier step flows into later layers (the
+        reference kernel and the conformance kit hold backends to this).
         """

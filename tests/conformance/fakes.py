@@ -15,8 +15,9 @@ from hallm.platforms import Capabilities, Platform, Probe
 
 
 @functools.lru_cache(maxsize=None)
-def make_platform(device_id, backend_path):
-    module, _, cls_name = backend_path.partition(":")
+def make_platform(device_id, backend_paths, dtypes=("float32",), graph_capture=False, available=True):
+    # backend_paths: "module:Class" or a tuple of them, most preferred first.
+    paths = (backend_paths,) if isinstance(backend_paths, str) else tuple(backend_paths)
 
     class FakePlatform(Platform):
         name = device_id
@@ -26,13 +27,19 @@ def make_platform(device_id, backend_path):
 
         @classmethod
         def probe(cls):
+            if not available:
+                return Probe(False, "no fake accelerator in this machine (install one)")
             return Probe(True, "fake device on the host CPU", 1)
 
         def capabilities(self):
-            return Capabilities(dtypes=("float32",))
+            return Capabilities(dtypes=tuple(dtypes), graph_capture=graph_capture)
 
         def attention_backends(self):
-            return [getattr(importlib.import_module(module), cls_name)]
+            found = []
+            for path in paths:
+                module, _, cls_name = path.partition(":")
+                found.append(getattr(importlib.import_module(module), cls_name))
+            return found
 
         def memory_info(self, device_index=0):
             return (4 << 30, 8 << 30)
@@ -109,6 +116,105 @@ class WrongGqaMapping(Good):
         )
 
 
+class GatherSdpa(Good):
+    """A vendor's own kernel: gather each request's keys/values through its block table, then
+    a masked softmax in float32. Correct as it stands; each subclass below breaks one thing, the
+    way the variants that once escaped the kit did."""
+    name = "fake_gather_sdpa"
+    dtypes = frozenset({"float32", "bfloat16"})
+    max_keys = None  # keys at positions >= max_keys are dropped
+    accumulate_tile = None  # P.V summed tile by tile into an accumulator of the input dtype
+    zero_unattended = True  # keys/values no query attends are zeroed before any arithmetic
+    zero_padding = True  # rows of padding tokens are zeroed
+    offset_period = None  # for block sizes >= 64, the in-block offset is p % offset_period
+
+    def attend(self, query, kv_cache, qsl, seq_lens, ctx_lens, tables, out, scale=None):
+        s = self.spec
+        scale = s.scale if scale is None else scale
+        bs = kv_cache.shape[2]
+        flat = kv_cache.view(2, -1, kv_cache.shape[3], kv_cache.shape[4])
+        group = s.num_heads // s.num_kv_heads
+        qsl, seq_lens, ctx_lens = qsl.tolist(), seq_lens.tolist(), ctx_lens.tolist()
+        if self.zero_padding:
+            out[qsl[-1]:].zero_()
+        for i, seq in enumerate(seq_lens):
+            lo, hi, ctx = qsl[i], qsl[i + 1], ctx_lens[i]
+            if hi == lo:
+                continue
+            pos = torch.arange(seq, device=query.device)
+            offset = pos % bs if self.offset_period is None or bs < 64 else pos % self.offset_period
+            slots = tables[i, pos // bs].long() * bs + offset
+            k = flat[0, slots].float().repeat_interleave(group, dim=1)  # [S, H, D]
+            v = flat[1, slots].float().repeat_interleave(group, dim=1)
+            q_pos = ctx + torch.arange(hi - lo, device=query.device)[:, None]
+            allowed = pos[None, :] <= q_pos  # [Q, S]
+            if s.sliding_window is not None:
+                allowed &= pos[None, :] > q_pos - s.sliding_window
+            if self.max_keys is not None:
+                allowed &= pos[None, :] < self.max_keys
+            if self.zero_unattended:
+                unused = ~allowed.any(dim=0)
+                k[unused] = 0
+                v[unused] = 0
+            scores = torch.einsum("qhd,shd->hqs", query[lo:hi].float(), k) * scale
+            if s.logits_soft_cap is not None:
+                scores = s.logits_soft_cap * torch.tanh(scores / s.logits_soft_cap)
+            scores = scores.masked_fill(~allowed[None], float("-inf"))
+            p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # [H, Q, S]
+            total = p.sum(dim=-1, keepdim=True)
+            if self.accumulate_tile is not None and query.dtype != torch.float32:
+                acc = torch.zeros(p.shape[0], p.shape[1], k.shape[-1], dtype=query.dtype, device=query.device)
+                for t in range(0, seq, self.accumulate_tile):
+                    tile = torch.einsum("hqs,shd->hqd", p[..., t : t + self.accumulate_tile], v[t : t + self.accumulate_tile])
+                    acc = (acc.float() + tile).to(query.dtype)
+                result = acc.float() / total
+            else:
+                result = torch.einsum("hqs,shd->hqd", p, v) / total
+            out[lo:hi] = result.transpose(0, 1).to(out.dtype)
+        return out
+
+
+class Bf16TileAccumulation(GatherSdpa):
+    """Sums P.V into a bf16 accumulator, 16 keys at a time (2k contexts stay within 0.02)."""
+    name = "fake_bf16_tiles"
+    accumulate_tile = 16
+
+
+class DropsKeysPast4096(GatherSdpa):
+    """Attends to the first 4096 positions only (a fixed maximum sequence tile)."""
+    name = "fake_drops_past_4096"
+    max_keys = 4096
+
+
+class OffsetWrongFromBlock64(GatherSdpa):
+    """For block sizes >= 64 the in-block offset is p % 32 (a 5-bit mask)."""
+    name = "fake_offset_wrong_b64"
+    offset_period = 32
+
+
+class NullBlocksNotMasked(GatherSdpa):
+    """Masks scores only: NaN in blocks outside the sliding window flows through P.V (NaN * 0)."""
+    name = "fake_null_blocks_not_masked"
+    zero_unattended = False
+
+
+class PaddingRowsNotZeroed(GatherSdpa):
+    """Leaves the rows of padding tokens as it found them."""
+    name = "fake_padding_not_zeroed"
+    zero_padding = False
+
+
+class RaisesForBfloat16(Good):
+    """Declares bfloat16 but raises in forward for it: one cause behind many failures."""
+    name = "fake_raises_bf16"
+    dtypes = frozenset({"float32", "bfloat16"})
+
+    def forward(self, query, key, value, kv_cache, metadata, out):
+        if query.dtype == torch.bfloat16:
+            raise NotImplementedError("bfloat16 kernels are not built in this wheel")
+        return super().forward(query, key, value, kv_cache, metadata, out)
+
+
 class DeviceError(Good):
     """The device dies on the first kernel launch (as after a CUDA illegal memory access)."""
     name = "fake_device_error"
@@ -164,9 +270,19 @@ class MemoryConnector(KVConnector):
 
 
 def plugin_module(
-    device_id: str, backend: str, *, preamble: str = "", connector: bool = False, patch: str = ""
+    device_id: str,
+    backend: str | tuple[str, ...],
+    *,
+    preamble: str = "",
+    connector: bool = False,
+    patch: str = "",
+    dtypes: tuple[str, ...] = ("float32",),
+    graph_capture: bool = False,
+    available: bool = True,
 ) -> str:
-    """The entry-point module of one fake device plugin."""
+    """The entry-point module of one fake device plugin (backend: a kernel class or several)."""
+    names = (backend,) if isinstance(backend, str) else backend
+    paths = tuple(f"fake_kernels:{b}" for b in names)
     hooks = f"""
 from hallm.platforms import hookimpl
 {preamble}
@@ -175,7 +291,7 @@ from hallm.platforms import hookimpl
 def hallm_platform():
     from fake_platform import make_platform
 {patch}
-    return make_platform({device_id!r}, {f"fake_kernels:{backend}"!r})
+    return make_platform({device_id!r}, {paths!r}, {dtypes!r}, {graph_capture!r}, {available!r})
 """
     if connector:
         hooks += """
@@ -195,8 +311,18 @@ PATCH = """    import hallm.ops.reference as ref
     original = ref.paged_attention
     ref.paged_attention = lambda *args, **kwargs: original(*args, **kwargs)"""
 
-#: device id -> (kernel class, plugin_module keyword arguments, what the fault is)
-DEVICES: dict[str, tuple[str, dict[str, object]]] = {
+#: The correct gather-then-softmax kernel, then one subclass per escaped variant.
+MUTANT_BACKENDS = (
+    "GatherSdpa",
+    "Bf16TileAccumulation",
+    "DropsKeysPast4096",
+    "OffsetWrongFromBlock64",
+    "NullBlocksNotMasked",
+    "PaddingRowsNotZeroed",
+)
+
+#: device id -> (kernel class or classes, plugin_module keyword arguments)
+DEVICES: dict[str, tuple[str | tuple[str, ...], dict[str, object]]] = {
     "fakegood": ("Good", {"connector": True}),
     "badscale": ("WrongScale", {}),
     "badwalk": ("BlockWalkOffByOne", {}),
@@ -208,4 +334,14 @@ DEVICES: dict[str, tuple[str, dict[str, object]]] = {
     ),
     "badpatch": ("Good", {"patch": PATCH}),
     "deviceerror": ("DeviceError", {}),
+    # The variants that once escaped the kit, one backend each, next to their correct base
+    # (which must pass everything): kernels in one run, declarations in one run each.
+    "escaped": (
+        MUTANT_BACKENDS,
+        {"dtypes": ("float32", "bfloat16")},
+    ),
+    "fp16unserved": ("Good", {"dtypes": ("float32", "float16")}),
+    "graphsclaimed": ("Good", {"graph_capture": True}),
+    "raiser": ("RaisesForBfloat16", {"dtypes": ("float32", "bfloat16")}),
+    "absent": ("Good", {"available": False}),
 }

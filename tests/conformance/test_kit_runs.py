@@ -42,8 +42,9 @@ def test_report_identifies_the_run_and_has_the_matrix(kit: KitRunner) -> None:
     assert report["passed"] is True and report["quick"] is True and report["level"] == 3
     markdown = Path(report_path(kit, "cpu")).with_suffix(".md").read_text()
     assert "| test group | float32 | bfloat16 | float16 | any |" in markdown
-    # 6 cases x the CPU's two backends (native, reference).
-    assert "| L1 paged attention | 12/12/12 | 12/12/12 | 0/0/12 |" in markdown
+    # Quick: every shape (7) and size pair (6 usual + 4 large) at least once, x the CPU's two
+    # backends (native, reference).
+    assert "| L1 paged attention | 20/20/20 | 20/20/20 | 0/0/20 |" in markdown
     assert "hallm-cpu 0.1.0" in markdown and report["torch_version"] in markdown
 
 
@@ -127,9 +128,12 @@ def test_kit_fails_pointing_at_the_fault(
 ISOLATED = [
     ("badgqa", "test_l1_faults.py::test_gqa_head_mapping[fake_wrong_gqa-float32-8q8kv]"),
     ("badgqa", "test_l1_faults.py::test_gqa_head_mapping[fake_wrong_gqa-float32-8q1kv]"),
-    ("badgqa", "test_l1_faults.py::test_block_table_walk[fake_wrong_gqa-float32]"),
-    ("badscale", "test_l1_faults.py::test_block_table_walk[fake_wrong_scale-float32]"),
-    ("badwrite", "test_l1_faults.py::test_block_table_walk[fake_write_ignores_slots-float32]"),
+    ("badgqa", "test_l1_faults.py::test_block_table_walk[fake_wrong_gqa-float32-b16]"),
+    ("badscale", "test_l1_faults.py::test_block_table_walk[fake_wrong_scale-float32-b64]"),
+    ("badwrite", "test_l1_faults.py::test_block_table_walk[fake_write_ignores_slots-float32-b128]"),
+    ("escaped", "test_l1_faults.py::test_block_table_walk[fake_offset_wrong_b64-float32-b32]"),
+    ("escaped", "test_l1_attention.py::test_sliding_window_null_blocks[fake_bf16_tiles-bfloat16]"),
+    ("escaped", "test_l1_attention.py::test_long_sum_precision[fake_null_blocks_not_masked-bfloat16]"),
     (
         "badwalk",
         "test_l1_attention.py::test_validate_rejects_undeclared[fake_block_walk_off_by_one-kv_cache_dtype-bogus]",
@@ -165,3 +169,100 @@ def test_strict_xfails_known_failures_and_unexpected_pass(kit: KitRunner) -> Non
     assert "WRONG: MHA passes" in unexpected["message"]
     assert all("(fake#1)" in t["message"] for t in run.tests("xfail"))
     assert all(e["matched"] for e in run.report["xfail_entries"])
+
+
+# ---- the variants that once escaped the kit (issue: "what a vendor actually gets wrong") -------
+
+#: (mutant backend of the `escaped` run, the failing test, what its message must say)
+ESCAPED = [
+    (
+        "fake_bf16_tiles",
+        "test_l1_attention.py::test_long_sum_precision",
+        ["the error grows with the number of keys", "accumulates in low precision", "8192 keys"],
+    ),
+    (
+        "fake_drops_past_4096",
+        "test_l1_attention.py::test_paged_attention",
+        ["decode_8k", "keys past position 4096 are dropped"],
+    ),
+    (
+        "fake_offset_wrong_b64",
+        "test_l1_faults.py::test_block_table_walk",
+        ["block_size=64", "never read offsets 32-63", "read at offset p % 32, not p % block_size"],
+    ),
+    (
+        "fake_null_blocks_not_masked",
+        "test_l1_attention.py::test_sliding_window_null_blocks",
+        ["NaN", "null block 0, NaN-filled", "masking their scores alone does not stop NaN"],
+    ),
+    (
+        "fake_padding_not_zeroed",
+        "test_l1_attention.py::test_paged_attention",
+        ["padding rows 26, 27, 28 of `out`", "never written", "must zero the rows of padding tokens"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("backend", "test_prefix", "fragments"), ESCAPED, ids=[b for b, _, _ in ESCAPED])
+def test_kit_catches_the_variants_that_escaped(
+    kit: KitRunner, backend: str, test_prefix: str, fragments: list[str]
+) -> None:
+    """Each kernel variant fails the kit, with a message naming its cause."""
+    run = kit.get("escaped")
+    assert run.returncode == 1, run.explain()
+    failing = [t for t in run.tests("fail", test_prefix) if f"[{backend}-" in t["test_id"]]
+    assert failing, f"no failure of {test_prefix} for {backend}\n{run.explain()}"
+    messages = "\n".join(t["message"] for t in failing)
+    for fragment in fragments:
+        assert fragment in messages, f"{fragment!r} not in:\n{messages[:3000]}"
+
+
+def test_the_correct_base_of_the_variants_passes_everything(kit: KitRunner) -> None:
+    """The gather-then-softmax kernel the variants derive from passes: each failure is its variant's."""
+    run = kit.get("escaped")
+    base = [t for t in run.report["tests"] if "[fake_gather_sdpa-" in t["test_id"]]
+    assert base and all(t["outcome"] in ("pass", "not_applicable") for t in base), [
+        (t["test_id"], t["message"][:300]) for t in base if t["outcome"] not in ("pass", "not_applicable")
+    ]
+    assert {t["dtype"] for t in base if t["outcome"] == "pass"} >= {"float32", "bfloat16"}
+
+
+@pytest.mark.parametrize(
+    ("name", "fragments"),
+    [
+        (
+            "fp16unserved",
+            ["Capabilities.dtypes has float16, but no attention backend serves it", "--dtype float16"],
+        ),
+        ("graphsclaimed", ["Capabilities.graph_capture is True", "does not override step_graphs()"]),
+    ],
+)
+def test_declarations_that_disagree_fail_at_l0(kit: KitRunner, name: str, fragments: list[str]) -> None:
+    run = kit.get(name)
+    assert run.returncode == 1, run.explain()
+    messages = run.messages("test_l0_discovery.py::test_declarations_agree")
+    for fragment in fragments:
+        assert fragment in messages, f"{fragment!r} not in:\n{messages}"
+
+
+def test_one_raising_dtype_is_one_cause_with_its_frame(kit: KitRunner) -> None:
+    """A backend raising for bf16 fails many tests: one traceback-free cause, the raising line in the JSON."""
+    run = kit.get("raiser")
+    failing = run.tests("fail")
+    assert run.returncode == 1 and len(failing) > 10, run.explain()
+    assert all(t["dtype"] == "bfloat16" for t in failing), run.explain()
+    assert all(t["location"] and "fake_kernels.py:" in t["location"] for t in failing), failing[0]
+    (cause,) = run.report["failure_causes"]
+    assert cause["count"] == len(failing) and "NotImplementedError: bfloat16 kernels" in cause["cause"]
+    assert "Traceback" not in run.output and run.output.count("NotImplementedError") < 10, run.output[-4000:]
+    assert len(run.output.splitlines()) < 150, run.output[-4000:]
+
+
+def test_a_run_without_the_device_says_so_and_is_not_a_pass(kit: KitRunner) -> None:
+    run = kit.get("absent")
+    assert run.returncode == 0, run.explain()  # nothing failed: CI without the device stays green
+    assert run.report["status"] == "INCOMPLETE" and run.report["passed"] is True
+    assert "no fake accelerator" in run.report["device_unavailable"]
+    assert "hallm conformance INCOMPLETE" in run.output and "hallm conformance PASSED" not in run.output
+    assert "NOT AVAILABLE" in run.output and "--require-device" in run.output
+    assert run.report["summary"]["env_skip"] > 20

@@ -238,3 +238,89 @@ def test_kernel_checks_with_an_fp8_cache_and_a_custom_layout(shape: str) -> None
     ):
         check_case(case, run_case(target, case))
     assert not has_default_layout(_BlocksFirst) and has_default_layout(_Fp8Cache)
+
+
+def test_cli_without_pytest_names_the_extra_in_one_line() -> None:
+    """After a plain `pip install hallm` (no pytest), one line names the extra to install."""
+    code = (
+        "import sys; sys.modules['pytest'] = None; from hallm.entrypoints.cli import main; "
+        "sys.exit(main(['conformance', '--device', 'cpu']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: hallm conformance needs pytest, which a plain `pip install hallm` does not bring: "
+        "pip install 'hallm[conformance]'"
+    )
+
+
+# ---- the alternatives: which wrong attention reproduces the output ------------------------------
+
+
+def _wrong_attention(batch, allowed, scale=32**-0.5, soft_cap=None, source=None):  # type: ignore[no-untyped-def]
+    """The output a kernel with mask `allowed(q_pos, k_pos)` (and keys of request source[i]) computes."""
+    from hallm.conformance.alternatives import attend
+
+    out = torch.zeros(batch.query.shape, dtype=torch.float64)
+    lay = batch.layout
+    for i in range(lay.num_reqs):
+        lo, hi = int(lay.query_start_loc[i]), int(lay.query_start_loc[i + 1])
+        j = source.get(i, i) if source else i
+        q_pos = int(lay.context_lens[i]) + torch.arange(hi - lo)[:, None]
+        k_pos = torch.arange(batch.seq_keys[j].shape[0])[None, :]
+        out[lo:hi] = attend(
+            batch.query[lo:hi], batch.seq_keys[j], batch.seq_values[j], scale, allowed(q_pos, k_pos), soft_cap
+        )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("window", "cap", "allowed", "source", "fragment"),
+    [
+        (None, None, lambda q, k: k >= 0, None, "no causal mask"),
+        (None, None, lambda q, k: k <= q + 1, None, "causal mask shifted by +1"),
+        (4, None, lambda q, k: k <= q, None, "sliding window ignored"),
+        (4, None, lambda q, k: (k <= q) & (k > q - 5), None, "sliding window one too wide"),
+        (None, 1.5, lambda q, k: k <= q, None, "soft cap ignored"),
+        (None, None, lambda q, k: (k <= q) & (k < 16), None, "keys past position 16 are dropped"),
+        (None, None, lambda q, k: k <= q, {1: 0}, "request 1 read request 0's keys/values"),
+    ],
+    ids=["non_causal", "shifted", "window_ignored", "window_wide", "cap_ignored", "truncated", "mixed"],
+)
+def test_alternatives_name_the_wrong_attention(window, cap, allowed, source, fragment) -> None:  # type: ignore[no-untyped-def]
+    from hallm.conformance.diagnose import explain_output
+
+    batch = _batch()
+    scale = 32**-0.5
+    expected = expected_attention(batch, scale, window, cap)
+    with_cap = None if fragment == "soft cap ignored" else cap
+    wrong = _wrong_attention(batch, allowed, scale, with_cap, source)
+    findings = explain_output(batch, wrong, expected, scale, 1e-3, sliding_window=window, logits_soft_cap=cap)
+    assert fragment in findings[-1], findings
+    assert (
+        explain_output(batch, expected, expected, scale, 1e-3, sliding_window=window, logits_soft_cap=cap)
+        == []
+    )
+
+
+def test_run_status_and_failure_causes() -> None:
+    from hallm.conformance.report import INCOMPLETE, PASSED, failure_causes, run_status
+
+    def rec(name: str, outcome: str, message: str = "", location: str | None = None) -> oc.TestRecord:
+        return oc.TestRecord(name, "L1 paged attention", 1, "bfloat16", outcome, message, location=location)
+
+    raised = [
+        rec(f"t{i}", oc.FAIL, "NotImplementedError: no bf16", "acme/attn.py:12 (forward)") for i in range(40)
+    ]
+    diagnosed = rec(
+        "d", oc.FAIL, "attention output differs: max error 0.5\n  - wrong requests: 2\n  - wrong scale 0.25"
+    )
+    causes = failure_causes([*raised, diagnosed, rec("p", oc.PASS)])
+    assert causes[0] == (
+        "NotImplementedError: no bf16 (raised at acme/attn.py:12 (forward))",
+        [f"t{i}" for i in range(40)],
+    )
+    assert causes[1] == ("wrong scale #", ["d"])
+    assert run_status([rec("p", oc.PASS)]) == PASSED
+    assert run_status([rec("p", oc.PASS), rec("s", oc.ENV_SKIP, "device absent")]) == INCOMPLETE
+    assert run_status([rec("p", oc.PASS)], device_unavailable="no driver") == INCOMPLETE

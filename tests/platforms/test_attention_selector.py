@@ -20,6 +20,8 @@ from hallm.platforms import (
 
 
 class _Backend(AttentionBackend):
+    name = "base"
+
     def forward(self, query: Any, key: Any, value: Any, kv_cache: Any, metadata: Any, out: Any) -> Any:
         return out
 
@@ -129,3 +131,24 @@ def test_two_candidates_with_one_name_are_an_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(contributions, "contributed_attention_backends", lambda platform: [Impostor])
     with pytest.raises(Exception, match="named 'any32'"):
         select_attention_backend(SelectorPlatform(), spec())
+
+
+def test_attention_backend_name_is_required_at_class_definition() -> None:
+    with pytest.raises(TypeError, match=r"Nameless must set the class attribute `name`"):
+
+        class Nameless(AttentionBackend):
+            def forward(
+                self, query: Any, key: Any, value: Any, kv_cache: Any, metadata: Any, out: Any
+            ) -> Any:
+                return out
+
+    class AbstractBase(AttentionBackend):  # no forward: an intermediate base, not checked
+        pass
+
+    class Named(AbstractBase):
+        name = "named"
+
+        def forward(self, query: Any, key: Any, value: Any, kv_cache: Any, metadata: Any, out: Any) -> Any:
+            return out
+
+    assert Named.name == "named"

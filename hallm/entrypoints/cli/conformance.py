@@ -118,11 +118,24 @@ def build_args(args: argparse.Namespace, device: str, workdir: Path) -> list[str
     return argv + (extra[1:] if extra[:1] == ["--"] else extra)
 
 
+#: What `hallm conformance` prints, and exits 2 with, when the kit's dependencies are missing.
+MISSING_PYTEST = (
+    "hallm conformance needs pytest, which a plain `pip install hallm` does not bring: "
+    "pip install 'hallm[conformance]'"
+)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the kit; 0 when the plugin conforms, 1 when not, 2 for a usage error."""
-    import pytest
-
     from hallm.platforms import DeviceSelectionError
+    from hallm.platforms.errors import HallmError
+
+    try:
+        import pytest
+    except ModuleNotFoundError as exc:
+        if exc.name != "pytest":
+            raise
+        raise HallmError(MISSING_PYTEST) from None
 
     device = (args.device or os.environ.get("HALLM_DEVICE") or "").strip()
     if not device or device == "auto":

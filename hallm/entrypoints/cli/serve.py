@@ -8,6 +8,10 @@ from typing import Any
 from hallm.entrypoints.cli.common import positive_float
 from hallm.entrypoints.cli.engine_args import add_engine_args, engine_args_from
 
+#: --max-request-body-bytes's default (hallm.entrypoints.openai.serving.DEFAULT_MAX_BODY_BYTES,
+#: not imported here so that `hallm --help` stays light).
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -39,6 +43,26 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--disable-uvicorn-access-log", action="store_true", help="do not log one line per HTTP request"
     )
+    g.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="run a chat_template sent in a request (it is code from the client; refused by default)",
+    )
+    g.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help=f"refuse larger request bodies with a 413 (default: {DEFAULT_MAX_BODY_BYTES})",
+    )
+    g.add_argument(
+        "--request-work-timeout",
+        type=positive_float,
+        default=10.0,
+        metavar="S",
+        help="time limit on parsing, chat-template rendering and tokenizing one request; past it: 408 "
+        "(default: 10)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -57,5 +81,8 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         shutdown_timeout=args.shutdown_timeout,
         access_log=not args.disable_uvicorn_access_log,
+        trust_request_chat_template=args.trust_request_chat_template,
+        max_request_body_bytes=args.max_request_body_bytes,
+        request_work_timeout=args.request_work_timeout,
     )
     return run_server(engine_args_from(args), options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import logging
 import os
@@ -22,9 +23,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hallm.entrypoints.openai.chat_template import check_template_request, encode_chat
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient
 from hallm.entrypoints.openai.errors import error_response, install_error_handlers
 from hallm.entrypoints.openai.metrics import ServerMetrics
+from hallm.entrypoints.openai.offload import WorkerPool
 from hallm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,8 +35,13 @@ from hallm.entrypoints.openai.protocol import (
     RequestError,
     TokenizeRequest,
 )
-from hallm.entrypoints.openai.serving import ServerContext, json_response
-from hallm.entrypoints.openai.serving_chat import apply_chat_template, create_chat_completion
+from hallm.entrypoints.openai.serving import (
+    DEFAULT_MAX_BODY_BYTES,
+    ServerContext,
+    json_response,
+    max_chars_per_token,
+)
+from hallm.entrypoints.openai.serving_chat import create_chat_completion
 from hallm.entrypoints.openai.serving_completion import create_completion
 from hallm.version import __version__
 
@@ -51,6 +59,11 @@ class ServeOptions:
     api_key: str | None = None
     shutdown_timeout: float = 30.0
     access_log: bool = True
+    #: Run a request's own chat_template (code sent by the client); off unless the operator trusts clients.
+    trust_request_chat_template: bool = False
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Time limit (s) on the work a request makes the server do: parsing, templating, tokenizing.
+    request_work_timeout: float = 10.0
 
 
 class ApiKeyMiddleware:
@@ -113,30 +126,52 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = CompletionRequest.model_validate_json(await request.body())
+        body = await ctx.parse(request, CompletionRequest)
         return await create_completion(ctx, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = ChatCompletionRequest.model_validate_json(await request.body())
+        body = await ctx.parse(request, ChatCompletionRequest)
         return await create_chat_completion(ctx, body, request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        body = TokenizeRequest.model_validate_json(await request.body())
+        body = await ctx.parse(request, TokenizeRequest)
         ctx.check_model(body.model)
         if body.messages is not None:
-            messages = [m.to_template() for m in body.messages]
-            ids = apply_chat_template(ctx.tokenizer, messages, body.add_generation_prompt)
+            variables = check_template_request(
+                body.chat_template, body.chat_template_kwargs, ctx.trust_request_chat_template
+            )
+            for m in body.messages:
+                ctx.check_text(m.content, "messages")
+            ids = await ctx.work.run(
+                functools.partial(
+                    encode_chat,
+                    ctx.tokenizer,
+                    [m.to_template() for m in body.messages],
+                    add_special_tokens=bool(body.add_special_tokens),
+                    add_generation_prompt=body.add_generation_prompt,
+                    continue_final_message=body.continue_final_message,
+                    chat_template=body.chat_template,
+                    variables=variables,
+                ),
+                what="rendering the chat template",
+            )
         elif body.prompt is not None:
-            ids = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            ctx.check_text(body.prompt, "prompt")
+            ids = await ctx.work.run(
+                functools.partial(
+                    ctx.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens is not False
+                ),
+                what="tokenizing the prompt",
+            )
         else:
             raise RequestError("give either prompt or messages", "prompt")
-        return json_response({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids})
+        return json_response({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": list(ids)})
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        body = DetokenizeRequest.model_validate_json(await request.body())
+        body = await ctx.parse(request, DetokenizeRequest)
         ctx.check_model(body.model)
         size = len(ctx.tokenizer)
         bad = next((t for t in body.tokens if not 0 <= t < size), None)
@@ -144,7 +179,8 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
             raise RequestError(
                 f"tokens has token id {bad}, outside the tokenizer's vocabulary [0, {size})", "tokens"
             )
-        return json_response({"prompt": ctx.tokenizer.decode(body.tokens)})
+        text = await ctx.work.run(ctx.tokenizer.decode, body.tokens, what="detokenizing")
+        return json_response({"prompt": text})
 
     return app
 
@@ -189,6 +225,10 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             max_model_len=config.model.max_model_len,
             vocab_size=int(hf_config.vocab_size),
             created=int(time.time()),
+            work=WorkerPool(timeout_s=options.request_work_timeout),
+            trust_request_chat_template=options.trust_request_chat_template,
+            max_body_bytes=options.max_request_body_bytes,
+            max_prompt_chars=config.model.max_model_len * max_chars_per_token(tokenizer),
         )
         api_key = options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV) or None
         app = create_app(ctx, api_key)

@@ -1,9 +1,12 @@
 """Request bodies of the OpenAI-compatible API (pydantic), and their mapping to SamplingParams.
 
 Fields are OpenAI's plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output, ...). Bodies are validated in
-strict JSON mode: a string where a number belongs is a 400 naming the field, not a coercion.
-Unknown fields are ignored, as OpenAI's own clients may send newer ones.
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, prompt_logprobs, ...). Bodies are
+validated in strict JSON mode: a string where a number belongs is a 400 naming the field, not a
+coercion. Nothing is silently dropped: a field hallm does not implement (a vLLM extra such as
+use_beam_search, an OpenAI field such as audio, or a name nobody knows) is a 400 naming it,
+unless it is given its "off" value; only OpenAI's bookkeeping fields (metadata, store, ...),
+which do not change the output, are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -37,6 +40,63 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+#: Fields accepted and ignored: OpenAI bookkeeping that does not change what is generated.
+_BOOKKEEPING = frozenset({"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
+
+#: Fields hallm does not implement (vLLM extras, OpenAI features), with the value meaning "off",
+#: which is accepted; any other value is a 400 naming the field.
+_NOT_IMPLEMENTED: dict[str, Any] = {
+    # vLLM extras
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "allowed_token_ids": None,
+    "bad_words": [],
+    "truncate_prompt_tokens": None,
+    "logits_processors": None,
+    "cache_salt": None,
+    "kv_transfer_params": None,
+    "vllm_xargs": None,
+    "mm_processor_kwargs": None,
+    "priority": 0,
+    "structural_tag": None,
+    "prompt_embeds": None,
+    "return_token_ids": False,
+    "include_reasoning": True,
+    "thinking_token_budget": None,
+    "guided_whitespace_pattern": None,
+    "guided_decoding_backend": None,
+    "media_io_kwargs": None,
+    # OpenAI features
+    "audio": None,
+    "modalities": ["text"],
+    "prediction": None,
+    "web_search_options": None,
+    "reasoning_effort": None,
+    "verbosity": None,
+    "functions": None,
+    "function_call": None,
+}
+
+
+class _OpenBody(BaseModel):
+    """A body that keeps the fields it does not declare, so that `refuse_unknown` can name them."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    def refuse_unknown(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in _BOOKKEEPING:
+                continue
+            if name in _NOT_IMPLEMENTED:
+                off = _NOT_IMPLEMENTED[name]
+                if value is None or value == off:
+                    continue
+                raise RequestError(
+                    f"{name} is not supported by this server; omit it (or set it to {off!r})", name
+                )
+            raise RequestError(f"unknown field {name!r}; this server does not implement it", name)
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -49,7 +109,7 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("stop must be a string, a list of strings or null")
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(_OpenBody):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -74,13 +134,24 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=-1, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("stop")
     @classmethod
     def _validate_stop(cls, value: Any) -> Any:
         return _check_stop(value)
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
+        self.refuse_unknown()
+        if prompt_logprobs == -1:
+            raise RequestError(
+                f"prompt_logprobs=-1 (the whole vocabulary) is not supported; ask for at most {MAX_LOGPROBS}",
+                "prompt_logprobs",
+            )
         # Unset optional knobs keep SamplingParams' defaults; "123" logit_bias keys become ints there.
         opt: dict[str, Any] = {
             "logit_bias": self.logit_bias,
@@ -97,6 +168,7 @@ class _SamplingFields(_Body):
                 n=self.n,
                 max_tokens=max_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 seed=self.seed,
                 stop=self.stop,
                 stop_token_ids=self.stop_token_ids,
@@ -154,9 +226,10 @@ class CompletionRequest(_SamplingFields):
             raise RequestError("best_of is not supported; omit it or set it equal to n", "best_of")
         if self.suffix:
             raise RequestError("suffix is not supported", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise RequestError("echo together with logprobs (prompt logprobs) is not supported", "echo")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo:
+            prompt_logprobs = self.logprobs  # echo + logprobs scores the prompt tokens too
+        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
 class ChatMessage(_Body):
@@ -209,6 +282,9 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM's extras
     echo: bool = False
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -221,7 +297,12 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("tools (function calling) are not supported", "tools")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is not None and self.stream:
+            raise RequestError(
+                "prompt_logprobs are not available when streaming chat completions", "prompt_logprobs"
+            )
+        return self._sampling_params(max_tokens, logprobs, prompt_logprobs)
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
@@ -233,8 +314,12 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    #: None: True for a prompt, False for messages (the template already adds the special tokens).
+    add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Body):

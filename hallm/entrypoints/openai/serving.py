@@ -13,15 +13,22 @@ from typing import Any, TypeVar
 import msgspec
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
+from hallm.core.engine import AdmissionLimits, InvalidRequestError, check_admission
 from hallm.core.sampling_params import SamplingParams
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, EngineRequestError
 from hallm.entrypoints.openai.errors import error_body
 from hallm.entrypoints.openai.metrics import ServerMetrics
+from hallm.entrypoints.openai.offload import WorkerPool
 from hallm.entrypoints.openai.protocol import RequestError
 from hallm.entrypoints.openai.text_stream import SequenceUpdate, TokenLogprob, stream_sequence
 
 T = TypeVar("T")
+B = TypeVar("B", bound=BaseModel)
+
+#: Default cap on a request body (--max-request-body-bytes).
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 
 #: Logprobs that JSON cannot carry (-inf) are sent as this, as vLLM does.
 _MIN_LOGPROB = -9999.0
@@ -39,6 +46,29 @@ class ServerContext:
     max_model_len: int
     vocab_size: int
     created: int
+    work: WorkerPool
+    #: A request's own chat_template is run only when the operator allows it.
+    trust_request_chat_template: bool = False
+    #: Bodies larger than this are a 413 before they are parsed.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Text longer than this cannot fit the context: a 400 before it is tokenized.
+    max_prompt_chars: int = 2**62
+
+    async def parse(self, request: Request, model: type[B]) -> B:
+        """The request's JSON body as `model`: size-capped, parsed on a worker thread."""
+        raw = await read_body(request, self.max_body_bytes)
+        return await self.work.run(model.model_validate_json, raw, what="parsing the request body")
+
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing, text too long for any tokenization of it to fit the context."""
+        if len(text) > self.max_prompt_chars:
+            raise RequestError(
+                f"the {param} has {len(text)} characters, more than any text of at most max_model_len="
+                f"{self.max_model_len} tokens can have with this tokenizer ({self.max_prompt_chars}); shorten "
+                f"the {param}",
+                param,
+                code="context_length_exceeded",
+            )
 
     def check_model(self, model: str | None) -> None:
         """A request may omit `model`; naming another model is a 404."""
@@ -58,75 +88,75 @@ class ServerContext:
                 code="engine_dead",
             )
 
-    def check_prompt(self, token_ids: list[int], max_tokens: int | None, param: str) -> None:
-        """Refuse a prompt that is empty, has ids outside the vocabulary, or cannot fit."""
-        n = len(token_ids)
-        if n == 0:
-            raise RequestError(f"{param} is empty; give at least one token", param)
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(
-                f"{param} has token id {bad}, outside the vocabulary [0, {self.vocab_size})", param
-            )
-        limit = self.max_model_len
-        if n >= limit:
-            raise RequestError(
-                f"This model's maximum context length (max_model_len) is {limit} tokens, but the {param} has "
-                f"{n} tokens and at least one token must be generated. Shorten the {param}.",
-                param,
-                code="context_length_exceeded",
-            )
-        if max_tokens is not None and n + max_tokens > limit:
-            raise RequestError(
-                f"This model's maximum context length (max_model_len) is {limit} tokens. However, you requested "
-                f"{n + max_tokens} tokens ({n} in the {param}, {max_tokens} in the completion). Shorten the "
-                f"{param} or lower max_tokens.",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
+    def check_request(self, token_ids: list[int], params: SamplingParams, param: str) -> None:
+        """The engine's admission check (`check_admission`), run here so that a request that can
+        never run is a 400 before it reaches the engine process; the OpenAI API also refuses a
+        max_tokens that runs past the context limit."""
         ready = self.client.ready
-        if ready is not None:
-            needed = -(-(n + 1) // ready.block_size)
-            if needed > ready.num_usable_blocks:
-                raise RequestError(
-                    f"the {param} needs {needed} KV-cache blocks but the server's whole KV cache has "
-                    f"{ready.num_usable_blocks}; shorten the {param}",
-                    param,
-                    code="context_length_exceeded",
-                )
-            # At its longest the sequence holds the KV of all but its last token (as the engine checks).
-            max_new = limit - n if max_tokens is None else min(max_tokens, limit - n)
-            needed = -(-(n + max_new - 1) // ready.block_size)
-            if needed > ready.num_usable_blocks:
-                raise RequestError(
-                    f"the request can grow to {needed} KV-cache blocks ({n} {param} tokens + max_tokens="
-                    f"{max_new}) but the server's whole KV cache has {ready.num_usable_blocks}; lower "
-                    f"max_tokens or shorten the {param}",
-                    "max_tokens",
-                    code="context_length_exceeded",
-                )
-
-    def check_params(self, params: SamplingParams) -> None:
+        limits = AdmissionLimits(
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            block_size=None if ready is None else ready.block_size,
+            num_usable_blocks=None if ready is None else ready.num_usable_blocks,
+        )
         try:
-            params.verify_vocab(self.vocab_size)
-        except ValueError as exc:
-            raise RequestError(str(exc), "logit_bias") from None
+            check_admission(token_ids, params, limits, what=param, max_tokens_within_context=True)
+        except InvalidRequestError as exc:
+            raise RequestError(str(exc), exc.param, code=exc.code) from None
 
     def sequences(
-        self, prefix: str, prompts: list[list[int]], params: SamplingParams
+        self,
+        prefix: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        score_prompt_once: bool = True,
+        request_id: str | None = None,
     ) -> list[AsyncIterator[SequenceUpdate]]:
-        """One engine sequence per (prompt, sample): choice index = prompt index * n + sample index."""
-        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        """One engine sequence per (prompt, sample): choice index = prompt index * n + sample index.
+
+        `score_prompt_once`: only a prompt's first sample computes its prompt logprobs (a stream,
+        which sends each choice's as soon as it has them, has every sample compute them)."""
+        request_id = f"{prefix}-{request_id or uuid.uuid4().hex}-{uuid.uuid4().hex[:8]}"
         out = []
         for p, ids in enumerate(prompts):
             for i in range(params.n):
                 seq_params = params.child(i) if params.n > 1 else params
+                if score_prompt_once and i > 0 and seq_params.prompt_logprobs is not None:
+                    seq_params.prompt_logprobs = None  # the prompt is scored once, by the first sample
                 out.append(
                     stream_sequence(
                         self.client, self.tokenizer, f"{request_id}-{p}-{i}", ids, seq_params, self.metrics
                     )
                 )
         return out
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
+    length = request.headers.get("content-length", "")
+    too_large = RequestError(
+        f"the request body is larger than the server's limit of {limit} bytes (--max-request-body-bytes)",
+        status=413,
+        code="request_too_large",
+    )
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def max_chars_per_token(tokenizer: Any) -> int:
+    """An upper bound on the characters of text one token stands for: the longest vocabulary entry
+    (byte-level and SentencePiece vocabularies spell a token with at least as many characters as
+    its text has), times 4 for normalizers that fold several characters into one."""
+    vocab = tokenizer.get_vocab()
+    return 4 * max((len(t) for t in vocab), default=1)
 
 
 def new_id(prefix: str) -> str:
@@ -244,6 +274,39 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else _MIN_LOGPROB
 
 
+def token_label(token_id: int, text: str | None, as_ids: bool) -> str:
+    """How a token is shown in logprobs: its text, or "token_id:N" (return_tokens_as_token_ids)."""
+    return f"token_id:{token_id}" if as_ids else (text or "")
+
+
+def vllm_prompt_logprobs(
+    entries: list[TokenLogprob | None] | None, as_ids: bool
+) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt position (None for the first), token id -> logprob,
+    rank and decoded token, for the prompt token and the top candidates."""
+    if entries is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        pos = {
+            str(e.token_id): {
+                "logprob": finite(e.logprob),
+                "rank": e.rank,
+                "decoded_token": token_label(e.token_id, e.token, as_ids),
+            }
+        }
+        for rank, (tid, text, lp) in enumerate(e.top, start=1):
+            pos.setdefault(
+                str(tid),
+                {"logprob": finite(lp), "rank": rank, "decoded_token": token_label(tid, text, as_ids)},
+            )
+        out.append(pos)
+    return out
+
+
 @dataclasses.dataclass
 class Choice:
     """A choice being accumulated (non-streaming) or tracked (streaming)."""
@@ -255,8 +318,11 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     started: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, update: SequenceUpdate) -> None:
+        if update.prompt_logprobs is not None:
+            self.prompt_logprobs = update.prompt_logprobs
         self.text += update.text
         self.num_tokens += len(update.token_ids)
         self.num_cached_tokens = update.num_cached_tokens

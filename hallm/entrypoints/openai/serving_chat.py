@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from hallm.entrypoints.openai.protocol import ChatCompletionRequest, RequestError
+from hallm.entrypoints.openai.chat_template import check_template_request, encode_chat
+from hallm.entrypoints.openai.protocol import ChatCompletionRequest
 from hallm.entrypoints.openai.serving import (
     SSE_DONE,
     Choice,
@@ -22,54 +24,26 @@ from hallm.entrypoints.openai.serving import (
     new_id,
     sse,
     sse_error,
+    token_label,
     usage,
+    vllm_prompt_logprobs,
 )
 from hallm.entrypoints.openai.text_stream import TokenLogprob
 
-#: Keyword arguments of apply_chat_template a request's chat_template_kwargs may not override.
-_RESERVED = frozenset({"conversation", "tokenize", "add_generation_prompt", "chat_template", "return_dict"})
 
-
-def apply_chat_template(
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    add_generation_prompt: bool = True,
-    chat_template: str | None = None,
-    kwargs: dict[str, Any] | None = None,
-) -> list[int]:
-    """Render the conversation with the (model's or given) chat template and tokenize it.
-
-    The rendered text already holds the template's special tokens, so it is tokenized without
-    adding more. A template that fails on the input (e.g. a role it does not allow) is a 400.
-    """
-    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-        raise RequestError(
-            "this model's tokenizer has no chat template; pass chat_template or use /v1/completions",
-            "messages",
-        )
-    extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED}
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            chat_template=chat_template,
-            **extra,
-        )
-    except Exception as exc:  # jinja2 TemplateError, raise_exception(...) in the template, bad kwargs
-        raise RequestError(f"the chat template failed on these messages: {exc}", "messages") from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(entries: list[TokenLogprob], as_ids: bool = False) -> dict[str, Any]:
     """The chat completions logprobs object."""
 
-    def item(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+    def item(token_id: int, text: str, logprob: float) -> dict[str, Any]:
+        label = token_label(token_id, text, as_ids)
+        return {"token": label, "logprob": finite(logprob), "bytes": list(label.encode("utf-8"))}
 
     return {
         "content": [
-            {**item(e.token, e.logprob), "top_logprobs": [item(text, lp) for _, text, lp in e.top]}
+            {
+                **item(e.token_id, e.token, e.logprob),
+                "top_logprobs": [item(tid, text, lp) for tid, text, lp in e.top],
+            }
             for e in entries
         ]
     }
@@ -78,19 +52,34 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(req.model)
     params = req.to_sampling_params()
-    ctx.check_params(params)
-    ids = apply_chat_template(
-        ctx.tokenizer,
-        req.template_messages(),
-        req.add_generation_prompt,
-        req.chat_template,
-        req.chat_template_kwargs,
+    variables = check_template_request(
+        req.chat_template, req.chat_template_kwargs, ctx.trust_request_chat_template
     )
-    ctx.check_prompt(ids, params.max_tokens, "messages")
+    ctx.check_text("".join(m.content for m in req.messages), "messages")
+    ids = await ctx.work.run(
+        functools.partial(
+            encode_chat,
+            ctx.tokenizer,
+            req.template_messages(),
+            add_special_tokens=req.add_special_tokens,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            chat_template=req.chat_template,
+            documents=req.documents,
+            variables=variables,
+        ),
+        what="rendering the chat template",
+    )
+    ctx.check_request(ids, params, "messages")
     ctx.check_alive()
-    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": ctx.model_name}
+    chat_id = f"chatcmpl-{req.request_id}" if req.request_id else new_id("chatcmpl")
+    head = {"id": chat_id, "created": int(time.time()), "model": ctx.model_name}
     streams = ctx.sequences("chatcmpl", [ids], params)
     want_logprobs = params.logprobs is not None
+    as_ids = bool(req.return_tokens_as_token_ids)
+    # echo: the reply starts with the last message's content when that message is the assistant's
+    last = req.messages[-1]
+    echo = last.content if req.echo and last.role == "assistant" else ""
 
     def total_usage(choices: list[Choice]) -> dict[str, Any]:
         return usage(len(ids), sum(c.num_tokens for c in choices), choices[0].num_cached_tokens)
@@ -107,7 +96,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
             choices = [Choice() for _ in streams]
             try:
                 for i in range(len(streams)):
-                    delta = {"role": "assistant", "content": ""}
+                    delta = {"role": "assistant", "content": echo}
                     yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
                 async for i, update in merge(streams):
                     choices[i].add(update)
@@ -118,7 +107,9 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                         {
                             "index": i,
                             "delta": {"content": update.text} if update.text else {},
-                            "logprobs": chat_logprobs(update.logprobs or []) if has_logprobs else None,
+                            "logprobs": chat_logprobs(update.logprobs or [], as_ids)
+                            if has_logprobs
+                            else None,
                             "finish_reason": update.finish_reason,
                             "stop_reason": update.stop_reason,
                         }
@@ -136,14 +127,17 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         out = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
+                "message": {"role": "assistant", "content": echo + c.text},
+                "logprobs": chat_logprobs(c.logprobs, as_ids) if want_logprobs else None,
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
             }
             for i, c in enumerate(choices)
         ]
-        return {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices)}
+        body = {**head, "object": "chat.completion", "choices": out, "usage": total_usage(choices)}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, as_ids)
+        return body
 
     result = await cancel_on_disconnect(raw, collect())
     return result if isinstance(result, Response) else json_response(result)

@@ -26,7 +26,8 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
-    top: list[tuple[int, str, float]]
+    top: list[tuple[int, str, float]]  # (token id, text, logprob), most likely first
+    rank: int = 1  # the token's 1-based rank in the model's distribution
 
 
 @dataclasses.dataclass
@@ -39,6 +40,9 @@ class SequenceUpdate:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    #: Once, with the first update after the prompt was scored (prompt_logprobs): one entry per
+    #: prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def engine_params(params: SamplingParams) -> SamplingParams:
@@ -65,6 +69,11 @@ class SequenceText:
         detok = self.detokenizer
         for delta in deltas:
             out.num_cached_tokens = delta.num_cached_tokens
+            if delta.prompt_logprobs is not None:
+                k = self.params.prompt_logprobs or 0
+                out.prompt_logprobs = [
+                    None if e is None else self._logprob(e.token_ids[0], e, k) for e in delta.prompt_logprobs
+                ]
             n = len(delta.token_ids)
             for i, token in enumerate(delta.token_ids):
                 if self.finish_reason is not None:
@@ -75,7 +84,7 @@ class SequenceText:
                 token_ids.append(token)
                 self.num_tokens += 1
                 if logprobs is not None and delta.logprobs is not None and i < len(delta.logprobs):
-                    logprobs.append(self._logprob(token, delta.logprobs[i]))
+                    logprobs.append(self._logprob(token, delta.logprobs[i], self.params.logprobs or 0))
                 if detok.stop_string is not None:
                     self.finish_reason, out.stop_reason = "stop", detok.stop_string
                 elif last and delta.finish_reason is not None:
@@ -95,8 +104,7 @@ class SequenceText:
         """The full output text so far (including characters held back from streaming)."""
         return self.detokenizer.output_text
 
-    def _logprob(self, token: int, entry: TokenLogprobs) -> TokenLogprob:
-        k = self.params.logprobs or 0
+    def _logprob(self, token: int, entry: TokenLogprobs, k: int) -> TokenLogprob:
         decode = self.tokenizer
         ranked = sorted(
             (rank, tid, lp)
@@ -104,7 +112,9 @@ class SequenceText:
             if rank <= k
         )
         top = [(tid, decode_logprob_token(decode, tid), lp) for _, tid, lp in ranked]
-        return TokenLogprob(token, decode_logprob_token(decode, token), entry.logprobs[0], top)
+        return TokenLogprob(
+            token, decode_logprob_token(decode, token), entry.logprobs[0], top, entry.ranks[0]
+        )
 
 
 async def stream_sequence(
