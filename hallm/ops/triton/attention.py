@@ -51,7 +51,7 @@ from hallm.ops.triton.target import TritonTarget
 # ---- kernels (plain functions; decorated per mode by `_kernels`) -------------------------------
 
 
-def _attention_kernel(
+def _attention_kernel(  # type: ignore[no-untyped-def]
     out_ptr,
     q_ptr,
     k_cache_ptr,
@@ -354,11 +354,11 @@ def paged_attention(
         key = ("split_kv", num_tokens, num_heads, pad, segments, query.device)
         bufs = workspace.get(key) if workspace is not None else None
         if bufs is None:
-            f32 = dict(dtype=torch.float32, device=query.device)
+            rows = num_tokens * num_heads * segments
             bufs = (
-                torch.empty(num_tokens * num_heads * segments * pad, **f32),
-                torch.empty(num_tokens * num_heads * segments, **f32),
-                torch.empty(num_tokens * num_heads * segments, **f32),
+                torch.empty(rows * pad, dtype=torch.float32, device=query.device),
+                torch.empty(rows, dtype=torch.float32, device=query.device),
+                torch.empty(rows, dtype=torch.float32, device=query.device),
             )
             if workspace is not None:
                 workspace[key] = bufs
@@ -369,12 +369,13 @@ def paged_attention(
     grid = (q_blocks, num_kv_heads, segments)
     counters = seq_lens  # an int32 placeholder when nothing is counted
     if meta["MERGE_IN_KERNEL"]:
-        key = ("split_kv_counters", grid[0], num_kv_heads, query.device)
-        counters = workspace.get(key) if workspace is not None else None
-        if counters is None:  # zeros; every launch leaves them zero again
-            counters = torch.zeros(grid[0] * num_kv_heads, dtype=torch.int32, device=query.device)
+        counters_key = ("split_kv_counters", grid[0], num_kv_heads, query.device)
+        kept = workspace.get(counters_key) if workspace is not None else None
+        if kept is None:  # zeros; every launch leaves them zero again
+            kept = torch.zeros(grid[0] * num_kv_heads, dtype=torch.int32, device=query.device)
             if workspace is not None:
-                workspace[key] = counters
+                workspace[counters_key] = kept
+        counters = kept
     kern = _kernels(interpreting())
     kern.attention[grid](
         out,

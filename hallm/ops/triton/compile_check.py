@@ -21,6 +21,7 @@ import triton
 from hallm.ops.triton import skinny_gemm, skinny_launch
 from hallm.ops.triton.attention import jit_kernels
 from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
+from hallm.ops.triton.skinny_launch import CompileVariant
 
 _SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: Largest dynamic shared memory a block may use on the smallest target we support (sm_86/89).
@@ -135,7 +136,7 @@ def variants(
     dtypes: Iterable[torch.dtype] = (torch.bfloat16, torch.float16, torch.float32),
     shapes: Iterable[tuple[int, int, int]] = ((14, 2, 64), (32, 8, 128)),
     block_size: int = 16,
-) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
+) -> list[CompileVariant]:
     """(name, kernel, signature, constexprs, options) for every variant the launchers use.
 
     shapes: (num_heads, num_kv_heads, head_size), by default Qwen2.5-0.5B's and Llama-3-8B's.
@@ -229,11 +230,11 @@ def variants(
 
 def _fused_variants(
     dtypes: tuple[torch.dtype, ...],
-) -> list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]]:
+) -> list[CompileVariant]:
     from hallm.ops.triton import fused
 
     k = fused.jit_kernels()
-    out: list[tuple[str, Any, dict[str, str], dict[str, Any], dict[str, int]]] = []
+    out: list[CompileVariant] = []
     for dtype in dtypes:
         t = _SIG_DTYPE[dtype]
         for hidden in (896, 4096):

@@ -23,7 +23,7 @@ from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, 
 from hallm.ops.triton.target import TritonTarget
 
 
-def _rms_norm_kernel(
+def _rms_norm_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     res_ptr,
     w_ptr,
@@ -57,7 +57,7 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rotary_kernel(
+def _rotary_kernel(  # type: ignore[no-untyped-def]
     pos_ptr,
     inv_freq_ptr,
     q_ptr,
@@ -115,7 +115,7 @@ def _rotary_kernel(
             )
 
 
-def _silu_and_mul_kernel(
+def _silu_and_mul_kernel(  # type: ignore[no-untyped-def]
     x_ptr, out_ptr, x_stride, out_stride, N, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False
 ):
     if USE_PDL:

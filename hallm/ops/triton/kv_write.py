@@ -18,7 +18,7 @@ from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, 
 from hallm.ops.triton.target import TritonTarget
 
 
-def _write_kv_kernel(
+def _write_kv_kernel(  # type: ignore[no-untyped-def]
     key_ptr,
     value_ptr,
     k_cache_ptr,

@@ -2,7 +2,9 @@
 
 A kernel is written as a plain function and decorated per mode when first launched, so one
 process can hold both (CI runs the interpreter; `compile_check` compiles the same functions for
-GPU targets without a GPU).
+GPU targets without a GPU). A kernel's parameters are annotated only with `tl.constexpr`
+(Triton reads any other annotation as a Triton type), so its definition carries
+`# type: ignore[no-untyped-def]`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hallm.ops.triton.target import TritonTarget
+
+__all__ = ["decorate", "gdc_launch_dependents", "gdc_wait", "interpreting", "pdl_launch"]
 
 try:  # grid dependency control (programmatic dependent launch), in kernels under USE_PDL
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 
-def _skinny_gemm_kernel(
+def _skinny_gemm_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     w_ptr,
     bias_ptr,
@@ -299,11 +299,6 @@ def skinny_linear(
     if rotary is not None:
         _check_rotary(rotary, n, m, cfg.block_n)
     k_per_split, split_k = split_k_of(cfg, k)
-    part = out
-    if split_k > 1:
-        part = torch.empty((split_k, cfg.block_m, n), dtype=torch.float32, device=x.device)
-        if counters is None:
-            counters = counters_for(n, x.device)
     if rotary is not None:
         epilogue, col_blocks = ROTARY, n // (2 * cfg.block_n)
     else:
@@ -313,7 +308,8 @@ def skinny_linear(
     if bias is not None:
         present["bias_ptr"] = bias
     if split_k > 1:
-        present["part_ptr"], present["counter_ptr"] = part, counters
+        present["part_ptr"] = torch.empty((split_k, cfg.block_m, n), dtype=torch.float32, device=x.device)
+        present["counter_ptr"] = counters if counters is not None else counters_for(n, x.device)
     if norm is not None:
         present["norm_w_ptr"] = norm.weight
     if residual is not None:

@@ -19,7 +19,7 @@ from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, 
 from hallm.ops.triton.target import TritonTarget
 
 
-def _reduce_kernel(
+def _reduce_kernel(  # type: ignore[no-untyped-def]
     out_ptr,
     segm_out_ptr,
     segm_max_ptr,
