@@ -10,6 +10,7 @@ chain the layers run one op at a time without a platform's stack kernel, for che
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,9 @@ def fused_moe(
     return out.to(hidden.dtype)
 
 
-def llama_decoder_stack(stack: DecoderStackWeights, ops: OpTable | None = None):  # type: ignore[no-untyped-def]
+def llama_decoder_stack(
+    stack: DecoderStackWeights, ops: OpTable | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The decoder stack as the layers run it one op at a time, with `ops` (default: these
     references): `kernel(positions, hidden) -> final-normed hidden`."""
     table = with_references(ops or OpTable())
@@ -113,9 +116,11 @@ def llama_decoder_stack(stack: DecoderStackWeights, ops: OpTable | None = None):
     def kernel(positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         t = hidden.shape[0]
         residual: torch.Tensor | None = None
+        h: torch.Tensor
         for layer in stack.layers:
             if residual is None:
-                residual, h = hidden, norm(hidden, layer.input_norm, layer.input_eps, None)
+                residual = hidden
+                h = norm(hidden, layer.input_norm, layer.input_eps, None)  # type: ignore[assignment]
             else:
                 h, residual = norm(hidden, layer.input_norm, layer.input_eps, residual)  # type: ignore[misc]
             qs, kvs = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size

@@ -16,7 +16,7 @@
 # g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
 # g2-long   the same with 3584 requests (~7 minutes of generation: about the most one 10-minute device call holds)
 # linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
-# linear-fused  the fused decoder layer's qkv and gate/up launches vs the per-module kernels (--fused)
+# linear-fused  the fused decoder stack's qkv launch (norm prologue, rotary epilogue) vs the kernels it replaces (--fused)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL

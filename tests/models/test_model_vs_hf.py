@@ -105,3 +105,21 @@ def test_sliding_window_is_exercised(tiny_model_dir: Callable[[str], Path]) -> N
     diff = PagedRunner(no_window).step([("a", ids)])[0] - PagedRunner(windowed).step([("a", ids)])[0]
     assert diff[:8].abs().max() < ATOL  # inside the window: identical
     assert diff[8:].abs().max() > 1e-2
+
+
+def test_the_reference_decoder_stack_is_the_layers_op_by_op(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """hallm.ops.reference_ops.llama_decoder_stack, the oracle of a platform's stack entry,
+    computes exactly what the layers compute one op at a time (Qwen3: q/k norms, biases)."""
+    from hallm.ops.reference_ops import llama_decoder_stack
+
+    path = tiny_model_dir("qwen3")
+    steps = [[("a", list(range(3, 20))), ("b", list(range(30, 41)))], [("a", [7]), ("b", [9])]]
+    layers = PagedRunner(load_model(str(path)).model)
+    stacked_model = load_model(str(path)).model
+    weights = stacked_model.model.stack_weights()
+    assert weights is not None and len(weights.layers) == len(stacked_model.model.layers)
+    stacked_model.model.stack = llama_decoder_stack(weights)
+    stacked = PagedRunner(stacked_model)
+    for chunks in steps:
+        for got, want in zip(stacked.step(chunks), layers.step(chunks), strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)

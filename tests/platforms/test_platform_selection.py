@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from hallm.platforms import API_VERSION
+
 HERE = Path(__file__).parent
 
 
@@ -101,7 +103,7 @@ def test_api_major_mismatch_is_refused_with_a_clear_message(scenario: dict[str, 
     result = scenario["future"]
     assert result["type"] == "PluginAPIVersionError"
     assert result["message"] == (
-        "plugin 'future' (hallm-future 0.1.0) targets hallm plugin API 2.0, this hallm speaks 1.0; "
+        f"plugin 'future' (hallm-future 0.1.0) targets hallm plugin API 2.0, this hallm speaks {API_VERSION}; "
         "install a hallm-future release built for API 1.x or upgrade hallm"
     )
 
@@ -128,7 +130,7 @@ def test_platform_name_must_equal_the_entry_point_name(scenario: dict[str, Any])
 def test_newer_minor_api_loads_with_a_warning(scenario: dict[str, Any]) -> None:
     result = scenario["newer"]
     assert result["ok"] and result["value"] == "newer"
-    assert any("API 1.9, newer than this hallm's 1.0" in w for w in result["warnings"])
+    assert any(f"API 1.9, newer than this hallm's {API_VERSION}" in w for w in result["warnings"])
 
 
 def test_hallm_device_env_is_honoured(scenario: dict[str, Any]) -> None:

@@ -141,23 +141,26 @@ class LlamaModel(nn.Module):
         self._make_stack = current_ops().llama_decoder_stack
         self.stack: DecoderStackKernel | None = None
 
-    def prepare_kernels(self) -> None:
-        """Ask the op table for a kernel of the whole decoder stack (after the layers' own)."""
-        self.stack = None
-        if self._make_stack is None or not self.rotary_emb.plain:
-            return
+    def stack_weights(self) -> DecoderStackWeights | None:
+        """The decoder stack as the op table sees it; None when a layer or the rotary is not the
+        plain Llama form the stack entry takes (non-SiLU MLP, long-rope or partial rotary)."""
+        if not self.rotary_emb.plain:
+            return None
         layers = [layer.stack_weights() for layer in self.layers]  # type: ignore[operator]
         if any(w is None for w in layers):
-            return
-        self.stack = self._make_stack(
-            DecoderStackWeights(
-                layers=tuple(layers),  # type: ignore[arg-type]
-                final_norm=self.norm.weight.detach(),
-                final_eps=self.norm.eps,
-                inv_freq=self.rotary_emb.inv_freq,
-                rotary_scaling=float(self.rotary_emb.attention_scaling),
-            )
+            return None
+        return DecoderStackWeights(
+            layers=tuple(layers),  # type: ignore[arg-type]
+            final_norm=self.norm.weight.detach(),
+            final_eps=self.norm.eps,
+            inv_freq=self.rotary_emb.inv_freq,
+            rotary_scaling=float(self.rotary_emb.attention_scaling),
         )
+
+    def prepare_kernels(self) -> None:
+        """Ask the op table for a kernel of the whole decoder stack (after the layers' own)."""
+        weights = self.stack_weights() if self._make_stack is not None else None
+        self.stack = None if weights is None or self._make_stack is None else self._make_stack(weights)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
