@@ -10,6 +10,7 @@ reads a device value back to the host, so a decode step runs unchanged inside a 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -61,13 +62,21 @@ class TritonPagedAttention(AttentionBackend):
     features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP})
     #: forward() only launches kernels and reads no device value: safe to capture in a graph.
     graph_safe: ClassVar[bool] = True
-    #: The device the kernels launch on (see `for_target`); None: `hallm.ops.triton.target.GENERIC`.
-    target: ClassVar[TritonTarget | None] = None
+    #: Describes the device the kernels launch on (see `for_target`); asked when a layer's
+    #: backend is made, so listing the backend touches no device. None: the generic target.
+    target_provider: ClassVar[Callable[[], TritonTarget] | None] = None
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        super().__init__(spec)
+        provider = type(self).target_provider
+        self.target: TritonTarget | None = provider() if provider is not None else None
 
     @classmethod
-    def for_target(cls, target: TritonTarget) -> type[TritonPagedAttention]:
-        """This backend launching for `target` (the plugin that lists it describes its device)."""
-        return type(cls.__name__, (cls,), {"target": target, "__module__": cls.__module__})
+    def for_target(cls, provider: Callable[[], TritonTarget]) -> type[TritonPagedAttention]:
+        """This backend launching for the target `provider()` gives (the plugin that lists it
+        describes its device)."""
+        attrs = {"target_provider": staticmethod(provider), "__module__": cls.__module__}
+        return type(cls.__name__, (cls,), attrs)
 
     @classmethod
     def validate(cls, spec: AttentionSpec) -> list[str]:

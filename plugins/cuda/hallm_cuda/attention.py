@@ -7,6 +7,8 @@ imports triton.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hallm.ops.triton.backend import TritonAttentionMetadata, TritonPagedAttention
 from hallm.ops.triton.target import TritonTarget
 from hallm.platforms import AttentionBackend
@@ -14,7 +16,7 @@ from hallm.platforms import AttentionBackend
 __all__ = ["TritonAttentionMetadata", "TritonPagedAttention", "backends"]
 
 
-def backends(target: TritonTarget) -> list[type[AttentionBackend]]:
-    """Backends in order of preference, launching for `target` (flash-attn/flashinfer backends
-    are not written yet)."""
+def backends(target: Callable[[], TritonTarget]) -> list[type[AttentionBackend]]:
+    """Backends in order of preference, launching for the target `target()` describes (asked
+    when a layer's backend is made; flash-attn/flashinfer backends are not written yet)."""
     return [TritonPagedAttention.for_target(target)]

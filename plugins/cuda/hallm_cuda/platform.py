@@ -158,10 +158,11 @@ class CudaPlatform(Platform):
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:
-        """The Triton backend (hallm.ops.triton), launching for this GPU."""
+        """The Triton backend (hallm.ops.triton), launching for this GPU (asked when a layer's
+        backend is made: listing backends initializes no CUDA)."""
         from hallm_cuda.attention import backends
 
-        return backends(self.triton_target())
+        return backends(self.triton_target)
 
     def update_config(self, config: Any) -> None:
         from hallm.platforms import ConfigError

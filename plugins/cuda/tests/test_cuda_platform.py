@@ -182,7 +182,8 @@ def test_attention_backends_are_the_triton_backend_for_this_gpu(monkeypatch: pyt
     monkeypatch.setattr(CudaPlatform, "triton_target", lambda self: target)
     (backend,) = CudaPlatform().attention_backends()
     assert issubclass(backend, TritonPagedAttention) and backend.graph_safe
-    assert backend.name == "triton" and backend.target == target
+    spec = AttentionSpec(num_heads=14, num_kv_heads=2, head_size=64, scale=0.125, dtype="bfloat16")
+    assert backend.name == "triton" and backend(spec).target == target
     spec = AttentionSpec(
         num_heads=14, num_kv_heads=2, head_size=64, scale=0.125, dtype="bfloat16", block_size=16
     )
