@@ -105,6 +105,7 @@ class CudaPlatform(Platform):
 
     def __init__(self) -> None:
         self._target: TritonTarget | None = None
+        self._backends: list[type[AttentionBackend]] | None = None
 
     @classmethod
     def probe(cls) -> Probe:
@@ -162,7 +163,9 @@ class CudaPlatform(Platform):
         backend is made: listing backends initializes no CUDA)."""
         from hallm_cuda.attention import backends
 
-        return backends(self.triton_target)
+        if self._backends is None:  # one class per platform: the runner shares metadata per class
+            self._backends = backends(self.triton_target)
+        return self._backends
 
     def update_config(self, config: Any) -> None:
         from hallm.platforms import ConfigError

@@ -180,7 +180,10 @@ def test_attention_backends_are_the_triton_backend_for_this_gpu(monkeypatch: pyt
 
     target = TritonTarget(num_sms=78, pdl=True)
     monkeypatch.setattr(CudaPlatform, "triton_target", lambda self: target)
-    (backend,) = CudaPlatform().attention_backends()
+    platform = CudaPlatform()
+    (backend,) = platform.attention_backends()
+    # the same class every time: the model runner builds one metadata per backend class and step
+    assert platform.attention_backends() == [backend]
     assert issubclass(backend, TritonPagedAttention) and backend.graph_safe
     spec = AttentionSpec(num_heads=14, num_kv_heads=2, head_size=64, scale=0.125, dtype="bfloat16")
     assert backend.name == "triton" and backend(spec).target == target
