@@ -226,6 +226,7 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             vocab_size=int(hf_config.vocab_size),
             created=int(time.time()),
             work=WorkerPool(timeout_s=options.request_work_timeout),
+            tokenizer_source=config.model.tokenizer or config.model.model,
             trust_request_chat_template=options.trust_request_chat_template,
             max_body_bytes=options.max_request_body_bytes,
             max_prompt_chars=config.model.max_model_len * max_chars_per_token(tokenizer),

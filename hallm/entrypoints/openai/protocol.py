@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hallm.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from hallm.core.structured_output.params import StructuredOutputsParams
 
 MAX_N = 128
 
@@ -63,8 +64,6 @@ _NOT_IMPLEMENTED: dict[str, Any] = {
     "return_token_ids": False,
     "include_reasoning": True,
     "thinking_token_budget": None,
-    "guided_whitespace_pattern": None,
-    "guided_decoding_backend": None,
     "media_io_kwargs": None,
     # OpenAI features
     "audio": None,
@@ -137,11 +136,91 @@ class _SamplingFields(_OpenBody):
     prompt_logprobs: int | None = Field(None, ge=-1, le=MAX_LOGPROBS)
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and guided_* extras
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _validate_stop(cls, value: Any) -> Any:
         return _check_stop(value)
+
+    def structured_output_sources(self) -> list[tuple[str, dict[str, Any]]]:
+        """(request field, StructuredOutputsParams fields) for each way this request constrains
+        its output; subclasses add theirs (tools)."""
+        sources: list[tuple[str, dict[str, Any]]] = []
+        if self.structured_outputs is not None:
+            sources.append(("structured_outputs", dict(self.structured_outputs)))
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        for name, value in guided.items():
+            if value is not None:
+                sources.append((f"guided_{name}", {name: value}))
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type", "text")
+            if kind == "json_object":
+                sources.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise RequestError(
+                        "response_format json_schema needs json_schema.schema, a JSON schema object",
+                        "response_format",
+                    )
+                sources.append(("response_format", {"json": schema}))
+            elif kind != "text":
+                raise RequestError(
+                    f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                    "response_format",
+                )
+        return sources
+
+    def constraint_field(self) -> str:
+        """The request field that constrains the output (for error messages)."""
+        sources = self.structured_output_sources()
+        return sources[0][0] if sources else "structured_outputs"
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
+            raise RequestError(
+                f"guided_decoding_backend {self.guided_decoding_backend!r} is not available: this server's "
+                "structured output engine is llguidance ('guidance')",
+                "guided_decoding_backend",
+            )
+        sources = self.structured_output_sources()
+        if not sources:
+            if self.guided_whitespace_pattern is not None:
+                raise RequestError(
+                    "guided_whitespace_pattern needs a JSON constraint", "guided_whitespace_pattern"
+                )
+            return None
+        if len(sources) > 1:
+            raise RequestError(
+                f"give one output constraint, not several: {', '.join(name for name, _ in sources)}",
+                sources[1][0],
+            )
+        param, fields = sources[0]
+        fields.pop("tokenizer", None)  # the server binds the vocabulary itself
+        if self.guided_whitespace_pattern is not None:
+            fields["whitespace_pattern"] = self.guided_whitespace_pattern
+        try:
+            return StructuredOutputsParams(**fields)
+        except TypeError as e:
+            raise RequestError(f"{param}: {e}", param) from None
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
 
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -152,6 +231,7 @@ class _SamplingFields(_OpenBody):
                 f"prompt_logprobs=-1 (the whole vocabulary) is not supported; ask for at most {MAX_LOGPROBS}",
                 "prompt_logprobs",
             )
+        structured = self._structured_outputs()
         # Unset optional knobs keep SamplingParams' defaults; "123" logit_bias keys become ints there.
         opt: dict[str, Any] = {
             "logit_bias": self.logit_bias,
@@ -177,6 +257,7 @@ class _SamplingFields(_OpenBody):
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured,
                 **{k: v for k, v in opt.items() if v is not None},
             )
         except ValueError as exc:  # SamplingParams' messages start with the field's name
@@ -276,7 +357,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=2**63 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     # vLLM's extras
@@ -291,8 +371,6 @@ class ChatCompletionRequest(_SamplingFields):
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise RequestError("only response_format {'type': 'text'} is supported", "response_format")
         if self.tools and self.tool_choice != "none":
             raise RequestError("tools (function calling) are not supported", "tools")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -71,6 +71,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         what="rendering the chat template",
     )
     ctx.check_request(ids, params, "messages")
+    await ctx.check_structured_output(params, req.constraint_field())
     ctx.check_alive()
     chat_id = f"chatcmpl-{req.request_id}" if req.request_id else new_id("chatcmpl")
     head = {"id": chat_id, "created": int(time.time()), "model": ctx.model_name}

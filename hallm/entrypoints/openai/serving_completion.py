@@ -91,6 +91,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
             prompt_texts.append(None)
         ctx.check_request(ids, params, "prompt")
         prompt_ids.append(ids)
+    await ctx.check_structured_output(params, req.constraint_field())
     ctx.check_alive()
     n = params.n
     echo: list[str] = []
