@@ -41,6 +41,7 @@ from hallm.platforms.loading import (
     load_extensions,
     load_platform,
     load_platform_entry,
+    loadable_platforms,
     loaded_platforms,
     plugin_manager,
     unload_platform,
@@ -173,7 +174,7 @@ def select_platform(device: str | None = None, probe_timeout: float = 10.0) -> P
     if not probe.available:
         if not was_loaded:
             unload_platform(device_id)  # a refused device leaves no trace in the plugin manager
-        others = _loadable_others(device_id)
+        others = loadable_platforms(exclude=device_id)
         raise DeviceSelectionError(
             f"device '{device_id}' ({loaded.entry.origin}) is installed but not usable here: {probe.reason}. "
             f"hallm does not fall back to another device: fix the cause above, or choose another with "
@@ -183,26 +184,6 @@ def select_platform(device: str | None = None, probe_timeout: float = 10.0) -> P
     return PlatformChoice(
         device_id, loaded.entry.distribution, loaded.entry.version, loaded.platform_cls, probe
     )
-
-
-def _loadable_others(device_id: str) -> dict[str, list[PluginEntry]]:
-    """The other installed device plugins worth suggesting: one distribution each, and they load.
-
-    Plugins loaded only to check are unregistered again.
-    """
-    before = set(loaded_platforms())
-    found: dict[str, list[PluginEntry]] = {}
-    for other, claimants in discover(PLATFORM_GROUP).items():
-        if other == device_id or len(claimants) > 1:
-            continue
-        try:
-            load_entry(claimants[0])
-        except HallmError:
-            continue
-        found[other] = claimants
-        if other not in before:
-            unload_platform(other)
-    return found
 
 
 def _select_auto(probe_timeout: float) -> PlatformChoice:

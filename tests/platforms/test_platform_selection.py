@@ -73,6 +73,10 @@ def test_unknown_device_names_it_the_installed_ids_and_the_install_command(
     assert "fakecpu (hallm-fakecpu 0.3.0)" in result["message"]
     assert "fastdev (acme-fastdev 0.1.0)" in result["message"]
     assert hint in result["message"]
+    # Broken plugins are named apart, never suggested.
+    usable, _, broken = result["message"].partition("installed but failing to load or claimed twice:")
+    assert "broken (" not in usable and "future (" not in usable
+    assert "broken" in broken and "future" in broken and "typo" in broken
 
 
 def test_installed_but_unavailable_device_gives_the_probe_reason_and_no_fallback(
