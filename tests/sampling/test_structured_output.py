@@ -135,3 +135,20 @@ def test_uncompilable_constraint_is_refused(llm: LLM) -> None:
         llm.generate("hi", SamplingParams(structured_outputs={"regex": "[a-("}), use_tqdm=False)
     with pytest.raises(ValueError, match="wat"):
         llm.generate("hi", SamplingParams(structured_outputs={"json": {"type": "wat"}}), use_tqdm=False)
+
+
+def test_chat_with_tools_renders_them_and_a_schema_forces_a_call(llm: LLM) -> None:
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    template = "{% for t in tools %}[{{ t['function']['name'] }}]{% endfor %}{{ messages[-1]['content'] }}"
+    args = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    params = SamplingParams(
+        temperature=1.0,
+        seed=0,
+        max_tokens=40,
+        structured_outputs={"json": args, "disable_any_whitespace": True},
+    )
+    (out,) = llm.chat(
+        [{"role": "user", "content": "hi"}], params, use_tqdm=False, tools=tools, chat_template=template
+    )
+    assert llm.get_tokenizer().decode(out.prompt_token_ids) == "[weather]hi"
+    assert json.loads(out.outputs[0].text)["city"] in ("Paris", "Rome")

@@ -43,6 +43,7 @@ from hallm.entrypoints.openai.serving import (
 )
 from hallm.entrypoints.openai.serving_chat import create_chat_completion
 from hallm.entrypoints.openai.serving_completion import create_completion
+from hallm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from hallm.version import __version__
 
 logger = logging.getLogger("hallm.serve")
@@ -64,6 +65,8 @@ class ServeOptions:
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Time limit (s) on the work a request makes the server do: parsing, templating, tokenizing.
     request_work_timeout: float = 10.0
+    #: The model's tool-call format (a name in TOOL_PARSERS); None refuses tool_choice "auto".
+    tool_call_parser: str | None = None
 
 
 class ApiKeyMiddleware:
@@ -227,6 +230,9 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             created=int(time.time()),
             work=WorkerPool(timeout_s=options.request_work_timeout),
             tokenizer_source=config.model.tokenizer or config.model.model,
+            tool_parser=None
+            if options.tool_call_parser is None
+            else TOOL_PARSERS[options.tool_call_parser](),
             trust_request_chat_template=options.trust_request_chat_template,
             max_body_bytes=options.max_request_body_bytes,
             max_prompt_chars=config.model.max_model_len * max_chars_per_token(tokenizer),

@@ -11,6 +11,7 @@ which do not change the output, are accepted and ignored.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -313,10 +314,26 @@ class CompletionRequest(_SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
+    """A message; fields of a reply that clients send back (annotations, audio, ...) are ignored."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    refusal: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -346,7 +363,47 @@ class ChatMessage(_Body):
         }
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # Templates read the arguments as a mapping (HF's convention), OpenAI sends JSON text.
+            msg["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
         return msg
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -357,8 +414,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=2**63 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's extras
     echo: bool = False
     add_generation_prompt: bool = True
@@ -371,8 +429,6 @@ class ChatCompletionRequest(_SamplingFields):
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.tools and self.tool_choice != "none":
-            raise RequestError("tools (function calling) are not supported", "tools")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         prompt_logprobs = self.prompt_logprobs
@@ -381,6 +437,54 @@ class ChatCompletionRequest(_SamplingFields):
                 "prompt_logprobs are not available when streaming chat completions", "prompt_logprobs"
             )
         return self._sampling_params(max_tokens, logprobs, prompt_logprobs)
+
+    @property
+    def tool_mode(self) -> str:
+        """none | auto | required | named: how tools shape the reply (OpenAI's default with tools is auto)."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise RequestError("tool_choice needs tools", "tool_choice")
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return self.tool_choice if isinstance(self.tool_choice, str) else "named"
+
+    def named_tool(self) -> FunctionDefinition:
+        assert isinstance(self.tool_choice, NamedToolChoice) and self.tools
+        name = self.tool_choice.function.name
+        for tool in self.tools:
+            if tool.function.name == name:
+                return tool.function
+        raise RequestError(f"tool_choice names the function {name!r}, which is not in tools", "tool_choice")
+
+    def structured_output_sources(self) -> list[tuple[str, dict[str, Any]]]:
+        sources = super().structured_output_sources()
+        mode = self.tool_mode
+        if mode == "named":
+            sources.append(("tool_choice", {"json": _parameters(self.named_tool())}))
+        elif mode == "required":
+            assert self.tools
+            one_of = [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": [t.function.name]},
+                        "parameters": _parameters(t.function),
+                    },
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+                for t in self.tools
+            ]
+            items: dict[str, Any] = {"anyOf": one_of}
+            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": items}
+            if self.parallel_tool_calls is False:
+                schema["maxItems"] = 1
+            sources.append(("tool_choice", {"json": schema}))
+        return sources
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return None if not self.tools else [t.model_dump(exclude_none=True) for t in self.tools]
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
@@ -405,6 +509,11 @@ class DetokenizeRequest(_Body):
 
     model: str | None = None
     tokens: list[int]
+
+
+def _parameters(function: FunctionDefinition) -> dict[str, Any]:
+    """A function's parameters schema; none means no arguments (an empty object)."""
+    return function.parameters or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def _is_token_id(value: Any) -> bool:

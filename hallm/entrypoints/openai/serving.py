@@ -24,6 +24,7 @@ from hallm.entrypoints.openai.metrics import ServerMetrics
 from hallm.entrypoints.openai.offload import WorkerPool
 from hallm.entrypoints.openai.protocol import RequestError
 from hallm.entrypoints.openai.text_stream import SequenceUpdate, TokenLogprob, stream_sequence
+from hallm.entrypoints.openai.tool_parsers import ToolParser
 
 T = TypeVar("T")
 B = TypeVar("B", bound=BaseModel)
@@ -56,6 +57,8 @@ class ServerContext:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Text longer than this cannot fit the context: a 400 before it is tokenized.
     max_prompt_chars: int = 2**62
+    #: Finds tool calls in replies (--tool-call-parser); None: tool_choice "auto" is refused.
+    tool_parser: ToolParser | None = None
 
     async def parse(self, request: Request, model: type[B]) -> B:
         """The request's JSON body as `model`: size-capped, parsed on a worker thread."""
