@@ -140,6 +140,7 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         body = await ctx.parse(request, TokenizeRequest)
+        body.refuse_unknown()
         ctx.check_model(body.model)
         if body.messages is not None:
             variables = check_template_request(
@@ -156,6 +157,7 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
                     add_generation_prompt=body.add_generation_prompt,
                     continue_final_message=body.continue_final_message,
                     chat_template=body.chat_template,
+                    tools=None if not body.tools else [t.model_dump(exclude_none=True) for t in body.tools],
                     variables=variables,
                 ),
                 what="rendering the chat template",
@@ -170,11 +172,15 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
             )
         else:
             raise RequestError("give either prompt or messages", "prompt")
-        return json_response({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": list(ids)})
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": list(ids)}
+        if body.return_token_strs:
+            out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(list(ids))
+        return json_response(out)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         body = await ctx.parse(request, DetokenizeRequest)
+        body.refuse_unknown()
         ctx.check_model(body.model)
         size = len(ctx.tokenizer)
         bad = next((t for t in body.tokens if not 0 <= t < size), None)

@@ -53,7 +53,6 @@ _NOT_IMPLEMENTED: dict[str, Any] = {
     "length_penalty": 1.0,
     "allowed_token_ids": None,
     "bad_words": [],
-    "truncate_prompt_tokens": None,
     "logits_processors": None,
     "cache_salt": None,
     "kv_transfer_params": None,
@@ -97,8 +96,10 @@ class _OpenBody(BaseModel):
             raise RequestError(f"unknown field {name!r}; this server does not implement it", name)
 
 
-class StreamOptions(_Body):
+class StreamOptions(_OpenBody):
     include_usage: bool = False
+    #: vLLM's: every chunk carries the usage so far (with include_usage).
+    continuous_usage_stats: bool = False
 
 
 def _check_stop(value: Any) -> Any:
@@ -137,6 +138,8 @@ class _SamplingFields(_OpenBody):
     prompt_logprobs: int | None = Field(None, ge=-1, le=MAX_LOGPROBS)
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    #: vLLM's: keep only the prompt's last k tokens (-1: as many as fit the context).
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
     # structured output: OpenAI's response_format, vLLM's structured_outputs and guided_* extras
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -223,10 +226,23 @@ class _SamplingFields(_OpenBody):
         except ValueError as e:
             raise RequestError(str(e), param) from None
 
+    def truncate(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt with truncate_prompt_tokens applied (its last k tokens)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return token_ids
+        if k == 0:
+            raise RequestError(
+                "truncate_prompt_tokens must be >= 1 (or -1 for the context length)", "truncate_prompt_tokens"
+            )
+        return token_ids[-(max_model_len if k == -1 else k) :]
+
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
     ) -> SamplingParams:
         self.refuse_unknown()
+        if self.stream_options is not None:
+            self.stream_options.refuse_unknown()
         if prompt_logprobs == -1:
             raise RequestError(
                 f"prompt_logprobs=-1 (the whole vocabulary) is not supported; ask for at most {MAX_LOGPROBS}",
@@ -275,6 +291,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: BOS etc. added to text prompts
 
     @field_validator("prompt")
     @classmethod
@@ -490,7 +507,7 @@ class ChatCompletionRequest(_SamplingFields):
         return [m.to_template() for m in self.messages]
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_OpenBody):
     """POST /tokenize: a prompt, or chat messages (rendered with the chat template)."""
 
     model: str | None = None
@@ -502,9 +519,11 @@ class TokenizeRequest(_Body):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_OpenBody):
     """POST /detokenize."""
 
     model: str | None = None

@@ -88,6 +88,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         ),
         what="rendering the chat template",
     )
+    ids = req.truncate(ids, ctx.max_model_len)
     ctx.check_request(ids, params, "messages")
     await ctx.check_structured_output(params, req.constraint_field())
     ctx.check_alive()
@@ -104,15 +105,19 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         return usage(len(ids), sum(c.num_tokens for c in choices), choices[0].num_cached_tokens)
 
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+        options = req.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous = include_usage and options is not None and options.continuous_usage_stats
         chunk_head = {**head, "object": "chat.completion.chunk"}
+        choices = [Choice() for _ in streams]
 
         def chunk(choice: dict[str, Any]) -> bytes:
+            extra: dict[str, Any] = {}
+            if include_usage:
+                extra["usage"] = total_usage(choices) if continuous else None
             return sse({**chunk_head, "choices": [choice], **extra})
 
         async def stream() -> AsyncIterator[bytes]:
-            choices = [Choice() for _ in streams]
             replies = [new_reply() for _ in streams]
             try:
                 for i in range(len(streams)):
