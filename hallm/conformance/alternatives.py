@@ -147,6 +147,10 @@ def _hypotheses(batch: PagedBatch, sliding_window: int | None, soft_cap: float |
                 None,
             )
         )
+
+    def truncated(bound: int) -> Mask:
+        return lambda q, k: (k <= q) & (k < bound) & window(q, k, w)
+
     longest = max(int(s) for s in batch.layout.seq_lens)
     bound = 1 << max(0, longest.bit_length() - 1)
     while bound >= 16:
@@ -155,7 +159,7 @@ def _hypotheses(batch: PagedBatch, sliding_window: int | None, soft_cap: float |
                 Hypothesis(
                     f"keys past position {bound} are dropped: the output is attention over the first "
                     f"{bound} positions only; loop over all seq_lens[i] positions (no fixed maximum)",
-                    lambda q, k, b=bound: (k <= q) & (k < b) & window(q, k, w),
+                    truncated(bound),
                     soft_cap,
                 )
             )

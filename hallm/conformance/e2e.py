@@ -3,7 +3,7 @@
 The executor is driven through its contract (start, available_kv_cache_bytes,
 kv_cache_bytes_per_block, init_kv_cache, execute, check_health, shutdown) with the core's own
 scheduler producing the steps, exactly as `LLMEngine` does. End to end runs go through
-`hallm.LLM`. The greedy comparison follows ARCHITECTURE.md section 5: tokens must match the CPU
+`hallm.LLM`. The greedy comparison (docs/writing-a-plugin.md, "Tolerances"): tokens must match the CPU
 plugin's float32 run; where they differ, the reference's top-2 logprob gap at that step must be
 below a small tolerance (random tiny models have flat spots), and the device's token must be
 the reference's runner-up; after such a divergence the two sequences are no longer comparable.

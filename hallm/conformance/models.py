@@ -14,7 +14,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-#: The architectures of the L3 comparison (ARCHITECTURE.md section 5).
+#: The architectures of the L3 comparison (two families hallm serves natively).
 ARCHS = ("llama", "qwen2")
 NUM_HEADS, NUM_KV_HEADS, NUM_LAYERS = 4, 2, 2
 MAX_POSITIONS = 256

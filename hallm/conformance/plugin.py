@@ -272,10 +272,14 @@ class KitHooks:
             report.hallm_message, report.hallm_location = message, location
             # The message and the raising frame, never a traceback: a plugin that raises for one
             # dtype fails a hundred tests, and the same cause is printed once.
+            # An explicit --tb keeps pytest's traceback for the first test with that failure.
             key = (message, location)
             first = self.first_failure.setdefault(key, item.nodeid)
             where = f"\n(raised at {location})" if location else ""
-            report.longrepr = message + where if first == item.nodeid else f"same failure as {first}{where}"
+            if first != item.nodeid:
+                report.longrepr = f"same failure as {first}{where}"
+            elif item.config.getoption("tbstyle", "auto") == "auto":
+                report.longrepr = message + where
             if call.when in ("setup", "call"):
                 self._check_device(item, call.excinfo.value)
         return report

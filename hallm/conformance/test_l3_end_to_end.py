@@ -1,4 +1,4 @@
-"""L3 end to end: greedy generation on the device matches the CPU plugin (ARCHITECTURE.md s.5).
+"""L3 end to end: greedy generation on the device matches the CPU plugin (the rule: `e2e.py`).
 
 The same tiny random llama and qwen2 checkpoints run through `hallm.LLM` on the CPU plugin in
 float32 (the reference, once per session) and on the device in each declared dtype, with

@@ -49,6 +49,8 @@ class AdmissionLimits:
     vocab_size: int
     block_size: int | None = None  # None: the KV pool is not known (its checks are skipped)
     num_usable_blocks: int | None = None
+    #: The model's tokenizer source; None skips the structured-output check (the caller makes it).
+    tokenizer: str | None = None
 
 
 def check_admission(
@@ -119,6 +121,20 @@ def check_admission(
         params.verify_vocab(limits.vocab_size)
     except ValueError as e:
         raise InvalidRequestError(str(e), "logit_bias") from None
+    if params.structured_outputs is not None and limits.tokenizer is not None:
+        check_structured_output(params, limits.tokenizer)
+
+
+def check_structured_output(params: SamplingParams, tokenizer_source: str) -> None:
+    """Bind the request's grammar to the model's vocabulary and check that it compiles (the
+    compiled grammar is cached for the sampler)."""
+    from hallm.core.structured_output import StructuredOutputError, bind
+
+    assert params.structured_outputs is not None
+    try:
+        bind(params.structured_outputs, tokenizer_source)
+    except StructuredOutputError as e:
+        raise InvalidRequestError(str(e), "structured_outputs") from None
 
 
 class LLMEngine:
@@ -271,6 +287,7 @@ class LLMEngine:
             vocab_size=int(self.config.model.hf_config.vocab_size),
             block_size=self.config.cache.block_size,
             num_usable_blocks=self.scheduler.kv.num_usable_blocks,
+            tokenizer=self.config.model.tokenizer or self.config.model.model,
         )
         check_admission(token_ids, params, limits)
 

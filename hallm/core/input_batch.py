@@ -44,8 +44,12 @@ class CachedRequestState:
 
     @property
     def needs_history(self) -> bool:
-        """Its sampling reads its output token ids on the host (penalties, min_tokens)."""
-        return self.params.has_penalties or self.params.min_tokens > 0
+        """Its sampling reads its output token ids on the host (penalties, min_tokens, a grammar)."""
+        return (
+            self.params.has_penalties
+            or self.params.min_tokens > 0
+            or self.params.structured_outputs is not None
+        )
 
     def append_blocks(self, block_ids: list[int]) -> None:
         n = len(block_ids)

@@ -3,6 +3,7 @@
 Pipeline, in vLLM's order:
   1. raw logprobs = log_softmax(logits)            (only when some row asks for logprobs)
   2. logit_bias, min_tokens mask, penalties         (penalties.py; greedy rows included)
+     and the grammar's token mask of structured-output rows (structured_output/)
   3. greedy rows: argmax
   4. random rows: temperature -> min_p -> top-k/top-p -> softmax -> exponential race
   5. gather the sampled token's logprob, rank and the top-k from the raw logprobs
@@ -30,6 +31,7 @@ from hallm.core.sampling_metadata import (
     draws_inverse_cdf,
     seeded_row_draw,
 )
+from hallm.core.structured_output import apply_token_bitmask
 
 __all__ = [
     "LogprobsTensors",
@@ -82,6 +84,7 @@ class Sampler:
             and meta.logit_bias is None
             and meta.min_tokens_mask is None
             and meta.no_penalties
+            and not meta.grammar_rows
         ):
             # Nothing changes the logits: argmax in their own dtype (the float32 copy that the
             # general path makes is exact, so the pick is the same) saves a pass over [N, V].
@@ -92,7 +95,13 @@ class Sampler:
         logits = logits.to(torch.float32)
         logits, owned = apply_logit_bias(logits, meta, owned)
         logits, owned = apply_min_tokens(logits, meta, owned)
+        owned = owned or not meta.no_penalties  # penalties return a new tensor
         logits = apply_penalties(logits, meta)
+        if meta.grammar_rows:
+            if not owned:
+                logits = logits.clone()
+            rows, mask = meta.grammar_mask(logits.device)
+            logits = apply_token_bitmask(logits, rows, mask)
 
         sampled = self.sample(logits, meta)
 

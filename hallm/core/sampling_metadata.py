@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hallm.core.sampling_params import SamplingParams
+from hallm.core.structured_output import GrammarMatcher, grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class RequestSamplingState:
     _prompt_ids: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _prompt_ids_key: tuple[torch.device, int] | None = dataclasses.field(default=None, repr=False)
     _steps_to_skip: int = dataclasses.field(default=0, repr=False)
+    _grammar: GrammarMatcher | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.eos_token_ids = frozenset(self.eos_token_ids)
@@ -98,6 +100,14 @@ class RequestSamplingState:
             self._prompt_ids = torch.from_numpy(ids).to(device, non_blocking=True)
             self._prompt_ids_key = (device, vocab_size)
         return self._prompt_ids
+
+    @property
+    def grammar(self) -> GrammarMatcher | None:
+        """The request's grammar matcher (structured output), made on first use."""
+        spec = self.params.structured_outputs
+        if spec is not None and self._grammar is None:
+            self._grammar = GrammarMatcher(spec)
+        return self._grammar
 
     def advance_generator(self, vocab_size: int) -> None:
         """Replay the draws of already-sampled tokens (`seeded_row_draw` per token), once."""
@@ -144,6 +154,28 @@ class SamplingMetadata:
 
     generators: dict[int, torch.Generator]  # row -> its own generator (seeded rows only)
     max_num_logprobs: int | None  # max `logprobs` over rows; None when no row asks for them
+
+    # Structured output: the rows with a grammar and their states. Their token masks depend on
+    # the tokens sampled so far, so they are computed when the sampler runs (`grammar_mask`),
+    # which keeps metadata reused across steps correct.
+    grammar_rows: list[int] = dataclasses.field(default_factory=list)
+    grammar_states: list[RequestSamplingState] = dataclasses.field(default_factory=list)
+    _grammar_row_index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    def grammar_mask(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(rows [M] long, or None when every row has a grammar; bitmask [M, W] int32), on `device`."""
+        matchers = [s.grammar for s in self.grammar_states]
+        mask = grammar_bitmask(
+            [m for m in matchers if m is not None],
+            [s.output_token_ids for s in self.grammar_states],
+            [s.eos_token_ids for s in self.grammar_states],
+        )
+        rows = None
+        if len(self.grammar_rows) != self.num_reqs:
+            if self._grammar_row_index is None:
+                self._grammar_row_index = torch.tensor(self.grammar_rows, dtype=torch.long).to(device)
+            rows = self._grammar_row_index
+        return rows, mask.to(device, non_blocking=True)
 
     @classmethod
     def build(
@@ -236,6 +268,8 @@ class SamplingMetadata:
             logit_bias=_logit_bias(params, vocab_size, device),
             generators=generators,
             max_num_logprobs=max(logprob_ks) if logprob_ks else None,
+            grammar_rows=[i for i, p in enumerate(params) if p.structured_outputs is not None],
+            grammar_states=[s for s in states if s.params.structured_outputs is not None],
         )
 
 

@@ -14,6 +14,8 @@ import enum
 import math
 from typing import Any
 
+from hallm.core.structured_output.params import StructuredOutputsParams
+
 #: Upper bound on `logprobs` and `prompt_logprobs` (vLLM's default `max_logprobs`). Read at
 #: validation time, so an engine may raise it before building requests.
 MAX_LOGPROBS: int = 20
@@ -95,6 +97,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     #: token id -> additive bias in [-100, 100] on the logits (OpenAI's `logit_bias`).
     logit_bias: dict[int, float] | None = None
+    #: Constrain the output to a JSON schema, regex, choice or grammar (a dict is converted).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n)
@@ -167,6 +171,18 @@ class SamplingParams:
             raise ValueError("stop strings require detokenize=True; use stop_token_ids instead")
 
         self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise SamplingParamsTypeError(f"structured_outputs: {e}") from None
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise SamplingParamsTypeError(
+                "structured_outputs must be a StructuredOutputsParams (or a dict of its fields), got "
+                f"{type(self.structured_outputs).__name__}"
+            )
 
         if self.is_greedy:
             # Greedy ignores the truncation knobs; neutral values let the sampler skip them.

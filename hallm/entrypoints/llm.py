@@ -56,6 +56,11 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        if any(p.structured_outputs is not None for p in params_list) and self.engine.tokenizer is not None:
+            from hallm.core.structured_output import register_tokenizer
+
+            config = self.engine.config.model
+            register_tokenizer(config.tokenizer or config.model, self.engine.tokenizer)
         ids = [str(next(self._counter)) for _ in prompt_list]
         added: list[str] = []
         try:
@@ -74,11 +79,28 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to each conversation, then generate."""
+        """Apply the tokenizer's chat template to each conversation, then generate.
+
+        `tools` (OpenAI-style function definitions) are rendered by the template, as the server
+        does; the reply is text (parse tool calls from it with a parser of
+        hallm.entrypoints.openai.tool_parsers, or constrain it with structured_outputs).
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts: list[PromptType] = [
-            {"prompt_token_ids": self.apply_chat_template(conv, add_generation_prompt, chat_template)}  # type: ignore[arg-type]
+            {
+                "prompt_token_ids": self.apply_chat_template(
+                    conv,  # type: ignore[arg-type]
+                    add_generation_prompt,
+                    chat_template,
+                    tools=tools,
+                    continue_final_message=continue_final_message,
+                    chat_template_kwargs=chat_template_kwargs,
+                )
+            }
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
@@ -88,21 +110,22 @@ class LLM:
         conversation: list[ChatMessage],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "this model's tokenizer has no chat template; pass chat_template=... or use generate()"
-            )
-        ids = tokenizer.apply_chat_template(
+        from hallm.entrypoints.openai.chat_template import check_template_request, encode_chat
+
+        variables = check_template_request(None, chat_template_kwargs, trusted=True)
+        return encode_chat(
+            self.engine.tokenizer,
             conversation,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=True,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
             chat_template=chat_template,
+            tools=tools,
+            variables=variables,
         )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
 
     def reset_prefix_cache(self) -> bool:
         return self.engine.reset_prefix_cache()

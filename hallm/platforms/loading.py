@@ -87,12 +87,40 @@ def parse_api_version(version: str) -> tuple[int, int]:
 
 
 def unknown_device_message(device_id: str, installed: dict[str, list[PluginEntry]]) -> str:
-    """The error text for a device id no installed plugin provides."""
+    """The error text for a device id no installed plugin provides (suggesting only plugins that load)."""
+    usable = loadable_platforms(exclude=device_id, installed=installed)
+    broken = sorted(set(installed) - set(usable) - {device_id})
+    unusable = f"; installed but failing to load or claimed twice: {', '.join(broken)}" if broken else ""
     return (
         f"unknown device '{device_id}': no installed plugin provides it "
-        f"(installed device plugins: {describe_installed(installed)}). "
+        f"(installed device plugins that load: {describe_installed(usable)}{unusable}). "
         f"To use '{device_id}': {install_hint(device_id)}"
     )
+
+
+def loadable_platforms(
+    exclude: str | None = None, installed: dict[str, list[PluginEntry]] | None = None
+) -> dict[str, list[PluginEntry]]:
+    """The installed device plugins worth suggesting: one distribution each, and they load.
+
+    For error messages: plugins loaded only to check are unregistered again.
+    """
+    if installed is None:
+        installed = discover(PLATFORM_GROUP)
+    with _lock:
+        before = set(_platforms)
+        found: dict[str, list[PluginEntry]] = {}
+        for other, claimants in installed.items():
+            if other == exclude or len(claimants) > 1:
+                continue
+            try:
+                load_entry(claimants[0])
+            except HallmError:
+                continue
+            found[other] = claimants
+            if other not in before:
+                unload_platform(other)
+        return found
 
 
 def load_platform_entry(device_id: str) -> LoadedPlatform:

@@ -4,15 +4,31 @@
 does not trust it to: each probe runs in its own daemon thread with a deadline, so one that
 raises is reported as unavailable with its exception, and one that hangs (a wedged driver, a
 network mount) is abandoned and reported, never blocking the others or the process's exit.
+
+A probe that hung is remembered (`HungProbes`, a small JSON file in hallm's cache directory,
+per distribution and version), so `--device auto` skips it on later starts instead of waiting
+for its deadline every time; naming the device explicitly probes it again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
+import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
+from hallm.platforms.paths import cache_root
 from hallm.platforms.platform import Platform, Probe
+
+logger = logging.getLogger("hallm.platforms")
+
+#: The reason of a probe abandoned at its deadline starts with this.
+TIMEOUT_REASON = "probe did not return within"
 
 
 class _ProbeThread(threading.Thread):
@@ -50,7 +66,7 @@ def run_probes(platforms: Mapping[str, type[Platform]], timeout: float) -> dict[
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive() or thread.result is None:
             # The thread is a daemon: it is left behind and dies with the process.
-            probes[device_id] = Probe(False, f"probe did not return within {timeout:g}s")
+            probes[device_id] = Probe(False, f"{TIMEOUT_REASON} {timeout:g}s")
         else:
             probes[device_id] = thread.result
     return probes
@@ -70,3 +86,72 @@ def choose_auto(available: Mapping[str, int]) -> str | None:
     if not available:
         return None
     return min(available, key=lambda device_id: (-available[device_id], device_id))
+
+
+def timed_out(probe: Probe) -> bool:
+    """True for the answer `run_probes` gives when a probe missed its deadline."""
+    return not probe.available and probe.reason.startswith(TIMEOUT_REASON)
+
+
+@dataclasses.dataclass
+class HungProbes:
+    """Probes that hung, remembered across processes: {device id: (distribution, version, when)}.
+
+    An entry holds only for the same distribution and version (an upgrade probes again). The
+    file is advisory: unreadable or unwritable, it is ignored, never an error.
+    """
+
+    path: Path
+
+    @classmethod
+    def default(cls) -> HungProbes:
+        """The record in hallm's cache directory (`$HALLM_CACHE_DIR`, else ~/.cache/hallm)."""
+        return cls(cache_root() / "hung_probes.json")
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, data: dict[str, dict[str, str]]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+            tmp.replace(self.path)
+        except OSError as exc:
+            logger.debug("could not record hung probes in %s: %s", self.path, exc)
+
+    def when(self, device_id: str, distribution: str, version: str) -> str | None:
+        """When this device's probe (this distribution and version) hung, or None."""
+        entry = self._read().get(device_id)
+        if isinstance(entry, dict) and (entry.get("distribution"), entry.get("version")) == (
+            distribution,
+            version,
+        ):
+            return str(entry.get("at", "earlier"))
+        return None
+
+    def remember(self, device_id: str, distribution: str, version: str) -> None:
+        """Record that this device's probe hung (now)."""
+        data = self._read()
+        at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        data[device_id] = {"distribution": distribution, "version": version, "at": at}
+        self._write(data)
+
+    def forget(self, device_id: str) -> None:
+        """Drop this device's record (its probe answered)."""
+        data = self._read()
+        if data.pop(device_id, None) is not None:
+            self._write(data)
+
+
+def skipped_probe(device_id: str, when: str, timeout: float) -> Probe:
+    """What `--device auto` reports for a device whose probe is remembered as hanging."""
+    return Probe(
+        False,
+        f"not probed: its probe hung (no answer within {timeout:g}s) at {when}, so --device auto skips it; "
+        f"--device {device_id} probes it again",
+    )

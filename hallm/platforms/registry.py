@@ -34,19 +34,27 @@ from hallm.platforms.discovery import (
     discover,
     install_hint,
 )
-from hallm.platforms.errors import DeviceSelectionError, HallmError, PluginConflictError
+from hallm.platforms.errors import DeviceSelectionError, HallmError
 from hallm.platforms.loading import (
     LoadedPlatform,
     load_entry,
     load_extensions,
     load_platform,
     load_platform_entry,
+    loadable_platforms,
     loaded_platforms,
     plugin_manager,
     unload_platform,
 )
 from hallm.platforms.platform import Platform, Probe
-from hallm.platforms.probing import choose_auto, run_probe, run_probes
+from hallm.platforms.probing import (
+    HungProbes,
+    choose_auto,
+    run_probe,
+    run_probes,
+    skipped_probe,
+    timed_out,
+)
 from hallm.platforms.report import PluginReport, auto_choice, plugin_report
 
 __all__ = [
@@ -147,8 +155,10 @@ def select_platform(device: str | None = None, probe_timeout: float = 10.0) -> P
     probe says unavailable this raises `DeviceSelectionError` with the reason and what to do;
     it never falls back to another device. "auto" loads every device plugin (a plugin that
     fails to load is reported, not fatal), probes each in isolation, and picks the available
-    one with the highest `auto_priority` (ties: alphabetically first id). Two distributions
-    claiming one id raise `PluginConflictError` in both modes.
+    one with the highest `auto_priority` (ties: alphabetically first id). A probe that hangs is
+    remembered (`HungProbes`) and skipped by later "auto" selections until the device is named
+    explicitly. Two distributions claiming one id raise `PluginConflictError` when that id is
+    named; "auto" disables that id with a warning and chooses among the others.
     """
     device_id = requested_device(device)
     if device_id == "auto":
@@ -156,14 +166,19 @@ def select_platform(device: str | None = None, probe_timeout: float = 10.0) -> P
     was_loaded = device_id in loaded_platforms()
     loaded = load_platform_entry(device_id)
     probe = run_probe(loaded.platform_cls, probe_timeout)
+    hung = HungProbes.default()
+    if timed_out(probe):
+        hung.remember(device_id, loaded.entry.distribution, loaded.entry.version)
+    elif hung.when(device_id, loaded.entry.distribution, loaded.entry.version) is not None:
+        hung.forget(device_id)  # it answered: --device auto probes it again
     if not probe.available:
         if not was_loaded:
             unload_platform(device_id)  # a refused device leaves no trace in the plugin manager
-        others = {k: v for k, v in discover(PLATFORM_GROUP).items() if k != device_id}
+        others = loadable_platforms(exclude=device_id)
         raise DeviceSelectionError(
             f"device '{device_id}' ({loaded.entry.origin}) is installed but not usable here: {probe.reason}. "
             f"hallm does not fall back to another device: fix the cause above, or choose another with "
-            f"--device / {DEVICE_ENV} (other installed device plugins: {describe_installed(others)})"
+            f"--device / {DEVICE_ENV} (other installed device plugins that load: {describe_installed(others)})"
         )
     logger.info("device '%s' (%s) selected explicitly: %s", device_id, loaded.entry.origin, probe.reason)
     return PlatformChoice(
@@ -177,19 +192,34 @@ def _select_auto(probe_timeout: float) -> PlatformChoice:
         raise DeviceSelectionError(
             f"no device plugin is installed; install one, e.g. {install_hint('cpu')} or {install_hint('cuda')}"
         )
-    for device_id, claimants in installed.items():
-        if len(claimants) > 1:
-            raise PluginConflictError(conflict_message(PLATFORM_GROUP, device_id, claimants))
     before = set(loaded_platforms())
     loaded: dict[str, LoadedPlatform] = {}
     lines: dict[str, str] = {}
-    for device_id, (entry,) in installed.items():
+    for device_id, claimants in installed.items():
+        if len(claimants) > 1:
+            # Only this id is unusable: every other device still works under auto.
+            conflict = conflict_message(PLATFORM_GROUP, device_id, claimants)
+            lines[device_id] = f"{device_id}: disabled: {conflict}"
+            logger.warning("--device auto ignores device id '%s': %s", device_id, conflict)
+            continue
+        (entry,) = claimants
         try:
             loaded[device_id] = load_entry(entry)
         except HallmError as exc:
             lines[device_id] = f"{device_id} ({entry.origin}): failed to load: {exc}"
             logger.warning("device plugin not loaded: %s", exc)
-    probes = run_probes({k: v.platform_cls for k, v in loaded.items()}, probe_timeout)
+    hung = HungProbes.default()
+    skipped: dict[str, Probe] = {}
+    for device_id, lp in loaded.items():
+        when = hung.when(device_id, lp.entry.distribution, lp.entry.version)
+        if when is not None:
+            skipped[device_id] = skipped_probe(device_id, when, probe_timeout)
+    probes = run_probes({k: v.platform_cls for k, v in loaded.items() if k not in skipped}, probe_timeout)
+    for device_id, probe in probes.items():
+        if timed_out(probe):
+            entry = loaded[device_id].entry
+            hung.remember(device_id, entry.distribution, entry.version)
+    probes.update(skipped)
     for device_id, probe in probes.items():
         origin, priority = loaded[device_id].entry.origin, loaded[device_id].platform_cls.auto_priority
         state = f"available, {probe.device_count} device(s)" if probe.available else "unavailable"

@@ -150,6 +150,7 @@ def plugin_report(probe_timeout: float = 10.0) -> list[PluginReport]:
 def auto_choice(rows: list[PluginReport]) -> str | None:
     """The device `--device auto` would pick given these rows (None: it would fail)."""
     platform_rows = [r for r in rows if r.is_platform]
-    if len({r.name for r in platform_rows}) < len(platform_rows):
-        return None  # two distributions claim one id: auto refuses to choose
-    return choose_auto({r.name: r.auto_priority or 0 for r in platform_rows if r.available})
+    # An id two distributions claim is disabled under auto; the others still compete.
+    claimed = [r.name for r in platform_rows]
+    usable = [r for r in platform_rows if claimed.count(r.name) == 1 and r.available]
+    return choose_auto({r.name: r.auto_priority or 0 for r in usable})

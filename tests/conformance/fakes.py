@@ -127,6 +127,8 @@ class GatherSdpa(Good):
     zero_unattended = True  # keys/values no query attends are zeroed before any arithmetic
     zero_padding = True  # rows of padding tokens are zeroed
     offset_period = None  # for block sizes >= 64, the in-block offset is p % offset_period
+    causal = True  # False: every new token attends to every position of its request
+    honour_window = True  # False: spec.sliding_window is ignored
 
     def attend(self, query, kv_cache, qsl, seq_lens, ctx_lens, tables, out, scale=None):
         s = self.spec
@@ -147,8 +149,8 @@ class GatherSdpa(Good):
             k = flat[0, slots].float().repeat_interleave(group, dim=1)  # [S, H, D]
             v = flat[1, slots].float().repeat_interleave(group, dim=1)
             q_pos = ctx + torch.arange(hi - lo, device=query.device)[:, None]
-            allowed = pos[None, :] <= q_pos  # [Q, S]
-            if s.sliding_window is not None:
+            allowed = pos[None, :] <= q_pos if self.causal else torch.ones(hi - lo, seq, dtype=torch.bool)
+            if s.sliding_window is not None and self.honour_window:
                 allowed &= pos[None, :] > q_pos - s.sliding_window
             if self.max_keys is not None:
                 allowed &= pos[None, :] < self.max_keys
@@ -196,6 +198,18 @@ class NullBlocksNotMasked(GatherSdpa):
     """Masks scores only: NaN in blocks outside the sliding window flows through P.V (NaN * 0)."""
     name = "fake_null_blocks_not_masked"
     zero_unattended = False
+
+
+class NonCausal(GatherSdpa):
+    """No causal mask: prefill tokens see the later tokens of their request."""
+    name = "fake_non_causal"
+    causal = False
+
+
+class WindowIgnored(GatherSdpa):
+    """Declares the sliding window but attends to the whole causal context."""
+    name = "fake_window_ignored"
+    honour_window = False
 
 
 class PaddingRowsNotZeroed(GatherSdpa):
@@ -319,6 +333,9 @@ MUTANT_BACKENDS = (
     "OffsetWrongFromBlock64",
     "NullBlocksNotMasked",
     "PaddingRowsNotZeroed",
+    # Failure shapes the kit diagnoses besides: the mask and the window.
+    "NonCausal",
+    "WindowIgnored",
 )
 
 #: device id -> (kernel class or classes, plugin_module keyword arguments)

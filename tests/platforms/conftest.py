@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -236,6 +237,8 @@ def run_py() -> RunPy:
         site: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         full_env = {k: v for k, v in os.environ.items() if k not in ("HALLM_DEVICE", "FAKE_PROBE_LOG")}
+        # A cache of its own per run: hung probes are remembered there across processes.
+        full_env["HALLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="hallm-cache-")
         full_env["PYTHONPATH"] = os.pathsep.join([str(site), full_env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
         )

@@ -91,9 +91,16 @@ def main() -> None:
     results["auto"] = {
         **auto,
         "seconds": time.monotonic() - start,
-        "log": records,
+        "log": records[:],
         "registered": registered(),
     }
+
+    # The hanger's probe is remembered: a second auto start does not wait for it again.
+    del records[:]
+    start = time.monotonic()
+    again = outcome(lambda: registry.select_platform("auto", probe_timeout=1).device_id)
+    results["auto_again"] = {**again, "seconds": time.monotonic() - start, "log": records[:]}
+    results["hanger_explicit"] = outcome(lambda: registry.select_platform("hanger", probe_timeout=0.2))
 
     results["choice"] = choice.to_dict()
 

@@ -75,6 +75,10 @@ def test_unknown_device_names_it_the_installed_ids_and_the_install_command(
     assert "fakecpu (hallm-fakecpu 0.3.0)" in result["message"]
     assert "fastdev (acme-fastdev 0.1.0)" in result["message"]
     assert hint in result["message"]
+    # Broken plugins are named apart, never suggested.
+    usable, _, broken = result["message"].partition("installed but failing to load or claimed twice:")
+    assert "broken (" not in usable and "future (" not in usable
+    assert "broken" in broken and "future" in broken and "typo" in broken
 
 
 def test_installed_but_unavailable_device_gives_the_probe_reason_and_no_fallback(
@@ -87,6 +91,11 @@ def test_installed_but_unavailable_device_gives_the_probe_reason_and_no_fallback
     assert "no OffDev card found in /dev/offdev*" in result["message"]
     assert "does not fall back" in result["message"]
     assert "hallm.platforms:offdev" not in scenario["registered_after_errors"]  # refused, so unloaded
+    # Only plugins that load are suggested instead.
+    suggested = result["message"].split("other installed device plugins that load:")[1]
+    assert "fakecpu (hallm-fakecpu 0.3.0)" in suggested and "fastdev" in suggested
+    for broken in ("broken", "future", "typo", "wrongname"):
+        assert f"{broken} (" not in suggested, suggested
 
 
 def test_explicit_broken_plugin_names_plugin_distribution_and_original_error(
@@ -163,6 +172,20 @@ def test_auto_survives_raising_hanging_and_broken_plugins_and_picks_by_priority(
     assert "hallm.platforms:fastdev" in auto["registered"]
     assert "hallm.platforms:raiser" not in auto["registered"]
     assert "hallm.platforms:hanger" not in auto["registered"]
+
+
+def test_a_hanging_probe_is_remembered_and_skipped_by_later_auto_starts(scenario: dict[str, Any]) -> None:
+    again = scenario["auto_again"]
+    assert again["ok"] and again["value"] == "fastdev"
+    assert again["seconds"] < 0.9, "the remembered hanger must not cost its timeout again"
+    log = "\n".join(again["log"])
+    assert "hanger (hallm-hanger 0.1.0, priority 100): unavailable: not probed: its probe hung" in log
+    assert "--device hanger probes it again" in log
+    explicit = scenario["hanger_explicit"]  # naming it probes it (and it hangs again)
+    assert (
+        explicit["type"] == "DeviceSelectionError"
+        and "probe did not return within 0.2s" in explicit["message"]
+    )
 
 
 def test_extensions_contribute_and_a_broken_one_is_reported_not_fatal(scenario: dict[str, Any]) -> None:

@@ -88,20 +88,25 @@ def test_import_hallm_and_hallm_plugins_import_no_device_runtime(hygiene: dict[s
 
 
 CONFLICT = """
-import contextlib, io, json
+import contextlib, io, json, logging
 from hallm.entrypoints.cli import main
 from hallm.platforms.registry import select_platform
-errors = {}
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("hallm.platforms").addHandler(handler)
+errors, auto = {}, None
 for device in ("dup", "auto"):
     try:
-        select_platform(device, probe_timeout=5)
+        auto = select_platform(device, probe_timeout=5).device_id
     except Exception as exc:
         errors[device] = [type(exc).__name__, str(exc)]
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     rc = main(["plugins", "--json"])
 fakecpu = select_platform("fakecpu").device_id
-print(json.dumps({"errors": errors, "rc": rc, "report": json.loads(out.getvalue()), "fakecpu": fakecpu}))
+report = json.loads(out.getvalue())
+print(json.dumps({"errors": errors, "auto": auto, "warnings": warnings, "rc": rc, "report": report, "fakecpu": fakecpu}))
 """
 
 
@@ -109,16 +114,20 @@ def test_two_distributions_claiming_one_id_is_an_error_naming_both(
     conflict_site: Path, run_py: Any, parse_last_json: Callable[..., Any]
 ) -> None:
     result = parse_last_json(run_py(conflict_site, "-c", CONFLICT))
-    for device in ("dup", "auto"):
-        kind, message = result["errors"][device]
-        assert kind == "PluginConflictError"
-        assert "device id 'dup'" in message
-        assert "hallm-dup-a 1.0" in message and "vendor-dup-b 1.0" in message
+    kind, message = result["errors"]["dup"]  # naming the id is an error
+    assert kind == "PluginConflictError"
+    assert "device id 'dup'" in message
+    assert "hallm-dup-a 1.0" in message and "vendor-dup-b 1.0" in message
+    # --device auto disables the conflicting id with a warning and chooses among the others.
+    assert "auto" not in result["errors"] and result["auto"] == "fakecpu"
+    assert any(
+        "--device auto ignores device id 'dup'" in w and "vendor-dup-b 1.0" in w for w in result["warnings"]
+    )
     assert result["rc"] == 0  # the listing shows the conflict, it does not crash
     dup_rows = [r for r in result["report"]["plugins"] if r["name"] == "dup"]
     assert sorted(r["distribution"] for r in dup_rows) == ["hallm-dup-a", "vendor-dup-b"]
     assert all(r["error"].startswith("PluginConflictError") for r in dup_rows)
-    assert result["report"]["auto_choice"] is None
+    assert result["report"]["auto_choice"] == "fakecpu"
     assert result["fakecpu"] == "fakecpu"  # other ids are unaffected
 
 

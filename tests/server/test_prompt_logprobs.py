@@ -162,7 +162,6 @@ def test_return_tokens_as_token_ids(client: openai.OpenAI) -> None:
         ("priority", 3),
         ("cache_salt", "salt"),
         ("vllm_xargs", {"a": 1}),
-        ("truncate_prompt_tokens", 4),
         ("length_penalty", 0.5),
         ("kv_transfer_params", {"a": 1}),
         ("structural_tag", "{}"),
@@ -195,3 +194,40 @@ def test_off_values_and_bookkeeping_are_accepted(server: Server) -> None:
     }
     resp = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=30)
     assert resp.status_code == 200, resp.text
+
+
+def test_truncate_prompt_tokens(client: openai.OpenAI, server: Server) -> None:
+    ids = prompt_ids(server, PROMPT)
+    out = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=1, extra_body={"truncate_prompt_tokens": 3}
+    )
+    assert out.usage is not None and out.usage.prompt_tokens == 3 < len(ids)
+
+
+def test_continuous_usage_stats(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+            extra_body={"ignore_eos": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+    assert len(counts) == len(chunks) and counts[-1] == 4 and counts == sorted(counts)
+
+
+def test_tokenize_extras(server: Server) -> None:
+    resp = httpx.post(
+        f"{server.url}/tokenize", json={"prompt": "hello world", "return_token_strs": True}, timeout=30
+    )
+    body = resp.json()
+    assert resp.status_code == 200 and len(body["token_strs"]) == body["count"]
+    resp = httpx.post(
+        f"{server.url}/tokenize", json={"prompt": "hi", "mm_processor_kwargs": {"a": 1}}, timeout=30
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "mm_processor_kwargs"
+    resp = httpx.post(f"{server.url}/detokenize", json={"tokens": [5], "bogus": 1}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "bogus"

@@ -7,6 +7,7 @@ from typing import Any
 
 from hallm.entrypoints.cli.common import positive_float
 from hallm.entrypoints.cli.engine_args import add_engine_args, engine_args_from
+from hallm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 #: --max-request-body-bytes's default (hallm.entrypoints.openai.serving.DEFAULT_MAX_BODY_BYTES,
 #: not imported here so that `hallm --help` stays light).
@@ -56,6 +57,13 @@ def register(subparsers: Any) -> None:
         help=f"refuse larger request bodies with a 413 (default: {DEFAULT_MAX_BODY_BYTES})",
     )
     g.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help='the model\'s tool-call format, to find tool calls in replies (tool_choice "auto"); '
+        'without it only "required" and named tool choices are served',
+    )
+    g.add_argument(
         "--request-work-timeout",
         type=positive_float,
         default=10.0,
@@ -84,5 +92,6 @@ def run(args: argparse.Namespace) -> int:
         trust_request_chat_template=args.trust_request_chat_template,
         max_request_body_bytes=args.max_request_body_bytes,
         request_work_timeout=args.request_work_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
     return run_server(engine_args_from(args), options)

@@ -43,6 +43,7 @@ from hallm.entrypoints.openai.serving import (
 )
 from hallm.entrypoints.openai.serving_chat import create_chat_completion
 from hallm.entrypoints.openai.serving_completion import create_completion
+from hallm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from hallm.version import __version__
 
 logger = logging.getLogger("hallm.serve")
@@ -64,6 +65,8 @@ class ServeOptions:
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Time limit (s) on the work a request makes the server do: parsing, templating, tokenizing.
     request_work_timeout: float = 10.0
+    #: The model's tool-call format (a name in TOOL_PARSERS); None refuses tool_choice "auto".
+    tool_call_parser: str | None = None
 
 
 class ApiKeyMiddleware:
@@ -137,6 +140,7 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         body = await ctx.parse(request, TokenizeRequest)
+        body.refuse_unknown()
         ctx.check_model(body.model)
         if body.messages is not None:
             variables = check_template_request(
@@ -153,6 +157,7 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
                     add_generation_prompt=body.add_generation_prompt,
                     continue_final_message=body.continue_final_message,
                     chat_template=body.chat_template,
+                    tools=None if not body.tools else [t.model_dump(exclude_none=True) for t in body.tools],
                     variables=variables,
                 ),
                 what="rendering the chat template",
@@ -167,11 +172,15 @@ def create_app(ctx: ServerContext, api_key: str | None = None) -> FastAPI:
             )
         else:
             raise RequestError("give either prompt or messages", "prompt")
-        return json_response({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": list(ids)})
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": list(ids)}
+        if body.return_token_strs:
+            out["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(list(ids))
+        return json_response(out)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         body = await ctx.parse(request, DetokenizeRequest)
+        body.refuse_unknown()
         ctx.check_model(body.model)
         size = len(ctx.tokenizer)
         bad = next((t for t in body.tokens if not 0 <= t < size), None)
@@ -226,6 +235,10 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             vocab_size=int(hf_config.vocab_size),
             created=int(time.time()),
             work=WorkerPool(timeout_s=options.request_work_timeout),
+            tokenizer_source=config.model.tokenizer or config.model.model,
+            tool_parser=None
+            if options.tool_call_parser is None
+            else TOOL_PARSERS[options.tool_call_parser](),
             trust_request_chat_template=options.trust_request_chat_template,
             max_body_bytes=options.max_request_body_bytes,
             max_prompt_chars=config.model.max_model_len * max_chars_per_token(tokenizer),

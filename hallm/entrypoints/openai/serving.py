@@ -15,14 +15,16 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from hallm.core.engine import AdmissionLimits, InvalidRequestError, check_admission
+from hallm.core.engine import AdmissionLimits, InvalidRequestError, check_admission, check_structured_output
 from hallm.core.sampling_params import SamplingParams
+from hallm.core.structured_output import register_tokenizer
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, EngineRequestError
 from hallm.entrypoints.openai.errors import error_body
 from hallm.entrypoints.openai.metrics import ServerMetrics
 from hallm.entrypoints.openai.offload import WorkerPool
 from hallm.entrypoints.openai.protocol import RequestError
 from hallm.entrypoints.openai.text_stream import SequenceUpdate, TokenLogprob, stream_sequence
+from hallm.entrypoints.openai.tool_parsers import ToolParser
 
 T = TypeVar("T")
 B = TypeVar("B", bound=BaseModel)
@@ -47,17 +49,38 @@ class ServerContext:
     vocab_size: int
     created: int
     work: WorkerPool
+    #: Where the engine loads the tokenizer from (structured output binds grammars to it).
+    tokenizer_source: str = ""
     #: A request's own chat_template is run only when the operator allows it.
     trust_request_chat_template: bool = False
     #: Bodies larger than this are a 413 before they are parsed.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Text longer than this cannot fit the context: a 400 before it is tokenized.
     max_prompt_chars: int = 2**62
+    #: Finds tool calls in replies (--tool-call-parser); None: tool_choice "auto" is refused.
+    tool_parser: ToolParser | None = None
 
     async def parse(self, request: Request, model: type[B]) -> B:
         """The request's JSON body as `model`: size-capped, parsed on a worker thread."""
         raw = await read_body(request, self.max_body_bytes)
         return await self.work.run(model.model_validate_json, raw, what="parsing the request body")
+
+    async def check_structured_output(self, params: SamplingParams, param: str) -> None:
+        """Bind a constrained request to the model's vocabulary and compile its grammar (on a
+        worker thread, cached): a schema, regex or grammar that cannot compile is a 400 saying why."""
+        spec = params.structured_outputs
+        if spec is None:
+            return
+        spec.tokenizer = self.tokenizer_source
+
+        def check() -> None:
+            register_tokenizer(self.tokenizer_source, self.tokenizer)
+            try:
+                check_structured_output(params, self.tokenizer_source)
+            except InvalidRequestError as exc:
+                raise RequestError(str(exc), param) from None
+
+        await self.work.run(check, what="compiling the output constraint")
 
     def check_text(self, text: str, param: str) -> None:
         """Refuse, before tokenizing, text too long for any tokenization of it to fit the context."""

@@ -68,8 +68,8 @@ def prompt_rows(
     return rows
 
 
-def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return [list(tokenizer.encode(t)) for t in texts]
+def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    return [list(tokenizer.encode(t, add_special_tokens=add_special_tokens)) for t in texts]
 
 
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
@@ -81,7 +81,11 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     texts = [p for p in prompts if isinstance(p, str)]
     for text in texts:
         ctx.check_text(text, "prompt")
-    encoded = iter(await ctx.work.run(encode_texts, ctx.tokenizer, texts, what="tokenizing the prompt"))
+    encoded = iter(
+        await ctx.work.run(
+            encode_texts, ctx.tokenizer, texts, req.add_special_tokens, what="tokenizing the prompt"
+        )
+    )
     for prompt in prompts:
         if isinstance(prompt, str):
             ids = next(encoded)
@@ -89,8 +93,10 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         else:
             ids = list(prompt)
             prompt_texts.append(None)
+        ids = req.truncate(ids, ctx.max_model_len)
         ctx.check_request(ids, params, "prompt")
         prompt_ids.append(ids)
+    await ctx.check_structured_output(params, req.constraint_field())
     ctx.check_alive()
     n = params.n
     echo: list[str] = []
@@ -118,11 +124,12 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         return usage(num_prompt_tokens, sum(c.num_tokens for c in choices), cached)
 
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        options = req.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous = include_usage and options is not None and options.continuous_usage_stats
 
         async def stream() -> AsyncIterator[bytes]:
             choices = [Choice() for _ in streams]
-            extra: dict[str, Any] = {"usage": None} if include_usage else {}
             echoed = [not echo for _ in streams]
             offsets = [0 for _ in streams]
 
@@ -140,6 +147,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
                 }
                 if update is not None and want_prompt_logprobs and update.prompt_logprobs is not None:
                     c["prompt_logprobs"] = vllm_prompt_logprobs(update.prompt_logprobs, as_ids)
+                extra: dict[str, Any] = {}
+                if include_usage:
+                    extra["usage"] = total_usage(choices) if continuous else None
                 return sse({**head, "choices": [c], **extra})
 
             try:

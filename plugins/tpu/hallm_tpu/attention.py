@@ -31,10 +31,23 @@ def write_kv(cache: Any, layer: Any, key: Any, value: Any, slots: Any) -> Any:
     cache [L, 2, NB, BS, Hkv, D]; key, value [T, Hkv, D]; slots int32 [T]. Returns the new cache
     (in place under buffer donation).
     """
+    import jax.numpy as jnp
+    from jax import lax
+
     block_size = cache.shape[3]
     blocks, offsets = slots // block_size, slots % block_size
-    cache = cache.at[layer, 0, blocks, offsets].set(key.astype(cache.dtype), mode="drop")
-    return cache.at[layer, 1, blocks, offsets].set(value.astype(cache.dtype), mode="drop")
+    # Scatter the bit patterns: a float scatter may rewrite the other slots of the blocks it
+    # touches (XLA's CPU backend widens bfloat16, turning NaN payloads canonical), and the
+    # cache must hold exact copies.
+    bits = jnp.uint16 if cache.dtype.itemsize == 2 else jnp.uint32
+    raw = lax.bitcast_convert_type(cache, bits)
+    raw = raw.at[layer, 0, blocks, offsets].set(
+        lax.bitcast_convert_type(key.astype(cache.dtype), bits), mode="drop"
+    )
+    raw = raw.at[layer, 1, blocks, offsets].set(
+        lax.bitcast_convert_type(value.astype(cache.dtype), bits), mode="drop"
+    )
+    return lax.bitcast_convert_type(raw, cache.dtype)
 
 
 def padded_table_width(max_blocks_per_req: int) -> int:

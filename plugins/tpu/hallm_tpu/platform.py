@@ -45,11 +45,12 @@ def tpu_device_files() -> list[str]:
 
 
 def visible_chips(env: Mapping[str, str] = os.environ) -> list[int] | None:
-    """The chip ids `TPU_VISIBLE_CHIPS` restricts this process to, None when it is unset.
+    """The chip ids `TPU_VISIBLE_CHIPS` restricts this process to, None when it is unset (set
+    but empty: every chip is hidden).
 
     Raises ValueError for a value that is not a comma-separated list of chip ids."""
     raw = env.get("TPU_VISIBLE_CHIPS")
-    if raw is None or not raw.strip():
+    if raw is None:
         return None
     try:
         return [int(part) for part in raw.split(",") if part.strip()]
@@ -92,9 +93,11 @@ class TpuPlatform(Platform):
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:
-        """None of the core's kind: the JAX worker runs its own paged attention
-        (`hallm_tpu.attention`), chosen by `--attention-backend` (see `update_config`)."""
-        return []
+        """The JAX worker's kernels, by the names `--attention-backend` takes (the worker runs
+        them on device arrays; `hallm_tpu.backends` puts them behind the torch contract)."""
+        from hallm_tpu.backends import JaxPagedAttention, PallasPagedAttention
+
+        return [JaxPagedAttention, PallasPagedAttention]
 
     def memory_info(self, device_index: int = 0) -> tuple[int, int]:
         """(free, total) bytes of the TPU's HBM from JAX's memory statistics; JAX's CPU backend
@@ -148,6 +151,12 @@ class TpuPlatform(Platform):
 def _probe(env: Mapping[str, str]) -> Probe:
     if importlib.util.find_spec("jax") is None or importlib.util.find_spec("jaxlib") is None:
         return Probe(False, "JAX is not installed: pip install 'hallm[tpu]'")
+    try:
+        chips = visible_chips(env)
+    except ValueError as exc:
+        return Probe(False, str(exc))
+    if chips == []:
+        return Probe(False, "TPU_VISIBLE_CHIPS is set but empty: every TPU chip is hidden from this process")
     if jax_cpu_requested(env):
         return Probe(
             True,
@@ -167,10 +176,6 @@ def _probe(env: Mapping[str, str]) -> Probe:
             "no TPU device is visible (no /dev/accel* or /dev/vfio/<group>): this is not a TPU VM, "
             "or the container was started without the TPU devices",
         )
-    try:
-        chips = visible_chips(env)
-    except ValueError as exc:
-        return Probe(False, str(exc))
     if chips is not None:
         missing = [c for c in chips if c >= len(files)]
         if missing:

@@ -42,12 +42,16 @@ def test_probe_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not bad.available and "[7]" in bad.reason
     cpu = probe_with(monkeypatch, {"JAX_PLATFORMS": "cpu"}, libtpu=False, files=[])
     assert cpu.available and cpu.reason.startswith("available: JAX CPU backend, for testing")
+    for env in ({"TPU_VISIBLE_CHIPS": ""}, {"TPU_VISIBLE_CHIPS": "", "JAX_PLATFORMS": "cpu"}):
+        hidden = probe_with(monkeypatch, env, libtpu=True, files=chips)
+        assert not hidden.available and "hidden" in hidden.reason
 
 
 def test_env_parsing() -> None:
     assert jax_cpu_requested({"JAX_PLATFORMS": "cpu"}) and jax_cpu_requested({"JAX_PLATFORMS": " CPU,tpu"})
     assert not jax_cpu_requested({"JAX_PLATFORMS": "tpu,cpu"}) and not jax_cpu_requested({})
     assert visible_chips({}) is None and visible_chips({"TPU_VISIBLE_CHIPS": "1, 2"}) == [1, 2]
+    assert visible_chips({"TPU_VISIBLE_CHIPS": ""}) == []
     with pytest.raises(ValueError, match="TPU_VISIBLE_CHIPS"):
         visible_chips({"TPU_VISIBLE_CHIPS": "one"})
 

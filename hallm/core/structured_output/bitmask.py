@@ -1,0 +1,90 @@
+"""Token masks of grammar-constrained rows: computed on the host by llguidance (one bit per
+token), copied to the device and applied to the logits as plain tensor work (any device).
+
+A request's `GrammarMatcher` follows its output: before each mask it consumes the tokens sampled
+since the previous one (the list the model runner appends to), so a request rebuilt after
+preemption replays its output once and goes on where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hallm.core.structured_output.grammar import compile_grammar, vocabulary_size
+from hallm.core.structured_output.params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+_NEG_INF = float("-inf")
+
+
+class GrammarMatcher:
+    """One request's position in its grammar."""
+
+    def __init__(self, spec: StructuredOutputsParams) -> None:
+        self.matcher: Any = compile_grammar(spec).deep_copy()
+        assert spec.tokenizer is not None  # compile_grammar checked it
+        self.num_words = (vocabulary_size(spec.tokenizer) + 31) // 32
+        self.num_consumed = 0
+        self._warned = False
+
+    def catch_up(self, output_token_ids: Sequence[int]) -> None:
+        """Consume the output tokens sampled since the last call."""
+        if len(output_token_ids) > self.num_consumed:
+            if not self.matcher.is_stopped():  # past the end (ignore_eos) there is nothing to follow
+                self.matcher.consume_tokens(list(output_token_ids[self.num_consumed :]))
+            self.num_consumed = len(output_token_ids)
+
+    def fill(self, row: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
+        """Write the allowed tokens into `row` (a contiguous int32 CPU tensor of words)."""
+        if self.matcher.is_stopped() or self.matcher.is_error():
+            # Stopped: the grammar is complete, only EOS may follow. An error cannot happen with
+            # masked sampling; if it does, end the request rather than emit junk.
+            if self.matcher.is_error() and not self._warned:
+                logger.warning("grammar matcher failed (%s); ending the request", self.matcher.get_error())
+                self._warned = True
+            row.zero_()
+            as_bytes = row.view(torch.uint8)  # little-endian words: token t is bit t % 8 of byte t // 8
+            for t in eos_token_ids:
+                if t < as_bytes.numel() * 8:
+                    as_bytes[t // 8] |= 1 << (t % 8)
+            return
+        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+
+
+def grammar_bitmask(
+    matchers: Sequence[GrammarMatcher],
+    outputs: Sequence[Sequence[int]],
+    eos_token_ids: Sequence[frozenset[int]],
+) -> torch.Tensor:
+    """[M, W] int32 (CPU) allowed-token bits of M constrained rows, after catching up each matcher."""
+    words = max(m.num_words for m in matchers)
+    mask = torch.zeros((len(matchers), words), dtype=torch.int32)
+    for i, (matcher, output, eos) in enumerate(zip(matchers, outputs, eos_token_ids, strict=True)):
+        matcher.catch_up(output)
+        matcher.fill(mask[i, : matcher.num_words], eos)
+    return mask
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor
+) -> torch.Tensor:
+    """Set disallowed tokens to -inf, in place. logits: [N, V] float; rows: [M] long (None: all N
+    rows, in order); bitmask: [M, W] int32 on logits' device, bit t%32 of word t//32 = token t.
+    Tokens beyond 32*W are disallowed."""
+    m, words = bitmask.shape
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(m, words * 32).bool()  # [M, 32W]
+    if words * 32 >= vocab:
+        allowed = allowed[:, :vocab]
+    else:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - words * 32), value=False)
+    if rows is None:
+        return logits.masked_fill_(~allowed, _NEG_INF)
+    sub = logits.index_select(0, rows).masked_fill_(~allowed, _NEG_INF)
+    return logits.index_copy_(0, rows, sub)
