@@ -91,7 +91,9 @@ class TritonPagedAttention(AttentionBackend):
         if tensors is None:
             from hallm.ops.testing import layout_tensors
 
-            tensors = layout_tensors(layout, "cuda" if torch.cuda.is_available() else "cpu")
+            # a host-only layout (tests, the kit): its tensors on this process's accelerator
+            accelerator = torch.accelerator.current_accelerator()
+            tensors = layout_tensors(layout, accelerator if accelerator is not None else "cpu")
         return TritonAttentionMetadata(
             num_reqs=layout.num_reqs,
             num_tokens=layout.num_tokens,

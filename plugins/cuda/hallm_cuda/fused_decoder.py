@@ -22,7 +22,7 @@ import torch
 
 from hallm.ops.triton.target import TritonTarget
 from hallm.platforms.ops import DecoderStackWeights
-from hallm_cuda.ops import SKINNY_DTYPES, SKINNY_ROWS, skinny_input_rows
+from hallm_cuda.skinny import SKINNY_DTYPES, SKINNY_ROWS, skinny_input_rows
 
 #: Largest qkv weight the fused launch takes.
 FUSED_MAX_WEIGHT_BYTES = 24 << 20

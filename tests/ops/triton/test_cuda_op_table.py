@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 pytest.importorskip("hallm_cuda")
 
 from hallm_cuda.fused_decoder import FusedDecoderStack
-from hallm_cuda.ops import SKINNY_ROWS, SkinnyLinear, cuda_op_table, linear_op
+from hallm_cuda.ops import cuda_op_table
+from hallm_cuda.skinny import SKINNY_ROWS, SkinnyLinear, linear_op
 
 from hallm.core.layers.op_context import building_with
 from hallm.core.model_loader import load_model
