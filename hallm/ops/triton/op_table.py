@@ -1,4 +1,5 @@
-"""The CUDA plugin's op table: hallm's Triton kernels for the ops of hallm's layers.
+"""An op table of hallm's Triton kernels for the ops of hallm's layers, for any GPU Triton
+compiles for: the CUDA and ROCm plugins pass their device's `TritonTarget`.
 
 Each elementwise entry replaces a chain of small PyTorch kernels with one launch
 (`hallm.ops.triton.fused`): on a GPU a small model's decode step is launch-bound, not
@@ -7,7 +8,7 @@ most SKINNY_ROWS rows through the skinny GEMM (`hallm.ops.triton.skinny_gemm`), 
 the weight once with every row in one tensor-core dot and launches with programmatic dependent
 launch where the GPU has it; bigger weights and bigger steps stay with cuBLAS, which is faster
 there (benchmarks/results/gpu.md). The Llama-family decoder stack of small models folds each
-layer's input RMSNorm and rotary into its qkv projection (`hallm_cuda.fused_decoder`).
+layer's input RMSNorm and rotary into its qkv projection (`hallm.ops.triton.fused_decoder`).
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def linear_op(target: TritonTarget) -> LinearOp:
     return make
 
 
-def cuda_op_table(target: TritonTarget) -> OpTable:
+def triton_op_table(target: TritonTarget) -> OpTable:
+    """The table for `target` (on the GPU, `x.is_cuda` holds for CUDA and HIP tensors alike)."""
     from hallm.ops.triton import fused
-    from hallm_cuda.fused_decoder import decoder_stack
+    from hallm.ops.triton.fused_decoder import decoder_stack
 
     return OpTable(
         rms_norm=functools.partial(fused.rms_norm, target=target),

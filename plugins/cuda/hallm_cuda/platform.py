@@ -246,13 +246,13 @@ class CudaPlatform(Platform):
         return self._target
 
     def op_table(self) -> OpTable:
-        """hallm's Triton kernels for the layers' ops (`hallm_cuda.ops`)."""
-        from hallm_cuda.ops import cuda_op_table
+        """hallm's Triton kernels for the layers' ops (`hallm.ops.triton.op_table`)."""
+        from hallm.ops.triton.op_table import triton_op_table
 
-        return cuda_op_table(self.triton_target())
+        return triton_op_table(self.triton_target())
 
     def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
-        """CUDA graphs of decode steps for padded batch sizes (see `hallm_cuda.graphs`)."""
-        from hallm_cuda.graphs import capture_decode_graphs
+        """CUDA graphs of decode steps for padded batch sizes (see `hallm.ops.torch_graphs`)."""
+        from hallm.ops.torch_graphs import capture_decode_graphs
 
         return capture_decode_graphs(target)
