@@ -1,7 +1,7 @@
 """What the CUDA and ROCm platforms share: torch's `torch.cuda` API, which a ROCm build of torch
-also speaks (there `torch.cuda` is HIP), and the reading of which build torch is.
+also speaks (there `torch.cuda` is HIP), and the reading of which build torch is (also hallm-xpu's).
 
-`torch_build_versions()` answers (torch.version.cuda, torch.version.hip) without importing
+`torch_build(name)` answers torch.version.cuda / .hip / .xpu without importing
 torch when it is not loaded yet, so a probe stays cheap and leaves the device runtime
 uninitialized. `TorchCudaRuntime` is the device-runtime half of a Platform for either build
 (device, memory, seeding, synchronization through `torch.cuda`). Importing this module imports
@@ -19,16 +19,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchCudaRuntime", "torch_build_versions", "version_field"]
+__all__ = ["TorchCudaRuntime", "torch_build", "torch_build_versions", "version_field"]
 
 
 def torch_build_versions() -> tuple[str | None, str | None]:
-    """(torch.version.cuda, torch.version.hip) of the installed torch, importing torch only if
-    it is already loaded or its version file cannot be read. (None, None): a build for neither
-    (CPU-only, XPU). Raises ModuleNotFoundError when torch is not installed."""
+    """(torch.version.cuda, torch.version.hip) of the installed torch (see `torch_build`).
+    (None, None): a build for neither (CPU-only, XPU). Raises ModuleNotFoundError when torch is
+    not installed."""
+    return torch_build("cuda"), torch_build("hip")
+
+
+def torch_build(name: str) -> str | None:
+    """`torch.version.<name>` ("cuda", "hip", "xpu") of the installed torch, importing torch only
+    if it is already loaded or its version file cannot be read. Raises ModuleNotFoundError when
+    torch is not installed."""
     loaded = sys.modules.get("torch")
     if loaded is not None:
-        return getattr(loaded.version, "cuda", None), getattr(loaded.version, "hip", None)
+        return getattr(loaded.version, name, None)
     spec = importlib.util.find_spec("torch")
     if spec is None:
         raise ModuleNotFoundError("torch is not installed")
@@ -37,10 +44,10 @@ def torch_build_versions() -> tuple[str | None, str | None]:
             text = (Path(folder) / "version.py").read_text()
         except OSError:
             continue
-        return version_field(text, "cuda"), version_field(text, "hip")
+        return version_field(text, name)
     import torch
 
-    return torch.version.cuda, getattr(torch.version, "hip", None)
+    return getattr(torch.version, name, None)
 
 
 def version_field(text: str, name: str) -> str | None:
