@@ -5,8 +5,10 @@ same run and alternates them, round after round, so the machine's drift (other l
 bandwidth that moves by tens of percent within minutes) hits both alike. Each round runs each
 tree's `--step` worker in its own subprocess (PYTHONPATH points at that tree); a worker loads
 the model once and times decode steps of `batch` requests at a 128-token context:
-(time of 1 + N output tokens - time of 1 output token) / N. It prints every round and the
-median step of each tree with the ratio after / before.
+(time of 1 + N output tokens - time of 1 output token) / N, in wall time and in the process's
+CPU time (which other load on the machine moves far less; with --threads 1 there is no
+spin-waiting either). It prints every round and the median step of each tree with the ratios
+after / before.
 
     .venv/bin/python benchmarks/cpu_ab.py --before /tmp/before --after . [--model smollm2]
         [--dtypes float32,bfloat16] [--batches 1,32] [--rounds 3]
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def step_worker(model: str, dtype: str, batch: int, steps: int) -> None:
@@ -40,24 +43,32 @@ def step_worker(model: str, dtype: str, batch: int, steps: int) -> None:
     )
     prompts = [{"prompt_token_ids": [(7 * i + 13 * r) % 1000 + 10 for i in range(128)]} for r in range(batch)]
 
-    def timed(n: int) -> float:
-        t = time.perf_counter()
+    def timed(n: int) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         params = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
         llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     timed(4)  # warm-up
     prefill = min(timed(1) for _ in range(2))
-    step = (timed(1 + steps) - prefill) / steps
-    print(json.dumps({"step_ms": step * 1e3}))
+    run = timed(1 + steps)
+    print(
+        json.dumps(
+            {"step_ms": (run[0] - prefill[0]) / steps * 1e3, "cpu_ms": (run[1] - prefill[1]) / steps * 1e3}
+        )
+    )
 
 
-def run_tree(tree: Path, model: str, dtype: str, batch: int, steps: int) -> float:
+def run_tree(
+    tree: Path, model: str, dtype: str, batch: int, steps: int, threads: int | None
+) -> dict[str, float]:
     paths = [tree, tree / "plugins" / "cpu", tree / "plugins" / "cuda"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p.resolve()) for p in paths)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", model, dtype, str(batch), str(steps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["step_ms"])
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def main() -> None:
@@ -69,6 +80,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the workers (default: torch's)")
     p.add_argument("--step", nargs=4, metavar=("MODEL", "DTYPE", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.step:
@@ -80,33 +92,41 @@ def main() -> None:
     results = []
     for dtype in args.dtypes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            times: dict[str, list[float]] = {"before": [], "after": []}
+            times: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
             for r in range(args.rounds):
                 order = ("before", "after") if r % 2 == 0 else ("after", "before")
                 for label in order:
                     tree = args.before if label == "before" else args.after
-                    times[label].append(run_tree(tree, args.model, dtype, batch, args.steps))
+                    times[label].append(run_tree(tree, args.model, dtype, batch, args.steps, args.threads))
                 print(
                     f"{dtype} batch {batch} round {r}: "
-                    + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in times.items())
+                    + ", ".join(
+                        f"{k} {v[-1]['step_ms']:.2f} ms (cpu {v[-1]['cpu_ms']:.2f})" for k, v in times.items()
+                    ),
+                    flush=True,
                 )
-            row = {
+            row: dict[str, Any] = {
                 "model": args.model,
                 "dtype": dtype,
                 "batch": batch,
-                "before_ms": statistics.median(times["before"]),
-                "after_ms": statistics.median(times["after"]),
-                "rounds": times,
+                "threads": args.threads,
             }
-            row["after_over_before"] = row["after_ms"] / row["before_ms"]
+            for metric in ("step_ms", "cpu_ms"):
+                before = statistics.median(t[metric] for t in times["before"])
+                after = statistics.median(t[metric] for t in times["after"])
+                row[f"before_{metric}"], row[f"after_{metric}"] = before, after
+                row[f"after_over_before_{metric}"] = after / before
             results.append(row)
             print(json.dumps(row), flush=True)
-    print("| dtype | batch | before ms | after ms | after / before |")
-    print("|---|---|---|---|---|")
+    print(
+        "| dtype | batch | before step ms | after step ms | after / before | before CPU ms | after CPU ms | after / before |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['dtype']} | {row['batch']} | {row['before_ms']:.2f} | {row['after_ms']:.2f} | "
-            f"{row['after_over_before']:.3f} |"
+            f"| {row['dtype']} | {row['batch']} | {row['before_step_ms']:.2f} | {row['after_step_ms']:.2f} | "
+            f"{row['after_over_before_step_ms']:.3f} | {row['before_cpu_ms']:.2f} | {row['after_cpu_ms']:.2f} | "
+            f"{row['after_over_before_cpu_ms']:.3f} |"
         )
 
 

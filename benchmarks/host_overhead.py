@@ -37,7 +37,7 @@ PHASES = (
     ("runner state", "hallm.core.model_runner.ModelRunner", "_update_states"),
     ("input build", "hallm.core.input_batch.StepBuffers", "build"),
     ("forward", "hallm.core.model_runner.ModelRunner", "forward"),
-    ("forward", "hallm_cuda.graphs.DecodeGraphs", "replay"),
+    ("forward", "hallm.ops.torch_graphs.DecodeGraphs", "replay"),
     ("logits + sampling", "hallm.core.model_runner.ModelRunner", "_sample"),
     ("resolve", "hallm.core.step_handle.StepHandle", "_finish"),
     ("output processing", "hallm.core.output_processor.OutputProcessor", "process"),

@@ -1,11 +1,13 @@
-"""Compile (not run) every kernel variant for a GPU target: CI's proof that the kernels build.
+"""Compile (not run) every kernel variant for a GPU target: CI's proof that the kernels build,
+for NVIDIA (sm_80, sm_90: hallm-cuda) and AMD (gfx90a, gfx942: hallm-rocm).
 
 `compile_variants(target)` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
 the ptxas in the triton wheel, or AMDGCN -> hsaco) for the variants the launchers in
 `hallm.ops.triton.attention` and `kv_write` produce: the KV write, decode (plain and split-KV), prefill, the
 split-KV reduction, with and without sliding window and soft cap, for each dtype; the fused
 layer kernels and the skinny GEMM. On sm_90+ the kernels compile with programmatic dependent
-launch (`USE_PDL`), as `runtime.pdl_launch` launches them there. It needs no GPU
+launch (`USE_PDL`), as `runtime.pdl_launch` launches them there; never for AMD, whose
+`TritonTarget` has no PDL. AMD targets compile for 64-wide wavefronts. It needs no GPU
 and no driver. Each result carries the kernel's shared-memory use and register count.
 """
 
@@ -26,6 +28,15 @@ from hallm.ops.triton.skinny_launch import CompileVariant
 _SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: Largest dynamic shared memory a block may use on the smallest target we support (sm_86/89).
 SHARED_MEMORY_LIMIT = 99 * 1024
+#: Local data share (LDS) a workgroup may use on gfx90a and gfx942.
+AMD_SHARED_MEMORY_LIMIT = 64 * 1024
+#: AMD architectures compiled for, with their wavefront width (Triton's warp size there).
+AMD_ARCHS = {"gfx90a": 64, "gfx942": 64}
+
+
+def shared_memory_limit(target: str) -> int:
+    """The shared-memory limit of a result's target ("cuda:90", "hip:gfx942")."""
+    return AMD_SHARED_MEMORY_LIMIT if target.startswith("hip:") else SHARED_MEMORY_LIMIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +366,9 @@ def compile_variants(
 
 
 def main(argv: list[str]) -> None:
-    """python -m hallm.ops.triton.compile_check [--ci] [--json] [ARCH ...] (default 80 90)."""
+    """python -m hallm.ops.triton.compile_check [--ci] [--json] [ARCH ...] (default 80 90).
+
+    ARCH: an NVIDIA compute capability (80, 90) or an AMD architecture (gfx90a, gfx942)."""
     import json
     import time
 
@@ -365,12 +378,16 @@ def main(argv: list[str]) -> None:
     rows = []
     for arch in archs:
         start = time.perf_counter()
-        for r in compile_variants("cuda", int(arch), only=CI_SUBSET if ci else None):
+        if arch in AMD_ARCHS:
+            results = compile_variants("hip", arch, AMD_ARCHS[arch], only=CI_SUBSET if ci else None)
+        else:
+            results = compile_variants("cuda", int(arch), only=CI_SUBSET if ci else None)
+        for r in results:
             rows.append(dataclasses.asdict(r))
             if not as_json:
-                print(f"{r.target:8} {r.name:50} shared={r.shared:6d}")
+                print(f"{r.target:12} {r.name:50} shared={r.shared:6d}")
         if not as_json:
-            print(f"sm_{arch}: {time.perf_counter() - start:.1f} s")
+            print(f"{arch}: {time.perf_counter() - start:.1f} s")
     if as_json:
         print(json.dumps(rows))
 

@@ -11,7 +11,7 @@ splits K, and the last program of a column block to finish sums the fp32 partial
 counter, reset for the next launch, so a CUDA graph replays it).
 
 At that size a kernel's launch and dependency wait, not its bytes, set its time, so the decoder
-layer's neighbours of its qkv projection fold into it (`hallm_cuda.fused_decoder.FusedDecoderStack`):
+layer's neighbours of its qkv projection fold into it (`hallm.ops.triton.fused_decoder.FusedDecoderStack`):
 - `RMSNormPrologue`: normalize the rows (after adding the residual, whose sum the first column
   block writes out) before the product, in place of an RMSNorm kernel;
 - `RotaryEpilogue`: NeoX rotate-half of the q and k heads of a fused qkv projection, in place

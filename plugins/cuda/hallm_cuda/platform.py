@@ -1,4 +1,5 @@
-"""`CudaPlatform`: NVIDIA GPUs through PyTorch's CUDA runtime.
+"""`CudaPlatform`: NVIDIA GPUs through PyTorch's CUDA runtime (its `torch.cuda` calls are
+`hallm.ops.torch_cuda_runtime.TorchCudaRuntime`, shared with hallm-rocm).
 
 The probe is cheap and leaves CUDA uninitialized in the calling process: it reads the torch
 build's CUDA version from `torch/version.py` without importing torch when torch is not loaded
@@ -11,19 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.util
 import os
-import re
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from hallm.ops.torch_cuda_runtime import TorchCudaRuntime, torch_build_versions
 from hallm.platforms import API_VERSION, Capabilities, Platform, Probe
 
 if TYPE_CHECKING:
-    import torch
-
     from hallm.ops.triton.target import TritonTarget
     from hallm.platforms import AttentionBackend
     from hallm.platforms.graphs import StepGraphRunner, StepGraphTarget
@@ -36,35 +32,8 @@ MIN_CAPABILITY = (7, 5)
 #: Compute capability from which kernels launch with programmatic dependent launch (Hopper).
 PDL_MIN_CAPABILITY = (9, 0)
 
-
-def torch_cuda_version() -> tuple[str | None, str | None]:
-    """(torch.version.cuda, torch.version.hip) of the installed torch, importing torch only if
-    it is already loaded or its version file cannot be read. (None, None): a CPU-only build.
-    Raises ModuleNotFoundError when torch is not installed."""
-    loaded = sys.modules.get("torch")
-    if loaded is not None:
-        return getattr(loaded.version, "cuda", None), getattr(loaded.version, "hip", None)
-    spec = importlib.util.find_spec("torch")
-    if spec is None:
-        raise ModuleNotFoundError("torch is not installed")
-    for folder in spec.submodule_search_locations or ():
-        try:
-            text = (Path(folder) / "version.py").read_text()
-        except OSError:
-            continue
-        return _version_field(text, "cuda"), _version_field(text, "hip")
-    import torch
-
-    return torch.version.cuda, getattr(torch.version, "hip", None)
-
-
-def _version_field(text: str, name: str) -> str | None:
-    """The value of `name = '...'` (or `name: ... = ...`) in torch/version.py; None for None."""
-    match = re.search(rf"^{name}\s*(?::[^=]*)?=\s*(.+?)\s*$", text, re.MULTILINE)
-    if match is None:
-        return None
-    value = match.group(1).strip().strip("'\"")
-    return None if value in ("None", "") else value
+#: (torch.version.cuda, torch.version.hip), read without importing torch.
+torch_cuda_version = torch_build_versions
 
 
 def driver_library() -> str | None:
@@ -91,7 +60,7 @@ def device_count() -> int:
     return int(torch.cuda.device_count())
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(TorchCudaRuntime, Platform):
     """NVIDIA GPUs: bf16 (sm_80+), fp16, fp32; Triton paged attention; CUDA graphs for decode."""
 
     name: ClassVar[str] = "cuda"
@@ -179,58 +148,11 @@ class CudaPlatform(Platform):
 
     # ---- device runtime -------------------------------------------------------------------
 
-    def device(self, index: int = 0) -> torch.device:
-        import torch
-
-        return torch.device("cuda", index)
-
     def device_name(self, index: int = 0) -> str:
         import torch
 
         major, minor = self.compute_capability(index)
         return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
-
-    def set_device(self, index: int) -> None:
-        import torch
-
-        torch.cuda.set_device(index)
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
-        import torch
-
-        free, total = torch.cuda.mem_get_info(device_index)
-        return int(free), int(total)
-
-    def empty_cache(self) -> None:
-        import torch
-
-        torch.cuda.empty_cache()
-
-    def manual_seed(self, seed: int) -> None:
-        import torch
-
-        torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-        torch.cuda.manual_seed_all(seed)
-
-    def peak_memory_bytes(self) -> int | None:
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-
-    def allocated_memory_bytes(self) -> int | None:
-        import torch
-
-        return int(torch.cuda.memory_allocated())
-
-    def reset_peak_memory(self) -> None:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
 
     # ---- engine hooks -----------------------------------------------------------------------
 
@@ -246,13 +168,13 @@ class CudaPlatform(Platform):
         return self._target
 
     def op_table(self) -> OpTable:
-        """hallm's Triton kernels for the layers' ops (`hallm_cuda.ops`)."""
-        from hallm_cuda.ops import cuda_op_table
+        """hallm's Triton kernels for the layers' ops (`hallm.ops.triton.op_table`)."""
+        from hallm.ops.triton.op_table import triton_op_table
 
-        return cuda_op_table(self.triton_target())
+        return triton_op_table(self.triton_target())
 
     def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
-        """CUDA graphs of decode steps for padded batch sizes (see `hallm_cuda.graphs`)."""
-        from hallm_cuda.graphs import capture_decode_graphs
+        """CUDA graphs of decode steps for padded batch sizes (see `hallm.ops.torch_graphs`)."""
+        from hallm.ops.torch_graphs import capture_decode_graphs
 
         return capture_decode_graphs(target)

@@ -1,5 +1,5 @@
-"""The decode-graph runner (hallm_cuda.graphs) without a GPU: what it captures, how a replay of a
-smaller batch pads the buffers, and that a failing capture is an error naming its cause.
+"""The decode-graph runner (hallm.ops.torch_graphs, which CudaPlatform.step_graphs returns) without
+a GPU: what it captures, how a replay of a smaller batch pads the buffers, and that a failing capture is an error naming its cause.
 
 A stand-in graph replays by running the captured forward again over the same persistent buffers,
 which is what a CUDA graph's replay does; the real capture runs in tests/gpu on the GPU machine.
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hallm_cuda.graphs import DecodeGraphs, capture_decode_graphs, capture_sizes
 
+from hallm.ops.torch_graphs import DecodeGraphs, capture_decode_graphs, capture_sizes
 from hallm.platforms.graphs import StepInputBuffers
 
 MAX_REQS, MAX_BLOCKS = 8, 4
@@ -94,7 +94,7 @@ def test_buckets_take_the_smallest_captured_size() -> None:
 
 
 def test_a_failing_capture_is_an_error_that_names_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hallm_cuda.graphs as graphs_mod
+    import hallm.ops.torch_graphs as graphs_mod
 
     monkeypatch.setattr(graphs_mod, "DecodeGraphs", RerunGraphs)
     with pytest.raises(RuntimeError, match=r"OutOfMemoryError: no memory left.*--enforce-eager"):

@@ -12,8 +12,9 @@ from importlib.metadata import entry_points
 
 import pytest
 from hallm_cuda import platform as cuda_platform
-from hallm_cuda.platform import CudaPlatform, _version_field, torch_cuda_version
+from hallm_cuda.platform import CudaPlatform, torch_cuda_version
 
+from hallm.ops.torch_cuda_runtime import version_field as _version_field
 from hallm.platforms import API_VERSION, Capabilities, DeviceSelectionError, Probe
 
 

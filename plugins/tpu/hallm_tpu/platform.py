@@ -89,7 +89,8 @@ class TpuPlatform(Platform):
             graph_capture=False,  # jit compiles every step shape at start-up instead
             max_world_size=1,
             torch_compile=False,
-            pin_memory=False,
+            # The worker runs each step to the end (sampling on the host): no execute_async.
+            async_scheduling=False,
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:

@@ -61,7 +61,6 @@ class TpuWorker:
             config.scheduler.max_num_seqs,
             self.max_blocks_per_req,
             self.host,
-            pin=False,
         )
         self.model: Any = None
         self.kv_cache: Any = None
@@ -294,7 +293,9 @@ class TpuWorker:
             None if lp is None else (lp.token_ids.tolist(), lp.logprobs.tolist(), lp.sampled_rank.tolist())
         )
         for j, st in enumerate(states):
-            st.append_token(tokens[j])
+            st.token_ids[st.num_tokens] = tokens[j]
+            st.num_tokens += 1
+            st.output_token_ids.append(tokens[j])  # also the sampling state's list
             output.sampled_token_ids[st.req_id] = tokens[j]
             if lp_host is not None and st.params.logprobs is not None:
                 k = st.params.logprobs + 1

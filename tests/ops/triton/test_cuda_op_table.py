@@ -1,6 +1,6 @@
-"""hallm-cuda's op table (hallm_cuda.ops, hallm_cuda.fused_decoder) in Triton's interpreter: models
-built with it compute what models built with the references compute, and each entry takes
-exactly the layers and steps it is meant to."""
+"""The Triton op table of hallm-cuda and hallm-rocm (hallm.ops.triton.op_table, fused_decoder) in
+Triton's interpreter: models built with it compute what models built with the references
+compute, and each entry takes exactly the layers and steps it is meant to."""
 
 from __future__ import annotations
 
@@ -12,20 +12,18 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-pytest.importorskip("hallm_cuda")
-
-from hallm_cuda.fused_decoder import FusedDecoderStack
-from hallm_cuda.ops import cuda_op_table
-from hallm_cuda.skinny import SKINNY_ROWS, SkinnyLinear, linear_op
 
 from hallm.core.layers.op_context import building_with
 from hallm.core.model_loader import load_model
 from hallm.core.model_loader.loader import prepare_kernels
+from hallm.ops.triton.fused_decoder import FusedDecoderStack
+from hallm.ops.triton.op_table import triton_op_table
+from hallm.ops.triton.skinny_linear import SKINNY_ROWS, SkinnyLinear, linear_op
 from hallm.ops.triton.target import GENERIC
 from hallm.platforms.ops import LinearWeights
 from tests.utils.paged_forward import PagedRunner, _ReferenceBackend
 
-TABLE = cuda_op_table(GENERIC)
+TABLE = triton_op_table(GENERIC)
 
 
 def test_the_table_reproduces_a_real_tiny_model(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +120,7 @@ def test_the_fused_stack_reproduces_the_model(monkeypatch) -> None:  # type: ign
     real_rms_norm = kernels.rms_norm
     monkeypatch.setattr(kernels, "rms_norm", lambda *a, **kw: norms.append(1) or real_rms_norm(*a, **kw))
     plain = PagedRunner(_qwen2_model(0, None), backend_cls=_ReferenceBackend)
-    fused = PagedRunner(_qwen2_model(0, cuda_op_table(GENERIC)), backend_cls=_ReferenceBackend)
+    fused = PagedRunner(_qwen2_model(0, triton_op_table(GENERIC)), backend_cls=_ReferenceBackend)
     assert isinstance(fused.model.model.stack, FusedDecoderStack)
     assert sorted(n for n, _ in fused.model.named_parameters()) == sorted(
         n for n, _ in plain.model.named_parameters()

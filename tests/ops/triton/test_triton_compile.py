@@ -1,9 +1,10 @@
-"""Every kernel code path compiles to a cubin for sm_80 and sm_90 without a GPU.
+"""Every kernel code path compiles to a cubin for sm_80 and sm_90 (hallm-cuda) and to an hsaco
+for gfx90a and gfx942 (hallm-rocm, through Triton's HIP backend) without a GPU.
 
 Triton's full pipeline (down to ptxas, shipped in the triton wheel) runs in a subprocess with the
 interpreter off (this test session runs triton in interpreter mode; see conftest.py). A kernel
 that cannot compile, or that needs more shared memory than an sm_86/sm_89 block may have, fails
-here. `python -m hallm.ops.triton.compile_check` compiles every variant (all dtypes, two head
+here (for AMD: more than a workgroup's 64 KiB of LDS). `python -m hallm.ops.triton.compile_check` compiles every variant (all dtypes, two head
 shapes); the GPU script runs that.
 """
 
@@ -19,11 +20,10 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.fixture(scope="module")
-def compiled() -> list[dict]:
+def _compile(*archs: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "hallm.ops.triton.compile_check", "--ci", "--json", "80", "90"],
+        [sys.executable, "-m", "hallm.ops.triton.compile_check", "--ci", "--json", *archs],
         capture_output=True,
         text=True,
         env=env,
@@ -34,11 +34,39 @@ def compiled() -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch", ["cuda:80", "cuda:90"])
-def test_every_ci_variant_compiles(compiled: list[dict], arch: str) -> None:
-    from hallm.ops.triton.compile_check import CI_SUBSET, SHARED_MEMORY_LIMIT
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    return _compile("80", "90")
 
-    got = {r["name"]: r for r in compiled if r["target"] == arch}
+
+@pytest.fixture(scope="module")
+def compiled_amd() -> list[dict]:
+    return _compile("gfx90a", "gfx942")
+
+
+def _check(results: list[dict], arch: str) -> None:
+    from hallm.ops.triton.compile_check import CI_SUBSET, shared_memory_limit
+
+    got = {r["name"]: r for r in results if r["target"] == arch}
     assert sorted(got) == sorted(CI_SUBSET)
     for name, r in got.items():
-        assert 0 <= r["shared"] <= SHARED_MEMORY_LIMIT, f"{name}: {r['shared']} bytes of shared memory"
+        limit = shared_memory_limit(arch)
+        assert 0 <= r["shared"] <= limit, f"{name}: {r['shared']} bytes of shared memory > {limit}"
+
+
+@pytest.mark.parametrize("arch", ["cuda:80", "cuda:90"])
+def test_every_ci_variant_compiles(compiled: list[dict], arch: str) -> None:
+    _check(compiled, arch)
+
+
+@pytest.mark.parametrize("arch", ["hip:gfx90a", "hip:gfx942"])
+def test_every_ci_variant_compiles_for_amd(compiled_amd: list[dict], arch: str) -> None:
+    """The kernels hallm-rocm launches (the same variants, no PDL) lower for both AMD targets."""
+    _check(compiled_amd, arch)
+
+
+def test_shared_memory_limits_by_target() -> None:
+    from hallm.ops.triton.compile_check import shared_memory_limit
+
+    assert shared_memory_limit("hip:gfx942") == 64 * 1024
+    assert shared_memory_limit("cuda:80") == 99 * 1024

@@ -1,5 +1,5 @@
 """The Llama-family decoder stack with each layer's input RMSNorm and rotary embedding folded
-into its qkv projection: the CUDA op table's `llama_decoder_stack`.
+into its qkv projection: the Triton op table's `llama_decoder_stack`.
 
 A layer run one op at a time launches, per decode step, RMSNorm, qkv, rotary, (KV write +
 attention), o, RMSNorm, gate/up, SiLU-and-mul and down; for a small model each launch and its
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from hallm.ops.triton.skinny_linear import SKINNY_DTYPES, SKINNY_ROWS, skinny_input_rows
 from hallm.ops.triton.target import TritonTarget
 from hallm.platforms.ops import DecoderStackWeights
-from hallm_cuda.skinny import SKINNY_DTYPES, SKINNY_ROWS, skinny_input_rows
 
 #: Largest qkv weight the fused launch takes.
 FUSED_MAX_WEIGHT_BYTES = 24 << 20

@@ -1,9 +1,10 @@
-"""Linear layers over few rows through the skinny GEMM: the CUDA op table's `linear` entry.
+"""Linear layers over few rows through the skinny GEMM: the Triton op table's `linear` entry.
 
 Linear layers whose weight is at most SKINNY_MAX_WEIGHT_BYTES run steps of at most SKINNY_ROWS
 rows through `hallm.ops.triton.skinny_gemm`, which streams the weight once with every row in one
 tensor-core dot and launches with programmatic dependent launch where the GPU has it; bigger
-weights and bigger steps stay with cuBLAS, which is faster there (benchmarks/results/gpu.md).
+weights and bigger steps stay with cuBLAS (or its HIP counterpart), which is faster there
+(benchmarks/results/gpu.md).
 """
 
 from __future__ import annotations

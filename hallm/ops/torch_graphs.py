@@ -1,6 +1,8 @@
-"""CUDA graphs of decode steps, captured for padded batch sizes.
+"""Device graphs of decode steps, captured for padded batch sizes, through `torch.cuda`'s graph API.
 
-`capture_decode_graphs(target)` is what `CudaPlatform.step_graphs` returns: after the KV cache
+One runner serves the platforms whose torch build speaks that API: CUDA graphs on a CUDA build
+and HIP graphs on a ROCm build (where `torch.cuda` is HIP). `capture_decode_graphs(target)` is
+what their `step_graphs` returns: after the KV cache
 exists, it captures one graph per batch size in `capture_sizes` (largest first, sharing one
 memory pool). Each graph runs the model runner's forward of a decode step (every request has one
 new token) reading only its persistent device inputs (`StepGraphTarget.inputs`), so a replay
@@ -30,7 +32,7 @@ import torch
 from hallm.platforms import BatchLayout, LayoutTensors
 from hallm.platforms.graphs import StepGraphTarget
 
-logger = logging.getLogger("hallm.cuda.graphs")
+logger = logging.getLogger("hallm.ops.graphs")
 
 #: Largest decode batch captured (larger steps run eagerly).
 MAX_CAPTURE_SIZE = 512
@@ -52,17 +54,17 @@ def capture_decode_graphs(target: StepGraphTarget, sizes: list[int] | None = Non
     Raises RuntimeError naming the cause when a capture fails."""
     unsafe = sorted({type(b).name for b in target.backends if not type(b).graph_safe})
     if unsafe:
-        logger.info("CUDA graphs off: attention backend(s) %s are not graph-safe", unsafe)
+        logger.info("decode graphs off: attention backend(s) %s are not graph-safe", unsafe)
         return None
     if target.inputs is None:
-        logger.info("CUDA graphs off: the model runner has no device input buffers")
+        logger.info("decode graphs off: the model runner has no device input buffers")
         return None
     max_reqs = min(target.max_num_reqs, target.max_num_tokens)
     try:
         return DecodeGraphs(target, sizes or capture_sizes(max_reqs))
     except Exception as exc:
         raise RuntimeError(
-            f"capturing the decode CUDA graphs failed: {type(exc).__name__}: {exc}. "
+            f"capturing the decode graphs failed: {type(exc).__name__}: {exc}. "
             "Run with --enforce-eager to decode without graphs, and report this error."
         ) from exc
 
@@ -95,7 +97,7 @@ class DecodeGraphs:
                 self._capture(size, pool)
         self._synchronize()
         logger.info(
-            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+            "captured %d decode graphs (batch sizes %s) in %.1f s",
             len(self.sizes),
             self.sizes,
             time.perf_counter() - start,
