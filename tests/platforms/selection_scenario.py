@@ -24,6 +24,22 @@ def outcome(fn: Callable[[], Any]) -> dict[str, Any]:
         return {"ok": False, "type": type(exc).__name__, "message": str(exc), "cause": repr(exc.__cause__)}
 
 
+def without_distribution(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) while importlib.metadata lists no entry point of distribution `name`."""
+    from importlib import metadata
+
+    real = metadata.entry_points
+
+    def entry_points(**select: Any) -> list[metadata.EntryPoint]:
+        return [ep for ep in real(**select) if ep.dist is None or ep.dist.metadata["Name"] != name]
+
+    metadata.entry_points = entry_points  # type: ignore[assignment]
+    try:
+        return fn(*args)
+    finally:
+        metadata.entry_points = real
+
+
 def modules(*names: str) -> dict[str, bool]:
     return {name: name in sys.modules for name in names}
 
@@ -66,7 +82,11 @@ def main() -> None:
         "count_after": len(pm.get_plugins()),
     }
 
-    results["unknown_first_party"] = outcome(lambda: registry.select_platform("rocm"))
+    # hallm-rocm is installed in the dev environment: hide its distribution to see what a user
+    # without it is told.
+    results["unknown_first_party"] = outcome(
+        lambda: without_distribution("hallm-rocm", registry.select_platform, "rocm")
+    )
     results["unknown_vendor"] = outcome(lambda: registry.select_platform("acme9"))
     results["unavailable"] = outcome(lambda: registry.select_platform("offdev"))
     results["broken"] = outcome(lambda: registry.select_platform("broken"))

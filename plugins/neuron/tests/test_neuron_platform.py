@@ -102,3 +102,12 @@ def test_explicit_device_selection_says_why_neuron_is_unusable() -> None:
 
     with pytest.raises(DeviceSelectionError, match=r"not usable here.*Neuron"):
         select_platform("neuron")
+
+
+def test_the_hallm_extra_resolves_to_this_distribution() -> None:
+    """pip install 'hallm[neuron]' installs hallm-neuron: the core's metadata names it under the extra."""
+    from importlib.metadata import distribution, requires
+
+    assert 'hallm-neuron; extra == "neuron"' in (requires("hallm") or [])
+    dist = distribution("hallm-neuron")
+    assert [ep.name for ep in dist.entry_points if ep.group == "hallm.platforms"] == ["neuron"]

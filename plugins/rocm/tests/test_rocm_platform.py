@@ -217,3 +217,12 @@ def test_attention_and_op_table_run_the_shared_kernels_with_this_target(
     want = reference_rms_norm(x, w, 1e-6, residual)
     assert isinstance(got, tuple) and isinstance(want, tuple)
     assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(got, want, strict=True))
+
+
+def test_the_hallm_extra_resolves_to_this_distribution() -> None:
+    """pip install 'hallm[rocm]' installs hallm-rocm: the core's metadata names it under the extra."""
+    from importlib.metadata import distribution, requires
+
+    assert 'hallm-rocm; extra == "rocm"' in (requires("hallm") or [])
+    dist = distribution("hallm-rocm")
+    assert [ep.name for ep in dist.entry_points if ep.group == "hallm.platforms"] == ["rocm"]

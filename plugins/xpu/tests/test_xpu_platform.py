@@ -200,3 +200,12 @@ def test_explicit_device_selection_says_why_xpu_is_unusable() -> None:
 
     with pytest.raises(DeviceSelectionError, match=r"not usable here.*XPU build"):
         select_platform("xpu")
+
+
+def test_the_hallm_extra_resolves_to_this_distribution() -> None:
+    """pip install 'hallm[xpu]' installs hallm-xpu: the core's metadata names it under the extra."""
+    from importlib.metadata import distribution, requires
+
+    assert 'hallm-xpu; extra == "xpu"' in (requires("hallm") or [])
+    dist = distribution("hallm-xpu")
+    assert [ep.name for ep in dist.entry_points if ep.group == "hallm.platforms"] == ["xpu"]
