@@ -242,8 +242,9 @@ def _inverse_cdf_sample(probs: torch.Tensor, generators: dict[int, torch.Generat
     """The first token whose cumulative mass exceeds U * (row mass), U ~ U[0, 1), found in two
     levels: the chunk of `_CDF_CHUNK` tokens holding the target, from a float64 cumsum of the
     chunks' float32 sums (a vectorized pass over [N, V]), then the token within that chunk, from
-    a float64 cumsum of its [N, C] slice. A float64 cumsum over all of [N, V] (one thread, ~5 ns
-    a token) took 24 ms at [32, 151936] on a 2-core CPU, against ~1 ms for this.
+    a float64 cumsum of its [N, C] slice. A float64 cumsum over all of [N, V] runs on one thread,
+    a few ns a token: tens of ms for a batch of 32 over a 150k vocabulary, where this takes about
+    one (benchmarks/results/cpu.md).
 
     Each target is kept strictly below the mass it searches, and a token of zero mass leaves a
     cumsum unchanged, so neither a past-the-end index nor a masked token can come out (a chunk
