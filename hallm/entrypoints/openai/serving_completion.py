@@ -172,8 +172,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
                         or has_logprobs
                         or (want_prompt_logprobs and update.prompt_logprobs is not None)
                     ):
-                        rows = output_rows(update.logprobs or []) if want_logprobs else None
-                        yield chunk(i, update.text, rows, update)
+                        out_rows = output_rows(update.logprobs or []) if want_logprobs else None
+                        yield chunk(i, update.text, out_rows, update)
                 if include_usage:
                     yield sse({**head, "choices": [], "usage": total_usage(choices)})
             except Exception as exc:
