@@ -257,7 +257,8 @@ def test_one_raising_dtype_is_one_cause_with_its_frame(kit: KitRunner) -> None:
     (cause,) = run.report["failure_causes"]
     assert cause["count"] == len(failing) and "NotImplementedError: bfloat16 kernels" in cause["cause"]
     assert "Traceback" not in run.output and run.output.count("NotImplementedError") < 10, run.output[-4000:]
-    assert len(run.output.splitlines()) < 150, run.output[-4000:]
+    # a line or two per failing test plus the matrix, never a traceback's dozens per test
+    assert len(run.output.splitlines()) < 100 + 3 * len(failing), run.output[-4000:]
 
 
 def test_a_run_without_the_device_says_so_and_is_not_a_pass(kit: KitRunner) -> None:
