@@ -3,7 +3,9 @@
 The last resort of a platform without a kernel of its own for a layer (hallm-xpu without
 Intel's Triton backend or IPEX, hallm-neuron on the XLA device): correct everywhere torch runs,
 and slow. Lengths come from the step's host arrays, so `forward` reads nothing back from the
-device; the block table and slot mapping are the runner's device tensors.
+device; the block table and slot mapping are the runner's device tensors. The step's gather
+indices are planned once, in `build_metadata`, and shared by every layer. hallm-cpu's fallback
+backend is this class under its own name.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from hallm.ops import reference
+from hallm.ops.reference import PagedAttentionPlan
 from hallm.platforms import FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP, AttentionBackend, BatchLayout
 
 __all__ = ["ReferenceAttention", "ReferenceMetadata"]
@@ -29,6 +32,7 @@ class ReferenceMetadata:
     context_lens: np.ndarray  # int32 [num_reqs]
     block_tables: torch.Tensor  # int32 [num_reqs, max_blocks_per_req]
     slot_mapping: torch.Tensor  # int64 [num_tokens]; < 0: padding token, not written
+    plan: PagedAttentionPlan | None = None  # the step's gather indices (`build_metadata` plans them)
 
 
 class ReferenceAttention(AttentionBackend):
@@ -40,6 +44,16 @@ class ReferenceAttention(AttentionBackend):
 
     @classmethod
     def build_metadata(cls, layout: BatchLayout) -> ReferenceMetadata:
+        """The step's layout and its gather indices, planned once for every layer."""
+        meta = cls.layout_metadata(layout)
+        plan = reference.plan_paged_attention(
+            meta.query_start_loc, meta.seq_lens, meta.context_lens, meta.block_tables, layout.block_size
+        )
+        return dataclasses.replace(meta, plan=plan)
+
+    @classmethod
+    def layout_metadata(cls, layout: BatchLayout) -> ReferenceMetadata:
+        """The step's layout without a plan (for a backend that only needs the lengths)."""
         t = layout.tensors
         return ReferenceMetadata(
             query_start_loc=layout.query_start_loc,
@@ -59,13 +73,10 @@ class ReferenceAttention(AttentionBackend):
         out: torch.Tensor,
     ) -> torch.Tensor:
         reference.write_kv(key, value, kv_cache, metadata.slot_mapping)
-        return reference.paged_attention(
+        return reference.paged_attention_with_plan(
             query,
             kv_cache,
-            metadata.query_start_loc,
-            metadata.seq_lens,
-            metadata.context_lens,
-            metadata.block_tables,
+            metadata.plan,
             self.spec.scale,
             self.spec.num_kv_heads,
             sliding_window=self.spec.sliding_window,

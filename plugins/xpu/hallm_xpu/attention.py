@@ -67,7 +67,7 @@ class IpexPagedAttention(AttentionBackend):
 
     @classmethod
     def build_metadata(cls, layout: Any) -> ReferenceMetadata:
-        return ReferenceAttention.build_metadata(layout)
+        return ReferenceAttention.layout_metadata(layout)
 
     def forward(
         self,
