@@ -338,8 +338,8 @@ def paged_attention(
         return out
     q_per_kv = num_heads // num_kv_heads
     decode_only = max_query_len <= 1
-    cfg = config or kernel_config(query.dtype, head_size, q_per_kv, decode_only)
-    auto = split_kv_segments(num_reqs, num_kv_heads, max_query_len)
+    cfg = config or kernel_config(query.dtype, head_size, q_per_kv, decode_only, target)
+    auto = split_kv_segments(num_reqs, num_kv_heads, max_query_len, target)
     if split_kv is None:
         split_kv = auto > 1
     segments = (num_segments or max(auto, 2)) if split_kv else 1

@@ -1,14 +1,15 @@
 """Compile (not run) every kernel variant for a GPU target: CI's proof that the kernels build,
 for NVIDIA (sm_80, sm_90: hallm-cuda) and AMD (gfx90a, gfx942: hallm-rocm).
 
-`compile_variants(target)` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
+`compile_variants(arch)` runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
 the ptxas in the triton wheel, or AMDGCN -> hsaco) for the variants the launchers in
 `hallm.ops.triton.attention` and `kv_write` produce: the KV write, decode (plain and split-KV), prefill, the
 split-KV reduction, with and without sliding window and soft cap, for each dtype; the fused
 layer kernels and the skinny GEMM. On sm_90+ the kernels compile with programmatic dependent
 launch (`USE_PDL`), as `runtime.pdl_launch` launches them there; never for AMD, whose
-`TritonTarget` has no PDL. AMD targets compile for 64-wide wavefronts. It needs no GPU
-and no driver. Each result carries the kernel's shared-memory use and register count.
+`TritonTarget` has no PDL. Each variant has the launch parameters the plugin would pick on a
+representative GPU of the architecture (`compile_target`: threads per program in warps of 32 or
+64-wide wavefronts, split-K and split-KV from its SM or CU count). It needs no GPU and no driver. Each result carries the kernel's shared-memory use and register count.
 """
 
 from __future__ import annotations
@@ -24,14 +25,34 @@ from hallm.ops.triton import skinny_gemm, skinny_launch
 from hallm.ops.triton.attention import jit_kernels
 from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
 from hallm.ops.triton.skinny_launch import CompileVariant
+from hallm.ops.triton.target import (
+    AMD_ARCHS,
+    GENERIC,
+    NVIDIA_SHARED_MEMORY,
+    TUNED_SMS,
+    TritonTarget,
+    amd_target,
+)
 
 _SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: Largest dynamic shared memory a block may use on the smallest target we support (sm_86/89).
-SHARED_MEMORY_LIMIT = 99 * 1024
+SHARED_MEMORY_LIMIT = NVIDIA_SHARED_MEMORY
 #: Local data share (LDS) a workgroup may use on gfx90a and gfx942.
 AMD_SHARED_MEMORY_LIMIT = 64 * 1024
-#: AMD architectures compiled for, with their wavefront width (Triton's warp size there).
-AMD_ARCHS = {"gfx90a": 64, "gfx942": 64}
+#: Compute units of the GPU each AMD architecture is compiled for (an MI250X die, an MI300X):
+#: launch shapes (split-K, split-KV) follow from them as hallm-rocm's would on that GPU.
+AMD_COMPILE_CUS = {"gfx90a": 110, "gfx942": 304}
+#: SMs of the GPU each NVIDIA capability is compiled for (an A100, an H100/H200).
+NVIDIA_COMPILE_SMS = {80: 108, 90: 132}
+
+
+def compile_target(arch: int | str) -> TritonTarget:
+    """The launch target a compile check builds for: an NVIDIA capability (80, 90) or an AMD
+    architecture ("gfx90a", "gfx942"), as hallm-cuda / hallm-rocm would describe that GPU."""
+    if str(arch) in AMD_ARCHS:
+        return amd_target(str(arch), AMD_COMPILE_CUS[str(arch)])
+    cap = int(arch)
+    return TritonTarget(num_sms=NVIDIA_COMPILE_SMS.get(cap, TUNED_SMS), pdl=cap >= 90)
 
 
 def shared_memory_limit(target: str) -> int:
@@ -98,10 +119,11 @@ def _attention_variant(
     window: bool,
     soft_cap: bool,
     merge_in_kernel: bool = True,
+    target: TritonTarget = GENERIC,
 ) -> tuple[dict[str, str], dict[str, Any], dict[str, int]]:
     t = _SIG_DTYPE[dtype]
     q_per_kv = num_heads // num_kv_heads
-    cfg = kernel_config(dtype, head_size, q_per_kv, decode_only)
+    cfg = kernel_config(dtype, head_size, q_per_kv, decode_only, target)
     meta = attention_constexprs(
         cfg, q_per_kv, head_size, decode_only, SPLIT_KV_SEGMENTS if split else 1, merge_in_kernel
     )
@@ -147,8 +169,10 @@ def variants(
     dtypes: Iterable[torch.dtype] = (torch.bfloat16, torch.float16, torch.float32),
     shapes: Iterable[tuple[int, int, int]] = ((14, 2, 64), (32, 8, 128)),
     block_size: int = 16,
+    target: TritonTarget = GENERIC,
 ) -> list[CompileVariant]:
-    """(name, kernel, signature, constexprs, options) for every variant the launchers use.
+    """(name, kernel, signature, constexprs, options) for every variant the launchers use,
+    with the launch parameters they use on `target`.
 
     shapes: (num_heads, num_kv_heads, head_size), by default Qwen2.5-0.5B's and Llama-3-8B's.
     """
@@ -180,7 +204,7 @@ def variants(
                         "HEAD_SIZE": head_size,
                         "BLOCK_HD": triton.next_power_of_2(num_kv_heads * head_size),
                     },
-                    {"num_warps": 4},
+                    {"num_warps": target.warps(128 if num_kv_heads * head_size >= 512 else 32)},
                 )
             )
             for name, decode_only, split, merge in (
@@ -200,10 +224,11 @@ def variants(
                     False,
                     False,
                     merge,
+                    target,
                 )
                 out.append((f"attention-{name}-{tag}", k.attention, sig, ce, opts))
             sig, ce, opts = _attention_variant(
-                dtype, num_heads, num_kv_heads, head_size, block_size, False, False, True, True
+                dtype, num_heads, num_kv_heads, head_size, block_size, False, False, True, True, True, target
             )
             out.append((f"attention-prefill-window-softcap-{tag}", k.attention, sig, ce, opts))
             out.append(
@@ -226,22 +251,21 @@ def variants(
                         "HEAD_PAD": head_pad(head_size),
                         "NUM_SEGMENTS": SPLIT_KV_SEGMENTS,
                     },
-                    {"num_warps": 4},
+                    {"num_warps": target.warps(128)},
                 )
             )
-    out.extend(_fused_variants(tuple(dtypes)))
+    out.extend(_fused_variants(tuple(dtypes), target))
     out.extend(
         skinny_launch.compile_variants(
             skinny_gemm.jit_kernels().skinny_gemm,
             tuple(_SIG_DTYPE[d] for d in dtypes if d != torch.float32),
+            target,
         )
     )
     return out
 
 
-def _fused_variants(
-    dtypes: tuple[torch.dtype, ...],
-) -> list[CompileVariant]:
+def _fused_variants(dtypes: tuple[torch.dtype, ...], target: TritonTarget) -> list[CompileVariant]:
     from hallm.ops.triton import fused
 
     k = fused.jit_kernels()
@@ -267,7 +291,7 @@ def _fused_variants(
                         "eps": "fp32",
                     },
                     {"N": hidden, "BLOCK": block, "HAS_RESIDUAL": True},
-                    {"num_warps": min(16, max(1, block // 256))},
+                    {"num_warps": target.warps(min(512, max(32, block // 8)))},
                 )
             )
         for hq, hk, d in ((14, 2, 64), (32, 8, 128)):
@@ -297,7 +321,7 @@ def _fused_variants(
                         "HALF_PAD": d // 2,
                         "REST_PAD": 0,
                     },
-                    {"num_warps": 4},
+                    {"num_warps": target.warps(128)},
                 )
             )
         out.append(
@@ -306,7 +330,7 @@ def _fused_variants(
                 k.silu_and_mul,
                 {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "x_stride": "i32", "out_stride": "i32", "N": "i32"},
                 {"BLOCK": 1024},
-                {"num_warps": 4},
+                {"num_warps": target.warps(128)},
             )
         )
     return out
@@ -336,22 +360,22 @@ CI_SUBSET = (
 
 
 def compile_variants(
-    backend: str = "cuda",
     arch: int | str = 90,
-    warp_size: int = 32,
     only: Iterable[str] | None = None,
     **variant_kwargs: Any,
 ) -> list[Compiled]:
-    """Compile every variant (or those named in `only`) for one target; raises on the first
-    kernel that does not build. Run with TRITON_INTERPRET unset: the interpreter's triton
-    cannot compile."""
-    target = _target(backend, arch, warp_size)
+    """Compile every variant (or those named in `only`) for one GPU (`compile_target(arch)`),
+    with the launch parameters the plugin would use on it; raises on the first kernel that does
+    not build. Run with TRITON_INTERPRET unset: the interpreter's triton cannot compile."""
+    launch = compile_target(arch)
+    backend = launch.backend
+    gpu = _target(backend, arch if backend == "hip" else int(arch), launch.warp_size)
     wanted = set(only) if only is not None else None
     results = []
-    for name, fn, sig, ce, opts in variants(**variant_kwargs):
+    for name, fn, sig, ce, opts in variants(target=launch, **variant_kwargs):
         if wanted is not None and name not in wanted:
             continue
-        compiled = _compile(fn, sig, ce, target, **opts)
+        compiled = _compile(fn, sig, ce, gpu, **opts)
         md = compiled.metadata
         results.append(
             Compiled(
@@ -378,10 +402,7 @@ def main(argv: list[str]) -> None:
     rows = []
     for arch in archs:
         start = time.perf_counter()
-        if arch in AMD_ARCHS:
-            results = compile_variants("hip", arch, AMD_ARCHS[arch], only=CI_SUBSET if ci else None)
-        else:
-            results = compile_variants("cuda", int(arch), only=CI_SUBSET if ci else None)
+        results = compile_variants(arch if arch in AMD_ARCHS else int(arch), only=CI_SUBSET if ci else None)
         for r in results:
             rows.append(dataclasses.asdict(r))
             if not as_json:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
-from hallm.ops.triton.target import TritonTarget
+from hallm.ops.triton.target import TritonTarget, warps_for
 
 
 def _rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -173,7 +173,7 @@ def rms_norm(
             N=n,
             BLOCK=block,
             HAS_RESIDUAL=residual is not None,
-            num_warps=min(16, max(1, block // 256)),
+            num_warps=warps_for(target, min(512, max(32, block // 8))),
             **pdl_launch(target),
         )
     out = out.view(x.shape)
@@ -218,7 +218,7 @@ def rotary(
             H_PAD=triton.next_power_of_2(max(hq, hk)),
             HALF_PAD=triton.next_power_of_2(half),
             REST_PAD=triton.next_power_of_2(rest) if rest > 0 else 0,
-            num_warps=4,
+            num_warps=warps_for(target, 128),
             **pdl_launch(target),
         )
     return q_out, k_out
@@ -232,6 +232,13 @@ def silu_and_mul(x: torch.Tensor, target: TritonTarget | None = None) -> torch.T
     if rows.shape[0]:
         block = min(1024, triton.next_power_of_2(n))
         _kernels(interpreting()).silu_and_mul[(rows.shape[0], triton.cdiv(n, block))](
-            rows, out, rows.stride(0), out.stride(0), n, BLOCK=block, num_warps=4, **pdl_launch(target)
+            rows,
+            out,
+            rows.stride(0),
+            out.stride(0),
+            n,
+            BLOCK=block,
+            num_warps=warps_for(target, 128),
+            **pdl_launch(target),
         )
     return out.view(*x.shape[:-1], n)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
-from hallm.ops.triton.target import TritonTarget
+from hallm.ops.triton.target import TritonTarget, warps_for
 
 
 def _write_kv_kernel(  # type: ignore[no-untyped-def]
@@ -106,6 +106,6 @@ def write_kv(
         NUM_KV_HEADS=num_kv_heads,
         HEAD_SIZE=head_size,
         BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_size),
-        num_warps=4 if num_kv_heads * head_size >= 512 else 1,
+        num_warps=warps_for(target, 128 if num_kv_heads * head_size >= 512 else 32),
         **pdl_launch(target),
     )

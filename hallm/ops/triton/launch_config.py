@@ -12,13 +12,18 @@ import dataclasses
 import torch
 import triton
 
+from hallm.ops.triton.target import GENERIC, TritonTarget
+
 #: Most segments the split-KV path uses (a power of two).
 SPLIT_KV_SEGMENTS = 16
 #: Decode-only steps launching fewer (request, KV head) programs than this use split-KV...
 SPLIT_KV_MAX_PROGRAMS = 256
-#: ...with enough segments to launch about this many programs (a few per SM of a GPU with
-#: ~130 SMs).
+#: ...with enough segments to launch about this many programs (a few per SM). Both counts are
+#: for a GPU of `target.TUNED_SMS` SMs and scale with the target's (`TritonTarget.scaled`).
 SPLIT_KV_TARGET_PROGRAMS = 512
+#: Threads per attention program (4 warps on NVIDIA, 2 wavefronts on AMD): the tiles below were
+#: tuned at this many.
+ATTENTION_THREADS = 128
 #: Split-KV steps with at most this many segments merge them in the attention launch; with more
 #: (the smallest batches), the last program's pass over the partials is a serial tail that
 #: measured slower than a second kernel launched with PDL (benchmarks/results/gpu.md).
@@ -48,23 +53,35 @@ def head_pad(head_size: int) -> int:
     return max(16, triton.next_power_of_2(head_size))
 
 
-def kernel_config(dtype: torch.dtype, head_size: int, num_q_per_kv: int, decode_only: bool) -> KernelConfig:
+def kernel_config(
+    dtype: torch.dtype,
+    head_size: int,
+    num_q_per_kv: int,
+    decode_only: bool,
+    target: TritonTarget | None = None,
+) -> KernelConfig:
     """The tile shape for a step: short query tiles for decode, taller ones when prefill is present.
 
     Decode streams keys/values: long KV tiles (128 positions at head size <= 64, 64 at 128: the
     fastest in the tile sweep, benchmarks/results/gpu.md). Shared memory stays under ~96 KB for every
-    dtype and head size up to 256, so the same configuration compiles for sm_80/86/89/90.
+    dtype and head size up to 256, so the same configuration compiles for sm_80/86/89/90 and
+    fits AMD's 64 KiB of LDS (the compile checks hold every variant to its target's limit).
+    The program has ATTENTION_THREADS threads on every target (`TritonTarget.warps`).
     """
+    target = target or GENERIC
+    warps = target.warps(ATTENTION_THREADS)
     rows = triton.next_power_of_2(num_q_per_kv)
     pad = head_pad(head_size)
     wide = dtype == torch.float32 or pad > 128
     if decode_only:
         tile_n = 32 if wide else (128 if pad <= 64 else 64)
-        return KernelConfig(block_m=max(16, rows), tile_n=tile_n, num_warps=4, num_stages=2)
-    return KernelConfig(block_m=max(64 if not wide else 32, rows), tile_n=32, num_warps=4, num_stages=2)
+        return KernelConfig(block_m=max(16, rows), tile_n=tile_n, num_warps=warps, num_stages=2)
+    return KernelConfig(block_m=max(64 if not wide else 32, rows), tile_n=32, num_warps=warps, num_stages=2)
 
 
-def split_kv_segments(num_reqs: int, num_kv_heads: int, max_query_len: int) -> int:
+def split_kv_segments(
+    num_reqs: int, num_kv_heads: int, max_query_len: int, target: TritonTarget | None = None
+) -> int:
     """KV segments per (request, KV head) for a step; 1 = no split.
 
     Decode-only steps that launch too few programs to fill the GPU split each request's KV range
@@ -73,15 +90,19 @@ def split_kv_segments(num_reqs: int, num_kv_heads: int, max_query_len: int) -> i
     """
     if max_query_len > 1:
         return 1
+    target = target or GENERIC
     programs = max(1, num_reqs * num_kv_heads)
-    if programs >= SPLIT_KV_MAX_PROGRAMS:
+    if programs >= target.scaled(SPLIT_KV_MAX_PROGRAMS):
         return 1
-    return min(SPLIT_KV_SEGMENTS, triton.next_power_of_2(-(-SPLIT_KV_TARGET_PROGRAMS // programs)))
+    wanted = target.scaled(SPLIT_KV_TARGET_PROGRAMS)
+    return min(SPLIT_KV_SEGMENTS, triton.next_power_of_2(-(-wanted // programs)))
 
 
-def use_split_kv(num_reqs: int, num_kv_heads: int, max_query_len: int) -> bool:
+def use_split_kv(
+    num_reqs: int, num_kv_heads: int, max_query_len: int, target: TritonTarget | None = None
+) -> bool:
     """Whether a step uses split-KV (see `split_kv_segments`)."""
-    return split_kv_segments(num_reqs, num_kv_heads, max_query_len) > 1
+    return split_kv_segments(num_reqs, num_kv_heads, max_query_len, target) > 1
 
 
 def merges_in_kernel(num_segments: int) -> bool:

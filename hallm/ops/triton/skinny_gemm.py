@@ -43,7 +43,7 @@ from hallm.ops.triton.skinny_launch import (
     skinny_config,
     split_k_of,
 )
-from hallm.ops.triton.target import GENERIC, TritonTarget
+from hallm.ops.triton.target import TritonTarget
 
 # the launch's configuration lives in skinny_launch; these names are this module's API too
 __all__ = [
@@ -292,8 +292,7 @@ def skinny_linear(
         raise ValueError(f"norm weight {tuple(norm.weight.shape)} must be [{k}]")
     if m == 0:
         return (out, res_out) if residual is not None else out
-    num_sms = (target or GENERIC).num_sms
-    cfg = config or skinny_config(m, n, k, num_sms, paired=rotary is not None)
+    cfg = config or skinny_config(m, n, k, target, paired=rotary is not None)
     if cfg.block_m < m or cfg.block_n < 16:
         raise ValueError(f"{cfg} must tile {m} rows (block_m >= rows) with block_n >= 16")
     if rotary is not None:

@@ -13,12 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from hallm.ops.triton.target import GENERIC
+from hallm.ops.triton.target import GENERIC, TritonTarget
 
 #: Most activation rows the kernel takes; larger steps are GEMMs (use cuBLAS).
 MAX_ROWS = 64
 #: Programs per SM a launch aims for before it splits K.
 _PROGRAMS_PER_SM = 2
+#: Threads per skinny-GEMM program (4 warps on NVIDIA, 2 wavefronts on AMD), as tuned.
+SKINNY_THREADS = 128
 _MAX_SPLIT_K = 8
 
 #: The EPILOGUE constexpr: the plain product, or the rotary embedding of the q and k heads.
@@ -69,7 +71,7 @@ class SkinnyConfig:
 
 
 def skinny_config(
-    m: int, n: int, k: int, num_sms: int = GENERIC.num_sms, paired: bool = False
+    m: int, n: int, k: int, target: TritonTarget | None = None, paired: bool = False
 ) -> SkinnyConfig:
     """Tiles for M rows x N outputs x K inputs; a K split when the column blocks leave SMs idle.
 
@@ -78,7 +80,10 @@ def skinny_config(
     program takes several): the fused decoder stack's launches are latency-bound, and a program
     whose weights are one tile loads all of them before its dependency wait, so after it only
     the (L2-resident) activations and the partials' merge remain. Decided from shapes only
-    (host ints fixed for a captured batch size)."""
+    (host ints fixed for a captured batch size). A program has SKINNY_THREADS threads on
+    every target (`TritonTarget.warps`)."""
+    target = target or GENERIC
+    warps = target.warps(SKINNY_THREADS)
     block_m = max(16, triton.next_power_of_2(m))
     block_k = 256 if block_m <= 16 else 128  # (BLOCK_M + 2 BLOCK_N) x BLOCK_K x 3 stages < 99 KB
     block_n = 16
@@ -87,13 +92,13 @@ def skinny_config(
         # one iteration has nothing to pipeline: a single stage measured faster at decode sizes
         # (the fused decoder layer's launches in benchmarks/results/gpu.md)
         stages = 1 if split * block_k >= k else 3
-        return SkinnyConfig(block_m, block_n, block_k, split_k=split, num_stages=stages)
+        return SkinnyConfig(block_m, block_n, block_k, split_k=split, num_warps=warps, num_stages=stages)
     col_blocks = triton.cdiv(n, block_n)
     split = 1
-    target = _PROGRAMS_PER_SM * num_sms
-    while split < _MAX_SPLIT_K and col_blocks * split < target and k // (2 * split * block_k) >= 2:
+    programs = _PROGRAMS_PER_SM * target.num_sms
+    while split < _MAX_SPLIT_K and col_blocks * split < programs and k // (2 * split * block_k) >= 2:
         split *= 2
-    return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
+    return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split, num_warps=warps)
 
 
 def counters_for(n: int, device: torch.device | str) -> torch.Tensor:
@@ -162,13 +167,15 @@ def split_k_of(cfg: SkinnyConfig, k: int) -> tuple[int, int]:
     return k_per_split, triton.cdiv(k, k_per_split)
 
 
-def compile_variants(kernel: Any, sig_dtypes: tuple[str, ...]) -> list[CompileVariant]:
+def compile_variants(
+    kernel: Any, sig_dtypes: tuple[str, ...], target: TritonTarget | None = None
+) -> list[CompileVariant]:
     """`compile_check`'s variants of the skinny GEMM `kernel` (`skinny_gemm.jit_kernels()`), for
     16-bit dtypes named as in a Triton signature ("bf16", "fp16"). The kernel as `skinny_linear`
     launches it (its pointer stand-ins and constexprs): 1 and 64 rows, split-K (Qwen2.5-0.5B's
     down projection), with bias (its qkv); and as the fused decoder stack launches it: qkv with
     the RMSNorm prologue (with the residual add, and without it: the first layer) and the
-    rotary epilogue."""
+    rotary epilogue. Launch shapes as on `target` (None: `GENERIC`)."""
     out: list[CompileVariant] = []
     # Qwen2.5-0.5B's heads: 64 dims, 14 q + 2 k rotated
     rotary = RotaryEpilogue(torch.empty(0), torch.empty(0), 1.0, 64, 16)
@@ -182,7 +189,7 @@ def compile_variants(kernel: Any, sig_dtypes: tuple[str, ...]) -> list[CompileVa
     for t in sig_dtypes:
         for rows in (1, 64):
             for label, n, kk, bias, epilogue, norm, residual in shapes:
-                cfg = skinny_config(rows, n, kk, paired=epilogue == ROTARY)
+                cfg = skinny_config(rows, n, kk, target, paired=epilogue == ROTARY)
                 _, split_k = split_k_of(cfg, kk)
                 present = {"x_ptr": t, "w_ptr": t, "out_ptr": t}
                 if bias:

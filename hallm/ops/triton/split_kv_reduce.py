@@ -16,7 +16,7 @@ import triton.language as tl
 
 from hallm.ops.triton.launch_config import head_pad
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
-from hallm.ops.triton.target import TritonTarget
+from hallm.ops.triton.target import TritonTarget, warps_for
 
 
 def _reduce_kernel(  # type: ignore[no-untyped-def]
@@ -91,6 +91,6 @@ def merge_segments(
         HEAD_SIZE=head_size,
         HEAD_PAD=head_pad(head_size),
         NUM_SEGMENTS=num_segments,
-        num_warps=4,
+        num_warps=warps_for(target, 128),
         **pdl_launch(target),
     )

@@ -147,15 +147,16 @@ class RocmPlatform(TorchCudaRuntime, Platform):
     # ---- engine hooks -----------------------------------------------------------------------
 
     def triton_target(self) -> TritonTarget:
-        """Device 0's compute units; no programmatic dependent launch (a CUDA sm_90 feature that
-        HIP does not have), by construction."""
+        """Device 0 as a Triton target: its compute units, the architecture's 64-wide wavefront
+        and 64 KiB of LDS (`hallm.ops.triton.target.amd_target`); no programmatic dependent
+        launch, a CUDA feature that a HIP target refuses by construction."""
         if self._target is None:
             import torch
 
-            from hallm.ops.triton.target import TritonTarget
+            from hallm.ops.triton.target import amd_target
 
             cus = int(torch.cuda.get_device_properties(0).multi_processor_count)
-            self._target = TritonTarget(num_sms=cus, pdl=False)
+            self._target = amd_target(self.arch(0), cus)
         return self._target
 
     def op_table(self) -> OpTable:

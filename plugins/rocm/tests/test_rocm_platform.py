@@ -170,6 +170,12 @@ def test_triton_target_has_the_cu_count_and_never_pdl(monkeypatch: pytest.Monkey
     platform = RocmPlatform()
     target = platform.triton_target()
     assert target.num_sms == 304 and target.pdl is False
+    # the launch parameters follow from the architecture's facts: 64-wide wavefronts, 64 KiB LDS
+    assert (target.backend, target.warp_size, target.shared_memory_bytes) == ("hip", 64, 64 * 1024)
+    from hallm.ops.triton.target import TritonTarget
+
+    with pytest.raises(ValueError, match="programmatic dependent launch is a CUDA feature"):
+        TritonTarget(num_sms=304, pdl=True, backend="hip", warp_size=64)
     from hallm.ops.triton.runtime import pdl_launch
 
     assert pdl_launch(target) == {"USE_PDL": False}
