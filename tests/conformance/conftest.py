@@ -56,6 +56,12 @@ def build_site(site: Path) -> Path:
             {"hallm.platforms": {device_id: module}},
             {f"{module}.py": fakes.plugin_module(device_id, backend, **kwargs)},  # type: ignore[arg-type]
         )
+    write_dist(
+        site,
+        "hallm-rocminterp",
+        {"hallm.platforms": {"rocminterp": "rocminterp_plugin"}},
+        {"rocminterp_plugin.py": fakes.ROCM_INTERPRETED},
+    )
     return site
 
 
@@ -104,7 +110,16 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "graphsclaimed": ("cli", ["--device", "graphsclaimed", "--level", "0"]),
     "raiser": ("cli", ["--device", "raiser", "--level", "1", "--quick"]),
     "absent": ("cli", ["--device", "absent", "--level", "1", "--quick"]),
+    "rocminterp": ("cli", ["--device", "rocminterp", "--quick", "--xfails", "{rocm_xfails}"]),
 }
+
+#: Known failures of hallm-rocm's kernels in Triton's interpreter: its float32 -> bfloat16 cast
+#: truncates (GPUs round to nearest even), which biases every bf16 store; over a whole model
+#: that moves one greedy token of the tiny llama off the CPU's top two. Strict: if the
+#: interpreter's rounding is fixed, the unexpected pass fails the run and this entry goes.
+ROCM_INTERPRETER_XFAILS = """\
+test_l3_end_to_end.py::test_greedy_matches_cpu[llama-bfloat16]  the interpreter truncates float32 -> bf16 casts (not RTNE as on GPUs)
+"""
 
 #: Known failures of `badgqa` (everything with 8 query heads over 2 KV heads), plus one entry
 #: that matches a passing test: the run must fail on that unexpected pass alone.
@@ -144,7 +159,9 @@ class KitRunner:
         report = self.workdir / f"{name}.json"
         xfails = self.workdir / "badgqa-xfails.txt"
         xfails.write_text(BADGQA_XFAILS)
-        args = [a.replace("{xfails}", str(xfails)) for a in args]
+        rocm_xfails = self.workdir / "rocm-xfails.txt"
+        rocm_xfails.write_text(ROCM_INTERPRETER_XFAILS)
+        args = [a.replace("{xfails}", str(xfails)).replace("{rocm_xfails}", str(rocm_xfails)) for a in args]
         if mode == "cli":
             cmd = [
                 sys.executable,
@@ -169,7 +186,9 @@ class KitRunner:
     def get(self, name: str) -> KitRun:
         if not self.futures:
             # Slowest first, so the pool stays busy to the end.
-            for run in sorted(RUNS, key=lambda n: n not in ("cpu", "template", "escaped", "fakegood")):
+            for run in sorted(
+                RUNS, key=lambda n: n not in ("rocminterp", "cpu", "template", "escaped", "fakegood")
+            ):
                 self.futures[run] = self.pool.submit(self._run, run)
         return self.futures[name].result()
 

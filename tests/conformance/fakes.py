@@ -318,6 +318,65 @@ def hallm_kv_connectors():
     return hooks
 
 
+#: hallm-rocm's platform with its Triton kernels and launch parameters (an MI300X: gfx942, 304
+#: CUs, 64-wide wavefronts) on the host CPU through Triton's interpreter: what of the rocm plugin
+#: the kit can check without an AMD GPU. Only the device runtime (torch.cuda, which is HIP on a
+#: ROCm build) is the host's; everything the kernels see is the plugin's.
+ROCM_INTERPRETED = """
+import os
+
+from hallm.platforms import Capabilities, Platform, Probe, hookimpl
+
+
+def _platform():
+    from hallm_rocm.platform import RocmPlatform
+
+    class RocmInterpreted(RocmPlatform):
+        name = "rocminterp"
+        device_type = "cpu"
+        dist_backend = "gloo"
+        visible_devices_env = None
+        ray_resource = None
+        auto_priority = -100
+
+        @classmethod
+        def probe(cls):
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return Probe(False, "set TRITON_INTERPRET=1: this device runs hallm-rocm's kernels in Triton's interpreter")
+            return Probe(True, "hallm-rocm's Triton kernels for gfx942 in Triton's interpreter", 1)
+
+        def arch(self, index=0):
+            return "gfx942"
+
+        def triton_target(self):
+            from hallm.ops.triton.target import amd_target
+
+            return amd_target("gfx942", 304)
+
+        def capabilities(self):
+            return Capabilities(dtypes=("float32", "bfloat16"), kv_cache_dtypes=("auto",), graph_capture=False)
+
+        def device_name(self, index=0):
+            return "gfx942 launches (MI300X, 304 CUs) in Triton's interpreter on the host CPU"
+
+        def step_graphs(self, target):
+            return None
+
+        def memory_info(self, device_index=0):
+            return (4 << 30, 8 << 30)
+
+    # the host's runtime, not torch.cuda's (this process has no GPU)
+    for name in ("device", "set_device", "synchronize", "empty_cache", "manual_seed", "peak_memory_bytes",
+                 "allocated_memory_bytes", "reset_peak_memory"):
+        setattr(RocmInterpreted, name, getattr(Platform, name))
+    return RocmInterpreted
+
+
+@hookimpl
+def hallm_platform():
+    return _platform()
+"""
+
 #: A device runtime that, like every torch device extension, pulls in torch when imported.
 ACME_RUNTIME = "import torch  # noqa: F401\nINITIALIZED = True\n"
 #: The core function the `badpatch` plugin replaces when asked for its platform.
