@@ -22,6 +22,7 @@ from hallm.platforms.ops import BoundLinear, DecoderStackWeights
 from hallm_cpu import native
 from hallm_cpu.attention import CpuNativeAttention
 from hallm_cpu.linear import CpuLinear
+from hallm_cpu.memory import empty_weight
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -87,8 +88,9 @@ class CpuDecoderStack:
 
         A batch-1 step streams every panel once, so it runs at copy bandwidth; with the panels
         wherever the allocator left them as layers were prepared, the same call measured 14-27%
-        slower than with them back to back (benchmarks/results/cpu.md). Each old panel is freed
-        as it is copied, so the peak memory stays about one panel above the weights."""
+        slower than with them back to back (benchmarks/results/cpu.md). The buffer is advised as
+        huge pages (`hallm_cpu.memory`). Each old panel is freed as it is copied, so the peak
+        memory stays about one panel above the weights."""
         kernels = [
             lin.kernel
             for layer in self.weights.layers
@@ -98,7 +100,7 @@ class CpuDecoderStack:
         panels = [k.packed for k in kernels if k.packed is not None]
         if len({p.dtype for p in panels}) != 1:
             return
-        arena = torch.empty(sum(p.numel() for p in panels), dtype=panels[0].dtype)
+        arena = empty_weight((sum(p.numel() for p in panels),), panels[0].dtype)
         del panels
         offset = 0
         for kernel in kernels:

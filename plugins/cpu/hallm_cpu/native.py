@@ -29,6 +29,7 @@ import torch
 
 from hallm.platforms import cache_root, env_flag
 from hallm.platforms.env import CPU_NATIVE
+from hallm_cpu.memory import empty_weight
 
 logger = logging.getLogger("hallm.cpu")
 
@@ -182,7 +183,7 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     w = weight.detach().contiguous()
     lib = _lib()
-    packed = torch.empty((-(-n // PANEL), lib.hallm_packed_k(_dtype(w), k), PANEL), dtype=w.dtype)
+    packed = empty_weight((-(-n // PANEL), lib.hallm_packed_k(_dtype(w), k), PANEL), w.dtype)
     lib.hallm_pack_linear(w.data_ptr(), _dtype(w), n, k, packed.data_ptr())
     return packed
 
