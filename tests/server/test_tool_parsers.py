@@ -127,3 +127,40 @@ def test_tools_reach_the_chat_template() -> None:
     ]
     text = render_chat(tokenizer, messages, add_generation_prompt=False, chat_template=template, tools=tools)
     assert text == "[weather]<user>hi<assistant>weather(Rome)<tool>sunny"
+
+
+def test_required_calls_stream_as_they_are_written() -> None:
+    """tool_choice "required": each call's head as soon as its name closes, its arguments while
+    they are written, whatever the chunking; the arguments parse to what the array holds."""
+    import random
+
+    text = (
+        '[ {"name": "weather", "parameters": {"city": "Ro\\"me", "days": [1, {"y": "}"}]}} ,'
+        ' {"parameters": {}, "name": "noop"}, {"name": "n", "parameters": 5} ]'
+    )
+    expected = [(c["name"], c["parameters"]) for c in json.loads(text)]
+    for seed in range(50):
+        rnd = random.Random(seed)
+        reply = ToolReply("required", None, None, parallel=True)
+        deltas, i, first_name_at = [], 0, None
+        while i < len(text):
+            k = rnd.randint(1, 7)
+            deltas += reply.feed(text[i : i + k])
+            i += k
+            if first_name_at is None and deltas:
+                first_name_at = i
+        deltas += reply.finish()
+        assert first_name_at is not None and first_name_at < text.index('"parameters": {"city"') + 20
+        calls: dict[int, list[str]] = {}
+        for d in deltas:
+            (tc,) = d["tool_calls"]
+            entry = calls.setdefault(tc["index"], ["", ""])
+            entry[0] += tc["function"].get("name", "")
+            entry[1] += tc["function"].get("arguments", "")
+        assert [(n, json.loads(a)) for _, (n, a) in sorted(calls.items())] == expected
+        assert [(c.name, json.loads(c.arguments)) for c in reply.calls] == expected
+    single = ToolReply("required", None, None, parallel=False)
+    deltas = single.feed(text) + single.finish()
+    assert {d["tool_calls"][0]["index"] for d in deltas} == {0} and len(single.calls) == 1
+    plain = ToolReply("required", None, None, parallel=True)
+    assert plain.feed("not json") == [] and plain.finish() == [{"content": "not json"}]

@@ -4,7 +4,8 @@
 - auto: the server's tool-call parser (--tool-call-parser) finds calls the model chose to write.
 - named: the output was constrained to the function's arguments (structured output): it is the
   call's arguments, streamed as argument deltas.
-- required: the output was constrained to a JSON array of {"name", "parameters"}: its calls.
+- required: the output was constrained to a JSON array of {"name", "parameters"}: its calls,
+  streamed as each call's name and argument text arrive (`CallArrayStream`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from typing import Any
 
 from hallm.entrypoints.openai.tool_parsers import ToolCall, ToolCallStream, ToolParser
+from hallm.entrypoints.openai.tool_parsers.call_array_stream import CallArrayStream
 
 
 def _call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
@@ -40,6 +42,7 @@ class ToolReply:
         self.text = ""
         self.calls: list[ToolCall] = []
         self._stream = ToolCallStream(parser) if mode == "auto" and parser is not None else None
+        self._array = CallArrayStream() if mode == "required" else None
 
     def final(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.mode == "named":
@@ -68,8 +71,8 @@ class ToolReply:
             if delta:
                 out.append({"tool_calls": [{"index": 0, "function": {"arguments": delta}}]})
             return out
-        if self.mode == "required":
-            return []  # sent whole at the end, once the array parses
+        if self._array is not None:
+            return self._limit(self._array.feed(delta))
         return [{"content": delta}] if delta else []
 
     def finish(self) -> list[dict[str, Any]]:
@@ -79,11 +82,11 @@ class ToolReply:
             return out
         if self.mode == "named":
             return self.feed("") if not self.calls else []
-        if self.mode == "required":
-            self.calls = _required_calls(self.text)
-            if not self.calls:
+        if self._array is not None:
+            calls = self._array.calls
+            self.calls = calls if self.parallel else calls[:1]
+            if not calls:  # not an array of calls (the constraint was not applied): plain text
                 return [{"content": self.text}] if self.text else []
-            return [d for i, call in enumerate(self.calls) for d in _call_deltas(i, call)]
         return []
 
     def _limit(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
