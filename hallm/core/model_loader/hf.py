@@ -17,12 +17,15 @@ SAFE_SINGLE = "model.safetensors"
 
 
 def load_config(model_dir: str | os.PathLike[str]) -> Any:
-    """The transformers config of an HF model directory (local files only)."""
+    """The transformers config of an HF model directory (local files only); for a multimodal
+    checkpoint with a causal-LM text model, the text config alone (see `text_model_config`)."""
     from transformers import AutoConfig
+
+    from hallm.core.models.registry import text_model_config
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"{model_dir} has no config.json; pass an HF model directory or a .gguf file")
-    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    return text_model_config(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
 
 
 def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
