@@ -4,6 +4,7 @@ published with its nested text config) matches HF's greedy generate."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,21 @@ def test_bloom_asks_for_max_model_len_then_is_refused(tmp_path: Path) -> None:
         LLM(model=str(path), device="cpu", dtype="float32")
     with pytest.raises(ConfigError, match="BloomForCausalLM does not route attention"):
         LLM(model=str(path), device="cpu", dtype="float32", max_model_len=128)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_bad_weight_file_names_the_file(tmp_path: Path, damage: str) -> None:
+    import transformers as tf
+
+    config = tf.OPTConfig(
+        vocab_size=V, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )  # fmt: skip
+    path = _save(config, tmp_path / "opt")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07garbage" * 64)
+    with pytest.raises(
+        ConfigError, match=re.escape(f"weight file {weights} is not a readable safetensors file")
+    ):
+        LLM(model=str(path), device="cpu", dtype="float32")

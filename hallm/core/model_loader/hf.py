@@ -58,14 +58,22 @@ def iterate_safetensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of `files`, read straight onto `device` when safetensors can
     (CUDA, XPU, MPS, ...) and onto the CPU otherwise (the model's `load_weights` copies it over)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     target = str(device)
     for path in files:
         try:
-            handle = safe_open(str(path), framework="pt", device=target)
-        except Exception:  # a device string safetensors does not know: read on CPU
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        with handle as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open handles have keys(), not __iter__
-                yield name, f.get_tensor(name)
+            try:
+                handle = safe_open(str(path), framework="pt", device=target)
+            except SafetensorError:
+                raise
+            except Exception:  # a device string safetensors does not know: read on CPU
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            with handle as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open handles have keys(), not __iter__
+                    yield name, f.get_tensor(name)
+        except SafetensorError as err:
+            raise ConfigError(
+                f"weight file {path} is not a readable safetensors file ({err}); it is truncated or "
+                "corrupt: download it again (or re-save the model with save_pretrained)"
+            ) from err
