@@ -65,8 +65,6 @@ def iterate_safetensors(
         try:
             try:
                 handle = safe_open(str(path), framework="pt", device=target)
-            except SafetensorError:
-                raise
             except Exception:  # a device string safetensors does not know: read on CPU
                 handle = safe_open(str(path), framework="pt", device="cpu")
             with handle as f:
