@@ -162,3 +162,20 @@ def test_bad_weight_file_names_the_file(tmp_path: Path, damage: str) -> None:
         ConfigError, match=re.escape(f"weight file {weights} is not a readable safetensors file")
     ):
         LLM(model=str(path), device="cpu", dtype="float32")
+
+
+def test_missing_tokenizer_files_are_named(tmp_path: Path) -> None:
+    import transformers as tf
+
+    config = tf.OPTConfig(
+        vocab_size=V, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )  # fmt: skip
+    path = _save(config, tmp_path / "opt")
+    for f in path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    with pytest.raises(
+        ConfigError, match=r"has no tokenizer files \(none of .*tokenizer.json.*pass --tokenizer"
+    ):
+        LLM(model=str(path), device="cpu", dtype="float32")
