@@ -121,6 +121,13 @@ def check_admission(
         params.verify_vocab(limits.vocab_size)
     except ValueError as e:
         raise InvalidRequestError(str(e), "logit_bias") from None
+    bad_stop = sorted(t for t in params.stop_token_ids or () if not 0 <= t < limits.vocab_size)
+    if bad_stop:
+        raise InvalidRequestError(
+            f"stop_token_ids must be token ids in [0, {limits.vocab_size}) (the model's vocabulary), got "
+            f"{bad_stop}; the model can never produce them",
+            "stop_token_ids",
+        )
     if params.structured_outputs is not None and limits.tokenizer is not None:
         check_structured_output(params, limits.tokenizer)
 

@@ -142,6 +142,11 @@ class EngineArgs:
 
 
 def _model_context_length(hf_config: Any) -> int | None:
+    text = getattr(hf_config, "get_text_config", None)
+    if callable(text) and text() is not hf_config:  # a nested text model's context length
+        found = _model_context_length(text())
+        if found is not None:
+            return found
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(hf_config, key, None)
         if isinstance(value, int) and value > 0:

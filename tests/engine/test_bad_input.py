@@ -68,6 +68,7 @@ BAD_REQUESTS: dict[str, tuple[Any, SamplingParams | None, str]] = {
     "not a token id": ({"prompt_token_ids": [5, "x"]}, None, "prompt_token_ids"),
     "no prompt in dict": ({"text": "hi"}, None, "prompt_token_ids"),
     "out-of-vocab logit_bias": (GOOD_PROMPT, SamplingParams(logit_bias={VOCAB + 3: 1.0}), "logit_bias"),
+    "out-of-vocab stop_token_ids": (GOOD_PROMPT, SamplingParams(stop_token_ids=[5, VOCAB]), "stop_token_ids"),
 }
 
 

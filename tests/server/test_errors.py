@@ -92,6 +92,12 @@ def error_of(resp: httpx.Response, status: int) -> dict[str, Any]:
             "logit_bias",
             ["logit_bias", "vocab"],
         ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stop_token_ids": [99999]},
+            "stop_token_ids",
+            ["stop_token_ids", "99999", "vocabulary"],
+        ),
         ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools.0.function", ["required"]),
         ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt", ["prompt must be"]),
         ("/v1/completions", {**COMPLETION, "prompt": 5}, "prompt", ["prompt must be"]),

@@ -17,12 +17,15 @@ SAFE_SINGLE = "model.safetensors"
 
 
 def load_config(model_dir: str | os.PathLike[str]) -> Any:
-    """The transformers config of an HF model directory (local files only)."""
+    """The transformers config of an HF model directory (local files only); for a multimodal
+    checkpoint with a causal-LM text model, the text config alone (see `text_model_config`)."""
     from transformers import AutoConfig
+
+    from hallm.core.models.registry import text_model_config
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"{model_dir} has no config.json; pass an HF model directory or a .gguf file")
-    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    return text_model_config(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
 
 
 def safetensors_files(model_dir: str | os.PathLike[str]) -> list[Path]:
@@ -55,14 +58,20 @@ def iterate_safetensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of `files`, read straight onto `device` when safetensors can
     (CUDA, XPU, MPS, ...) and onto the CPU otherwise (the model's `load_weights` copies it over)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     target = str(device)
     for path in files:
         try:
-            handle = safe_open(str(path), framework="pt", device=target)
-        except Exception:  # a device string safetensors does not know: read on CPU
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        with handle as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open handles have keys(), not __iter__
-                yield name, f.get_tensor(name)
+            try:
+                handle = safe_open(str(path), framework="pt", device=target)
+            except Exception:  # a device string safetensors does not know: read on CPU
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            with handle as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open handles have keys(), not __iter__
+                    yield name, f.get_tensor(name)
+        except SafetensorError as err:
+            raise ConfigError(
+                f"weight file {path} is not a readable safetensors file ({err}); it is truncated or "
+                "corrupt: download it again (or re-save the model with save_pretrained)"
+            ) from err

@@ -26,6 +26,7 @@ from torch import nn
 
 from hallm.core.layers.attention import Attention
 from hallm.core.models.interface import CheckpointMismatchError, ModelBase, layer_sliding_window
+from hallm.core.models.registry import TEXT_WEIGHT_PREFIXES
 from hallm.core.models.weights import load_checkpoint_weights
 from hallm.platforms import ConfigError
 
@@ -109,7 +110,56 @@ def _hf_class(config: Any) -> tuple[Any, str | None]:
         return None, f"transformers {transformers.__version__} has no class {name}"
     if not getattr(cls, "_supports_attention_backend", False):
         return None, f"{name} does not route attention through transformers' attention-function interface"
+    reason = _config_refusal(config, name)
+    if reason is not None:
+        return None, reason
     return cls, None
+
+
+def _config_refusal(config: Any, class_name: str) -> str | None:
+    """Why a config the generic path could build would not run exactly, or None (config alone)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    if getattr(config, "kv_lora_rank", None) is not None:
+        qk = (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0)
+        v = getattr(config, "v_head_dim", None)
+        if v is not None and v != qk:
+            return (
+                f"multi-head latent attention with value head size {v} != query/key head size {qk} "
+                "(DeepSeek MLA) needs a native hallm model"
+            )
+    model_type = getattr(config, "model_type", "")
+    transforms = get_checkpoint_conversion_mapping(class_name) or get_checkpoint_conversion_mapping(
+        model_type
+    )
+    converters = [t for t in transforms or [] if not isinstance(t, WeightRenaming)]
+    if converters:
+        return (
+            f"{class_name} checkpoints need transformers' weight conversion (fused mixture-of-experts "
+            "weights), which the generic path does not do; this architecture needs a native hallm model"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and (not layer_types or "chunked_attention" in layer_types):
+        return (
+            f"chunked attention (attention_chunk_size={chunk}, as in Llama-4) is not supported by hallm's "
+            "attention backends; serving it with full attention would give wrong output past the chunk size"
+        )
+    unsupported = sorted(set(layer_types) - _LAYER_TYPES)
+    if unsupported:
+        return (
+            f"attention layer types {unsupported} (config.layer_types) are not supported by the generic "
+            f"path (supported: {sorted(_LAYER_TYPES)})"
+        )
+    return None
+
+
+#: config.layer_types the generic path binds exactly (per-layer sliding windows).
+_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+
+#: HF attention classes that multiply q by the softmax scale themselves and pass scaling=1.0.
+_PRESCALED_Q = frozenset({"OPTAttention"})
 
 
 def generic_unsupported_reason(config: Any) -> str | None:
@@ -162,10 +212,12 @@ class GenericCausalLM(ModelBase):
             module = cast(Any, module)  # an HF attention module; attributes checked above
             head_size = getattr(module, "head_dim", None) or getattr(module, "head_size", None)
             head_size = head_size or config.hidden_size // num_heads
+            # Pre-scaled q: the scale is already in q, the softmax takes 1.0 (as the module passes).
+            scale = 1.0 if type(module).__name__ in _PRESCALED_Q else module.scaling
             module.hallm_attn = Attention(
                 num_heads,
                 head_size,
-                module.scaling,
+                scale,
                 num_kv_heads,
                 module.layer_idx,
                 sliding_window=layer_sliding_window(config, module.layer_idx),
@@ -174,10 +226,19 @@ class GenericCausalLM(ModelBase):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids [T], positions [T] -> final hidden states [T, hidden] (batch of one inside)."""
-        out = self.hf_model.base_model(
+        out = self._decoder()(
             input_ids=input_ids[None], position_ids=positions[None], use_cache=False, return_dict=True
         )
         return out.last_hidden_state[0]
+
+    def _decoder(self) -> Any:
+        """The decoder stack: `.model` where it is one (Llama-4's base_model_prefix,
+        "language_model", names no attribute, so `base_model` is the whole causal LM), else
+        `base_model`."""
+        from transformers import PreTrainedModel
+
+        inner = getattr(self.hf_model, "model", None)
+        return inner if isinstance(inner, PreTrainedModel) else self.hf_model.base_model
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab], with the model's logit post-processing."""
@@ -219,7 +280,13 @@ class GenericCausalLM(ModelBase):
         # rename_source_key adds/strips the base-model prefix by looking names up here.
         model_names = dict.fromkeys(self.hf_model.state_dict(), True)
         prefix = self.hf_model.base_model_prefix
+        text_prefixes: dict[str, str] | None = getattr(self.config, TEXT_WEIGHT_PREFIXES, None)
         for name, tensor in weights:
+            if text_prefixes is not None:  # a multimodal checkpoint's language model alone
+                head = next((p for p in text_prefixes if name.startswith(p)), None)
+                if head is None:
+                    continue  # vision tower, projector: not part of the text model
+                name = text_prefixes[head] + name[len(head) :]
             new, converter = rename_source_key(name, renamings, converters, prefix, model_names)
             if converter is not None:
                 raise CheckpointMismatchError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +43,41 @@ def architecture_of(hf_config: Any) -> str:
             f"{supported_architectures()}"
         )
     return name
+
+
+#: Attribute set on a multimodal checkpoint's text config (see `text_model_config`): the weight
+#: name prefixes of its language model, stripped at load; other weights (vision) are skipped.
+TEXT_WEIGHT_PREFIXES = "hallm_text_weight_prefixes"
+
+
+def text_model_config(hf_config: Any) -> Any:
+    """The config hallm runs: `hf_config` itself, or, for a multimodal checkpoint whose
+    config nests a `text_config` of a causal-LM model (Gemma-3 as published:
+    `Gemma3ForConditionalGeneration`), that text config alone, named as its causal-LM class and
+    carrying the language model's weight prefixes (`TEXT_WEIGHT_PREFIXES`)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    text = getattr(hf_config, "text_config", None)
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(text, "model_type", ""))
+    if text is None or text is hf_config or name is None:
+        return hf_config
+    text = copy.deepcopy(text)
+    text.architectures = [name]
+    for key in ("dtype", "tie_word_embeddings"):
+        if getattr(hf_config, key, None) is not None:
+            setattr(text, key, getattr(hf_config, key))
+    # Published layout first (language_model.model.*), then transformers v5's (model.language_model.*).
+    setattr(
+        text,
+        TEXT_WEIGHT_PREFIXES,
+        {
+            "language_model.model.": "model.",
+            "model.language_model.": "model.",
+            "language_model.lm_head.": "lm_head.",
+            "lm_head.": "lm_head.",
+        },
+    )
+    return text
 
 
 def _import(target: str) -> type:

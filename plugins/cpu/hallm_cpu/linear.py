@@ -69,6 +69,11 @@ class CpuLinear(LinearKernel):
         self.replaces_weight = self.native or self.transposed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # the native kernels would read past the row
+            raise ValueError(
+                f"linear layer takes {self.in_features} input features, got an input of shape {tuple(x.shape)}; "
+                "the model's config is inconsistent with its weights (check hidden_size / intermediate_size)"
+            )
         if self.packed is not None and x.dtype in native.DTYPES:
             return native.linear(x, self.packed, self.bias, self.out_features)
         if self.weight is None:  # packed, but an activation dtype the kernels do not take

@@ -210,6 +210,17 @@ def rms_norm(
     """RMSNorm of x [..., H]; with `residual`, (norm(x + residual), x + residual)."""
     x2 = _rows(x)
     t, h = x2.shape
+    # The kernel reads h weights per row and h residual values per row: check the widths here.
+    if weight.numel() != h or (residual is not None and residual.shape != x.shape):
+        raise ValueError(
+            f"rms_norm: input width {h} does not match the norm weight ({weight.numel()})"
+            + (
+                ""
+                if residual is None
+                else f" or the residual shape {tuple(residual.shape)} != {tuple(x.shape)}"
+            )
+            + "; the model's config is inconsistent with its layers (check hidden_size)"
+        )
     out = torch.empty((t, h), dtype=x.dtype)
     r2 = None if residual is None else _rows(residual)
     res_out = None if residual is None else torch.empty((t, h), dtype=x.dtype)

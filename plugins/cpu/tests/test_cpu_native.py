@@ -271,3 +271,17 @@ def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch) -> None:
         assert built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
     finally:
         native.library.cache_clear()
+
+
+def test_inconsistent_widths_are_clear_errors_not_out_of_bounds_reads() -> None:
+    """A config inconsistent with its weights (which HF rejects) reaches the native kernels as a
+    too-wide input: a ValueError naming the widths, never zeros or a read past the row."""
+    from hallm.platforms import LinearWeights
+
+    linear = CpuLinear(LinearWeights(torch.randn(8, 16), None), native_bf16=False, use_native=True)
+    with pytest.raises(ValueError, match=r"takes 16 input features, got an input of shape \(3, 4096\)"):
+        linear(torch.randn(3, 4096))
+    with pytest.raises(ValueError, match=r"input width 4096 does not match the norm weight \(16\)"):
+        native.rms_norm(torch.randn(3, 4096), torch.ones(16), 1e-6)
+    with pytest.raises(ValueError, match="residual shape"):
+        native.rms_norm(torch.randn(3, 16), torch.ones(16), 1e-6, residual=torch.randn(3, 8))
