@@ -155,6 +155,10 @@ class LLMEngine:
         self.scheduler.async_scheduling = self.async_scheduling
         # The launched step whose results are not processed yet: (step, handle with .get()).
         self._in_flight: tuple[SchedulerOutput, Any] | None = None
+        if self.platform.warm_up_at_start():
+            from hallm.core.warmup import warm_up
+
+            warm_up(self)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
