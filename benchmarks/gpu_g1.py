@@ -8,15 +8,20 @@ Three systems, each in its own subprocess, on the same prompt file:
   hf_padded    HF `generate` on left-padded batches (vLLM's `--backend hf` baseline)
 HF baselines are slow, so they run on the first N requests (`--hf-cb-requests`,
 `--hf-padded-requests`); each system reports output tokens / wall time of its own run.
-Nothing is detokenized (token ids in, token ids out) in any system.
+Nothing is detokenized (token ids in, token ids out) in any system; with `--text` hallm also
+runs text out (detokenized; the model directory's small tokenizer does not cover the model's
+vocabulary, so ids past it decode to nothing, which still costs the detokenizer's calls).
+hallm's row: the first run of the fresh process (after the engine's start-up warm-up) apart,
+then `--num-iters` timed runs (ids and text interleaved), median and min-max.
 
-    python benchmarks/gpu_g1.py --model qwen2.5-0.5b --out benchmarks/results/raw
+    python benchmarks/gpu_g1.py --model qwen2.5-0.5b --text --out benchmarks/results/raw
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,15 +53,38 @@ def run_hallm(
         seed=0,
     )
     load_s = time.perf_counter() - t_load
-    warm = SamplingParams(temperature=0.6, max_tokens=16, ignore_eos=True, detokenize=False)
-    llm.generate([{"prompt_token_ids": prompts[0][:200]}] * 4, warm, use_tqdm=False)
-    llm.reset_prefix_cache()
-    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in outs]
-    start = time.perf_counter()
-    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    produced = sum(len(r.outputs[0].token_ids) for r in results)
-    return {"elapsed_s": elapsed, "output_tokens": produced, "load_s": load_s}
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+
+    def one_run(detokenize: bool) -> tuple[float, int]:
+        params = [
+            SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=detokenize)
+            for n in outs
+        ]
+        llm.reset_prefix_cache()  # no run hands the next a cached prefix
+        start = time.perf_counter()
+        results = llm.generate(inputs, params, use_tqdm=False)
+        return time.perf_counter() - start, sum(len(r.outputs[0].token_ids) for r in results)
+
+    # The first run of the process (the engine warmed up at start-up; what is left is the
+    # user-visible first-run cost), then interleaved timed runs: token ids out vs text out.
+    first_s, _ = one_run(False)
+    runs: dict[str, list[float]] = {"ids": [], "text": []}
+    produced = 0
+    for _ in range(args.num_iters):
+        for label in ("ids", "text") if args.text else ("ids",):
+            elapsed, produced = one_run(label == "text")
+            runs[label].append(elapsed)
+    row: dict[str, Any] = {"load_s": load_s, "first_run_s": first_s, "output_tokens": produced}
+    for label, times in runs.items():
+        if times:
+            med = statistics.median(times)
+            row[f"{label}_runs_s"] = times
+            row[f"{label}_tok_s_median"] = produced / med
+            row[f"{label}_tok_s_min_max"] = [produced / max(times), produced / min(times)]
+    row["elapsed_s"] = statistics.median(runs["ids"])
+    if runs["text"]:
+        row["text_over_ids"] = row["text_tok_s_median"] / row["ids_tok_s_median"]
+    return row
 
 
 def _hf_model(name: str, device: str) -> Any:
@@ -187,6 +215,8 @@ def main() -> None:
         "report adds the decode roofline at --max-num-seqs resident requests",
     )
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--num-iters", type=int, default=3, help="timed hallm runs after its first run (median)")
+    p.add_argument("--text", action="store_true", help="hallm also runs text out (detokenized), interleaved")
     p.add_argument("--device", default="cuda")
     p.add_argument("--timeout", type=int, default=300, help="seconds per system")
     p.add_argument("--out", default="benchmarks/results/raw")
@@ -225,31 +255,37 @@ def main() -> None:
     rows = []
     for system in args.systems.split(","):
         result_file = tmp / f"{system}.json"
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--system",
-            system,
-            "--model",
-            args.model,
-            "--model-dir",
-            str(model_dir),
-            "--prompts",
-            str(prompt_file),
-            "--limit",
-            str(limits[system]),
-            "--result",
-            str(result_file),
-            "--device",
-            args.device,
-            "--hf-batch-size",
-            str(args.hf_batch_size),
-            "--max-num-batched-tokens",
-            str(args.max_num_batched_tokens),
-            "--max-num-seqs",
-            str(args.max_num_seqs),
-        ] + (["--enforce-eager"] if args.enforce_eager else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--system",
+                system,
+                "--model",
+                args.model,
+                "--model-dir",
+                str(model_dir),
+                "--prompts",
+                str(prompt_file),
+                "--limit",
+                str(limits[system]),
+                "--result",
+                str(result_file),
+                "--device",
+                args.device,
+                "--hf-batch-size",
+                str(args.hf_batch_size),
+                "--max-num-batched-tokens",
+                str(args.max_num_batched_tokens),
+                "--max-num-seqs",
+                str(args.max_num_seqs),
+                "--num-iters",
+                str(args.num_iters),
+            ]
+            + (["--enforce-eager"] if args.enforce_eager else [])
+            + (["--text"] if args.text else [])
+        )
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True, check=False)
@@ -307,6 +343,18 @@ def main() -> None:
             f"  {r['system']:10} {r['output_tokens_per_s']:10.0f} tok/s  ({r['requests']} req, "
             f"{r['output_tokens']} tok in {r['elapsed_s']:.1f} s){ratio}{roof}"
         )
+        if "ids_tok_s_min_max" in r:
+            lo, hi = r["ids_tok_s_min_max"]
+            print(
+                f"  {'':10} ids: median of {len(r['ids_runs_s'])} runs, min-max {lo:.0f}-{hi:.0f} tok/s; "
+                f"first run of the process {r['first_run_s']:.2f} s vs median {r['elapsed_s']:.2f} s"
+            )
+        if "text_over_ids" in r:
+            lo, hi = r["text_tok_s_min_max"]
+            print(
+                f"  {'':10} text: {r['text_tok_s_median']:.0f} tok/s (min-max {lo:.0f}-{hi:.0f}), "
+                f"text/ids = {r['text_over_ids']:.3f}"
+            )
 
 
 if __name__ == "__main__":

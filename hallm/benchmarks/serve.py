@@ -1,7 +1,9 @@
 """`hallm bench serve`: load on any OpenAI-compatible server, vLLM's `bench serve` metrics.
 
 Requests stream (`stream_options.include_usage`) so every chunk is timed: TTFT is the time to
-the first chunk with text, ITL the gaps between text chunks, TPOT (latency - TTFT) / (output
+the first chunk with text (a request that streams no text, e.g. ids outside the tokenizer's
+vocabulary, is timed at its first chunk, as vLLM's benchmark does, and counted in the report),
+ITL the gaps between text chunks, TPOT (latency - TTFT) / (output
 tokens - 1) per request; output tokens come from the server's usage when it reports it (else the
 number of text chunks). Arrivals: all at once (`request_rate=inf`) or a Poisson process of that
 rate; `max_concurrency` caps the requests in flight (inf rate + a cap = fixed concurrency).
@@ -57,6 +59,8 @@ class RequestResult:
     latency: float
     itl: list[float]
     error: str | None = None
+    # True when no chunk carried text: `ttft` is then the time to the first chunk.
+    no_text: bool = False
 
 
 @dataclasses.dataclass
@@ -74,6 +78,7 @@ class ServeBenchResult:
     tpot_ms: dict[str, float]
     itl_ms: dict[str, float]
     errors: list[str]
+    no_text_requests: int = 0
 
     def report(self) -> str:
         c = self.config
@@ -92,6 +97,8 @@ class ServeBenchResult:
             f"{'Output token throughput (tok/s):':<40}{self.output_throughput:.2f}",
             f"{'Total token throughput (tok/s):':<40}{self.total_token_throughput:.2f}",
         ]
+        if self.no_text_requests:
+            lines.append(f"{'Requests with no text (TTFT at 1st chunk):':<40}{self.no_text_requests}")
         for title, name, stats in (
             ("Time to First Token", "TTFT", self.ttft_ms),
             ("Time per Output Token (excl. 1st token)", "TPOT", self.tpot_ms),
@@ -156,6 +163,7 @@ def make_payloads(cfg: ServeBenchConfig, model: str) -> list[dict[str, Any]]:
 async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> RequestResult:
     start = time.perf_counter()
     ttft = 0.0
+    first_chunk: float | None = None
     last = start
     itl: list[float] = []
     chunks = 0
@@ -172,6 +180,8 @@ async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> Reque
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
+                if first_chunk is None:
+                    first_chunk = time.perf_counter() - start
                 obj = json.loads(data)
                 if "error" in obj:
                     return RequestResult(False, 0, 0, 0.0, 0.0, [], str(obj["error"])[:200])
@@ -191,9 +201,11 @@ async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> Reque
     except Exception as exc:
         return RequestResult(False, 0, 0, 0.0, 0.0, [], f"{type(exc).__name__}: {exc}")
     latency = time.perf_counter() - start
-    return RequestResult(
-        True, prompt_tokens, output_tokens if output_tokens is not None else chunks, ttft, latency, itl
-    )
+    no_text = chunks == 0
+    if no_text:
+        ttft = first_chunk if first_chunk is not None else latency
+    n_out = output_tokens if output_tokens is not None else chunks
+    return RequestResult(True, prompt_tokens, n_out, ttft, latency, itl, no_text=no_text)
 
 
 async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
@@ -253,4 +265,5 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
         tpot_ms=_stats(tpots),
         itl_ms=_stats([x for r in ok for x in r.itl]),
         errors=[r.error for r in results if r.error],
+        no_text_requests=sum(r.no_text for r in ok),
     )

@@ -41,9 +41,14 @@ class _StreamDecoder:
     """Text deltas from `tokenizers.decoders.DecodeStream` (vLLM's FastIncrementalDetokenizer)."""
 
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        self._tokenizer = tokenizer
         self._backend = tokenizer.backend_tokenizer
         self._skip_special = params.skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=self._skip_special)
+        # Ids DecodeStream holds back (not yet complete UTF-8), after `_context`: the last ids
+        # whose text was emitted, so flush() can decode the tail as it reads mid-text.
+        self._pending: list[int] = []
+        self._context: list[int] = []
         # The Rust decoder always joins added tokens its own way; emulate
         # spaces_between_special_tokens=False by emitting consecutive added tokens verbatim.
         self._added: dict[int, str] | None = None
@@ -82,12 +87,27 @@ class _StreamDecoder:
 
     def step(self, token_id: int) -> str:
         text = self._step(token_id)
+        self._pending.append(token_id)
+        if text:
+            self._context = (self._context + self._pending)[-_OFFSETS_PROMPT_CONTEXT:]
+            self._pending = []
         if self._added is not None:
             content = self._added.get(token_id)
             if content is not None and self._last_added:
                 text = content
             self._last_added = content is not None
         return text or ""
+
+    def flush(self) -> str:
+        """The text of the held-back ids (a sequence that ends inside a character): what
+        `tokenizer.decode` gives for them, U+FFFD for the incomplete bytes."""
+        if not self._pending:
+            return ""
+        kwargs = {"skip_special_tokens": self._skip_special, "clean_up_tokenization_spaces": False}
+        head = self._tokenizer.decode(self._context, **kwargs) if self._context else ""
+        full = self._tokenizer.decode(self._context + self._pending, **kwargs)
+        self._context, self._pending = [], []
+        return full[len(head) :] if full.startswith(head) else full
 
 
 class _OffsetsDecoder:
@@ -124,6 +144,16 @@ class _OffsetsDecoder:
             self._read -= self._prefix
             self._prefix = 0
         return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """The text of the ids not yet emitted (a sequence that ends inside a character), as
+        `tokenizer.decode` gives it: U+FFFD for the incomplete bytes."""
+        if self._read == len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
 
 
 class IncrementalDetokenizer:
@@ -171,6 +201,7 @@ class IncrementalDetokenizer:
         self._searched = 0  # stop strings are matched only where they end past this offset
         self._stop_string: str | None = None
         self._finished = False
+        self._tail_flushed = False
 
     # ------------------------------------------------------------------ state
 
@@ -230,7 +261,16 @@ class IncrementalDetokenizer:
         return self._next_delta()
 
     def flush(self) -> str:
-        """Finish the sequence (EOS, length, abort): return the held-back text not yet streamed."""
+        """Finish the sequence (EOS, length, abort): return the held-back text not yet streamed.
+
+        That includes the decoder's tail: a sequence that ends inside a multi-byte character
+        ends with the text `tokenizer.decode` gives for it (U+FFFD), not without those tokens.
+        """
+        if self._decoder is not None and self._stop_string is None and not self._tail_flushed:
+            self._tail_flushed = True
+            self._text += self._decoder.flush()
+            if self._stop and len(self.token_ids) > self.params.min_tokens:
+                self.check_stop_strings(self._stop, self.params.include_stop_str_in_output)
         self._finished = True
         return self._next_delta()
 

@@ -162,6 +162,10 @@ class LLMEngine:
         self.scheduler.async_scheduling = self.async_scheduling
         # The launched step whose results are not processed yet: (step, handle with .get()).
         self._in_flight: tuple[SchedulerOutput, Any] | None = None
+        if self.platform.warm_up_at_start():
+            from hallm.core.warmup import warm_up
+
+            warm_up(self)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -190,26 +194,34 @@ class LLMEngine:
         per_block = self.executor.kv_cache_bytes_per_block()
         if cache.num_gpu_blocks_override is not None:
             num_blocks = cache.num_gpu_blocks_override
+            why = "--num-gpu-blocks-override"
         else:
             budget = self.executor.available_kv_cache_bytes()
-            if cache.kv_cache_memory_bytes is not None:
-                budget = min(budget, cache.kv_cache_memory_bytes)
+            why = f"the free memory under --gpu-memory-utilization {cache.gpu_memory_utilization}"
+            cap, cap_why = cache.kv_cache_memory_bytes, "--kv-cache-memory-bytes"
+            if cap is None:
+                cap = self.platform.default_kv_cache_bytes()
+                cap_why = f"the {self.platform.name} default (--kv-cache-memory-bytes changes it)"
+            if cap is not None and cap < budget:
+                budget, why = cap, f"{cap / 2**30:.2f} GiB: {cap_why}"
             num_blocks = budget // per_block
             # More blocks than every sequence at full length can use is wasted memory.
             ceiling = self.config.scheduler.max_num_seqs * -(
                 -self.config.model.max_model_len // cache.block_size
             )
-            num_blocks = min(num_blocks, ceiling + 1)
+            if ceiling + 1 < num_blocks:
+                num_blocks, why = ceiling + 1, "what --max-num-seqs x --max-model-len can use"
         if num_blocks < 2:
             raise ConfigError(
                 f"no room for the KV cache ({num_blocks} blocks of {per_block} bytes): raise "
                 "--gpu-memory-utilization, lower --max-model-len, or use a smaller model"
             )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            "KV cache: %d blocks of %d tokens (%.2f GiB), sized by %s",
             num_blocks,
             cache.block_size,
             num_blocks * per_block / 2**30,
+            why,
         )
         return int(num_blocks)
 

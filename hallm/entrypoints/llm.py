@@ -20,8 +20,8 @@ class LLM:
     model: a HF model directory or a .gguf file; None serves the default model
     (SmolLM2-135M-Instruct). device: a device id such as "cpu" or "cuda", or "auto" (the
     default; also read from HALLM_DEVICE). Every other keyword is an `EngineArgs` field
-    (dtype, max_model_len, block_size, max_num_seqs, gpu_memory_utilization, seed, load_format,
-    enable_prefix_caching, num_gpu_blocks_override, max_num_batched_tokens, ...).
+    (dtype, max_model_len, block_size, max_num_seqs, gpu_memory_utilization, kv_cache_memory_bytes,
+    seed, load_format, enable_prefix_caching, num_gpu_blocks_override, max_num_batched_tokens, ...).
     """
 
     def __init__(self, model: str | None = None, device: str | None = None, **kwargs: Any) -> None:

@@ -171,6 +171,21 @@ class Platform(ABC):
     def reset_peak_memory(self) -> None:
         """Start a new peak-memory measurement. Default: nothing."""
 
+    def warm_up_at_start(self) -> bool:
+        """Whether the engine runs dummy requests through every kind of step (a full prefill
+        chunk, short prefills, decode, the sampler's paths) before serving, so that kernels
+        compiled on first use are built before the first user request (`hallm.core.warmup`).
+        Default: False (kernels built ahead of time; nothing to compile).
+        """
+        return False
+
+    def default_kv_cache_bytes(self) -> int | None:
+        """The KV pool's cap in bytes when the user sets none (`kv_cache_memory_bytes`), or None
+        to fill the memory left under `gpu_memory_utilization`. A device whose memory is shared
+        with the rest of the system (host RAM) returns a fixed size. Default: None.
+        """
+        return None
+
     # ---- engine hooks, with defaults --------------------------------------------------------
 
     def update_config(self, config: Any) -> None:

@@ -162,3 +162,34 @@ def test_decode_logprob_token(tokenizer) -> None:
     )
     assert decode_logprob_token(tokenizer, tokenizer.eos_token_id) == "<eos>"
     assert decode_logprob_token(tokenizer, 10**9) == ""
+
+
+@PATHS
+@pytest.mark.parametrize("skip", [True, False])
+def test_flush_emits_a_tail_that_ends_inside_a_character(
+    tokenizer, use_decode_stream: bool, skip: bool
+) -> None:
+    """A sequence cut inside a multi-byte character (max_tokens, abort) ends with the text
+    `tokenizer.decode` gives for all its ids (U+FFFD for the incomplete bytes), not without it."""
+    text_ids = tokenizer.encode(" 44 and 🙂 ok 日本語")
+    for cut in range(1, len(text_ids) + 1):
+        ids = [tokenizer.eos_token_id, *text_ids[:cut]]
+        params = SamplingParams(skip_special_tokens=skip)
+        detok, deltas = stream(tokenizer, ids, params, use_decode_stream)
+        expected = tokenizer.decode(ids, skip_special_tokens=skip)
+        assert "".join(deltas) == detok.output_text == expected, cut
+    cut_inside = [c for c in range(1, len(text_ids)) if tokenizer.decode(text_ids[:c]).endswith("\ufffd")]
+    assert cut_inside  # else this test proves nothing
+
+
+@PATHS
+def test_flush_after_eos_emits_the_tail_before_it(tokenizer, use_decode_stream: bool) -> None:
+    ids = tokenizer.encode("ok 🙂")[:-1]  # ends inside the emoji
+    detok = IncrementalDetokenizer(
+        tokenizer, tokenizer.encode("hello"), SamplingParams(), use_decode_stream=use_decode_stream
+    )
+    deltas = [detok.update([t]) for t in ids]
+    deltas.append(detok.update([tokenizer.eos_token_id], stop_terminated=True))
+    deltas.append(detok.flush())
+    assert "".join(deltas) == detok.output_text == tokenizer.decode(ids)
+    assert detok.output_text.endswith("\ufffd")

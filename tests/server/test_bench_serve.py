@@ -47,3 +47,51 @@ def test_bench_serve_cli_poisson_chat(
     assert (
         data["completed"] == 4 and data["config"]["endpoint"] == "chat" and data["config"]["api_key"] is None
     )
+
+
+def _sse_client(chunks: list[dict[str, object]], delay_s: float) -> object:
+    """An httpx client whose server streams `chunks` as SSE, the first after `delay_s`."""
+    import httpx
+
+    class Stream(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(delay_s)
+            for obj in chunks:
+                yield f"data: {json.dumps(obj)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Stream(), headers={"content-type": "text/event-stream"})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+def test_bench_serve_request_without_text_is_timed_at_first_chunk() -> None:
+    """A stream whose chunks carry no text (ids the tokenizer cannot spell) gets the time to its
+    first chunk as TTFT, never 0, and is counted in the report."""
+    from hallm.benchmarks.serve import ServeBenchResult, _one, _stats
+
+    empty = [{"choices": [{"index": 0, "text": ""}]} for _ in range(3)]
+    usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}
+
+    async def go() -> tuple[object, object]:
+        async with _sse_client([*empty, usage], 0.05) as client:  # type: ignore[attr-defined]
+            silent = await _one(client, "http://x/v1/completions", {"prompt": [1, 2, 3, 4]}, False)
+        texted = [{"choices": [{"index": 0, "text": "a"}]}, usage]
+        async with _sse_client(texted, 0.05) as client:  # type: ignore[attr-defined]
+            spoken = await _one(client, "http://x/v1/completions", {"prompt": [1, 2, 3, 4]}, False)
+        return silent, spoken
+
+    silent, spoken = asyncio.run(go())
+    assert silent.ok and silent.no_text and silent.output_tokens == 3  # type: ignore[attr-defined]
+    assert 0.05 <= silent.ttft <= silent.latency  # type: ignore[attr-defined]
+    assert spoken.ok and not spoken.no_text and spoken.ttft >= 0.05  # type: ignore[attr-defined]
+    result = ServeBenchResult(
+        config={"base_url": "http://x/v1", "endpoint": "completions", "request_rate": "inf", "max_concurrency": None},
+        duration_s=1.0, completed=1, failed=0, total_input_tokens=4, total_output_tokens=3,
+        request_throughput=1.0, output_throughput=3.0, total_token_throughput=7.0,
+        ttft_ms=_stats([silent.ttft]), tpot_ms=_stats([]), itl_ms=_stats([]), errors=[],  # type: ignore[attr-defined]
+        no_text_requests=1,
+    )  # fmt: skip
+    assert result.ttft_ms["p50"] >= 50.0
+    assert "Requests with no text" in result.report()

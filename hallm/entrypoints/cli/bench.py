@@ -28,6 +28,20 @@ def register(subparsers: Any) -> None:
         "--random-range-ratio", type=float, default=0.0, help="lengths uniform in [L(1-r), L(1+r)]"
     )
     p.add_argument("--hf-max-batch-size", type=int, default=32)
+    p.add_argument(
+        "--num-iters", type=int, default=3, help="timed runs of the workload; the median is reported (hallm)"
+    )
+    p.add_argument(
+        "--num-iters-warmup",
+        type=int,
+        default=1,
+        help="untimed runs of the workload first; the first is reported as the process's first-run cost (hallm)",
+    )
+    p.add_argument(
+        "--compare-detokenize",
+        action="store_true",
+        help="alternate runs with text out and with token ids out, same engine and requests (hallm)",
+    )
     p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
     p.set_defaults(handler=run)
     _register_serve(sub)
@@ -104,13 +118,28 @@ def run(args: argparse.Namespace) -> int:
         int(source.hf_config.vocab_size),
     )
     if args.backend == "hallm":
-        result = run_hallm(vars(engine_args), workload)
+        results = run_hallm(
+            vars(engine_args),
+            workload,
+            num_iters=args.num_iters,
+            num_iters_warmup=args.num_iters_warmup,
+            compare_detokenize=args.compare_detokenize,
+        )
     else:
         dtype = "float32" if args.dtype == "auto" else args.dtype
-        result = run_hf(source.model_dir, dtype, workload, args.hf_max_batch_size, source.load_format)
-    print(result.line())
+        results = [run_hf(source.model_dir, dtype, workload, args.hf_max_batch_size, source.load_format)]
+    for result in results:
+        print(result.line())
+    if len(results) == 2:
+        text, ids = results
+        print(f"text/ids throughput: {ids.elapsed_s / text.elapsed_s:.3f} (median runs)")
+    result = results[0]
     print(f"Total num prompt tokens: {result.prompt_tokens}\nTotal num output tokens: {result.output_tokens}")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            f.write(result.to_json())
+            f.write(
+                results[0].to_json()
+                if len(results) == 1
+                else "[" + ",".join(r.to_json() for r in results) + "]"
+            )
     return 0

@@ -32,7 +32,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--num-gpu-blocks-override", type=int, default=None, help="fix the number of KV-cache blocks"
     )
     g.add_argument(
-        "--kv-cache-memory-bytes", type=int, default=None, help="cap the KV cache at this many bytes"
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=None,
+        help="the KV cache's size in bytes (default: the free memory under --gpu-memory-utilization; a device "
+        "whose memory is shared, such as the CPU, caps it at a fixed default: 4 GiB)",
     )
     g.add_argument(
         "--enable-prefix-caching",

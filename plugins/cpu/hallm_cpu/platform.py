@@ -89,12 +89,21 @@ class CpuPlatform(Platform):
             free = max(0, min(free, limit - used))
         return free, total
 
+    def default_kv_cache_bytes(self) -> int | None:
+        """4 GiB: host memory is shared with the OS and every other process, so the pool does not
+        grow with the machine (vLLM's CPU backend defaults to the same); `--kv-cache-memory-bytes`
+        changes it."""
+        return DEFAULT_KV_CACHE_BYTES
+
     def device_name(self, index: int = 0) -> str:
         """The CPU model as /proc/cpuinfo names it and the number of threads torch uses, e.g.
         "<model name> (8 threads)"."""
         import torch
 
         return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
+
+
+DEFAULT_KV_CACHE_BYTES = 4 * 2**30
 
 
 def usable_cores() -> int:

@@ -173,6 +173,11 @@ class CudaPlatform(TorchCudaRuntime, Platform):
 
         return triton_op_table(self.triton_target())
 
+    def warm_up_at_start(self) -> bool:
+        """True: the Triton kernels compile on first use, per shape specialisation; the engine's
+        start-up warm-up builds them before the first user request does."""
+        return True
+
     def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
         """CUDA graphs of decode steps for padded batch sizes (see `hallm.ops.torch_graphs`)."""
         from hallm.ops.torch_graphs import capture_decode_graphs

@@ -1,0 +1,47 @@
+"""The start-up warm-up (`Platform.warm_up_at_start`): dummy requests run through the real step
+path and leave nothing behind: no request, no used or cached block, no prefix-cache statistics,
+and the same outputs as an engine that did not warm up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hallm.core.sampling_params import SamplingParams
+from hallm.core.warmup import warm_up_prompts
+from hallm.entrypoints.llm import LLM
+
+
+def test_warm_up_prompts_cover_a_full_chunk_and_both_divisibilities() -> None:
+    assert [len(p) for p in warm_up_prompts(2048, 8192, 32000, 10**6)] == [2048, 16, 17]
+    # Short of the context limit (room for the decode steps) and of half the KV pool.
+    assert [len(p) for p in warm_up_prompts(2048, 64, 32000, 10**6)] == [60, 16, 17]
+    assert [len(p) for p in warm_up_prompts(2048, 8192, 32000, 40)] == [20, 16, 17]
+    assert all(t < 50 for p in warm_up_prompts(64, 64, 50, 10**6) for t in p)
+
+
+def test_engine_warms_up_when_the_platform_asks(
+    tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hallm_cpu.platform import CpuPlatform
+
+    model = str(tiny_model_dir("llama"))
+    kwargs = {"device": "cpu", "dtype": "float32", "max_model_len": 64, "block_size": 4}
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": list(range(20, 37))}]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    cold = [o.outputs[0].token_ids for o in LLM(model, **kwargs).generate(prompts, params, use_tqdm=False)]
+
+    monkeypatch.setattr(CpuPlatform, "warm_up_at_start", lambda self: True)
+    with caplog.at_level(logging.INFO, logger="hallm.engine"):
+        llm = LLM(model, **kwargs)
+    assert any("warm-up: 6 dummy requests" in r.getMessage() for r in caplog.records)
+    engine = llm.engine
+    stats = engine.get_stats()
+    assert not engine.has_unfinished_requests() and not engine.output_processor.parents
+    assert stats["num_free_blocks"] == engine.scheduler.kv.num_usable_blocks
+    assert stats["prefix_cache_queries"] == 0 and stats["prefix_cache_hits"] == 0
+    warm = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert warm == cold
