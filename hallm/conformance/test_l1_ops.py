@@ -113,8 +113,18 @@ def test_op_matches_its_reference(target: Target, op: str, dtype: str) -> None:
             _close(f"linear {rows}x{k} @ [{n}, {k}]", kernel(x), want, dtype)
     else:  # fused_moe
         t, h, inter, e, top_k = 9, 64, 48, 6, 2
-        hidden, logits = randn(t, h), randn(t, e)
+        hidden = randn(t, h)
         w13, w2 = randn(e, 2 * inter, h, scale=h**-0.5), randn(e, h, inter, scale=inter**-0.5)
-        for renorm in (True, False):
-            want = ref.fused_moe(hidden.float(), logits.float(), w13.float(), w2.float(), top_k, renorm)
-            _close(f"fused_moe renormalize={renorm}", fn(hidden, logits, w13, w2, top_k, renorm), want, dtype)
+        weights = torch.rand(t, top_k, generator=gen).to(dev)
+        rows = torch.arange(t)
+        zeros = torch.zeros(t, dtype=torch.long)
+        patterns = {
+            "all tokens to expert 0 (and 1)": torch.stack([zeros, zeros + 1], 1),
+            "uniform": torch.stack([rows % e, (rows + 1) % e], 1),
+            "experts 1..4 empty": torch.stack([zeros, zeros + e - 1], 1),
+            "one token": torch.stack([rows % e, (rows + 1) % e], 1)[:1],
+        }
+        for label, ids in patterns.items():
+            n, ids = ids.shape[0], ids.to(dev)
+            want = ref.fused_moe(hidden[:n].float(), weights[:n], ids, w13.float(), w2.float())
+            _close(f"fused_moe {label}", fn(hidden[:n], weights[:n], ids, w13, w2), want, dtype)

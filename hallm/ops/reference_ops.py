@@ -84,24 +84,31 @@ def linear(weights: LinearWeights) -> LinearKernel:
 
 def fused_moe(
     hidden: torch.Tensor,
-    router_logits: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
 ) -> torch.Tensor:
-    """See `hallm.platforms.ops.FusedMoEOp`. Loops over the experts that any token chose."""
+    """See `hallm.platforms.ops.FusedMoEOp`. Loops over the experts that any token chose, so an
+    expert no token chose is never read."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for e in torch.unique(topk_ids).tolist():
+        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        y = F.linear(silu_and_mul(F.linear(hidden[token], w13[e])), w2[e])
+        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    return out.to(hidden.dtype)
+
+
+def softmax_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common MoE router: softmax over all experts (float32), the top_k, optionally
+    renormalized to sum to one. router_logits [T, E] -> (weights float32 [T, K], ids [T, K])."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, experts = probs.topk(top_k, dim=-1)  # [T, top_k]
+    weights, ids = probs.topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    for e in torch.unique(experts).tolist():
-        token, slot = torch.nonzero(experts == e, as_tuple=True)
-        h = hidden[token]
-        y = F.linear(silu_and_mul(F.linear(h, w13[e])), w2[e])
-        out.index_add_(0, token, y.float() * weights[token, slot, None])
-    return out.to(hidden.dtype)
+    return weights, ids
 
 
 def llama_decoder_stack(

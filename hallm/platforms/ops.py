@@ -44,10 +44,14 @@ RotaryOp = Callable[["Tensor", "Tensor", "Tensor", "Tensor", float], "tuple[Tens
 #: silu_and_mul(x [T, 2I]) -> silu(x[:, :I]) * x[:, I:]  [T, I]: the gated MLP's activation.
 SiluAndMulOp = Callable[["Tensor"], "Tensor"]
 
-#: fused_moe(hidden [T, H], router_logits [T, E], w13 [E, 2I, H], w2 [E, H, I], top_k,
-#: renormalize) -> [T, H]: each token's top_k experts by router softmax (weights renormalized to
-#: sum to one when `renormalize`), each expert `w2 @ silu_and_mul(w13 @ h)`, summed by weight.
-FusedMoEOp = Callable[["Tensor", "Tensor", "Tensor", "Tensor", int, bool], "Tensor"]
+#: fused_moe(hidden [T, H], topk_weights float32 [T, K], topk_ids int [T, K], w13 [E, 2I, H],
+#: w2 [E, H, I]) -> [T, H]: sum over each token's K chosen experts e of
+#: `topk_weights[t, k] * w2[e] @ silu_and_mul(w13[e] @ hidden[t])` (rows [0, I) of w13 are the
+#: gate, [I, 2I) the up projection). Routing (which experts, their weights) is the model's: the
+#: layer computes it as its family's router does and passes the result. An expert no token chose
+#: need not be read. Under tensor parallelism w13/w2 hold this rank's slice of I and the output is
+#: this rank's partial sum.
+FusedMoEOp = Callable[["Tensor", "Tensor", "Tensor", "Tensor", "Tensor"], "Tensor"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ CHAT_TEMPLATE = (
 NATIVE_ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 #: Architectures hallm runs through the generic transformers path.
 GENERIC_ARCHS = ("gpt_neox", "phi", "gemma2")
+#: Mixture-of-experts families (native): 4 experts, 2 per token, expert intermediate 32.
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 ALL_ARCHS = NATIVE_ARCHS + GENERIC_ARCHS
 
 _TEXT = """\
@@ -127,7 +129,23 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
         return tf.Gemma2Config(
             **common, head_dim=32, sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0
         )
-    raise ValueError(f"unknown tiny arch {arch!r}; known: {ALL_ARCHS}")
+    moe: dict[str, Any] = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+    if arch == "mixtral":
+        return tf.MixtralConfig(
+            **{**common, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2
+        )
+    if arch == "qwen2_moe":
+        # Layer 1 dense (mlp_only_layers), layer 0 sparse with a shared expert; top-k not renormalized.
+        return tf.Qwen2MoeConfig(
+            **common, **moe, num_experts=4, shared_expert_intermediate_size=48, mlp_only_layers=[1]
+        )
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, **moe, num_experts=4, head_dim=32, norm_topk_prob=True)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(
+            **{**common, "intermediate_size": 32}, num_experts=4, num_experts_per_tok=2, clip_qkv=0.5
+        )
+    raise ValueError(f"unknown tiny arch {arch!r}; known: {ALL_ARCHS + MOE_ARCHS}")
 
 
 @torch.no_grad()

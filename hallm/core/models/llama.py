@@ -25,7 +25,7 @@ from hallm.core.layers.norm import RMSNorm
 from hallm.core.layers.op_context import current_ops
 from hallm.core.layers.rotary import RotaryEmbedding
 from hallm.core.models.interface import ModelBase, layer_sliding_window
-from hallm.core.models.weights import load_checkpoint_weights, stacked_shards
+from hallm.core.models.weights import ExpertShard, FusedShard, load_checkpoint_weights, stacked_shards
 from hallm.platforms.ops import DecoderLayerWeights, DecoderStackKernel, DecoderStackWeights
 
 
@@ -71,19 +71,27 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block; carries the residual stream so each norm fuses the residual add."""
+    """Pre-norm block; carries the residual stream so each norm fuses the residual add.
+
+    Subclasses change the attention (`attention_cls`) or the MLP (`build_mlp`: any module
+    x [T, H] -> [T, H], e.g. a mixture of experts)."""
+
+    attention_cls: type[LlamaAttention] = LlamaAttention
 
     def __init__(self, config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias, qk_norm)
-        self.mlp = GatedMLP(
+        self.self_attn = self.attention_cls(config, layer_idx, qkv_bias, o_bias, qk_norm)
+        self.mlp = self.build_mlp(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def build_mlp(self, config: Any, layer_idx: int) -> nn.Module:
+        return GatedMLP(
             config.hidden_size,
             config.intermediate_size,
             config.hidden_act,
             bias=bool(getattr(config, "mlp_bias", False)),
         )
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -104,7 +112,7 @@ class LlamaDecoderLayer(nn.Module):
     def stack_weights(self) -> DecoderLayerWeights | None:
         """This layer as the op table's decoder stack sees it; None when its MLP is not SiLU."""
         attn, mlp = self.self_attn, self.mlp
-        if not mlp.silu:
+        if type(attn) is not LlamaAttention or not isinstance(mlp, GatedMLP) or not mlp.silu:
             return None
         q_norm, k_norm = attn.q_norm, attn.k_norm
         return DecoderLayerWeights(
@@ -130,11 +138,18 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """input_ids [T], positions [T] -> final-normed hidden states [T, hidden]."""
 
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self,
+        config: Any,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer,
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
+            layer_cls(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_size_of(config))
@@ -176,13 +191,16 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(ModelBase):
-    """Llama 2/3 and SmolLM2. Subclasses only change the attention flags."""
+    """Llama 2/3 and SmolLM2. Subclasses change the attention flags, the decoder layer
+    (`layer_cls`) and the checkpoint's fusions (`checkpoint_shards`)."""
+
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         qkv_bias, o_bias, qk_norm = self.attention_flags(config)
-        self.model = LlamaModel(config, qkv_bias, o_bias, qk_norm)
+        self.model = LlamaModel(config, qkv_bias, o_bias, qk_norm, self.layer_cls)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
@@ -202,17 +220,27 @@ class LlamaForCausalLM(ModelBase):
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF-named weights, fusing q/k/v and gate/up; see `load_checkpoint_weights`."""
+    def checkpoint_shards(self) -> tuple[list[FusedShard], list[ExpertShard]]:
+        """Where split checkpoint tensors go: q/k/v -> qkv_proj, gate/up -> gate_up_proj."""
         attn: LlamaAttention = self.model.layers[0].self_attn  # type: ignore[assignment]
         shards = stacked_shards(
             qkv={"q": attn.q_size, "k": attn.kv_size, "v": attn.kv_size},
             gate_up=self.config.intermediate_size,
         )
+        return shards, []
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named weights, fusing q/k/v and gate/up; see `load_checkpoint_weights`."""
+        shards, experts = self.checkpoint_shards()
         # Tied checkpoints sometimes still carry lm_head.weight (a copy of the embedding).
         ignore = frozenset({"lm_head.weight"}) if self.tie_word_embeddings else frozenset()
         loaded = load_checkpoint_weights(
-            self, weights, shards, ignore_suffixes=("rotary_emb.inv_freq",), ignore_names=ignore
+            self,
+            weights,
+            shards,
+            ignore_suffixes=("rotary_emb.inv_freq",),
+            ignore_names=ignore,
+            experts=experts,
         )
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")

@@ -15,6 +15,10 @@ NATIVE_MODELS: dict[str, str] = {
     "MistralForCausalLM": "hallm.core.models.llama:MistralForCausalLM",
     "Qwen2ForCausalLM": "hallm.core.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "hallm.core.models.llama:Qwen3ForCausalLM",
+    "MixtralForCausalLM": "hallm.core.models.moe:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "hallm.core.models.moe:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": "hallm.core.models.moe:Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM": "hallm.core.models.moe:OlmoeForCausalLM",
 }
 
 _GENERIC_NOTE = (

@@ -8,6 +8,7 @@ inside a fused parameter: rows `[start, start + size)` of its first dimension.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -28,6 +29,27 @@ class FusedShard:
     size: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertShard:
+    """Per-expert checkpoint tensor `<prefix>.experts.<e>.<src>.weight` lives in the stacked
+    parameter `<prefix>.experts.<dst>` at `[e, start:start+size]` (size None: all of `[e]`)."""
+
+    src: str
+    dst: str
+    start: int = 0
+    size: int | None = None
+
+
+def expert_shards(gate: str, up: str, down: str, intermediate_size: int) -> list[ExpertShard]:
+    """Shards of per-expert gate/up/down linears into `gate_up_proj` / `down_proj`
+    (hallm.core.layers.moe.FusedMoE's layout); e.g. Mixtral's ("w1", "w3", "w2")."""
+    return [
+        ExpertShard(gate, "gate_up_proj", 0, intermediate_size),
+        ExpertShard(up, "gate_up_proj", intermediate_size, intermediate_size),
+        ExpertShard(down, "down_proj"),
+    ]
+
+
 def _listing(names: Iterable[str]) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
@@ -40,6 +62,7 @@ def load_checkpoint_weights(
     fused: Iterable[FusedShard] = (),
     ignore_suffixes: tuple[str, ...] = (),
     ignore_names: frozenset[str] = frozenset(),
+    experts: Iterable[ExpertShard] = (),
 ) -> set[str]:
     """Copy `weights` into `model`'s parameters (and persistent buffers); return the names filled.
 
@@ -51,6 +74,12 @@ def load_checkpoint_weights(
     required = set(targets)  # persistent buffers are loaded when present, never required
     targets.update({n: b for n, b in model.named_buffers() if _is_persistent(model, n)})
     by_src = {f".{s.src}.": s for s in fused}
+    by_expert = {s.src: s for s in experts}
+    expert_re = (
+        re.compile(r"^(.*\.experts)\.(\d+)\.(" + "|".join(map(re.escape, by_expert)) + r")\.weight$")
+        if by_expert
+        else None
+    )
     # fused parameter name -> shard sources still expected
     pending_shards: dict[str, set[str]] = {}
     loaded: set[str] = set()
@@ -59,6 +88,31 @@ def load_checkpoint_weights(
 
     for name, tensor in weights:
         if name in ignore_names or name.endswith(ignore_suffixes):
+            continue
+        match = expert_re.match(name) if expert_re is not None else None
+        if match is not None:
+            prefix, e, src = match.group(1), int(match.group(2)), match.group(3)
+            ex = by_expert[src]
+            target_name = f"{prefix}.{ex.dst}"
+            param = targets.get(target_name)
+            if param is None or e >= param.shape[0]:
+                unexpected.append(name)
+                continue
+            dst = param.data[e] if ex.size is None else param.data[e, ex.start : ex.start + ex.size]
+            if tuple(tensor.shape) != tuple(dst.shape):
+                bad_shapes.append(
+                    f"{name}: checkpoint {tuple(tensor.shape)}, model expects {tuple(dst.shape)}"
+                )
+                continue
+            with torch.no_grad():
+                dst.copy_(tensor)
+            parts = {
+                f"{i}.{s.src}" for i in range(param.shape[0]) for s in by_expert.values() if s.dst == ex.dst
+            }
+            left = pending_shards.setdefault(target_name, parts)
+            left.discard(f"{e}.{src}")
+            if not left:
+                loaded.add(target_name)
             continue
         shard = next((s for key, s in by_src.items() if key in name), None)
         if shard is not None:
@@ -97,7 +151,7 @@ def load_checkpoint_weights(
     if bad_shapes:
         problems.append(f"weights with the wrong shape: {_listing(bad_shapes)}")
     if missing:
-        partial = {n: sorted(s) for n, s in pending_shards.items() if s and n in missing}
+        partial = {n: _listing(s) for n, s in pending_shards.items() if s and n in missing}
         detail = f" (fused parameters still missing parts: {partial})" if partial else ""
         problems.append(f"missing weights (not in the checkpoint): {_listing(missing)}{detail}")
     if problems:
