@@ -185,6 +185,10 @@ class LLMEngine:
 
         available = {**BUILTIN_EXECUTORS, **contributed_executors()}
         name = self.config.parallel.distributed_executor_backend
+        if name == "ray" and name not in available:  # Ray is an extra: imported only when chosen
+            from hallm.core.executors.ray import RayExecutor
+
+            available[name] = RayExecutor
         if name not in available:
             raise ConfigError(f"unknown executor {name!r}; available: {sorted(available)}")
         return available[name](self.config, self.platform)

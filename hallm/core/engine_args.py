@@ -66,8 +66,20 @@ class EngineArgs:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
+    def _executor_name(self) -> str:
+        """The executor: as given, else `mp` when the model is split across ranks, else `uni`."""
+        tp = self.tensor_parallel_size
+        name = self.distributed_executor_backend or ("mp" if tp > 1 else "uni")
+        if name == "uni" and tp > 1:
+            raise ConfigError(
+                f"the in-process executor 'uni' runs one rank; tensor_parallel_size {tp} needs "
+                "--distributed-executor-backend mp (one host) or ray (one host or more)"
+            )
+        return name
+
     def create_engine_config(self) -> EngineConfig:
         """Validate, resolve the device (once, here) and the model, and build the config."""
+        from hallm.core.distributed.sharding import check_tensor_parallel
         from hallm.core.model_loader import dtype_name, resolve_dtype, resolve_model
         from hallm.platforms.registry import select_platform
 
@@ -96,8 +108,8 @@ class EngineArgs:
                 f"(max_position_embeddings in its config); pass --max-model-len <= {limit}"
             )
         max_batched = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
-        if self.tensor_parallel_size > 1:
-            raise ConfigError("tensor_parallel_size > 1 is not supported yet; use 1")
+        executor = self._executor_name()
+        check_tensor_parallel(source.hf_config, self.tensor_parallel_size)
         config = EngineConfig(
             model=ModelConfig(
                 model=source.model_dir,
@@ -126,7 +138,7 @@ class EngineArgs:
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
-                distributed_executor_backend=self.distributed_executor_backend or "uni",
+                distributed_executor_backend=executor,
             ),
             device=choice.to_dict(),
             attention_backend=self.attention_backend,

@@ -157,13 +157,16 @@ def _redraw(model: torch.nn.Module, seed: int) -> None:
         p.copy_(1.0 + noise if is_norm else noise)
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random `arch` model + tokenizer as an HF directory at `out_dir`; return it."""
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a tiny random `arch` model + tokenizer as an HF directory at `out_dir`; return it.
+    `overrides` set config fields (e.g. num_key_value_heads=1)."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     config = tiny_config(arch, vocab_size=len(tokenizer))
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _redraw(model, seed)

@@ -14,6 +14,7 @@ from torch import nn
 
 from hallm.core.layers.linear import Linear
 from hallm.core.layers.op_context import current_ops
+from hallm.core.layers.parallel_linear import RowParallelLinear
 from hallm.platforms import ConfigError
 
 
@@ -43,14 +44,17 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class GatedMLP(nn.Module):
-    """x [T, hidden] -> [T, hidden]; one matmul computes gate and up ([T, 2*intermediate])."""
+    """x [T, hidden] -> [T, hidden]; one matmul computes gate and up ([T, 2*intermediate]).
+
+    Under tensor parallelism `intermediate_size` is this rank's share: gate/up is column-parallel,
+    down row-parallel (one all-reduce per block)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
         # Rows [0, I) are gate_proj, rows [I, 2I) are up_proj (see the models' load_weights).
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(hidden_act)
         self.silu = self.act is F.silu
         op = current_ops().silu_and_mul

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from hallm.core.distributed import tp_world_size
 from hallm.core.layers.op_context import KernelLayer, building_with
 from hallm.core.model_loader.dtype import dtype_name, resolve_dtype
 from hallm.core.model_loader.dummy import init_dummy_weights
@@ -168,6 +169,10 @@ def load_model(
         dtype = dtype_name(dtype) or "auto"
     torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None), supported_dtypes)
     cls = resolve_model_class(hf_config, extra_models)
+    if tp_world_size() > 1 and not getattr(cls, "supports_tensor_parallel", False):
+        raise ConfigError(
+            f"{cls.__name__} cannot be split across tensor-parallel ranks; use tensor_parallel_size 1"
+        )
     net: Any = build_model(cls, hf_config, device, torch_dtype, ops)
     if dummy:
         init_dummy_weights(net, std=float(getattr(hf_config, "initializer_range", None) or 0.02), seed=seed)

@@ -81,6 +81,9 @@ class ModelBase(nn.Module):
     """Optional base class for models: `attention_layers()` and the meta-init flag."""
 
     supports_meta_init: ClassVar[bool] = True
+    #: The model builds its own rank's shard when `hallm.core.distributed.tp_world_size()` > 1
+    #: and its `load_weights` keeps only that shard. Models that do not are refused at TP > 1.
+    supports_tensor_parallel: ClassVar[bool] = False
 
     def attention_layers(self) -> list[Attention]:
         """This model's attention layers, ordered by layer_idx (the runner binds these)."""

@@ -18,14 +18,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from hallm.core.distributed import tp_rank, tp_world_size
+from hallm.core.distributed.sharding import HeadShard, Shard, padded_vocab_per_rank
 from hallm.core.layers.attention import Attention
 from hallm.core.layers.linear import Linear
 from hallm.core.layers.mlp import GatedMLP
 from hallm.core.layers.norm import RMSNorm
 from hallm.core.layers.op_context import current_ops
+from hallm.core.layers.parallel_linear import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from hallm.core.layers.rotary import RotaryEmbedding
 from hallm.core.models.interface import ModelBase, layer_sliding_window
-from hallm.core.models.weights import ExpertShard, FusedShard, load_checkpoint_weights, stacked_shards
+from hallm.core.models.weights import (
+    ExpertShard,
+    FusedShard,
+    load_checkpoint_weights,
+    shard_for_rank,
+    stacked_shards,
+)
 from hallm.platforms.ops import DecoderLayerWeights, DecoderStackKernel, DecoderStackWeights
 
 
@@ -34,19 +43,32 @@ def head_size_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def head_shard_of(config: Any) -> HeadShard:
+    """This rank's attention heads (all of them on a single device)."""
+    heads = config.num_attention_heads
+    return HeadShard.of(
+        heads, getattr(config, "num_key_value_heads", None) or heads, tp_rank(), tp_world_size()
+    )
+
+
 class LlamaAttention(nn.Module):
-    """x [T, hidden] -> [T, hidden]: fused qkv projection, (q/k norm), rope, paged attention, o_proj."""
+    """x [T, hidden] -> [T, hidden]: fused qkv projection, (q/k norm), rope, paged attention, o_proj.
+
+    Under tensor parallelism the layer holds this rank's heads (`head_shard_of`): qkv_proj is
+    column-parallel (its rows are this rank's q, k and v heads), o_proj row-parallel (one
+    all-reduce per block)."""
 
     def __init__(self, config: Any, layer_idx: int, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        shard = head_shard_of(config)
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_size = head_size_of(config)
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
         # Rows: [q (q_size) | k (kv_size) | v (kv_size)] -- one matmul instead of three.
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps) if qk_norm else None
         self.attn = Attention(
@@ -88,7 +110,7 @@ class LlamaDecoderLayer(nn.Module):
     def build_mlp(self, config: Any, layer_idx: int) -> nn.Module:
         return GatedMLP(
             config.hidden_size,
-            config.intermediate_size,
+            config.intermediate_size // tp_world_size(),  # this rank's columns of gate/up, rows of down
             config.hidden_act,
             bias=bool(getattr(config, "mlp_bias", False)),
         )
@@ -147,7 +169,7 @@ class LlamaModel(nn.Module):
         layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer,
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             layer_cls(config, i, qkv_bias, o_bias, qk_norm) for i in range(config.num_hidden_layers)
         )
@@ -173,7 +195,15 @@ class LlamaModel(nn.Module):
         )
 
     def prepare_kernels(self) -> None:
-        """Ask the op table for a kernel of the whole decoder stack (after the layers' own)."""
+        """Ask the op table for a kernel of the whole decoder stack (after the layers' own).
+
+        Under tensor parallelism no stack kernel is asked for: the table's `llama_decoder_stack`
+        entry (the CPU plugin's one-call stack, CUDA's FusedDecoderStack) runs whole layers with
+        no collective between them, so on a shard it would skip the all-reduces; the layers run
+        one by one instead, each `Linear` still on the table's `linear` kernel."""
+        if tp_world_size() > 1:
+            self.stack = None
+            return
         weights = self.stack_weights() if self._make_stack is not None else None
         self.stack = None if weights is None or self._make_stack is None else self._make_stack(weights)
 
@@ -196,13 +226,15 @@ class LlamaForCausalLM(ModelBase):
 
     layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
+    supports_tensor_parallel = True
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         qkv_bias, o_bias, qk_norm = self.attention_flags(config)
         self.model = LlamaModel(config, qkv_bias, o_bias, qk_norm, self.layer_cls)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 
@@ -221,17 +253,21 @@ class LlamaForCausalLM(ModelBase):
         return self.lm_head(hidden).float()
 
     def checkpoint_shards(self) -> tuple[list[FusedShard], list[ExpertShard]]:
-        """Where split checkpoint tensors go: q/k/v -> qkv_proj, gate/up -> gate_up_proj."""
+        """Where split checkpoint tensors go: q/k/v -> qkv_proj, gate/up -> gate_up_proj (this
+        rank's share of them under tensor parallelism)."""
         attn: LlamaAttention = self.model.layers[0].self_attn  # type: ignore[assignment]
         shards = stacked_shards(
             qkv={"q": attn.q_size, "k": attn.kv_size, "v": attn.kv_size},
-            gate_up=self.config.intermediate_size,
+            gate_up=self.config.intermediate_size // tp_world_size(),
         )
         return shards, []
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF-named weights, fusing q/k/v and gate/up; see `load_checkpoint_weights`."""
+        """Load HF-named weights, fusing q/k/v and gate/up; see `load_checkpoint_weights`.
+        Under tensor parallelism each tensor is cut to this rank's shard as it arrives."""
         shards, experts = self.checkpoint_shards()
+        if tp_world_size() > 1:
+            weights = shard_for_rank(weights, self.tensor_parallel_shards())
         # Tied checkpoints sometimes still carry lm_head.weight (a copy of the embedding).
         ignore = frozenset({"lm_head.weight"}) if self.tie_word_embeddings else frozenset()
         loaded = load_checkpoint_weights(
@@ -245,6 +281,29 @@ class LlamaForCausalLM(ModelBase):
         if self.tie_word_embeddings:
             loaded.add("lm_head.weight")
         return loaded
+
+    def tensor_parallel_shards(self) -> dict[str, Shard]:
+        """Checkpoint module name (e.g. "q_proj") -> this rank's part of its weight; the bias of a
+        row-parallel module is whole on every rank and has no entry ("o_proj.bias")."""
+        attn: LlamaAttention = self.model.layers[0].self_attn  # type: ignore[assignment]
+        shard = head_shard_of(self.config)
+        d = attn.head_size
+        inter = self.config.intermediate_size // tp_world_size()
+        r = tp_rank()
+        vocab = padded_vocab_per_rank(self.config.vocab_size, tp_world_size())
+        rows = {
+            "q_proj": Shard(0, shard.q_start * d, attn.q_size),
+            "k_proj": Shard(0, shard.kv_start * d, attn.kv_size),
+            "v_proj": Shard(0, shard.kv_start * d, attn.kv_size),
+            "gate_proj": Shard(0, r * inter, inter),
+            "up_proj": Shard(0, r * inter, inter),
+            "embed_tokens": Shard(0, r * vocab, vocab, pad_to=vocab),
+            "lm_head": Shard(0, r * vocab, vocab, pad_to=vocab),
+        }
+        table = {f"{name}.{kind}": s for name, s in rows.items() for kind in ("weight", "bias")}
+        table["o_proj.weight"] = Shard(1, shard.q_start * d, attn.q_size)
+        table["down_proj.weight"] = Shard(1, r * inter, inter)
+        return table
 
 
 class MistralForCausalLM(LlamaForCausalLM):

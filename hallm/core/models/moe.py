@@ -120,6 +120,9 @@ class OlmoeDecoderLayer(LlamaDecoderLayer):
 class _MoeCausalLM(LlamaForCausalLM):
     """Shared checkpoint handling: per-expert gate/up/down (or stacked) expert tensors."""
 
+    #: Experts are not sharded across ranks yet (FusedMoE takes tp_rank/tp_size, but nothing
+    #: slices the checkpoint's expert tensors): refused at TP > 1.
+    supports_tensor_parallel = False
     #: checkpoint names of an expert's gate, up and down linears
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 

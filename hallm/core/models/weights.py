@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from hallm.core.distributed.sharding import Shard
 from hallm.core.models.interface import CheckpointMismatchError
 
 _MAX_LISTED = 10
@@ -167,6 +168,26 @@ def _is_persistent(model: nn.Module, buffer_name: str) -> bool:
     module_name, _, leaf = buffer_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return leaf not in module._non_persistent_buffers_set
+
+
+def shard_for_rank(
+    weights: Iterable[tuple[str, torch.Tensor]], shards: Mapping[str, Shard]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Cut each checkpoint tensor to this rank's part as it arrives; `shards` maps the last two
+    parts of a tensor's name ("q_proj.weight") to its `Shard`; a name without an entry is whole
+    on every rank (norms, row-parallel biases)."""
+    for name, tensor in weights:
+        shard = shards.get(".".join(name.rsplit(".", 2)[-2:]))
+        if shard is None:
+            yield name, tensor
+            continue
+        part = tensor.narrow(
+            shard.dim, shard.start, max(0, min(shard.size, tensor.shape[shard.dim] - shard.start))
+        )
+        if shard.pad_to is not None and part.shape[0] < shard.pad_to:
+            pad = part.new_zeros((shard.pad_to - part.shape[0], *part.shape[1:]))
+            part = torch.cat([part, pad])
+        yield name, part
 
 
 def stacked_shards(qkv: Mapping[str, int] | None = None, gate_up: int | None = None) -> list[FusedShard]:

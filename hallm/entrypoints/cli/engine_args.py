@@ -57,6 +57,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--skip-tokenizer-init", action="store_true", help="load no tokenizer: token ids in and out"
     )
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="split the model across this many devices (default: 1)",
+    )
+    g.add_argument(
+        "--distributed-executor-backend",
+        default=None,
+        help="uni | mp | ray: how the ranks run (default: uni for one rank, mp for more)",
+    )
     g.add_argument("--served-model-name", default=None, help="model name reported to clients")
 
 
@@ -82,5 +94,7 @@ def engine_args_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         served_model_name=args.served_model_name,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         skip_tokenizer_init=args.skip_tokenizer_init,
     )
