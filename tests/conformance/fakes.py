@@ -362,6 +362,9 @@ def _platform():
         def step_graphs(self, target):
             return None
 
+        def warm_up_at_start(self):
+            return False  # interpreted kernels compile nothing; the warm-up would only cost CI time
+
         def memory_info(self, device_index=0):
             return (4 << 30, 8 << 30)
 
