@@ -99,9 +99,7 @@ def _refused(config: Any, match: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.parametrize(
     ("name", "kwargs", "match"),
     [
-        ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4), "weight conversion .fused mixture-of-experts"),
-        ("Qwen3MoeConfig", dict(num_key_value_heads=2, num_experts=4), "weight conversion .fused mixture-of-experts"),
-        ("OlmoeConfig", dict(num_key_value_heads=2, num_experts=4), "weight conversion .fused mixture-of-experts"),
+        ("PhimoeConfig", dict(num_key_value_heads=2, num_local_experts=4), "weight conversion .fused mixture-of-experts"),
         (
             "DeepseekV2Config",
             dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
@@ -123,6 +121,25 @@ def test_refused_from_the_config(
     config = getattr(tf, name)(**COMMON | kwargs)
     message = _refused(config, match, monkeypatch)
     assert "is not supported" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4)),
+        ("Qwen2MoeConfig", dict(num_key_value_heads=2, num_experts=4)),
+        ("Qwen3MoeConfig", dict(num_key_value_heads=2, num_experts=4)),
+        ("OlmoeConfig", dict(num_key_value_heads=2, num_experts=4)),
+    ],
+)  # fmt: skip
+def test_native_moe_models_bypass_the_generic_path(name: str, kwargs: dict[str, Any]) -> None:
+    """MoE families with a native hallm model resolve to it, never to the generic refusal."""
+    import transformers as tf
+
+    config = getattr(tf, name)(**COMMON | kwargs)
+    cls = resolve_model_class(config)
+    assert cls is not GenericCausalLM
+    assert cls.__module__ == "hallm.core.models.moe"
 
 
 def test_unknown_attention_layer_type_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
