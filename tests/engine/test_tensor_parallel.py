@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,10 +66,39 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance (2 CPUs) for the module: the executor connects to it and, having
+    not started it, leaves it running for the next test."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-1kv"])
 def test_tp2_mp_matches_tp1(model_dirs: dict[str, Path], arch: str) -> None:
     expected = _generate(model_dirs[arch])
     assert _generate(model_dirs[arch], tensor_parallel_size=2) == expected  # mp is the default
+
+
+def test_ray_starts_and_stops_its_own_instance(model_dirs: dict[str, Path]) -> None:
+    """Without a Ray instance the executor starts a local one (2 ranks of one CPU each) and
+    stops it at shutdown."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    expected = _generate(model_dirs["llama"], PROMPTS[:1])
+    got = _generate(
+        model_dirs["llama"], PROMPTS[:1], tensor_parallel_size=2, distributed_executor_backend="ray"
+    )
+    assert got == expected
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-1kv"])
+def test_tp2_ray_matches_tp1(model_dirs: dict[str, Path], arch: str, local_ray: None) -> None:
+    expected = _generate(model_dirs[arch])
+    assert _generate(model_dirs[arch], tensor_parallel_size=2, distributed_executor_backend="ray") == expected
 
 
 def test_default_model_same_text_split(smollm2_gguf: Path) -> None:
@@ -87,9 +117,38 @@ def test_tp_refusals(model_dirs: dict[str, Path]) -> None:
         )
 
 
-def test_killed_worker_ends_the_engine_cleanly(model_dirs: dict[str, Path]) -> None:
+def _kill_rank1_mid_generation(llm: LLM, pid: int) -> None:
     from hallm.core.executors.mp import WorkerDiedError
 
+    llm.engine.add_request("0", "The quick brown fox", SamplingParams(max_tokens=50, temperature=0))
+    llm.engine.step()  # the prompt's step: generation is under way
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError, match="rank 1"):
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+    assert time.monotonic() - start < 60  # reported, not hung in rank 0's collective
+    with pytest.raises(WorkerDiedError):
+        llm.engine.executor.check_health()
+
+
+def test_killed_ray_worker_ends_the_engine_cleanly(model_dirs: dict[str, Path], local_ray: None) -> None:
+    llm = LLM(
+        str(model_dirs["llama"]), device="cpu", dtype="float32", max_model_len=128, tensor_parallel_size=2,
+        distributed_executor_backend="ray",
+    )  # fmt: skip
+    pids = list(llm.engine.executor.pids)  # type: ignore[attr-defined]
+    try:
+        _kill_rank1_mid_generation(llm, pids[1])
+    finally:
+        llm.engine.shutdown()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_killed_worker_ends_the_engine_cleanly(model_dirs: dict[str, Path]) -> None:
     llm = LLM(
         str(model_dirs["llama"]), device="cpu", dtype="float32", max_model_len=128, tensor_parallel_size=2
     )
@@ -97,17 +156,29 @@ def test_killed_worker_ends_the_engine_cleanly(model_dirs: dict[str, Path]) -> N
     pids = _worker_pids(llm)
     socket_dir = executor._dir  # type: ignore[attr-defined]
     try:
-        llm.engine.add_request("0", "The quick brown fox", SamplingParams(max_tokens=50, temperature=0))
-        llm.engine.step()  # the prompt's step: generation is under way
-        os.kill(pids[1], signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(WorkerDiedError, match="rank 1"):
-            while llm.engine.has_unfinished_requests():
-                llm.engine.step()
-        assert time.monotonic() - start < 60  # reported, not hung in rank 0's collective
-        with pytest.raises(WorkerDiedError):
-            executor.check_health()
+        _kill_rank1_mid_generation(llm, pids[1])
     finally:
         llm.engine.shutdown()
     assert not any(_alive(p) for p in pids)
     assert socket_dir is not None and not Path(socket_dir).exists()
+
+
+def test_ray_refusals(model_dirs: dict[str, Path], local_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More ranks than the cluster can place, and Ray not installed: clear errors, nothing left."""
+    from hallm.core.executors.ray import RayExecutor
+
+    monkeypatch.setattr(RayExecutor, "placement_timeout_s", 2.0)
+    with pytest.raises(
+        ConfigError, match=r"cannot place 4 ranks of one 'CPU' each \(the cluster has 2 'CPU'"
+    ):
+        LLM(
+            str(model_dirs["llama"]), device="cpu", tensor_parallel_size=4, distributed_executor_backend="ray"
+        )
+    import ray
+
+    assert ray.available_resources().get("CPU") == 2  # the placement group was removed
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r"pip install 'hallm\[ray\]'"):
+        LLM(
+            str(model_dirs["llama"]), device="cpu", tensor_parallel_size=2, distributed_executor_backend="ray"
+        )
