@@ -50,6 +50,8 @@ def run_hallm(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         seed=0,
     )
     load_s = time.perf_counter() - t_load
@@ -215,6 +217,8 @@ def main() -> None:
         "report adds the decode roofline at --max-num-seqs resident requests",
     )
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="hallm's ranks (GPUs)")
+    p.add_argument("--distributed-executor-backend", default=None, help="hallm's executor: mp | ray")
     p.add_argument("--num-iters", type=int, default=3, help="timed hallm runs after its first run (median)")
     p.add_argument("--text", action="store_true", help="hallm also runs text out (detokenized), interleaved")
     p.add_argument("--device", default="cuda")
@@ -282,7 +286,14 @@ def main() -> None:
                 str(args.max_num_seqs),
                 "--num-iters",
                 str(args.num_iters),
+                "--tensor-parallel-size",
+                str(args.tensor_parallel_size),
             ]
+            + (
+                ["--distributed-executor-backend", args.distributed_executor_backend]
+                if args.distributed_executor_backend
+                else []
+            )
             + (["--enforce-eager"] if args.enforce_eager else [])
             + (["--text"] if args.text else [])
         )
@@ -309,6 +320,8 @@ def main() -> None:
     record = {
         "benchmark": "G2" if args.fixed_len else "G1",
         "model": args.model,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "executor": args.distributed_executor_backend,
         "env": environment(),
         "rows": rows,
     }
@@ -316,8 +329,9 @@ def main() -> None:
         from benchmarks.gpu_common import copy_bandwidth, kv_bytes_per_token, weight_bytes_read
 
         # Decode roofline with B requests resident at the mean context (IN + OUT/2): B tokens per
-        # step that moves all weights once plus every resident request's KV.
-        bw = copy_bandwidth()
+        # step that moves all weights once plus every resident request's KV. Under tensor
+        # parallelism each GPU moves its share: the floor uses the bandwidth of all GPUs used.
+        bw = copy_bandwidth() * args.tensor_parallel_size
         b = min(args.max_num_seqs, args.num_seqs)
         step_bytes = weight_bytes_read(args.model) + b * (in_len + out_len / 2) * kv_bytes_per_token(
             args.model

@@ -14,6 +14,8 @@
 # g1        benchmarks/gpu_g1.py: offline throughput, hallm vs HF continuous batching vs HF padded
 # g4-decoder  Qwen2.5-0.5B's decode steps with and without the fused decoder stack, and with cuBLAS projections (benchmarks/variants.py)
 # g2        benchmarks/gpu_g1.py --fixed-len 1024,1024: Llama-3.1-8B, 512 requests, vs the decode roofline
+# tp-greedy tests/gpu/test_tp_gpu.py: TP=2 (mp and ray executors, NCCL) vs HF, Qwen2.5-0.5B and Llama-3.1-8B layer shapes, bf16 (two GPUs)
+# tp-g2     G2 (Llama-3.1-8B, 512 requests, 1024 in / 1024 out) at TP=2 on mp and on ray, vs the roofline of both GPUs (two GPUs)
 # g2-long   the same with 3584 requests (~7 minutes of generation: about the most one 10-minute device call holds)
 # linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
 # linear-fused  the fused decoder stack's qkv launch (norm prologue, rotary epilogue) vs the kernels it replaces (--fused)
@@ -76,6 +78,9 @@ for step in $STEPS; do
     g1) run g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b ;;
     g1-hallm) run g1-hallm $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm ;;
     g2) run g2 $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 540 --num-iters 1 ;;
+    tp-greedy) run tp-greedy $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_tp_gpu.py ;;
+    tp-g2) run tp-g2-mp $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 270 --num-iters 1 -tp 2 --distributed-executor-backend mp
+           run tp-g2-ray $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 512 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 270 --num-iters 1 -tp 2 --distributed-executor-backend ray ;;
     g1-harness) run g1-harness $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm --text --num-iters 3 ;;
     g4-decoder) run g4-decoder $PY benchmarks/gpu_g4.py --out "$RES" --models qwen2.5-0.5b --parts copy,step --ab no-decoder-stack --ab no-skinny ;;
     g2-long) run g2-long $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 3584 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 570 ;;
