@@ -20,13 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from hallm.core.config import EngineConfig
-from hallm.core.input_batch import CachedRequestState, StepBuffers
-from hallm.core.model_runner import step_seed
-from hallm.core.outputs import ModelRunnerOutput
-from hallm.core.sampler import RequestSamplingState, Sampler, SamplingMetadata, compute_prompt_logprobs
-from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import Platform
+from hallm.worker_api import (
+    CachedRequestState,
+    EngineConfig,
+    ModelRunnerOutput,
+    RequestSamplingState,
+    Sampler,
+    SamplingMetadata,
+    SchedulerOutput,
+    StepBuffers,
+    compute_prompt_logprobs,
+    step_seed,
+)
 from hallm_tpu.attention import ATTENTION_IMPLS, CHUNK_BLOCKS, DEFAULT_ATTENTION, padded_table_width
 from hallm_tpu.buckets import Buckets
 
@@ -80,9 +86,8 @@ class TpuWorker:
         """Build the hallm torch model on the host through the core's loader (safetensors, GGUF or
         dummy weights), convert its parameters once to device arrays, and keep the host copy of
         the output projection only (prompt logprobs are computed from it on the host)."""
-        from hallm.core.model_loader import load_model
-        from hallm.core.models.llama import LlamaForCausalLM
         from hallm.platforms.registry import models as contributed_models
+        from hallm.worker_api import LlamaForCausalLM, load_model
         from hallm_tpu.model import JaxLlama
 
         cfg = self.config.model
