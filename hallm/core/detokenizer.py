@@ -164,6 +164,11 @@ class IncrementalDetokenizer:
     params:           skip_special_tokens, spaces_between_special_tokens, stop,
                       include_stop_str_in_output, min_tokens, detokenize are honoured
     use_decode_stream: force (True) or forbid (False) the DecodeStream path; None = when possible
+    deferred:         a consumer that reads the text only once the sequence has finished (the
+                      offline API) lets a sequence with no stop strings skip the per-token
+                      decoder: its text is one `tokenizer.decode` at the first read. `update`
+                      and `flush` then return no deltas; a read before the sequence finishes
+                      replays the decoder over the ids so far and continues token by token.
     """
 
     def __init__(
@@ -173,11 +178,19 @@ class IncrementalDetokenizer:
         params: SamplingParams,
         *,
         use_decode_stream: bool | None = None,
+        deferred: bool = False,
     ) -> None:
         self.params = params
         self.token_ids: list[int] = []
         self._text = ""
         self._decoder: _StreamDecoder | _OffsetsDecoder | None = None
+        self._stop: list[str] = list(params.stop or ()) if params.detokenize else []
+        self._tokenizer = tokenizer
+        self._prompt_token_ids = prompt_token_ids
+        # Deferred decoding: ids recorded, text decoded at the first read (`_resolve`); the
+        # number of recorded ids whose text counts (a token-level stop's own text is left out).
+        self._deferred = False
+        self._text_ids = 0
         if params.detokenize:
             stream_ok = DecodeStream is not None and hasattr(tokenizer, "backend_tokenizer")
             if use_decode_stream and not stream_ok:
@@ -186,11 +199,14 @@ class IncrementalDetokenizer:
                     f"(with backend_tokenizer); got {type(tokenizer).__name__}"
                 )
             if stream_ok and use_decode_stream is not False:
-                self._decoder = _StreamDecoder(tokenizer, prompt_token_ids, params)
+                # Stop strings need the text as it grows; special tokens kept as text need the
+                # stream decoder's own joining rules: both decode token by token.
+                self._deferred = deferred and not self._stop and params.skip_special_tokens
+                if not self._deferred:
+                    self._decoder = _StreamDecoder(tokenizer, prompt_token_ids, params)
             else:
                 self._decoder = _OffsetsDecoder(tokenizer, prompt_token_ids, params)
 
-        self._stop: list[str] = list(params.stop or ()) if params.detokenize else []
         # Characters held back from streamed deltas: a stop string's first len-1 characters could
         # already be in the text. With include_stop_str_in_output the stop string is emitted
         # anyway (and nothing after it ever is), so nothing needs holding back.
@@ -208,11 +224,15 @@ class IncrementalDetokenizer:
     @property
     def output_text(self) -> str:
         """All text so far (held-back characters included; truncated at a matched stop string)."""
+        if self._deferred:
+            self._resolve()
         return self._text
 
     @property
     def visible_text(self) -> str:
         """The text safe to show while streaming: output_text minus the held-back tail until finished."""
+        if self._deferred:
+            self._resolve()
         if self._finished or not self._hold_back:
             return self._text
         return self._text[: max(0, len(self._text) - self._hold_back)]
@@ -238,6 +258,12 @@ class IncrementalDetokenizer:
         its text is left out unless include_stop_str_in_output, and held-back text is released.
         """
         if self._finished:
+            return ""
+        if self._deferred:
+            self.token_ids.extend(new_token_ids)
+            drop = stop_terminated and bool(new_token_ids) and not self.params.include_stop_str_in_output
+            self._text_ids = len(self.token_ids) - int(drop)
+            self._finished = stop_terminated
             return ""
         ids = list(new_token_ids)
         skipped: int | None = None
@@ -266,6 +292,9 @@ class IncrementalDetokenizer:
         That includes the decoder's tail: a sequence that ends inside a multi-byte character
         ends with the text `tokenizer.decode` gives for it (U+FFFD), not without those tokens.
         """
+        if self._deferred:
+            self._finished = True
+            return ""
         if self._decoder is not None and self._stop_string is None and not self._tail_flushed:
             self._tail_flushed = True
             self._text += self._decoder.flush()
@@ -273,6 +302,31 @@ class IncrementalDetokenizer:
                 self.check_stop_strings(self._stop, self.params.include_stop_str_in_output)
         self._finished = True
         return self._next_delta()
+
+    def _resolve(self) -> None:
+        """Decode the deferred ids: once finished, the whole text in one `tokenizer.decode` of
+        prompt context + ids (the context's own text cut off, as `_StreamDecoder.flush` does);
+        before that, or where the context's text is not a prefix of the joined text, the stream
+        decoder replayed over the ids, which then goes on token by token."""
+        self._deferred = False
+        ids = self.token_ids[: self._text_ids]
+        tok = self._tokenizer
+        if self._finished:
+            context = list(_StreamDecoder._prompt_context(tok, self._prompt_token_ids))
+            kwargs = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+            head = tok.decode(context, **kwargs) if context else ""
+            full = tok.decode(context + ids, **kwargs)
+            if full.startswith(head):
+                self._text = full[len(head) :]
+                self._emitted = len(self._text)
+                self._tail_flushed = True
+                return
+        self._decoder = _StreamDecoder(tok, self._prompt_token_ids, self.params)
+        self._text = "".join(self._decoder.step(t) for t in ids)
+        if self._finished:
+            self._text += self._decoder.flush()
+            self._tail_flushed = True
+        self._emitted = len(self._text)
 
     def _next_delta(self) -> str:
         end = len(self._text) if self._finished else len(self._text) - self._hold_back

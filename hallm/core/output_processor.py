@@ -58,7 +58,9 @@ class OutputProcessor:
         for i, child in enumerate(children):
             detok = None
             if params.detokenize and self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, params)
+                # Deferred: text decoded at its first read, which for the offline API (outputs
+                # of finished requests only) is one decode per sequence, not a step per token.
+                detok = IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, params, deferred=True)
             seq = SequenceState(
                 index=i,
                 request=child,

@@ -193,3 +193,37 @@ def test_flush_after_eos_emits_the_tail_before_it(tokenizer, use_decode_stream: 
     deltas.append(detok.flush())
     assert "".join(deltas) == detok.output_text == tokenizer.decode(ids)
     assert detok.output_text.endswith("\ufffd")
+
+
+@pytest.mark.parametrize("read_mid_stream", [False, True], ids=["read-at-end", "read-mid-stream"])
+@pytest.mark.parametrize("ending", ["length", "eos", "eos-included", "abort-mid-character"])
+def test_deferred_text_equals_the_per_token_text(tokenizer, ending: str, read_mid_stream: bool) -> None:
+    """A deferred detokenizer (text decoded at its first read) gives the per-token decoder's
+    text, whether it is read only at the end or already mid-stream."""
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    prompt = tokenizer.encode("Prompt: 日本", add_special_tokens=False)
+    if ending == "abort-mid-character":  # the sequence ends inside 🚀's bytes
+        cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+        ids = ids[:cut]
+    params = SamplingParams(include_stop_str_in_output=ending == "eos-included")
+    eager = IncrementalDetokenizer(tokenizer, prompt, params)
+    lazy = IncrementalDetokenizer(tokenizer, prompt, params, deferred=True)
+    stop_last = ending.startswith("eos")
+    for i, tid in enumerate(ids):
+        last = i == len(ids) - 1
+        for d in (eager, lazy):
+            d.update([tid], stop_terminated=stop_last and last)
+        if read_mid_stream and i == len(ids) // 2:
+            assert lazy.visible_text == eager.visible_text
+    for d in (eager, lazy):
+        d.flush()
+    assert lazy.output_text == eager.output_text
+    assert lazy.token_ids == eager.token_ids
+    assert lazy.output_text  # the case decodes to something
+
+
+def test_deferred_needs_no_stop_strings(tokenizer) -> None:
+    """Stop strings are matched as the text grows: such a sequence is decoded token by token."""
+    d = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["STOP"]), deferred=True)
+    delta = "".join(d.update([t]) for t in tokenizer.encode(TEXT, add_special_tokens=False))
+    assert d.stop_string == "STOP" and delta == d.output_text == TEXT[: TEXT.index("STOP")]
