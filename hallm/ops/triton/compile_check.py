@@ -262,7 +262,9 @@ def variants(
             target,
         )
     )
-    out.extend(fused_moe.compile_variants(fused_moe.jit_kernels(), tuple(_SIG_DTYPE[d] for d in dtypes), target))
+    out.extend(
+        fused_moe.compile_variants(fused_moe.jit_kernels(), tuple(_SIG_DTYPE[d] for d in dtypes), target)
+    )
     return out
 
 

@@ -19,7 +19,7 @@ from hallm.ops.triton.target import GENERIC, amd_target
 #: nearest even) at each of the reference's roundings.
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 #: hidden, intermediate (not multiples of the tiles: partial column and K tiles), experts
-H, I, E = 40, 24, 6
+H, INTER, E = 40, 24, 6
 
 
 def _routing(pattern: str, tokens: int, top_k: int) -> torch.Tensor:
@@ -36,8 +36,8 @@ def _routing(pattern: str, tokens: int, top_k: int) -> torch.Tensor:
 
 def _weights(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    w13 = (torch.randn(E, 2 * I, H, generator=gen) * H**-0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=gen) * I**-0.5).to(dtype)
+    w13 = (torch.randn(E, 2 * INTER, H, generator=gen) * H**-0.5).to(dtype)
+    w2 = (torch.randn(E, H, INTER, generator=gen) * INTER**-0.5).to(dtype)
     return w13, w2
 
 
@@ -54,7 +54,9 @@ def test_matches_the_reference(pattern: str, top_k: int, dtype: torch.dtype) -> 
         got = fused_moe(hidden, weights, ids, w13, w2)
         want = ref.fused_moe(hidden.float(), weights, ids, w13.float(), w2.float())
         assert got.dtype == dtype and got.shape == (tokens, H)
-        torch.testing.assert_close(got.float(), want, **TOL[dtype], msg=lambda m: f"{tokens} tokens: {m}")
+        torch.testing.assert_close(
+            got.float(), want, **TOL[dtype], msg=lambda m, n=tokens: f"{n} tokens: {m}"
+        )
 
 
 def test_large_row_blocks_and_amd_launch() -> None:
@@ -103,3 +105,21 @@ def test_plan_groups_pairs_by_expert_and_skips_unchosen_experts() -> None:
         else:
             assert pairs == sorted(pairs) and pairs and all(int(flat[p]) == e for p in pairs)
     assert sorted(p for p in plan.sorted_ids.tolist() if p < n) == list(range(n))
+
+
+def test_a_tiny_moe_model_built_with_the_table(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """Qwen3-MoE (4 experts, top-2) in float32 built with the Triton op table: its MoE layers
+    run the kernels, and a prefill of two requests gives the reference-built model's logits."""
+    from hallm.core.model_loader import load_model
+    from tests.utils.paged_forward import PagedRunner
+
+    path = tiny_model_dir("qwen3_moe")
+    ids = list(range(3, 40))
+    chunks = [("a", ids[:20]), ("b", ids[20:])]
+    want = PagedRunner(load_model(str(path)).model).step(chunks)
+    model = load_model(str(path), ops=triton_op_table(GENERIC)).model
+    layers = [m for m in model.modules() if type(m).__name__ == "FusedMoE"]
+    assert layers and all(m._op.func is fused_moe for m in layers)
+    got = PagedRunner(model).step(chunks)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
