@@ -268,6 +268,9 @@ def compile_variants(
     for t in sig_dtypes:
         for tokens in (1, 512):
             cfg = moe_config(tokens * top_k, e, torch_dtype[t], target)
+            # a launch's sizes and strides at these shapes are multiples of 16: Triton
+            # specializes on that (vectorized, asynchronously pipelined loads), so compile so too
+            aligned = ("inter", "hidden", "w_stride_e", "w_stride_n", "out_stride")
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             common = {"sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32", "num_pairs": "i32"}
             tiles = {**_tiles(cfg), "DOT_F32": t == "fp32"}
@@ -288,7 +291,7 @@ def compile_variants(
                         "out_stride": "i32",
                     },
                     {"TOP_K": top_k, **tiles},
-                    opts,
+                    {**opts, "aligned": (*aligned, "x_stride")},
                 )
             )
             out.append(
@@ -309,7 +312,7 @@ def compile_variants(
                         "out_stride": "i32",
                     },
                     dict(tiles),
-                    opts,
+                    {**opts, "aligned": (*aligned, "a_stride")},
                 )
             )
     return out
