@@ -1,8 +1,9 @@
 """Decode-step MoE layer time: the Triton fused MoE (hallm.ops.triton.fused_moe) against the
 floor of the bytes it must read and against the pure-torch reference, in the same run.
 
-NOT RUN YET: written without a GPU; no numbers from it exist. Only its argument parsing and
-imports were checked (on a CPU).
+NOT RUN YET: written without a GPU; no numbers from it exist. Checked on a CPU only: its
+argument parsing and imports, and its measuring code once at toy shapes in Triton's interpreter
+with the timer stubbed out.
 
     python3 benchmarks/gpu_moe.py [--batches 1,32,128] [--copies 4] [--out DIR]
 
@@ -16,7 +17,9 @@ states with the softmax top-k router and times one MoE layer:
   both launched eagerly;
 - `floor_us`: the weight bytes of the experts the batch actually chose (each read once) divided
   by the measured copy bandwidth (read + write bytes of a device-to-device copy);
-and prints triton/floor and reference/triton. Each timed call cycles over `--copies` layers of
+and prints triton/floor and reference/triton. `--sweep` also times other tile shapes
+(BLOCK_N, BLOCK_K, stages; the shipped BLOCK_M) at each batch and prints the fastest, for tuning
+`hallm.ops.triton.moe_align.moe_config`. Each timed call cycles over `--copies` layers of
 distinct weights so that the chosen experts come from HBM, as in a model, not from L2. The
 result is also checked against the reference. Appends a record to DIR/moe.jsonl.
 """
@@ -45,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inter", type=int, default=QWEN3_30B_A3B["inter"], help="moe_intermediate_size")
     p.add_argument("--layers", type=int, default=QWEN3_30B_A3B["layers"], help="for the per-step estimate")
     p.add_argument("--copies", type=int, default=4, help="layers of distinct weights cycled per timing")
+    p.add_argument("--sweep", action="store_true", help="also time other tile shapes")
     p.add_argument("--out", default="benchmarks/results/raw")
     args = p.parse_args(argv)
     args.batch_list = [int(b) for b in args.batches.split(",")]
@@ -96,11 +100,15 @@ def bench_batch(args: argparse.Namespace, batch: int, layers: list[Any], bandwid
     t_graph = _time_us(triton_fns(), graph=True)
     t_eager = _time_us(triton_fns(), graph=False)
     t_ref = _time_us(ref_fns, graph=False)
+    row: dict[str, Any] = {}
+    if args.sweep:
+        row["sweep"] = sweep(hidden, weights, ids, layers, target, err_limit=0.05 * max(1.0, scale))
     active = int(torch.unique(ids).numel())
     per_expert = (2 * args.inter * args.hidden + args.hidden * args.inter) * 2
     active_bytes = active * per_expert
     floor = active_bytes / bandwidth * 1e6
     return {
+        **row,
         "batch": batch,
         "active_experts": active,
         "active_mb": active_bytes / 1e6,
@@ -113,6 +121,40 @@ def bench_batch(args: argparse.Namespace, batch: int, layers: list[Any], bandwid
         "step_moe_ms": t_graph * args.layers / 1e3,
         "max_abs_err": err,
     }
+
+
+def sweep(
+    hidden: Any, weights: Any, ids: Any, layers: list[Any], target: Any, err_limit: float
+) -> list[dict[str, Any]]:
+    """Graph-replay microseconds of `fused_moe` with other tiles (BLOCK_M as shipped), fastest first."""
+    import dataclasses
+    import itertools
+
+    from hallm.ops.reference_ops import fused_moe as reference
+    from hallm.ops.triton.fused_moe import fused_moe
+    from hallm.ops.triton.moe_align import moe_config
+
+    shipped = moe_config(ids.numel(), layers[0][0].shape[0], hidden.dtype, target)
+    want = reference(hidden, weights, ids, *layers[0]).float()
+    results = []
+    for bn, bk, stages in itertools.product((32, 64, 128), (32, 64, 128), (2, 3, 4)):
+        cfg = dataclasses.replace(shipped, block_n=bn, block_k=bk, num_stages=stages)
+        try:
+            got = fused_moe(hidden, weights, ids, *layers[0], target=target, config=cfg)
+        except Exception as exc:  # a tile that does not fit (shared memory): report it, go on
+            print(f"    {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        if (got.float() - want).abs().max().item() > err_limit:
+            raise AssertionError(f"{cfg} differs from the reference")
+        fns = [
+            lambda w=w, cfg=cfg: fused_moe(hidden, weights, ids, *w, target=target, config=cfg)
+            for w in layers
+        ]
+        results.append({"config": str(cfg), "us": _time_us(fns, graph=True), "shipped": cfg == shipped})
+    results.sort(key=lambda r: r["us"])
+    for r in results[:5]:
+        print(f"    {r['us']:7.1f} us  {r['config']}{'  (shipped)' if r['shipped'] else ''}", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -181,10 +181,12 @@ def fused_moe(
     w13: torch.Tensor,
     w2: torch.Tensor,
     target: TritonTarget | None = None,
+    config: MoEConfig | None = None,
 ) -> torch.Tensor:
     """See `hallm.platforms.ops.FusedMoEOp`: hidden [T, H], topk_weights [T, K], topk_ids [T, K],
     w13 [E, 2I, H], w2 [E, H, I] -> [T, H]. Calls the kernels cannot take (CPU tensors outside
-    the interpreter, mixed dtypes, strided weights) run the reference."""
+    the interpreter, mixed dtypes, strided weights) run the reference. `config` overrides the
+    tile shape `moe_config` picks (for tuning sweeps)."""
     if not takes(hidden, w13, w2):
         from hallm.ops.reference_ops import fused_moe as reference
 
@@ -197,7 +199,7 @@ def fused_moe(
         return torch.empty_like(hidden)
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     num_pairs = t * top_k
-    cfg = moe_config(num_pairs, e, hidden.dtype, target)
+    cfg = config or moe_config(num_pairs, e, hidden.dtype, target)
     plan = align_by_expert(topk_ids, e, cfg.block_m)
     k = _kernels(interpreting())
     dot_f32 = hidden.dtype == torch.float32 or interpreting()
