@@ -45,11 +45,16 @@ def _weights(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("pattern", ["one expert", "uniform", "empty experts"])
 def test_matches_the_reference(pattern: str, top_k: int, dtype: torch.dtype) -> None:
-    w13, w2 = _weights(dtype, 0)
+    """Unchosen experts' weights are NaN: a block that used another expert's weights (or a
+    padding row that reached the output) would show."""
     gen = torch.Generator().manual_seed(1)
     for tokens in (1, 7, 33):
-        hidden = torch.randn(tokens, H, generator=gen).to(dtype)
         ids = _routing(pattern, tokens, top_k)
+        w13, w2 = _weights(dtype, 0)
+        unchosen = torch.ones(E, dtype=torch.bool)
+        unchosen[ids.unique()] = False
+        w13[unchosen], w2[unchosen] = float("nan"), float("nan")
+        hidden = torch.randn(tokens, H, generator=gen).to(dtype)
         weights = torch.rand(tokens, top_k, generator=gen)
         got = fused_moe(hidden, weights, ids, w13, w2)
         want = ref.fused_moe(hidden.float(), weights, ids, w13.float(), w2.float())
