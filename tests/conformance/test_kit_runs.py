@@ -35,14 +35,18 @@ def test_kit_passes_on_in_tree_plugins(kit: KitRunner, name: str) -> None:
 
 
 def test_kit_passes_on_rocm_kernels_in_the_interpreter(kit: KitRunner) -> None:
-    """hallm-rocm's platform, op table and attention backend, launching for an MI300X (gfx942,
-    64-wide wavefronts), run L0-L3 in Triton's interpreter: every kernel result the kit checks,
-    with one known failure that is the interpreter's bf16 rounding (conftest.py)."""
+    """hallm-rocm's platform, op table (fused MoE included) and attention backend, launching for
+    an MI300X (gfx942, 64-wide wavefronts), run L0-L3 in Triton's interpreter: every kernel
+    result the kit checks, with one known failure that is the interpreter's bf16 rounding
+    (conftest.py)."""
     run = kit.get("rocminterp")
     _passes(run, levels=3)
     groups = {t["group"] for t in run.tests("pass")}
     assert {"L1 paged attention", "L1 op table", "L2 executor lifecycle", "L3 greedy tokens vs CPU"} <= groups
     assert {t["dtype"] for t in run.tests("pass", "test_l1_attention.py")} >= {"float32", "bfloat16"}
+    # the Triton fused MoE (the op table's fused_moe) against the reference over routing patterns
+    moe = run.tests("pass", "test_l1_ops.py::test_op_matches_its_reference[fused_moe-")
+    assert {t["dtype"] for t in moe} == {"float32", "bfloat16"}, run.explain()
     assert [t["test_id"] for t in run.tests("xfail")] == [
         "test_l3_end_to_end.py::test_greedy_matches_cpu[llama-bfloat16]"
     ]

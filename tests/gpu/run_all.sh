@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused profile profile-engine profile-host profile-launch host-overhead conformance (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused moe profile profile-engine profile-host profile-launch host-overhead conformance (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -18,6 +18,8 @@
 # tp-g2     G2 (Llama-3.1-8B, 512 requests, 1024 in / 1024 out) at TP=2 on mp and on ray, vs the roofline of both GPUs (two GPUs)
 # g2-long   the same with 3584 requests (~7 minutes of generation: about the most one 10-minute device call holds)
 # linear    benchmarks/gpu_linear.py: the skinny GEMM vs cuBLAS on both models' projections, 1-64 rows
+# moe       tests/gpu/test_fused_moe_gpu.py and benchmarks/gpu_moe.py: the Triton fused MoE against the
+#           reference, then Qwen3-30B-A3B's MoE layer at decode batch 1/32/128 vs its bytes floor and the reference
 # linear-fused  the fused decoder stack's qkv launch (norm prologue, rotary epilogue) vs the kernels it replaces (--fused)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
@@ -86,6 +88,8 @@ for step in $STEPS; do
     g2-long) run g2-long $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --systems hallm --num-seqs 3584 --fixed-len 1024,1024 --max-num-seqs 192 --timeout 570 ;;
     g1-llama) run g1-llama $PY benchmarks/gpu_g1.py --out "$RES" --model llama-3.1-8b --hf-cb-requests 16 --hf-padded-requests 32 --hf-batch-size 32 ;;
     linear) run linear $PY benchmarks/gpu_linear.py --out "$RES" ;;
+    moe) run moe-test $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fused_moe_gpu.py
+         run moe $PY benchmarks/gpu_moe.py --out "$RES" ;;
     linear-fused) run linear-fused $PY benchmarks/gpu_linear.py --out "$RES" --fused --rows 1,16 ;;
     profile) run profile $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
     profile-engine) run profile-engine-qwen $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --engine

@@ -14,6 +14,9 @@ their attention backends; nothing imports it at plugin load). Kernels:
 
 - `skinny_gemm.skinny_linear`: a linear layer over few rows (decode steps), with an optional
   RMSNorm prologue and rotary epilogue; streams the weight once for all rows.
+- `fused_moe.fused_moe`: a mixture-of-experts MLP as two grouped GEMMs over the step's
+  (token, expert) pairs sorted by expert (`moe_align`): gate/up with SiLU-and-mul, then down
+  scaled by the routing weight; only the chosen experts' weights are read.
 
 On sm_90+ every kernel launches with programmatic dependent launch (`runtime.pdl_launch`).
 

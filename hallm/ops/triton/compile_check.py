@@ -5,7 +5,7 @@ for NVIDIA (sm_80, sm_90: hallm-cuda) and AMD (gfx90a, gfx942: hallm-rocm).
 the ptxas in the triton wheel, or AMDGCN -> hsaco) for the variants the launchers in
 `hallm.ops.triton.attention` and `kv_write` produce: the KV write, decode (plain and split-KV), prefill, the
 split-KV reduction, with and without sliding window and soft cap, for each dtype; the fused
-layer kernels and the skinny GEMM. On sm_90+ the kernels compile with programmatic dependent
+layer kernels, the skinny GEMM and the fused-MoE GEMMs. On sm_90+ the kernels compile with programmatic dependent
 launch (`USE_PDL`), as `runtime.pdl_launch` launches them there; never for AMD, whose
 `TritonTarget` has no PDL. Each variant has the launch parameters the plugin would pick on a
 representative GPU of the architecture (`compile_target`: threads per program in warps of 32 or
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import triton
 
-from hallm.ops.triton import skinny_gemm, skinny_launch
+from hallm.ops.triton import fused_moe, skinny_gemm, skinny_launch
 from hallm.ops.triton.attention import jit_kernels
 from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
 from hallm.ops.triton.skinny_launch import CompileVariant
@@ -262,6 +262,9 @@ def variants(
             target,
         )
     )
+    out.extend(
+        fused_moe.compile_variants(fused_moe.jit_kernels(), tuple(_SIG_DTYPE[d] for d in dtypes), target)
+    )
     return out
 
 
@@ -339,7 +342,9 @@ def _fused_variants(dtypes: tuple[torch.dtype, ...], target: TritonTarget) -> li
 #: The CI subset: every code path once (KV write, decode, split-KV merged in the kernel and by
 #: the reduce kernel, prefill with window and soft cap, the float32 exact-dot path) at
 #: Llama-3-8B's head shape; the skinny GEMM plain, split-K, at 64 rows (its largest shared
-#: memory), and with the RMSNorm prologue (with and without the residual) and rotary epilogue.
+#: memory), and with the RMSNorm prologue (with and without the residual) and rotary epilogue;
+#: both MoE GEMMs at decode (16-row) and prefill (64-row, their largest shared memory) blocks,
+#: and the float32 exact-dot path.
 CI_SUBSET = (
     "write_kv-bf16-h32/8-d128",
     "attention-decode-split-bf16-h32/8-d128",
@@ -356,6 +361,11 @@ CI_SUBSET = (
     "skinny-qkv-norm-rotary-bf16-m1",
     "skinny-qkv-norm-rotary-bf16-m64",
     "skinny-qkv-norm-rotary-first-bf16-m1",
+    "moe-gate-up-bf16-m16",
+    "moe-down-bf16-m16",
+    "moe-gate-up-bf16-m64",
+    "moe-down-bf16-m64",
+    "moe-gate-up-fp32-m16",
 )
 
 
