@@ -49,10 +49,21 @@ def test_tp2_server_answers_then_reports_a_dead_worker(
     )
     chunks = iter(stream)
     next(chunks)  # generation is under way
-    os.kill(_rank_pids(tp)[1], signal.SIGKILL)
+    pids = _rank_pids(tp)
+    os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(openai.APIError, match="rank 1"):
         for _ in chunks:
             pass
     resp = wait_until(lambda: (r := httpx.get(f"{tp.url}/health", timeout=10)).status_code == 503 and r, 30)
     assert resp.json()["error"]["code"] == "engine_dead"
     assert tp.terminate(timeout=60) == 0, tp.log()
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 30)  # no rank outlives the server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except (ProcessLookupError, FileNotFoundError):
+        return False
