@@ -110,6 +110,12 @@ class EngineArgs:
         max_batched = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
         executor = self._executor_name()
         check_tensor_parallel(source.hf_config, self.tensor_parallel_size)
+        if self.tensor_parallel_size > 1:
+            from hallm.core.model_loader.loader import check_splittable
+            from hallm.core.models import resolve_model_class
+            from hallm.platforms.registry import models as contributed_models
+
+            check_splittable(resolve_model_class(source.hf_config, contributed_models()))
         config = EngineConfig(
             model=ModelConfig(
                 model=source.model_dir,

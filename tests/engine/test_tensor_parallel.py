@@ -101,6 +101,21 @@ def test_tp2_ray_matches_tp1(model_dirs: dict[str, Path], arch: str, local_ray: 
     assert _generate(model_dirs[arch], tensor_parallel_size=2, distributed_executor_backend="ray") == expected
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_tp2_moe_matches_tp1(tiny_model_dir: Callable[[str], Path], arch: str) -> None:
+    """Experts split by their intermediate dimension (Qwen2-MoE's shared expert too), the
+    router on every rank."""
+    path = tiny_model_dir(arch)
+    assert _generate(path, tensor_parallel_size=2) == _generate(path)
+
+
+def test_olmoe_refuses_tp_from_the_config(tiny_model_dir: Callable[[str], Path]) -> None:
+    with pytest.raises(
+        ConfigError, match=r"OlmoeForCausalLM cannot be split .*normalizes q and k over all heads"
+    ):
+        LLM(str(tiny_model_dir("olmoe")), device="cpu", tensor_parallel_size=2)
+
+
 def test_default_model_same_text_split(smollm2_gguf: Path) -> None:
     """SmolLM2-135M has 9 query and 3 KV heads: it splits over 3 ranks (not 2)."""
     prompts = ["The capital of France is", "List three colors:"]

@@ -18,12 +18,15 @@ from hallm.platforms import ConfigError
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """Rows [start, start + size) of a checkpoint tensor's dimension `dim` (0: output rows,
-    1: input columns); `pad_to` pads dimension 0 with zeros to that many rows."""
+    1: input columns); `pad_to` pads dimension 0 with zeros to that many rows. With `blocks` > 1
+    the dimension holds that many equal blocks stacked (a fused gate/up: gate rows, then up
+    rows), and the rank's part is [start, start + size) of each block, concatenated."""
 
     dim: int
     start: int
     size: int
     pad_to: int | None = None
+    blocks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,8 @@ def check_tensor_parallel(hf_config: Any, world_size: int) -> None:
     heads = int(hf_config.num_attention_heads)
     kv = int(getattr(hf_config, "num_key_value_heads", None) or heads)
     inter = int(getattr(hf_config, "intermediate_size", 0) or 0)
+    moe_inter = int(getattr(hf_config, "moe_intermediate_size", 0) or 0)
+    shared = int(getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
     problems = []
     if heads % world_size:
         problems.append(f"num_attention_heads {heads} is not divisible by it")
@@ -68,6 +73,10 @@ def check_tensor_parallel(hf_config: Any, world_size: int) -> None:
         problems.append(f"it is not a multiple of num_key_value_heads {kv}")
     if inter % world_size:
         problems.append(f"intermediate_size {inter} is not divisible by it")
+    if moe_inter % world_size:
+        problems.append(f"moe_intermediate_size {moe_inter} is not divisible by it")
+    if shared % world_size:
+        problems.append(f"shared_expert_intermediate_size {shared} is not divisible by it")
     if problems:
         raise ConfigError(
             f"tensor_parallel_size {world_size} does not divide this model: "

@@ -169,10 +169,8 @@ def load_model(
         dtype = dtype_name(dtype) or "auto"
     torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None), supported_dtypes)
     cls = resolve_model_class(hf_config, extra_models)
-    if tp_world_size() > 1 and not getattr(cls, "supports_tensor_parallel", False):
-        raise ConfigError(
-            f"{cls.__name__} cannot be split across tensor-parallel ranks; use tensor_parallel_size 1"
-        )
+    if tp_world_size() > 1:
+        check_splittable(cls)
     net: Any = build_model(cls, hf_config, device, torch_dtype, ops)
     if dummy:
         init_dummy_weights(net, std=float(getattr(hf_config, "initializer_range", None) or 0.02), seed=seed)
@@ -191,3 +189,13 @@ def load_model(
         device,
     )
     return LoadedModel(net, hf_config, torch_dtype, model_dir)
+
+
+def check_splittable(cls: type) -> None:
+    """Raise ConfigError when model class `cls` cannot be split across tensor-parallel ranks."""
+    if not getattr(cls, "supports_tensor_parallel", False):
+        why = getattr(cls, "tensor_parallel_refusal", None)
+        raise ConfigError(
+            f"{cls.__name__} cannot be split across tensor-parallel ranks{f' ({why})' if why else ''}; "
+            "use tensor_parallel_size 1"
+        )

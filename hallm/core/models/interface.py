@@ -84,6 +84,8 @@ class ModelBase(nn.Module):
     #: The model builds its own rank's shard when `hallm.core.distributed.tp_world_size()` > 1
     #: and its `load_weights` keeps only that shard. Models that do not are refused at TP > 1.
     supports_tensor_parallel: ClassVar[bool] = False
+    #: Why a model that cannot be split refuses (shown to the user), when there is a reason to give.
+    tensor_parallel_refusal: ClassVar[str | None] = None
 
     def attention_layers(self) -> list[Attention]:
         """This model's attention layers, ordered by layer_idx (the runner binds these)."""

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hallm.core.distributed import tp_all_reduce, tp_rank, tp_world_size
+from hallm.core.distributed.sharding import Shard
 from hallm.core.layers.linear import Linear
 from hallm.core.layers.mlp import GatedMLP
 from hallm.core.layers.moe import FusedMoE, SoftmaxTopKRouter
@@ -39,7 +41,11 @@ def _moe_intermediate(config: Any) -> int:
 
 class SparseMoeBlock(nn.Module):
     """x [T, H] -> [T, H]: `experts(x, router(x))` (+ `sigmoid(shared_expert_gate(x)) *
-    shared_expert(x)` when the block has a shared expert)."""
+    shared_expert(x)` when the block has a shared expert).
+
+    Under tensor parallelism every rank routes in full (the router is replicated), holds its slice
+    of every expert's intermediate dimension and of the shared expert's, and the experts' partial
+    sums meet in one all-reduce (the shared expert's row-parallel down projection has its own)."""
 
     def __init__(self, config: Any, renormalize: bool, cast_weights: bool, shared_size: int = 0) -> None:
         super().__init__()
@@ -51,16 +57,17 @@ class SparseMoeBlock(nn.Module):
         self.gate = SoftmaxTopKRouter(
             config.hidden_size, num_experts, int(config.num_experts_per_tok), renormalize, cast_weights
         )
-        self.experts = FusedMoE(num_experts, config.hidden_size, _moe_intermediate(config))
+        world = tp_world_size()
+        self.experts = FusedMoE(num_experts, config.hidden_size, _moe_intermediate(config), tp_rank(), world)
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: Linear | None = None
         if shared_size:
-            self.shared_expert = GatedMLP(config.hidden_size, shared_size, config.hidden_act)
+            self.shared_expert = GatedMLP(config.hidden_size, shared_size // world, config.hidden_act)
             self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
+        out = tp_all_reduce(self.experts(x, weights, ids))
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
@@ -120,15 +127,13 @@ class OlmoeDecoderLayer(LlamaDecoderLayer):
 class _MoeCausalLM(LlamaForCausalLM):
     """Shared checkpoint handling: per-expert gate/up/down (or stacked) expert tensors."""
 
-    #: Experts are not sharded across ranks yet (FusedMoE takes tp_rank/tp_size, but nothing
-    #: slices the checkpoint's expert tensors): refused at TP > 1.
-    supports_tensor_parallel = False
+    supports_tensor_parallel = True
     #: checkpoint names of an expert's gate, up and down linears
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     def checkpoint_shards(self) -> tuple[list[FusedShard], list[ExpertShard]]:
         shards, _ = super().checkpoint_shards()
-        shared = int(getattr(self.config, "shared_expert_intermediate_size", 0) or 0)
+        shared = int(getattr(self.config, "shared_expert_intermediate_size", 0) or 0) // tp_world_size()
         if shared:
             # Before the plain gate/up shards: the first shard whose name matches wins.
             shards = [
@@ -137,7 +142,27 @@ class _MoeCausalLM(LlamaForCausalLM):
                 *shards,
             ]
         gate, up, down = self.expert_names
-        return shards, expert_shards(gate, up, down, _moe_intermediate(self.config))
+        return shards, expert_shards(gate, up, down, _moe_intermediate(self.config) // tp_world_size())
+
+    def tensor_parallel_shards(self) -> dict[str, Shard]:
+        """The Llama family's shards, plus this rank's slice of every expert's intermediate
+        dimension (per-expert checkpoint tensors, and stacked ones in transformers' layout:
+        gate_up_proj [E, 2I, H], down_proj [E, H, I]) and of the shared expert's."""
+        table = super().tensor_parallel_shards()
+        world, r = tp_world_size(), tp_rank()
+        inter = _moe_intermediate(self.config) // world
+        gate, up, down = self.expert_names
+        table[f"experts.*.{gate}.weight"] = Shard(0, r * inter, inter)
+        table[f"experts.*.{up}.weight"] = Shard(0, r * inter, inter)
+        table[f"experts.*.{down}.weight"] = Shard(1, r * inter, inter)
+        table["experts.gate_up_proj"] = Shard(1, r * inter, inter, blocks=2)
+        table["experts.down_proj"] = Shard(2, r * inter, inter)
+        shared = int(getattr(self.config, "shared_expert_intermediate_size", 0) or 0) // world
+        if shared:
+            table["shared_expert.gate_proj.weight"] = Shard(0, r * shared, shared)
+            table["shared_expert.up_proj.weight"] = Shard(0, r * shared, shared)
+            table["shared_expert.down_proj.weight"] = Shard(1, r * shared, shared)
+        return table
 
 
 class MixtralForCausalLM(_MoeCausalLM):
@@ -173,6 +198,11 @@ class Qwen3MoeForCausalLM(_MoeCausalLM):
 
 class OlmoeForCausalLM(_MoeCausalLM):
     layer_cls = OlmoeDecoderLayer
+    #: Its q/k RMSNorm spans all heads, which tensor parallelism splits across ranks.
+    supports_tensor_parallel = False
+    tensor_parallel_refusal = (
+        "OLMoE normalizes q and k over all heads at once, which tensor parallelism splits across ranks"
+    )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def renamed() -> Iterator[tuple[str, torch.Tensor]]:

@@ -173,13 +173,27 @@ def _is_persistent(model: nn.Module, buffer_name: str) -> bool:
 def shard_for_rank(
     weights: Iterable[tuple[str, torch.Tensor]], shards: Mapping[str, Shard]
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Cut each checkpoint tensor to this rank's part as it arrives; `shards` maps the last two
-    parts of a tensor's name ("q_proj.weight") to its `Shard`; a name without an entry is whole
-    on every rank (norms, row-parallel biases)."""
+    """Cut each checkpoint tensor to this rank's part as it arrives. `shards` maps the end of a
+    tensor's name, with its numeric parts (layer and expert indices) written "*", to its `Shard`;
+    the longest matching end wins ("experts.*.gate_proj.weight" before "gate_proj.weight"). A
+    name without an entry is whole on every rank (norms, row-parallel biases, routers)."""
     for name, tensor in weights:
-        shard = shards.get(".".join(name.rsplit(".", 2)[-2:]))
+        parts = ["*" if p.isdigit() else p for p in name.split(".")]
+        shard = None
+        for k in (4, 3, 2):
+            shard = shards.get(".".join(parts[-k:])) if len(parts) >= k else None
+            if shard is not None:
+                break
         if shard is None:
             yield name, tensor
+            continue
+        if shard.blocks > 1:
+            block = tensor.shape[shard.dim] // shard.blocks
+            part = torch.cat(
+                [tensor.narrow(shard.dim, b * block + shard.start, shard.size) for b in range(shard.blocks)],
+                dim=shard.dim,
+            )
+            yield name, part
             continue
         part = tensor.narrow(
             shard.dim, shard.start, max(0, min(shard.size, tensor.shape[shard.dim] - shard.start))
