@@ -1,4 +1,8 @@
-"""Weights streamed every step get transparent huge pages where the kernel offers them."""
+"""Weights streamed every step ask for transparent huge pages where the kernel offers them.
+
+The test checks the request (the mapping's `hg` flag, MADV_HUGEPAGE), which is what hallm
+controls; whether the kernel grants a huge page at a fault depends on how fragmented memory is
+at that moment, so the pages actually granted are not asserted."""
 
 from __future__ import annotations
 
@@ -19,26 +23,28 @@ def _thp_mode() -> str | None:
     return text[text.index("[") + 1 : text.index("]")]
 
 
-def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages of the mapping holding `address`, from the kernel's /proc/self/smaps."""
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of the mapping holding `address`, from the kernel's /proc/self/smaps."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= address < hi
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return []
 
 
 @pytest.mark.skipif(
     sys.platform != "linux" or _thp_mode() in (None, "never"), reason="no transparent huge pages"
 )
-def test_a_streamed_weight_is_backed_by_huge_pages() -> None:
+def test_a_streamed_weight_asks_for_huge_pages() -> None:
     w = empty_weight((8 * HUGE_PAGE // 4,), torch.float32)  # 16 MiB
-    w.fill_(1.0)  # first touch: the faults take huge pages
-    assert _anon_huge_kib(w.data_ptr() + 4 * HUGE_PAGE) >= 2048
+    assert "hg" in _vm_flags(w.data_ptr() + 4 * HUGE_PAGE)  # asked before the first touch
+    plain = torch.empty(8 * HUGE_PAGE // 4)
+    assert "hg" not in _vm_flags(plain.data_ptr() + 4 * HUGE_PAGE)  # the control: not asked
+    w.fill_(1.0)
     assert w.shape == (8 * HUGE_PAGE // 4,) and float(w.sum()) == w.numel()
 
 
