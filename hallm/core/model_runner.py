@@ -159,6 +159,7 @@ class ModelRunner:
         b.query_start_loc[0] = 0
         b.query_start_loc[1 : num_reqs + 1] = np.cumsum(query_lens)
         b.context_lens[:num_reqs] = 0
+        b.num_prompt_tokens[:num_reqs] = query_lens
         for i in range(num_reqs):
             b.block_tables[i, :per_req_blocks] = 1 + (np.arange(per_req_blocks) + i * per_req_blocks) % (
                 num_blocks - 1
@@ -266,6 +267,7 @@ class ModelRunner:
                     fill_dst.append(offset + position - c)
                     fill_src.append(row)
             b.context_lens[i] = c
+            b.num_prompt_tokens[i] = state.num_prompt_tokens
             nb = state.num_blocks
             if row_state[i] is not state:
                 b.block_tables[i, :nb] = state.block_table[:nb]

@@ -86,6 +86,7 @@ class LayoutTensors:
     context_lens: torch.Tensor  # int32 [num_reqs]
     block_tables: torch.Tensor  # int32 [num_reqs, max_blocks_per_req]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
+    num_prompt_tokens: torch.Tensor | None = None  # int32 [num_reqs], as in BatchLayout
 
 
 @dataclasses.dataclass
@@ -103,6 +104,10 @@ class BatchLayout:
 
     Host arrays (numpy) come first so a non-torch worker can consume the layout; `tensors`
     holds the same data on the device when the worker is torch-based.
+
+    `num_prompt_tokens[i]` (optional) is request i's prompt length; models whose math depends
+    on it (long-rope picks its factors per request from it) read it; None where unknown
+    (e.g. a captured decode graph), and attention backends never need it.
     """
 
     num_reqs: int
@@ -117,6 +122,7 @@ class BatchLayout:
     slot_mapping: np.ndarray  # int64 [num_tokens]
     block_size: int
     tensors: LayoutTensors | None = None
+    num_prompt_tokens: np.ndarray | None = None  # int32 [num_reqs]
 
     @property
     def num_decode_reqs(self) -> int:

@@ -31,6 +31,8 @@ NATIVE_ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 GENERIC_ARCHS = ("gpt_neox", "phi", "gemma2")
 #: Mixture-of-experts families (native): 4 experts, 2 per token, expert intermediate 32.
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+#: Long-rope with a small original context (16), so test prompts cross it.
+LONGROPE_ARCHS = ("llama_longrope", "phi3_longrope")
 ALL_ARCHS = NATIVE_ARCHS + GENERIC_ARCHS
 
 _TEXT = """\
@@ -129,6 +131,19 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
         return tf.Gemma2Config(
             **common, head_dim=32, sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0
         )
+    if arch in LONGROPE_ARCHS:
+        half = common["hidden_size"] // common["num_attention_heads"] // 2
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.5 + 0.4 * i for i in range(half)],
+            "factor": common["max_position_embeddings"] / 16,
+            "original_max_position_embeddings": 16,
+        }
+        if arch == "llama_longrope":
+            return tf.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False)
+        return tf.Phi3Config(**common, rope_parameters=rope, original_max_position_embeddings=16)
     moe: dict[str, Any] = dict(num_experts_per_tok=2, moe_intermediate_size=32)
     if arch == "mixtral":
         return tf.MixtralConfig(
@@ -145,7 +160,7 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
         return tf.OlmoeConfig(
             **{**common, "intermediate_size": 32}, num_experts=4, num_experts_per_tok=2, clip_qkv=0.5
         )
-    raise ValueError(f"unknown tiny arch {arch!r}; known: {ALL_ARCHS + MOE_ARCHS}")
+    raise ValueError(f"unknown tiny arch {arch!r}; known: {ALL_ARCHS + MOE_ARCHS + LONGROPE_ARCHS}")
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hallm.core.layers.attention import Attention
+from hallm.core.layers.rotary import LongRopeCosSin, is_hf_longrope_rotary
 from hallm.core.models.interface import CheckpointMismatchError, ModelBase, layer_sliding_window
 from hallm.core.models.registry import TEXT_WEIGHT_PREFIXES
 from hallm.core.models.weights import load_checkpoint_weights
@@ -223,6 +224,12 @@ class GenericCausalLM(ModelBase):
                 sliding_window=layer_sliding_window(config, module.layer_idx),
                 logits_soft_cap=soft_cap,
             )
+        # HF's long-rope picks its factors once per forward, i.e. for the whole packed step:
+        # replace it with hallm's per-request choice.
+        for parent in list(self.hf_model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if is_hf_longrope_rotary(child):
+                    setattr(parent, child_name, LongRopeCosSin(child))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids [T], positions [T] -> final hidden states [T, hidden] (batch of one inside)."""
