@@ -106,6 +106,7 @@ class ModelRunner:
                 block_size=self.block_size,
                 sliding_window=layer.sliding_window,
                 logits_soft_cap=layer.logits_soft_cap,
+                sinks=layer.sinks,
             )
             backend_cls = select_attention_backend(self.platform, spec, self.config.attention_backend)
             self.backends.append(backend_cls(spec))

@@ -144,6 +144,26 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
         if arch == "llama_longrope":
             return tf.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False)
         return tf.Phi3Config(**common, rope_parameters=rope, original_max_position_embeddings=16)
+    if arch == "gpt_oss":
+        # Attention sinks, alternating sliding (window 8) / full layers, yarn rope, biased router
+        # and experts with gpt-oss's clamped SwiGLU.
+        return tf.GptOssConfig(
+            **{**common, "intermediate_size": 32, "head_dim": 16},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+            tie_word_embeddings=False,
+        )
     moe: dict[str, Any] = dict(num_experts_per_tok=2, moe_intermediate_size=32)
     if arch == "mixtral":
         return tf.MixtralConfig(
@@ -169,6 +189,9 @@ def _redraw(model: torch.nn.Module, seed: int) -> None:
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen) * 0.1
         is_norm = p.ndim == 1 and ("norm" in name or "layernorm" in name) and not name.endswith("bias")
+        if name.endswith(".sinks"):  # attention sinks: logits that matter next to the scores
+            p.copy_(noise * 20.0)
+            continue
         p.copy_(1.0 + noise if is_norm else noise)
 
 

@@ -78,12 +78,18 @@ def hallm_paged_attention(
         raise RuntimeError(
             f"layer {attn.layer_idx}: model passes softcap={cap}, hallm bound {attn.logits_soft_cap}"
         )
+    sinks = kwargs.get("s_aux")  # gpt-oss: per-head sink logits [H]
+    if (sinks is not None) != attn.sinks:
+        raise RuntimeError(
+            f"layer {attn.layer_idx}: model passes attention sinks={sinks is not None}, hallm bound "
+            f"sinks={attn.sinks}"
+        )
     t = query.shape[2]
     # [1, H, T, D] -> [T, H*D]: the layout the hallm Attention layer takes.
     q = query[0].transpose(0, 1).reshape(t, -1)
     k = key[0].transpose(0, 1).reshape(t, -1)
     v = value[0].transpose(0, 1).reshape(t, -1)
-    out = attn(q, k, v)
+    out = attn(q, k, v, sinks=sinks)
     return out.view(1, t, attn.num_heads, attn.head_size), None
 
 
@@ -223,6 +229,8 @@ class GenericCausalLM(ModelBase):
                 module.layer_idx,
                 sliding_window=layer_sliding_window(config, module.layer_idx),
                 logits_soft_cap=soft_cap,
+                # gpt-oss's attention modules own their sink logits and pass them as `s_aux`.
+                sinks=isinstance(getattr(module, "sinks", None), nn.Parameter),
             )
         # HF's long-rope picks its factors once per forward, i.e. for the whole packed step:
         # replace it with hallm's per-request choice.
