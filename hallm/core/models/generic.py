@@ -117,10 +117,48 @@ def _hf_class(config: Any) -> tuple[Any, str | None]:
         return None, f"transformers {transformers.__version__} has no class {name}"
     if not getattr(cls, "_supports_attention_backend", False):
         return None, f"{name} does not route attention through transformers' attention-function interface"
-    reason = _config_refusal(config, name)
+    reason = _config_refusal(config, name) or _head_refusal(cls, config)
     if reason is not None:
         return None, reason
     return cls, None
+
+
+def _head_refusal(cls: Any, config: Any) -> str | None:
+    """Why the model's LM head is more than its output embedding (BERT-style decoders, ModernBERT
+    decoder: dense + activation + norm before the vocabulary projection), or None.
+
+    `compute_logits` applies the output embedding alone. The head's structure is read from a
+    one-layer copy of the model built on the meta device (no memory, milliseconds); a config
+    that cannot even be built there is left to the real build to report.
+    """
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(small, dtype=torch.get_default_dtype())
+        base = model.base_model
+        output = model.get_output_embeddings()
+    except Exception:
+        return None
+    if output is None:
+        return f"{cls.__name__} has no output embedding (LM head) that the generic path can apply"
+    own = {id(p) for p in output.parameters()}
+    extra = sorted(
+        {
+            f"{name}.{param_name}".rsplit(".", 1)[0]
+            for name, child in model.named_children()
+            if child is not base
+            for param_name, param in child.named_parameters()
+            if id(param) not in own
+        }
+    )
+    if not extra:
+        return None
+    return (
+        f"{cls.__name__}'s LM head has layers of its own before the output embedding ({', '.join(extra)}), "
+        "which the generic path does not run (it would give wrong logits); this architecture needs a "
+        "native hallm model"
+    )
 
 
 def _config_refusal(config: Any, class_name: str) -> str | None:
