@@ -72,6 +72,7 @@ class ModelRunner:
         self._row_blocks: list[int] = [0] * self.max_num_reqs
         # A platform's graph runner (hallm.platforms.graphs): it reads `inputs` and calls `forward`.
         self.graphs: StepGraphRunner | None = None
+        self.model_graph_safe = True  # the loaded model's `supports_step_graphs`
         self.buffers = StepBuffers(self.max_num_tokens, self.max_num_reqs, self.max_blocks_per_req, device)
         self.inputs: StepInputBuffers | None = self.buffers.device_inputs
 
@@ -92,6 +93,7 @@ class ModelRunner:
             extra_models=contributed_models(),
             ops=self.platform.op_table(),
         ).model
+        self.model_graph_safe = bool(getattr(model, "supports_step_graphs", True))
         self.vocab_size = int(self.config.model.hf_config.vocab_size)
         self.attn_layers = list(model.attention_layers())
         self.backends = []
@@ -140,6 +142,10 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         """Ask the platform for a graph runner (after the real KV cache exists); None means eager."""
         if self.config.enforce_eager or not self.platform.capabilities().graph_capture:
+            self.graphs = None
+            return
+        if not self.model_graph_safe:
+            logger.info("decode graphs off: %s reads device values on the host", type(self.model).__name__)
             self.graphs = None
             return
         self.graphs = self.platform.step_graphs(self)

@@ -135,6 +135,8 @@ class GptOssForCausalLM(LlamaForCausalLM):
     layer_cls = GptOssDecoderLayer
     #: Sinks and experts are not sliced per rank: refused at TP > 1.
     supports_tensor_parallel = False
+    #: The expert loop reads the chosen expert ids on the host (see the module doc).
+    supports_step_graphs = False
 
     @classmethod
     def attention_flags(cls, config: Any) -> tuple[bool, bool, bool]:

@@ -84,6 +84,9 @@ class ModelBase(nn.Module):
     #: The model builds its own rank's shard when `hallm.core.distributed.tp_world_size()` > 1
     #: and its `load_weights` keeps only that shard. Models that do not are refused at TP > 1.
     supports_tensor_parallel: ClassVar[bool] = False
+    #: The model's forward reads no device value on the host, so a decode step may be captured
+    #: in a device graph (`Platform.step_graphs`). Models that do run eagerly.
+    supports_step_graphs: ClassVar[bool] = True
 
     def attention_layers(self) -> list[Attention]:
         """This model's attention layers, ordered by layer_idx (the runner binds these)."""
