@@ -242,6 +242,7 @@ def unsupported_specs(backend: Any) -> list[tuple[str, str, dict[str, Any]]]:
     for feature, overrides in (
         ("sliding_window", {"sliding_window": 8}),
         ("soft_cap", {"logits_soft_cap": 30.0}),
+        ("sinks", {"sinks": True}),
     ):
         if feature not in backend.features:
             cases.append((f"feature-{feature}", f"feature {feature}", overrides))

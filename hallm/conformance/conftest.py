@@ -38,6 +38,8 @@ FEATURES = {
     "sliding_window": ("sliding_window",),
     "soft_cap": ("soft_cap",),
     "both": ("sliding_window", "soft_cap"),
+    "sinks": ("sinks",),
+    "sinks_window": ("sinks", "sliding_window"),  # as gpt-oss's sliding layers
 }
 
 

@@ -55,6 +55,7 @@ class AttentionCase:
     scale: float | None = None  # None: head_size ** -0.5
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
+    sinks: bool = False  # per-head sink logits (`sink_logits`) join every softmax
     noncontiguous: bool = False
     prime_through_backend: bool = False  # write the cached context with the backend itself
     null_out_of_window: bool = False  # blocks outside every query's window -> the null block
@@ -65,6 +66,16 @@ class AttentionCase:
     def softmax_scale(self) -> float:
         """The scale the spec carries."""
         return self.scale if self.scale is not None else self.head_size**-0.5
+
+    def sink_logits(self) -> torch.Tensor | None:
+        """float32 [num_heads] on the host, or None: from far below the scores (no effect) to
+        far above them (the output vanishes), with values in between where both count."""
+        if not self.sinks:
+            return None
+        gen = torch.Generator().manual_seed(self.seed + 99)
+        logits = torch.randn(self.num_heads, generator=gen) * 2.0
+        logits[0], logits[-1] = -30.0, 30.0
+        return logits
 
     def spec(self) -> AttentionSpec:
         """The layer spec handed to the backend."""
@@ -78,6 +89,7 @@ class AttentionCase:
             block_size=self.block_size,
             sliding_window=self.sliding_window,
             logits_soft_cap=self.logits_soft_cap,
+            sinks=self.sinks,
         )
 
     def describe(self) -> str:
@@ -87,6 +99,9 @@ class AttentionCase:
             [
                 f", sliding_window={self.sliding_window}" if self.sliding_window else "",
                 f", logits_soft_cap={self.logits_soft_cap}" if self.logits_soft_cap else "",
+                f", sinks={[round(x, 3) for x in sinks.tolist()]}"
+                if (sinks := self.sink_logits()) is not None
+                else "",
                 ", non-contiguous q/k/v" if self.noncontiguous else "",
                 ", out-of-window blocks replaced by the NaN-filled null block"
                 if self.null_out_of_window
@@ -205,7 +220,9 @@ def _inputs(batch: PagedBatch, noncontiguous: bool) -> tuple[torch.Tensor, torch
     return views
 
 
-def prime_context(backend: AttentionBackend, batch: PagedBatch, cache: torch.Tensor) -> PagedBatch | None:
+def prime_context(
+    backend: AttentionBackend, batch: PagedBatch, cache: torch.Tensor, sinks: torch.Tensor | None = None
+) -> PagedBatch | None:
     """Write every request's cached context into `cache` through the backend (a prefill step)."""
     lay = batch.layout
     reqs = [i for i in range(lay.num_reqs) if lay.context_lens[i] > 0]
@@ -249,8 +266,30 @@ def prime_context(backend: AttentionBackend, batch: PagedBatch, cache: torch.Ten
         seq_values=values,
     )
     out = torch.empty_like(prime.query)
-    backend.forward(prime.query, prime.key, prime.value, cache, type(backend).build_metadata(layout), out)
+    _forward(
+        backend,
+        (prime.query, prime.key, prime.value),
+        cache,
+        type(backend).build_metadata(layout),
+        out,
+        sinks,
+    )
     return prime
+
+
+def _forward(
+    backend: AttentionBackend,
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cache: torch.Tensor,
+    metadata: Any,
+    out: torch.Tensor,
+    sinks: torch.Tensor | None,
+) -> Any:
+    """`backend.forward`, with the sink logits (a keyword) only for a layer that has sinks."""
+    if sinks is None:
+        return backend.forward(*qkv, cache, metadata, out)
+    forward: Any = backend.forward
+    return forward(*qkv, cache, metadata, out, sinks=sinks)
 
 
 def run_case(target: Target, case: AttentionCase) -> Ran:
@@ -267,6 +306,8 @@ def run_case(target: Target, case: AttentionCase) -> Ran:
     device = platform.device(0)
     batch = build_batch(case, device)
     backend = case.backend(spec)
+    host_sinks = case.sink_logits()
+    sinks = None if host_sinks is None else host_sinks.to(device)
     before: torch.Tensor | None = None
     prime: PagedBatch | None = None
     if has_default_layout(case.backend) and not case.prime_through_backend:
@@ -276,7 +317,7 @@ def run_case(target: Target, case: AttentionCase) -> Ran:
             batch.kv_cache.shape[1], case.block_size, case.num_kv_heads, case.head_size
         )
         cache = torch.full(tuple(shape), float("nan"), dtype=batch.kv_cache.dtype, device=device)
-        prime = prime_context(backend, batch, cache)
+        prime = prime_context(backend, batch, cache, sinks)
         platform.synchronize()
     if case.null_out_of_window:
         if case.sliding_window is None:
@@ -289,7 +330,7 @@ def run_case(target: Target, case: AttentionCase) -> Ran:
     query, key, value = _inputs(batch, case.noncontiguous)
     out = torch.full_like(batch.query, SENTINEL)
     metadata = case.backend.build_metadata(batch.layout)
-    result = backend.forward(query, key, value, cache, metadata, out)
+    result = _forward(backend, (query, key, value), cache, metadata, out, sinks)
     platform.synchronize()
     return Ran(batch=batch, out=out, result=result, cache=cache, before=before, prime=prime)
 
@@ -309,7 +350,9 @@ def check_case(case: AttentionCase, ran: Ran) -> None:
     if ran.before is not None:
         _fail_on_cache(header, ran.batch, ran.before, ran.cache.cpu())
     atol, rtol = tolerance(case.dtype, case.kv_cache_dtype)
-    expected = expected_attention(ran.batch, case.softmax_scale, case.sliding_window, case.logits_soft_cap)
+    expected = expected_attention(
+        ran.batch, case.softmax_scale, case.sliding_window, case.logits_soft_cap, case.sink_logits()
+    )
     n = ran.batch.num_real_tokens
     out_host = ran.out.cpu()
     got = out_host.double()
@@ -335,6 +378,14 @@ def check_case(case: AttentionCase, ran: Ran) -> None:
         logits_soft_cap=case.logits_soft_cap,
         null_blocks=case.null_out_of_window,
     )
+    if case.sinks:
+        plain = expected_attention(ran.batch, case.softmax_scale, case.sliding_window, case.logits_soft_cap)
+        if bool(((got[:n] - plain[:n]).abs() <= atol + rtol * plain[:n].abs()).all()):
+            findings.insert(
+                0,
+                "the output equals attention WITHOUT the sink logits: `sinks` is ignored (each head's "
+                "sink logit must join its softmax denominator, AttentionSpec.sinks)",
+            )
     if not any(not f.startswith("wrong requests:") for f in findings):
         b = case.backend.name
         findings.append(

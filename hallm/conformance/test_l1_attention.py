@@ -98,10 +98,11 @@ def test_noncontiguous_inputs(target: Target, backend: str, dtype: str) -> None:
     check_case(case, run_case(target, case))
 
 
-@pytest.mark.hallm_group("L1 sliding window / soft cap")
+@pytest.mark.hallm_group("L1 sliding window / soft cap / sinks")
 @pytest.mark.hallm_params("features")
 def test_features(target: Target, backend: str, dtype: str, feature: str) -> None:
-    """The optional features a backend declares, against the reference's definitions."""
+    """The optional features a backend declares, against the reference's definitions (sinks:
+    per-head sink logits from strongly negative to dominating, see `AttentionCase.sink_logits`)."""
     cls = target.backend(backend)
     case = AttentionCase(
         cls,
@@ -109,14 +110,15 @@ def test_features(target: Target, backend: str, dtype: str, feature: str) -> Non
         preferred_head_size(cls),
         preferred_block_size(cls),
         SHAPES_BY_NAME["chunked_prefill"],
-        sliding_window=8 if feature in ("sliding_window", "both") else None,
+        sliding_window=8 if feature in ("sliding_window", "both", "sinks_window") else None,
         logits_soft_cap=2.0 if feature in ("soft_cap", "both") else None,
+        sinks=feature in ("sinks", "sinks_window"),
         seed=7,
     )
     check_case(case, run_case(target, case))
 
 
-@pytest.mark.hallm_group("L1 sliding window / soft cap")
+@pytest.mark.hallm_group("L1 sliding window / soft cap / sinks")
 @pytest.mark.hallm_params("window")
 def test_sliding_window_null_blocks(target: Target, backend: str, dtype: str) -> None:
     """Blocks wholly outside every query's window point at the NaN-filled null block; none may leak."""

@@ -81,6 +81,7 @@ class StepBuffers:
         self.query_start_loc = np.zeros(max_num_reqs + 1, dtype=np.int32)
         self.seq_lens = np.zeros(max_num_reqs, dtype=np.int32)
         self.context_lens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int32)
         self.block_tables = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
         # Persistent device copies (None on the CPU, where the host arrays are the tensors).
         self.device_inputs: StepInputBuffers | None = None
@@ -96,6 +97,7 @@ class StepBuffers:
                 query_start_loc=dev(self.query_start_loc),
                 seq_lens=dev(self.seq_lens),
                 context_lens=dev(self.context_lens),
+                num_prompt_tokens=dev(self.num_prompt_tokens),
                 block_tables=dev(self.block_tables),
             )
 
@@ -112,8 +114,8 @@ class StepBuffers:
     ) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
         """Make the step's layout and (input_ids, positions) device tensors from filled host arrays.
 
-        Callers fill input_ids[:T], query_start_loc[:R+1], context_lens[:R], block_tables[:R]
-        first; positions, seq_lens and slot_mapping are derived here, vectorized.
+        Callers fill input_ids[:T], query_start_loc[:R+1], context_lens[:R], num_prompt_tokens[:R],
+        block_tables[:R] first; positions, seq_lens and slot_mapping are derived here, vectorized.
         """
         qsl = self.query_start_loc[: num_reqs + 1]
         query_lens = np.diff(qsl)
@@ -138,6 +140,9 @@ class StepBuffers:
                 :, :max_blocks
             ],
             slot_mapping=self._to_device(self.slot_mapping, d.slot_mapping if d else None, num_tokens),
+            num_prompt_tokens=self._to_device(
+                self.num_prompt_tokens, d.num_prompt_tokens if d else None, num_reqs
+            ),
         )
         layout = BatchLayout(
             num_reqs=num_reqs,
@@ -152,6 +157,7 @@ class StepBuffers:
             slot_mapping=self.slot_mapping[:num_tokens],
             block_size=block_size,
             tensors=tensors,
+            num_prompt_tokens=self.num_prompt_tokens[:num_reqs],
         )
         input_ids = self._to_device(self.input_ids, d.input_ids if d else None, num_tokens)
         pos = self._to_device(self.positions, d.positions if d else None, num_tokens)

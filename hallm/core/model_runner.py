@@ -72,6 +72,7 @@ class ModelRunner:
         self._row_blocks: list[int] = [0] * self.max_num_reqs
         # A platform's graph runner (hallm.platforms.graphs): it reads `inputs` and calls `forward`.
         self.graphs: StepGraphRunner | None = None
+        self.model_graph_safe = True  # the loaded model's `supports_step_graphs`
         self.buffers = StepBuffers(self.max_num_tokens, self.max_num_reqs, self.max_blocks_per_req, device)
         self.inputs: StepInputBuffers | None = self.buffers.device_inputs
 
@@ -92,6 +93,7 @@ class ModelRunner:
             extra_models=contributed_models(),
             ops=self.platform.op_table(),
         ).model
+        self.model_graph_safe = bool(getattr(model, "supports_step_graphs", True))
         self.vocab_size = int(self.config.model.hf_config.vocab_size)
         self.attn_layers = list(model.attention_layers())
         self.backends = []
@@ -106,6 +108,7 @@ class ModelRunner:
                 block_size=self.block_size,
                 sliding_window=layer.sliding_window,
                 logits_soft_cap=layer.logits_soft_cap,
+                sinks=layer.sinks,
             )
             backend_cls = select_attention_backend(self.platform, spec, self.config.attention_backend)
             self.backends.append(backend_cls(spec))
@@ -141,6 +144,10 @@ class ModelRunner:
         if self.config.enforce_eager or not self.platform.capabilities().graph_capture:
             self.graphs = None
             return
+        if not self.model_graph_safe:
+            logger.info("decode graphs off: %s reads device values on the host", type(self.model).__name__)
+            self.graphs = None
+            return
         self.graphs = self.platform.step_graphs(self)
 
     @torch.inference_mode()
@@ -159,6 +166,7 @@ class ModelRunner:
         b.query_start_loc[0] = 0
         b.query_start_loc[1 : num_reqs + 1] = np.cumsum(query_lens)
         b.context_lens[:num_reqs] = 0
+        b.num_prompt_tokens[:num_reqs] = query_lens
         for i in range(num_reqs):
             b.block_tables[i, :per_req_blocks] = 1 + (np.arange(per_req_blocks) + i * per_req_blocks) % (
                 num_blocks - 1
@@ -266,6 +274,7 @@ class ModelRunner:
                     fill_dst.append(offset + position - c)
                     fill_src.append(row)
             b.context_lens[i] = c
+            b.num_prompt_tokens[i] = state.num_prompt_tokens
             nb = state.num_blocks
             if row_state[i] is not state:
                 b.block_tables[i, :nb] = state.block_table[:nb]

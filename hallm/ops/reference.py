@@ -235,6 +235,7 @@ def paged_attention(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one step's new tokens over the paged KV cache; returns `out`.
 
@@ -254,6 +255,8 @@ def paged_attention(
     sliding_window: position p attends to positions (p - sliding_window, p] only.
     logits_soft_cap: scaled logits become `cap * tanh(logits / cap)` before the softmax.
     out: [num_tokens, num_heads, head_size] written in place; allocated in query's dtype if None.
+    sinks: None, or float [num_heads]: head h's sink logit joins every softmax denominator of
+        that head (a logit with no value; see `AttentionSpec.sinks`).
 
     Scores and softmax are computed in float32 (float64 for a float64 query).
     """
@@ -262,7 +265,7 @@ def paged_attention(
         query_start_loc, seq_lens, context_lens, block_tables, block_size=int(kv_cache.shape[2])
     )
     return paged_attention_with_plan(
-        query, kv_cache, plan, scale, num_kv_heads, sliding_window, logits_soft_cap, out
+        query, kv_cache, plan, scale, num_kv_heads, sliding_window, logits_soft_cap, out, sinks
     )
 
 
@@ -275,6 +278,7 @@ def paged_attention_with_plan(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the step's gather indices computed beforehand (once per step)."""
     _check_cache(kv_cache)
@@ -295,12 +299,15 @@ def paged_attention_with_plan(
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap}")
+    if sinks is not None and tuple(sinks.shape) != (num_heads,):
+        raise ValueError(f"sinks must be [num_heads={num_heads}], got {tuple(sinks.shape)}")
     if out is None:
         out = torch.empty_like(query)
     elif tuple(out.shape) != tuple(query.shape):
         raise ValueError(f"out must have query's shape {tuple(query.shape)}, got {tuple(out.shape)}")
 
     compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    sink_logits = None if sinks is None else sinks.to(device=query.device, dtype=compute_dtype)
     flat = kv_cache.view(2, -1, num_kv_heads, head_size)  # [2, num_slots, Hkv, D]
     if plan.num_tokens < num_tokens:
         out[plan.num_tokens :].zero_()
@@ -326,7 +333,9 @@ def paged_attention_with_plan(
             k.masked_fill_(unused, 0)
             v.masked_fill_(unused, 0)
         q = query[group.q_index].to(compute_dtype)  # [B, Q, H, D]
-        result = _attend(q, k.to(compute_dtype), v.to(compute_dtype), mask, scale, logits_soft_cap)
+        result = _attend(
+            q, k.to(compute_dtype), v.to(compute_dtype), mask, scale, logits_soft_cap, sink_logits
+        )
         result = result.reshape(batch * num_rows, num_heads, head_size)
         if group.rows is not None:
             result = result[group.rows]
@@ -341,10 +350,12 @@ def _attend(
     mask: torch.Tensor,
     scale: float,
     soft_cap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked attention of a padded batch.
 
-    q [B, Q, H, D]; k, v [B, S, Hkv, D], free of NaN; mask bool [B, Q, S], True = attend.
+    q [B, Q, H, D]; k, v [B, S, Hkv, D], free of NaN; mask bool [B, Q, S], True = attend;
+    sinks None or [H] in q's dtype.
     Returns [B, Q, H, D]. Rows with no True in `mask` come out undefined (only padded rows).
     """
     batch, num_rows, num_heads, head_size = q.shape
@@ -360,19 +371,26 @@ def _attend(
         hi = min(num_rows, lo + chunk)
         rows = hi - lo
         allowed = mask[:, None, lo:hi]  # [B, 1, rows, S]
-        if soft_cap is None:
+        if soft_cap is None and sinks is None:
             out[:, :, lo:hi] = F.scaled_dot_product_attention(
                 qh[:, :, lo:hi], kh, vh, attn_mask=allowed, scale=scale, enable_gqa=group > 1
             )
             continue
-        # Soft-capping sits between q.k and the softmax, where SDPA has no hook: spell it out.
-        # Query head h = kv_head * group + g, so heads of one KV head are adjacent.
+        # Soft-capping and sinks sit between q.k and the softmax, where SDPA has no hook: spell
+        # it out. Query head h = kv_head * group + g, so heads of one KV head are adjacent.
         qg = qh[:, :, lo:hi].reshape(batch, num_kv_heads, group * rows, head_size)
         scores = torch.matmul(qg, kh.transpose(-1, -2)) * scale  # [B, Hkv, G*rows, S]
-        scores = soft_cap * torch.tanh(scores / soft_cap)
+        if soft_cap is not None:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
         scores = scores.view(batch, num_kv_heads, group, rows, seq)
         scores = scores.masked_fill(~allowed[:, :, None], -math.inf)
-        probs = torch.softmax(scores, dim=-1).view(batch, num_kv_heads, group * rows, seq)
+        if sinks is not None:
+            # One more logit per row, with no value: softmax over S + 1, the sink's share dropped.
+            sink = sinks.view(1, num_kv_heads, group, 1, 1).expand(batch, -1, -1, rows, 1)
+            scores = torch.cat((scores, sink), dim=-1)
+            probs = torch.softmax(scores, dim=-1)[..., :seq].reshape(batch, num_kv_heads, group * rows, seq)
+        else:
+            probs = torch.softmax(scores, dim=-1).view(batch, num_kv_heads, group * rows, seq)
         out[:, :, lo:hi] = torch.matmul(probs, vh).view(batch, num_heads, rows, head_size)
     return out.transpose(1, 2)
 
@@ -388,6 +406,7 @@ def dense_causal_attention(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Plain causal attention of one sequence, written for obviousness rather than speed.
@@ -395,7 +414,8 @@ def dense_causal_attention(
     q: [num_queries, num_heads, head_size], the LAST num_queries positions of the sequence;
     k, v: [seq_len, num_kv_heads, head_size], every position 0..seq_len-1 (seq_len >= num_queries).
     Query j sits at position `seq_len - num_queries + j`. Query head h reads KV head
-    `h // (num_heads // num_kv_heads)`. Returns [num_queries, num_heads, head_size] in
+    `h // (num_heads // num_kv_heads)`. sinks: None or [num_heads], a logit per head with no
+    value in every softmax. Returns [num_queries, num_heads, head_size] in
     `compute_dtype` (float64 by default, so a test compares at full precision).
     """
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
@@ -416,7 +436,12 @@ def dense_causal_attention(
     allowed = k_pos <= q_pos
     if sliding_window is not None:
         allowed &= k_pos > q_pos - sliding_window
-    probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
+    scores = scores.masked_fill(~allowed, -math.inf)
+    if sinks is not None:
+        sink = sinks.to(compute_dtype)[:, None, None].expand(num_heads, num_queries, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :seq_len]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqs,shd->qhd", probs, vf)
 
 

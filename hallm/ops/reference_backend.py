@@ -18,7 +18,13 @@ import torch
 
 from hallm.ops import reference
 from hallm.ops.reference import PagedAttentionPlan
-from hallm.platforms import FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP, AttentionBackend, BatchLayout
+from hallm.platforms import (
+    FEATURE_SINKS,
+    FEATURE_SLIDING_WINDOW,
+    FEATURE_SOFT_CAP,
+    AttentionBackend,
+    BatchLayout,
+)
 
 __all__ = ["ReferenceAttention", "ReferenceMetadata"]
 
@@ -36,11 +42,11 @@ class ReferenceMetadata:
 
 
 class ReferenceAttention(AttentionBackend):
-    """Pure-torch paged attention: any head size and block size, sliding window, soft cap."""
+    """Pure-torch paged attention: any head size and block size, sliding window, soft cap, sinks."""
 
     name: ClassVar[str] = "reference"
     dtypes: ClassVar[frozenset[str]] = frozenset({"float32", "bfloat16", "float16"})
-    features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP})
+    features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP, FEATURE_SINKS})
 
     @classmethod
     def build_metadata(cls, layout: BatchLayout) -> ReferenceMetadata:
@@ -71,6 +77,7 @@ class ReferenceAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: Any,
         out: torch.Tensor,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         reference.write_kv(key, value, kv_cache, metadata.slot_mapping)
         return reference.paged_attention_with_plan(
@@ -82,4 +89,5 @@ class ReferenceAttention(AttentionBackend):
             sliding_window=self.spec.sliding_window,
             logits_soft_cap=self.spec.logits_soft_cap,
             out=out,
+            sinks=sinks,
         )

@@ -155,6 +155,7 @@ def expected_attention(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The right answer for `batch`: [num_tokens, num_heads, head_size] float64 on the host.
 
@@ -174,6 +175,7 @@ def expected_attention(
                 scale,
                 sliding_window=sliding_window,
                 logits_soft_cap=logits_soft_cap,
+                sinks=None if sinks is None else sinks.cpu(),
             )
     return expected
 

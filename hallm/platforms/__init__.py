@@ -8,6 +8,7 @@ device runtime.
 from __future__ import annotations
 
 from hallm.platforms.attention import (
+    FEATURE_SINKS,
     FEATURE_SLIDING_WINDOW,
     FEATURE_SOFT_CAP,
     KNOWN_FEATURES,
@@ -65,6 +66,7 @@ __all__ = [
     "StepInputBuffers",
     "DTYPE_NAMES",
     "FEATURE_SLIDING_WINDOW",
+    "FEATURE_SINKS",
     "FEATURE_SOFT_CAP",
     "KNOWN_FEATURES",
     "AttentionBackend",

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 #: Feature names a backend may declare in `AttentionBackend.features`.
 FEATURE_SLIDING_WINDOW = "sliding_window"
 FEATURE_SOFT_CAP = "soft_cap"
-KNOWN_FEATURES = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP})
+FEATURE_SINKS = "sinks"
+KNOWN_FEATURES = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP, FEATURE_SINKS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,10 @@ class AttentionSpec:
         included): their keys and values must never reach the result.
     logits_soft_cap: None, or c > 0: the scaled logits s = scale * q.k become c * tanh(s / c)
         before the causal (and window) mask and the softmax.
+    sinks: the layer has attention sinks (gpt-oss): a learned logit z_h per query head joins
+        every softmax denominator of head h without a value, so the attention weights are
+        exp(s_j) / (exp(z_h) + sum_k exp(s_k)) and sum to less than one. z_h is in the units of
+        the scaled (and soft-capped) logits; the values come with each `forward` call.
     """
 
     num_heads: int
@@ -46,6 +51,7 @@ class AttentionSpec:
     block_size: int = 16
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.head_size <= 0:
@@ -70,6 +76,8 @@ class AttentionSpec:
             needed.add(FEATURE_SLIDING_WINDOW)
         if self.logits_soft_cap is not None:
             needed.add(FEATURE_SOFT_CAP)
+        if self.sinks:
+            needed.add(FEATURE_SINKS)
         return frozenset(needed)
 
 
@@ -86,6 +94,7 @@ class LayoutTensors:
     context_lens: torch.Tensor  # int32 [num_reqs]
     block_tables: torch.Tensor  # int32 [num_reqs, max_blocks_per_req]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
+    num_prompt_tokens: torch.Tensor | None = None  # int32 [num_reqs], as in BatchLayout
 
 
 @dataclasses.dataclass
@@ -103,6 +112,10 @@ class BatchLayout:
 
     Host arrays (numpy) come first so a non-torch worker can consume the layout; `tensors`
     holds the same data on the device when the worker is torch-based.
+
+    `num_prompt_tokens[i]` (optional) is request i's prompt length; models whose math depends
+    on it (long-rope picks its factors per request from it) read it; None where unknown
+    (e.g. a captured decode graph), and attention backends never need it.
     """
 
     num_reqs: int
@@ -117,6 +130,7 @@ class BatchLayout:
     slot_mapping: np.ndarray  # int64 [num_tokens]
     block_size: int
     tensors: LayoutTensors | None = None
+    num_prompt_tokens: np.ndarray | None = None  # int32 [num_reqs]
 
     @property
     def num_decode_reqs(self) -> int:
@@ -221,6 +235,11 @@ class AttentionBackend(ABC):
         head and head_size dims contiguous (the conformance kit hands them over that way). Query head h
         reads KV head `h // (num_heads // num_kv_heads)`. The softmax scale is `spec.scale`;
         `spec.sliding_window` and `spec.logits_soft_cap` mean what `AttentionSpec` says.
+
+        Sinks: a backend that declares `FEATURE_SINKS` takes a keyword argument
+        `sinks: torch.Tensor | None = None`, float32 [num_heads] on the query's device, the sink
+        logits of `AttentionSpec.sinks`; it is passed (and only then) for layers whose spec has
+        `sinks=True`. Backends that do not declare the feature never receive it.
 
         Padding rows: tokens t >= `query_start_loc[-1]` belong to no request (their slot is
         -1). Their keys/values are not written, and their rows of `out` must be zeroed, so

@@ -33,6 +33,11 @@ def get_forward_context() -> ForwardContext:
     return _current
 
 
+def peek_forward_context() -> ForwardContext | None:
+    """The context of the forward in progress, or None outside one."""
+    return _current
+
+
 @contextlib.contextmanager
 def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
     """Make `ctx` current for the duration of the block (nests)."""

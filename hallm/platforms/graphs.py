@@ -35,6 +35,7 @@ class StepInputBuffers:
     seq_lens: Tensor  # int32 [R]
     context_lens: Tensor  # int32 [R]
     block_tables: Tensor  # int32 [R, B]
+    num_prompt_tokens: Tensor | None = None  # int32 [R]; not part of a captured decode step
 
 
 class StepGraphTarget(Protocol):

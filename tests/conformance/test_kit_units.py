@@ -17,7 +17,7 @@ from hallm.conformance.report import build_report, markdown, run_passed, summari
 from hallm.conformance.xfails import XfailsFileError, find_entry, parse_xfails
 from hallm.ops.reference import dense_causal_attention, paged_attention, write_kv
 from hallm.ops.testing import expected_attention, make_paged_batch
-from hallm.platforms import AttentionBackend
+from hallm.platforms import FEATURE_SINKS, AttentionBackend
 
 
 def test_xfails_patterns_treat_brackets_literally_and_need_a_reason() -> None:
@@ -324,3 +324,33 @@ def test_run_status_and_failure_causes() -> None:
     assert run_status([rec("p", oc.PASS)]) == PASSED
     assert run_status([rec("p", oc.PASS), rec("s", oc.ENV_SKIP, "device absent")]) == INCOMPLETE
     assert run_status([rec("p", oc.PASS)], device_unavailable="no driver") == INCOMPLETE
+
+
+class _IgnoresSinks(AttentionBackend):
+    """Declares sinks and takes the keyword, but attends without them."""
+
+    name = "unit_ignores_sinks"
+    features = frozenset({FEATURE_SINKS})
+
+    def forward(self, query, key, value, kv_cache, metadata, out, sinks=None):  # type: ignore[no-untyped-def]
+        t = metadata.tensors
+        write_kv(key, value, kv_cache, t.slot_mapping)
+        s = self.spec
+        return paged_attention(
+            query, kv_cache, t.query_start_loc, t.seq_lens, t.context_lens, t.block_tables, s.scale, s.num_kv_heads,
+            out=out,
+        )  # fmt: skip
+
+
+def test_sinks_case_fails_a_backend_that_ignores_them() -> None:
+    from hallm.conformance.cases import SHAPES_BY_NAME, unsupported_specs
+    from hallm.conformance.kernels import AttentionCase, check_case, run_case
+    from hallm.conformance.target import Target
+
+    target = Target.load("cpu")
+    case = AttentionCase(_IgnoresSinks, "float32", 64, 16, SHAPES_BY_NAME["chunked_prefill"], sinks=True)
+    with pytest.raises(pytest.fail.Exception, match="WITHOUT the sink logits: `sinks` is ignored"):
+        check_case(case, run_case(target, case))
+    # A backend that does not declare sinks must refuse a layer that has them.
+    assert ("feature-sinks", "feature sinks", {"sinks": True}) in unsupported_specs(_Fp8Cache)
+    assert "features ['sinks'] not supported" in _Fp8Cache.validate(case.spec())[-1]

@@ -135,6 +135,41 @@ def test_window_and_soft_cap(dtype_name: str, decode: bool) -> None:
     _compare(out, expected_attention(batch, 0.09, sliding_window=100, logits_soft_cap=5.0), dtype)
 
 
+@pytest.mark.parametrize("split", ["off", "merged-in-kernel", "merged-by-reduce"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@pytest.mark.parametrize("decode", [False, True])
+def test_sinks(dtype_name: str, decode: bool, split: str) -> None:
+    """gpt-oss's attention sinks (64 heads on 8 KV heads, head size 64), with and without its
+    128-token sliding window; split-KV must count each sink once."""
+    from hallm.ops.triton import paged_attention, write_kv
+
+    if split != "off" and not decode:
+        pytest.skip("split-KV is a decode-only path")
+    dtype = DTYPES[dtype_name]
+    batch = _batch(DECODE if decode else MIXED, (64, 8, 64), 16, dtype, seed=4)
+    sinks = torch.randn(64, generator=torch.Generator().manual_seed(4)) * 2.0
+    sinks[0], sinks[-1] = -30.0, 30.0
+    t = batch.layout.tensors
+    assert t is not None
+    write_kv(batch.key, batch.value, batch.kv_cache, t.slot_mapping)
+    for window in (None, 128):
+        out = paged_attention(
+            batch.query,
+            batch.kv_cache,
+            t.query_start_loc,
+            t.seq_lens,
+            t.block_tables,
+            max_query_len=batch.layout.max_query_len,
+            scale=0.125,
+            sliding_window=window,
+            sinks=sinks.cuda(),
+            split_kv=None if split == "off" and not decode else split != "off",
+            merge_in_kernel=split != "merged-by-reduce",
+        )
+        torch.cuda.synchronize()
+        _compare(out, expected_attention(batch, 0.125, sliding_window=window, sinks=sinks), dtype)
+
+
 @pytest.mark.parametrize("merge_in_kernel", [False, True])
 def test_cuda_graph_replay_with_new_lengths(merge_in_kernel: bool) -> None:
     """Capture write + attention on static buffers, then replay with other lengths and tables

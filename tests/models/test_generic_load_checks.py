@@ -196,3 +196,37 @@ def test_missing_tokenizer_files_are_named(tmp_path: Path) -> None:
         ConfigError, match=r"has no tokenizer files \(none of .*tokenizer.json.*pass --tokenizer"
     ):
         LLM(model=str(path), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "layers"),
+    [
+        ("BertConfig", dict(is_decoder=True, architectures=["BertLMHeadModel"]), "cls.predictions.transform"),
+        ("RobertaConfig", dict(is_decoder=True, architectures=["RobertaForCausalLM"]), "lm_head.dense"),
+        ("ModernBertDecoderConfig", dict(cls_token_id=0, sep_token_id=1), "lm_head.dense, lm_head.norm"),
+    ],
+)
+def test_lm_head_with_transform_layers_is_refused(
+    name: str, kwargs: dict[str, Any], layers: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BERT-style decoder heads (dense + activation + norm before the vocabulary projection):
+    refused before the model is built, naming the head's layers, instead of wrong logits."""
+    import transformers as tf
+
+    config = getattr(tf, name)(**COMMON | kwargs)
+    message = _refused(config, "LM head has layers of its own before the output embedding", monkeypatch)
+    assert layers in message, message
+
+
+def test_plain_output_embedding_heads_are_accepted() -> None:
+    """A head that is only the output embedding (and its tied bias) is not refused."""
+    import transformers as tf
+
+    from hallm.core.models.generic import generic_unsupported_reason
+
+    for config in (
+        tf.BertGenerationConfig(**COMMON, architectures=["BertGenerationDecoder"]),
+        tf.PhiConfig(**COMMON),
+        tf.OPTConfig(**COMMON),
+    ):
+        assert generic_unsupported_reason(config) is None, type(config).__name__

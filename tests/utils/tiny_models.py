@@ -31,6 +31,8 @@ NATIVE_ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 GENERIC_ARCHS = ("gpt_neox", "phi", "gemma2")
 #: Mixture-of-experts families (native): 4 experts, 2 per token, expert intermediate 32.
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+#: Long-rope with a small original context (16), so test prompts cross it.
+LONGROPE_ARCHS = ("llama_longrope", "phi3_longrope")
 ALL_ARCHS = NATIVE_ARCHS + GENERIC_ARCHS
 
 _TEXT = """\
@@ -129,6 +131,39 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
         return tf.Gemma2Config(
             **common, head_dim=32, sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0
         )
+    if arch in LONGROPE_ARCHS:
+        half = common["hidden_size"] // common["num_attention_heads"] // 2
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.5 + 0.4 * i for i in range(half)],
+            "factor": common["max_position_embeddings"] / 16,
+            "original_max_position_embeddings": 16,
+        }
+        if arch == "llama_longrope":
+            return tf.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False)
+        return tf.Phi3Config(**common, rope_parameters=rope, original_max_position_embeddings=16)
+    if arch == "gpt_oss":
+        # Attention sinks, alternating sliding (window 8) / full layers, yarn rope, biased router
+        # and experts with gpt-oss's clamped SwiGLU.
+        return tf.GptOssConfig(
+            **{**common, "intermediate_size": 32, "head_dim": 16},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+            tie_word_embeddings=False,
+        )
     moe: dict[str, Any] = dict(num_experts_per_tok=2, moe_intermediate_size=32)
     if arch == "mixtral":
         return tf.MixtralConfig(
@@ -145,7 +180,7 @@ def tiny_config(arch: str, vocab_size: int) -> Any:
         return tf.OlmoeConfig(
             **{**common, "intermediate_size": 32}, num_experts=4, num_experts_per_tok=2, clip_qkv=0.5
         )
-    raise ValueError(f"unknown tiny arch {arch!r}; known: {ALL_ARCHS + MOE_ARCHS}")
+    raise ValueError(f"unknown tiny arch {arch!r}; known: {ALL_ARCHS + MOE_ARCHS + LONGROPE_ARCHS}")
 
 
 @torch.no_grad()
@@ -154,6 +189,9 @@ def _redraw(model: torch.nn.Module, seed: int) -> None:
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen) * 0.1
         is_norm = p.ndim == 1 and ("norm" in name or "layernorm" in name) and not name.endswith("bias")
+        if name.endswith(".sinks"):  # attention sinks: logits that matter next to the scores
+            p.copy_(noise * 20.0)
+            continue
         p.copy_(1.0 + noise if is_norm else noise)
 
 

@@ -9,13 +9,12 @@ max-length cache.
 Static-cache notes (the KV cache holds keys rotated at write time):
 - "dynamic" (NTK) uses the frequencies HF starts with (those for `max_position_embeddings`);
   HF re-scales once a batch grows past that length, which a paged cache cannot follow.
-- "longrope" picks the long factors for the whole step when any position is at or past
-  `original_max_position_embeddings`, as HF does for a batch of one sequence.
+- "longrope" picks its factors per request, never per step (see `longrope_use_long`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from torch import nn
 from hallm.core.layers.op_context import current_ops
 from hallm.ops.reference_ops import apply_rotary, rotary_cos_sin
 from hallm.platforms import ConfigError
+from hallm.platforms.forward_context import peek_forward_context
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -54,6 +54,34 @@ def compute_inv_freq(config: Any, head_size: int, seq_len: int | None = None) ->
         raise ConfigError(f"rope type {rope_type!r} is not known to transformers; known types: {known}")
     inv_freq, scaling = init_fn(config, torch.device("cpu"), seq_len=seq_len)
     return inv_freq.float(), float(scaling)
+
+
+def longrope_use_long(positions: torch.Tensor, original_max_position: int) -> torch.Tensor:
+    """bool [T]: which tokens take long-rope's long factors.
+
+    HF picks the factors per forward from the sequence's length (largest position + 1 >
+    `original_max_position`) and keeps earlier keys as they were rotated. Per token of a
+    request that is: long iff its position is past the original context, or the request's
+    prompt (computed in one HF forward) is longer than it. This depends on the request
+    alone, so batching, chunked prefill and preemption do not change a request's output.
+    Inside a step the prompt lengths come from the layout (vectorized: each token finds its
+    request by a search over `query_start_loc`); without them (a captured decode graph,
+    where every token is past its prompt) the position alone decides, which is the same rule.
+    Outside any step (a direct call) the tokens are one sequence, as in HF.
+    """
+    ctx = peek_forward_context()
+    if ctx is None:
+        return (positions.max() >= original_max_position).expand(positions.shape)
+    use_long = positions >= original_max_position
+    tensors = ctx.layout.tensors
+    prompt_lens = tensors.num_prompt_tokens if tensors is not None else None
+    if prompt_lens is None or ctx.layout.num_reqs == 0:
+        return use_long
+    qsl = tensors.query_start_loc[1 : ctx.layout.num_reqs + 1]  # type: ignore[union-attr]
+    token = torch.arange(positions.numel(), device=positions.device, dtype=qsl.dtype)
+    # Padding tokens past the last request map to num_reqs: clamp (their output is unused).
+    req = torch.searchsorted(qsl, token, right=True).clamp_(max=ctx.layout.num_reqs - 1)
+    return use_long | (prompt_lens[req] > original_max_position)
 
 
 class RotaryEmbedding(nn.Module):
@@ -97,13 +125,58 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.plain:
             return self._op(positions, q, k, self.inv_freq, self.attention_scaling)
-        inv_freq = self.inv_freq
-        if self.original_max_position is not None:
-            # A 0-d tensor condition: no host sync, graph-capturable.
-            use_long = positions.max() >= self.original_max_position
-            inv_freq = torch.where(use_long, self.long_inv_freq, self.inv_freq)
-        cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, q.dtype)
+        if self.original_max_position is None:
+            cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, q.dtype)
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Per-token select between the two factor sets: no host sync, graph-capturable.
+        use_long = longrope_use_long(positions, self.original_max_position)  # [T]
+        inv_freq = torch.where(use_long[:, None], self.long_inv_freq, self.inv_freq)  # [T, D/2]
+        freqs = positions.to(torch.float32)[:, None] * inv_freq
+        cos = (freqs.cos() * self.attention_scaling).to(q.dtype)[:, None, :]
+        sin = (freqs.sin() * self.attention_scaling).to(q.dtype)[:, None, :]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def extra_repr(self) -> str:
         return f"rotary_dim={self.rotary_dim}, attention_scaling={self.attention_scaling}"
+
+
+class LongRopeCosSin(nn.Module):
+    """Stands in for a transformers long-rope rotary module (the generic path's models):
+    forward(x, position_ids [1, T]) -> (cos, sin) [1, T, rotary_dim] in x's dtype, HF's
+    "rotate half" form, the factors picked per token by `longrope_use_long` instead of once
+    for the whole packed step."""
+
+    inv_freq: torch.Tensor  # float32 [rotary_dim / 2]
+    long_inv_freq: torch.Tensor
+
+    def __init__(self, hf_rotary: nn.Module) -> None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        super().__init__()
+        config: Any = hf_rotary.config
+        self.original_max_position = int(config.rope_parameters["original_max_position_embeddings"])
+        init_fn = ROPE_INIT_FUNCTIONS["longrope"]
+        with torch.device("cpu"):
+            short, scaling = init_fn(config, torch.device("cpu"))
+            long, _ = init_fn(config, torch.device("cpu"), seq_len=self.original_max_position + 1)
+        device = cast(torch.Tensor, hf_rotary.inv_freq).device
+        self.attention_scaling = float(scaling)
+        self.register_buffer("inv_freq", short.float().to(device), persistent=False)
+        self.register_buffer("long_inv_freq", long.float().to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = position_ids[0]
+        use_long = longrope_use_long(positions, self.original_max_position)  # [T]
+        inv_freq = torch.where(use_long[:, None], self.long_inv_freq, self.inv_freq)  # [T, D/2]
+        freqs = positions.to(torch.float32)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[None]  # [1, T, rotary_dim]
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def is_hf_longrope_rotary(module: nn.Module) -> bool:
+    """A transformers rotary module of one long-rope type (not per-layer-type rope dicts)."""
+    return getattr(module, "rope_type", None) == "longrope" and isinstance(
+        getattr(module, "inv_freq", None), torch.Tensor
+    )

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hallm.core.layers.attention import Attention
+from hallm.core.layers.rotary import LongRopeCosSin, is_hf_longrope_rotary
 from hallm.core.models.interface import CheckpointMismatchError, ModelBase, layer_sliding_window
 from hallm.core.models.registry import TEXT_WEIGHT_PREFIXES
 from hallm.core.models.weights import load_checkpoint_weights
@@ -77,12 +78,18 @@ def hallm_paged_attention(
         raise RuntimeError(
             f"layer {attn.layer_idx}: model passes softcap={cap}, hallm bound {attn.logits_soft_cap}"
         )
+    sinks = kwargs.get("s_aux")  # gpt-oss: per-head sink logits [H]
+    if (sinks is not None) != attn.sinks:
+        raise RuntimeError(
+            f"layer {attn.layer_idx}: model passes attention sinks={sinks is not None}, hallm bound "
+            f"sinks={attn.sinks}"
+        )
     t = query.shape[2]
     # [1, H, T, D] -> [T, H*D]: the layout the hallm Attention layer takes.
     q = query[0].transpose(0, 1).reshape(t, -1)
     k = key[0].transpose(0, 1).reshape(t, -1)
     v = value[0].transpose(0, 1).reshape(t, -1)
-    out = attn(q, k, v)
+    out = attn(q, k, v, sinks=sinks)
     return out.view(1, t, attn.num_heads, attn.head_size), None
 
 
@@ -110,10 +117,48 @@ def _hf_class(config: Any) -> tuple[Any, str | None]:
         return None, f"transformers {transformers.__version__} has no class {name}"
     if not getattr(cls, "_supports_attention_backend", False):
         return None, f"{name} does not route attention through transformers' attention-function interface"
-    reason = _config_refusal(config, name)
+    reason = _config_refusal(config, name) or _head_refusal(cls, config)
     if reason is not None:
         return None, reason
     return cls, None
+
+
+def _head_refusal(cls: Any, config: Any) -> str | None:
+    """Why the model's LM head is more than its output embedding (BERT-style decoders, ModernBERT
+    decoder: dense + activation + norm before the vocabulary projection), or None.
+
+    `compute_logits` applies the output embedding alone. The head's structure is read from a
+    one-layer copy of the model built on the meta device (no memory, milliseconds); a config
+    that cannot even be built there is left to the real build to report.
+    """
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(small, dtype=torch.get_default_dtype())
+        base = model.base_model
+        output = model.get_output_embeddings()
+    except Exception:
+        return None
+    if output is None:
+        return f"{cls.__name__} has no output embedding (LM head) that the generic path can apply"
+    own = {id(p) for p in output.parameters()}
+    extra = sorted(
+        {
+            f"{name}.{param_name}".rsplit(".", 1)[0]
+            for name, child in model.named_children()
+            if child is not base
+            for param_name, param in child.named_parameters()
+            if id(param) not in own
+        }
+    )
+    if not extra:
+        return None
+    return (
+        f"{cls.__name__}'s LM head has layers of its own before the output embedding ({', '.join(extra)}), "
+        "which the generic path does not run (it would give wrong logits); this architecture needs a "
+        "native hallm model"
+    )
 
 
 def _config_refusal(config: Any, class_name: str) -> str | None:
@@ -222,7 +267,15 @@ class GenericCausalLM(ModelBase):
                 module.layer_idx,
                 sliding_window=layer_sliding_window(config, module.layer_idx),
                 logits_soft_cap=soft_cap,
+                # gpt-oss's attention modules own their sink logits and pass them as `s_aux`.
+                sinks=isinstance(getattr(module, "sinks", None), nn.Parameter),
             )
+        # HF's long-rope picks its factors once per forward, i.e. for the whole packed step:
+        # replace it with hallm's per-request choice.
+        for parent in list(self.hf_model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if is_hf_longrope_rotary(child):
+                    setattr(parent, child_name, LongRopeCosSin(child))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids [T], positions [T] -> final hidden states [T, hidden] (batch of one inside)."""

@@ -86,6 +86,9 @@ class ModelBase(nn.Module):
     supports_tensor_parallel: ClassVar[bool] = False
     #: Why a model that cannot be split refuses (shown to the user), when there is a reason to give.
     tensor_parallel_refusal: ClassVar[str | None] = None
+    #: The model's forward reads no device value on the host, so a decode step may be captured
+    #: in a device graph (`Platform.step_graphs`). Models that do run eagerly.
+    supports_step_graphs: ClassVar[bool] = True
 
     def attention_layers(self) -> list[Attention]:
         """This model's attention layers, ordered by layer_idx (the runner binds these)."""

@@ -19,6 +19,7 @@ NATIVE_MODELS: dict[str, str] = {
     "Qwen2MoeForCausalLM": "hallm.core.models.moe:Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM": "hallm.core.models.moe:Qwen3MoeForCausalLM",
     "OlmoeForCausalLM": "hallm.core.models.moe:OlmoeForCausalLM",
+    "GptOssForCausalLM": "hallm.core.models.gpt_oss:GptOssForCausalLM",
 }
 
 _GENERIC_NOTE = (

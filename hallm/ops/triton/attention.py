@@ -11,7 +11,9 @@ make the tile tall enough for a matrix instruction). It finds its request by a b
 size depends only on the number of tokens and requests), then streams the request's keys and
 values in tiles of TILE_N positions (any page size: each position looks its block up in the block
 table) with an online softmax in base 2. Causal masking, an optional sliding window and an
-optional logit soft cap are applied per element. Unused cache slots may hold NaN: every key and
+optional logit soft cap are applied per element. Attention sinks (a logit per query head with
+no value, `AttentionSpec.sinks`) start the online softmax: running max = the sink, sum = 1; with
+split-KV only segment 0 starts from it, so the merge counts it once. Unused cache slots may hold NaN: every key and
 value position that no query of the tile may attend is masked at the load (other=0), never only
 at the score.
 
@@ -92,6 +94,8 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
     USE_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    sinks_ptr=None,  # float32 [NUM_HEADS] when USE_SINKS (last, defaulted: older callers omit it)
+    USE_SINKS: tl.constexpr = False,
 ):
     if USE_PDL:  # see hallm.ops.triton.runtime.pdl_launch
         gdc_wait()
@@ -162,6 +166,11 @@ def _attention_kernel(  # type: ignore[no-untyped-def]
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if USE_SINKS:  # the sink as a first key with weight exp(sink) and a zero value (base 2)
+        sink = tl.load(sinks_ptr + head, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        first = segment == 0
+        m_i = tl.where(first, sink, m_i)
+        l_i = tl.where(first, 1.0, l_i)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * bt_stride
     for tile in range(t_begin, t_end):
@@ -303,6 +312,7 @@ def paged_attention(
     num_segments: int | None = None,
     merge_in_kernel: bool | None = None,
     min_segment_tiles: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one step's tokens over the paged cache; returns `out`.
 
@@ -321,6 +331,7 @@ def paged_attention(
     atomic (one launch); False merges them in a second kernel; None: `launch_config.merges_in_kernel`
     decides from the number of segments. min_segment_tiles: the fewest KV tiles a segment covers
     (default `launch_config.SPLIT_KV_MIN_TILES`; tests lower it to exercise many segments).
+    sinks: None, or [num_heads] sink logits on the query's device (`AttentionSpec.sinks`).
     """
     check_cache(kv_cache)
     num_tokens, num_heads, head_size = query.shape
@@ -336,6 +347,10 @@ def paged_attention(
     num_reqs = seq_lens.shape[0]
     if num_tokens == 0 or num_reqs == 0:
         return out
+    if sinks is not None:
+        if tuple(sinks.shape) != (num_heads,):
+            raise ValueError(f"sinks must be [num_heads={num_heads}], got {tuple(sinks.shape)}")
+        sinks = sinks.to(torch.float32).contiguous()  # a no-op for the float32 [H] the layer passes
     q_per_kv = num_heads // num_kv_heads
     decode_only = max_query_len <= 1
     cfg = config or kernel_config(query.dtype, head_size, q_per_kv, decode_only, target)
@@ -414,6 +429,7 @@ def paged_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch(target),
+        **({"sinks_ptr": sinks, "USE_SINKS": True} if sinks is not None else {}),
     )
     if split_kv and not meta["MERGE_IN_KERNEL"]:
         merge_segments(out, segm_out, segm_max, segm_sum, query_start_loc, num_reqs, segments, target)

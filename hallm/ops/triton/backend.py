@@ -19,6 +19,7 @@ from hallm.ops.triton.attention import paged_attention
 from hallm.ops.triton.kv_write import write_kv
 from hallm.ops.triton.target import TritonTarget
 from hallm.platforms import (
+    FEATURE_SINKS,
     FEATURE_SLIDING_WINDOW,
     FEATURE_SOFT_CAP,
     AttentionBackend,
@@ -59,7 +60,7 @@ class TritonPagedAttention(AttentionBackend):
     block_sizes: ClassVar[frozenset[int] | None] = None
     block_size_multiple: ClassVar[int] = 1
     kv_cache_dtypes: ClassVar[frozenset[str]] = frozenset({"auto"})
-    features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP})
+    features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP, FEATURE_SINKS})
     #: forward() only launches kernels and reads no device value: safe to capture in a graph.
     graph_safe: ClassVar[bool] = True
     #: Describes the device the kernels launch on (see `for_target`); asked when a layer's
@@ -113,6 +114,7 @@ class TritonPagedAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: Any,
         out: torch.Tensor,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write key/value at the step's slots, then causal paged attention into `out`."""
         write_kv(key, value, kv_cache, metadata.slot_mapping, self.target)
@@ -130,4 +132,5 @@ class TritonPagedAttention(AttentionBackend):
             num_real_tokens=metadata.num_real_tokens,
             workspace=metadata.workspace,
             target=self.target,
+            sinks=sinks,
         )

@@ -15,6 +15,7 @@ import torch
 
 from hallm.ops.reference_backend import ReferenceAttention
 from hallm.platforms import (
+    FEATURE_SINKS,
     FEATURE_SLIDING_WINDOW,
     FEATURE_SOFT_CAP,
     AttentionBackend,
@@ -26,7 +27,7 @@ from hallm_cpu import native
 
 class CpuReferenceAttention(ReferenceAttention):
     """`hallm.ops.reference_backend.ReferenceAttention` in the dtypes the CPU runs: any head size,
-    any block size, sliding window, soft cap; the step's gathers planned once per step."""
+    any block size, sliding window, soft cap, sinks; the step's gathers planned once per step."""
 
     name: ClassVar[str] = "cpu_reference"
     dtypes: ClassVar[frozenset[str]] = frozenset({"float32", "bfloat16"})
@@ -49,8 +50,8 @@ def _host_tensor(array: Any, dtype: torch.dtype) -> torch.Tensor:
 
 class CpuNativeAttention(AttentionBackend):
     """The plugin's C paged attention: fp32/bf16, any head and block size, GQA, sliding window,
-    soft cap; prefill, chunked prefill and decode in one call, parallel over (request, KV head,
-    16-token query chunk)."""
+    soft cap, sinks; prefill, chunked prefill and decode in one call, parallel over (request, KV
+    head, 16-token query chunk)."""
 
     name: ClassVar[str] = "cpu_native"
     dtypes: ClassVar[frozenset[str]] = frozenset({"float32", "bfloat16"})
@@ -58,7 +59,7 @@ class CpuNativeAttention(AttentionBackend):
     block_sizes: ClassVar[frozenset[int] | None] = None
     block_size_multiple: ClassVar[int] = 1
     kv_cache_dtypes: ClassVar[frozenset[str]] = frozenset({"auto"})
-    features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP})
+    features: ClassVar[frozenset[str]] = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_SOFT_CAP, FEATURE_SINKS})
 
     @classmethod
     def validate(cls, spec: AttentionSpec) -> list[str]:
@@ -86,6 +87,7 @@ class CpuNativeAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: Any,
         out: torch.Tensor,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See `AttentionBackend.forward`; key/value rows may be strided views of a fused QKV."""
         return native.paged_attention(
@@ -101,4 +103,5 @@ class CpuNativeAttention(AttentionBackend):
             out,
             soft_cap=self.spec.logits_soft_cap,
             sliding_window=self.spec.sliding_window,
+            sinks=sinks,
         )

@@ -63,7 +63,7 @@ _SIGNATURES = {
         _p, _i64, _p,  # cache, num_blocks, slot_mapping
         _p, _p, _i64, _p, _i64,  # query_start_loc, context_lens, R, block_tables, bt_stride
         _p, _i64, _i64, _i64, _i64, _i64,  # out, T, Hq, Hk, D, block size
-        _f32, _f32, _i64, _i32, _i32,  # scale, soft cap, window, dtype, threads
+        _f32, _f32, _i64, _p, _i32, _i32,  # scale, soft cap, window, sinks, dtype, threads
     ],
 }  # fmt: skip
 _RESTYPES = {"hallm_packed_k": _i64, "hallm_bf16_pairs": _i32}
@@ -271,13 +271,19 @@ def paged_attention(
     out: torch.Tensor,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write key/value at `slot_mapping`, then causal attention over the paged cache into `out`.
 
     query, out [T, Hq, D]; key, value [T, Hk, D] (heads D apart, tokens may be strided); kv_cache
     [2, num_blocks, block_size, Hk, D] contiguous; slot_mapping int64 [T]; query_start_loc int32
-    [R + 1]; context_lens int32 [R]; block_tables int32 [R, max_blocks] (rows contiguous)."""
+    [R + 1]; context_lens int32 [R]; block_tables int32 [R, max_blocks] (rows contiguous);
+    sinks None or [Hq] sink logits (see `hallm.platforms.AttentionSpec.sinks`)."""
     t, hq, d = query.shape
+    if sinks is not None:
+        if tuple(sinks.shape) != (hq,):
+            raise ValueError(f"sinks must be [num_heads={hq}], got {tuple(sinks.shape)}")
+        sinks = sinks.to(device="cpu", dtype=torch.float32).contiguous()
     _, num_blocks, block_size, hk, _ = kv_cache.shape
     _lib().hallm_paged_attention(
         query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
@@ -285,6 +291,7 @@ def paged_attention(
         query_start_loc.data_ptr(), context_lens.data_ptr(), context_lens.shape[0],
         block_tables.data_ptr(), block_tables.stride(0),
         out.data_ptr(), t, hq, hk, d, block_size,
-        float(scale), float(soft_cap or 0.0), int(sliding_window or 0), _dtype(query), torch.get_num_threads(),
+        float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
+        sinks.data_ptr() if sinks is not None else None, _dtype(query), torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -239,6 +239,7 @@ class TpuWorker:
             c = state.num_computed_tokens
             b.input_ids[offset : offset + n] = state.token_ids[c : c + n]
             b.context_lens[i] = c
+            b.num_prompt_tokens[i] = state.num_prompt_tokens
             b.block_tables[i, : state.num_blocks] = state.block_table[: state.num_blocks]
             max_blocks = max(max_blocks, state.num_blocks)
             offset += n

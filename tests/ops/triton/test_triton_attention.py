@@ -147,6 +147,43 @@ def test_prefill_sliding_window_and_soft_cap() -> None:
     _check(out, batch, 0.25, torch.float32, sliding_window=5, logits_soft_cap=2.0)
 
 
+def _sinks(heads: int, seed: int) -> torch.Tensor:
+    """Sink logits from far below the scores to far above them (the output then vanishes)."""
+    sinks = torch.randn(heads, generator=torch.Generator().manual_seed(seed)) * 2.0
+    sinks[0], sinks[-1] = -30.0, 30.0
+    return sinks
+
+
+def test_prefill_with_sinks_and_sliding_window() -> None:
+    batch = _batch(MIXED, (4, 2), 16, 4, num_padding_tokens=2, seed=12)
+    sinks = _sinks(4, 12)
+    for window in (None, 5):
+        out = _run(batch, 0.25, sliding_window=window, sinks=sinks)
+        _check(out, batch, 0.25, torch.float32, sliding_window=window, sinks=sinks)
+        assert out[batch.num_real_tokens :].abs().max() == 0
+
+
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
+def test_split_kv_counts_the_sink_once(merge_in_kernel: bool) -> None:
+    """Split-KV partials are merged with the sink in segment 0 only (once per row)."""
+    from hallm.ops.triton import launch_config
+
+    batch = _batch(DECODE, (14, 2), 16, 4, seed=13)
+    sinks = _sinks(14, 13)
+    config = launch_config.KernelConfig(block_m=16, tile_n=16)
+    out = _run(
+        batch,
+        0.25,
+        split_kv=True,
+        num_segments=8,
+        merge_in_kernel=merge_in_kernel,
+        config=config,
+        min_segment_tiles=1,
+        sinks=sinks,
+    )
+    _check(out, batch, 0.25, torch.float32, sinks=sinks)
+
+
 def test_sliding_window_never_reads_blocks_outside_every_window() -> None:
     """Blocks wholly before every query's window may be the null block (NaN): never read."""
     batch = _batch([(40, 2), (33, 1)], (4, 2), 16, 4, seed=5)

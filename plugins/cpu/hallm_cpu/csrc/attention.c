@@ -119,13 +119,15 @@ static float exp_shifted(float *s, int64_t n, float m) {
  * k_stride/v_stride, heads D apart); cache: [2, num_blocks, bs, Hk, D] contiguous; slot_mapping int64 [T] (< 0: not written);
  * query_start_loc int32 [R + 1]; context_lens int32 [R]; block_tables int32 [R, bt_stride];
  * out: [T, Hq, D] contiguous. Query token j of request r sits at position context_lens[r] + j and sees
- * positions max(0, pos - window + 1) .. pos (window <= 0: all). soft_cap <= 0: none. */
+ * positions max(0, pos - window + 1) .. pos (window <= 0: all). soft_cap <= 0: none. sinks: NULL, or
+ * float [Hq]: head h's sink logit joins its softmax denominator with no value (the online softmax
+ * starts from it: max = sink, denominator = 1, accumulator = 0). */
 void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, int64_t k_stride, const void *v_new, int64_t v_stride,
                            void *cache, int64_t num_blocks, const int64_t *slot_mapping,
                            const int32_t *query_start_loc, const int32_t *context_lens,
                            int64_t R, const int32_t *block_tables, int64_t bt_stride, void *out, int64_t T,
                            int64_t Hq, int64_t Hk, int64_t D, int64_t bs, float scale, float soft_cap,
-                           int64_t window, int dtype, int nthreads) {
+                           int64_t window, const float *sinks, int dtype, int nthreads) {
     const size_t esize = dtype == DT_BF16 ? 2 : 4;
     const int64_t plane = num_blocks * bs * Hk * D; /* elements from the K plane to the V plane */
     const int64_t row = Hk * D;
@@ -181,8 +183,8 @@ void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, i
                 for (int64_t j = 0; j < nh; j++) {
                     load_f32(q, dtype, t * q_stride + (h0 * G + j) * D, qf + j * D, (int)D);
                     for (int64_t d = 0; d < D; d++) qf[j * D + d] *= scale;
-                    mx[j] = -INFINITY;
-                    den[j] = 0.0f;
+                    mx[j] = sinks ? sinks[h0 * G + j] : -INFINITY;
+                    den[j] = sinks ? 1.0f : 0.0f;
                     memset(acc + j * D, 0, (size_t)D * sizeof(float));
                 }
                 for (int64_t b = lo / bs; b <= pos / bs; b++) {

@@ -115,6 +115,6 @@ void hallm_paged_attention(const void *q, int64_t q_stride, const void *k_new, i
                            int64_t v_stride, void *cache, int64_t num_blocks, const int64_t *slot_mapping,
                            const int32_t *query_start_loc, const int32_t *context_lens, int64_t R,
                            const int32_t *block_tables, int64_t bt_stride, void *out, int64_t T, int64_t Hq, int64_t Hk,
-                           int64_t D, int64_t bs, float scale, float soft_cap, int64_t window, int dtype, int nthreads);
+                           int64_t D, int64_t bs, float scale, float soft_cap, int64_t window, const float *sinks, int dtype, int nthreads);
 
 #endif

@@ -50,7 +50,7 @@ void hallm_decoder_layers(const hallm_layer *layers, int64_t n_layers, const voi
                      nthreads);
         hallm_paged_attention(qkv, S, qkv_c + qs * esize, S, qkv_c + (qs + kvs) * esize, S, L->kv_cache,
                               L->num_blocks, slot_mapping, query_start_loc, context_lens, R, block_tables, bt_stride,
-                              attn, T, Hq, Hk, D, bs, L->scale, L->soft_cap, L->window, dtype, nthreads);
+                              attn, T, Hq, Hk, D, bs, L->scale, L->soft_cap, L->window, NULL, dtype, nthreads);
         hallm_linear(attn, qs, dtype, L->o_w, L->o_b, dtype, hidden, T, H, qs, nthreads);
         hallm_rms_norm(hidden, H, residual, H, L->post_norm, h, residual, T, H, L->post_eps, dtype, nthreads);
         hallm_linear(h, H, dtype, L->gate_up_w, L->gate_up_b, dtype, gate_up, T, 2 * I, H, nthreads);
