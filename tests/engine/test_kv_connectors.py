@@ -1,0 +1,236 @@
+"""KV connectors end to end on the cpu plugin and a tiny random llama: greedy tokens are the
+same with and without each connector, loads really replace compute (counted exactly), and
+broken storage (a truncated file, an unwritable or full directory) costs recompute, never
+tokens."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hallm.core.engine_args import EngineArgs
+from hallm.core.sampling_params import SamplingParams
+from hallm.entrypoints.llm import LLM
+from hallm.platforms import ConfigError
+
+BLOCK_SIZE = 4
+OUTPUT_LEN = 6
+# Two prompts sharing a 13-token prefix, one unrelated: lengths 21, 18, 11.
+SHARED = list(range(40, 53))
+PROMPTS = [SHARED + list(range(200, 208)), SHARED + list(range(300, 305)), list(range(400, 411))]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Callable[[str], Path]) -> str:
+    return str(tiny_model_dir("llama"))
+
+
+def make_llm(model_dir: str, kv: dict[str, Any] | None = None, num_blocks: int = 256, **kwargs: Any) -> LLM:
+    return LLM(
+        model=model_dir,
+        device="cpu",
+        dtype="float32",
+        block_size=BLOCK_SIZE,
+        num_gpu_blocks_override=num_blocks,
+        max_num_batched_tokens=64,
+        kv_transfer_config=kv,
+        **kwargs,
+    )
+
+
+def storage(path: Path, role: str = "kv_both", **extra: Any) -> dict[str, Any]:
+    return {
+        "kv_connector": "shared_storage",
+        "kv_role": role,
+        "kv_connector_extra_config": {"shared_storage_path": str(path), **extra},
+    }
+
+
+def greedy(max_tokens: int = OUTPUT_LEN) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def generate(llm: LLM, prompts: list[list[int]], max_tokens: int = OUTPUT_LEN) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(max_tokens), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def loadable_tokens(prompt: list[int]) -> int:
+    """Full blocks of the prompt short of its last token (which is always computed)."""
+    return (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir: str) -> list[list[int]]:
+    """The oracle: one engine, no connector."""
+    return generate(make_llm(model_dir), PROMPTS)
+
+
+def kv_stats(llm: LLM) -> dict[str, Any]:
+    return {k: v for k, v in llm.engine.get_stats().items() if k.startswith("kv_connector_")}
+
+
+def test_shared_storage_prefill_on_one_engine_decode_on_another(
+    model_dir: str, expected: list[list[int]], tmp_path: Path
+) -> None:
+    producer = make_llm(model_dir, storage(tmp_path, "kv_producer"))
+    first = generate(producer, PROMPTS, max_tokens=1)
+    assert [t[:1] for t in expected] == first
+    saved = {p.name for p in tmp_path.rglob("*.kvb")}
+    # Full prompt blocks 5 + 4 + 2, of which the shared prefix's 3 are saved once.
+    assert len(saved) == 5 + 1 + 2
+    assert kv_stats(producer).get("kv_connector_tokens_loaded", 0) == 0
+
+    consumer = make_llm(model_dir, storage(tmp_path, "kv_consumer"), enable_prefix_caching=False)
+    outs = consumer.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS], greedy(), use_tqdm=False
+    )
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    loaded = sum(loadable_tokens(p) for p in PROMPTS)
+    stats = kv_stats(consumer)
+    assert stats["kv_connector_tokens_loaded"] == loaded
+    assert stats.get("kv_connector_load_failures", 0) == 0
+    assert [o.num_cached_tokens for o in outs] == [loadable_tokens(p) for p in PROMPTS]
+    assert {p.name for p in tmp_path.rglob("*.kvb")} == saved  # a consumer saves nothing
+
+
+def test_shared_storage_both_roles_with_prefix_caching(model_dir: str, expected: list[list[int]], tmp_path: Path) -> None:
+    """kv_both: the first pass saves, the second (after the local prefix cache is reset) loads;
+    loaded blocks become prefix-cache blocks of the engine."""
+    llm = make_llm(model_dir, storage(tmp_path))
+    assert generate(llm, PROMPTS) == expected
+    llm.engine.reset_prefix_cache()
+    assert generate(llm, PROMPTS) == expected
+    stats = kv_stats(llm)
+    assert stats["kv_connector_tokens_loaded"] > 0
+    # The shared prefix came from storage once, then from the local prefix cache.
+    again = llm.generate([{"prompt_token_ids": SHARED + [7, 8, 9]}], greedy(), use_tqdm=False)[0]
+    assert again.num_cached_tokens == 12
+    assert kv_stats(llm)["kv_connector_tokens_loaded"] == stats["kv_connector_tokens_loaded"]
+
+
+def test_truncated_file_is_ignored_and_recomputed(model_dir: str, expected: list[list[int]], tmp_path: Path) -> None:
+    generate(make_llm(model_dir, storage(tmp_path, "kv_producer")), PROMPTS, max_tokens=1)
+    files = sorted(tmp_path.rglob("*.kvb"))
+    for f in files[:3]:
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    files[3].write_bytes(files[3].read_bytes()[:-1] + b"\x00")  # same length, wrong checksum
+    consumer = make_llm(model_dir, storage(tmp_path, "kv_consumer"))
+    assert generate(consumer, PROMPTS) == expected
+    stats = kv_stats(consumer)
+    assert stats["kv_connector_corrupt_blocks"] >= 1
+    assert stats["kv_connector_load_failures"] >= 1
+
+
+def test_unwritable_directory_costs_the_save_not_the_request(
+    model_dir: str, expected: list[list[int]], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the storage directory should be")
+    llm = make_llm(model_dir, storage(blocker / "kv"))
+    assert generate(llm, PROMPTS) == expected
+    stats = kv_stats(llm)
+    assert stats["kv_connector_save_failures"] > 0
+    assert stats.get("kv_connector_tokens_saved", 0) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_directory(model_dir: str, expected: list[list[int]], tmp_path: Path) -> None:
+    llm = make_llm(model_dir, storage(tmp_path))
+    identity_dir = tmp_path / next(iter(os.listdir(tmp_path)), "") if os.listdir(tmp_path) else tmp_path
+    os.chmod(identity_dir, 0o555)
+    try:
+        assert generate(llm, PROMPTS) == expected
+        assert kv_stats(llm)["kv_connector_save_failures"] > 0
+    finally:
+        os.chmod(identity_dir, 0o755)
+
+
+def test_full_disk(model_dir: str, expected: list[list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hallm.core.kv_connectors import shared_storage
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    llm = make_llm(model_dir, storage(tmp_path))
+    monkeypatch.setattr(shared_storage.os, "replace", no_space)
+    assert generate(llm, PROMPTS) == expected
+    assert kv_stats(llm)["kv_connector_save_failures"] > 0
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.kvb"))
+
+
+def test_storage_is_bounded(model_dir: str, tmp_path: Path) -> None:
+    llm = make_llm(model_dir, storage(tmp_path))
+    generate(llm, PROMPTS[:1], max_tokens=1)
+    one_block = next(tmp_path.rglob("*.kvb")).stat().st_size
+    llm = make_llm(model_dir, storage(tmp_path, max_storage_bytes=3 * one_block))
+    generate(llm, PROMPTS, max_tokens=1)
+    assert len(list(tmp_path.rglob("*.kvb"))) <= 3
+    assert kv_stats(llm)["kv_connector_evicted_blocks"] > 0
+
+
+def test_offload_round_trip(model_dir: str, expected: list[list[int]]) -> None:
+    """A device pool too small to keep the prefixes: the second pass finds every loadable block
+    either in the device's prefix cache or in host memory (nothing recomputed), loads some from
+    the host, and produces the same tokens."""
+    offload = {"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 1 << 24}}
+    llm = make_llm(model_dir, offload, num_blocks=9)
+    for p, want in zip(PROMPTS, expected, strict=True):
+        assert generate(llm, [p]) == [want]
+    assert kv_stats(llm).get("kv_connector_tokens_loaded", 0) == 0
+    assert llm.engine.get_stats()["prefix_cache_evictions"] > 0
+    for p, want in zip(PROMPTS, expected, strict=True):
+        out = llm.generate([{"prompt_token_ids": p}], greedy(), use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == want
+        assert out.num_cached_tokens == loadable_tokens(p)
+    stats = kv_stats(llm)
+    assert stats["kv_connector_offload_hit_tokens"] == stats["kv_connector_tokens_loaded"] > 0
+    assert stats.get("kv_connector_load_failures", 0) == 0
+
+
+def test_offload_evicts_least_recently_used(model_dir: str, expected: list[list[int]]) -> None:
+    llm = make_llm(model_dir, {"kv_connector": "offload"}, num_blocks=9)
+    per_block = llm.engine.config.cache.bytes_per_block
+    llm = make_llm(
+        model_dir, {"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 4 * per_block}}, num_blocks=9
+    )
+    for _ in range(2):
+        for p, want in zip(PROMPTS, expected, strict=True):
+            assert generate(llm, [p]) == [want]
+    assert kv_stats(llm)["kv_connector_offload_evicted_blocks"] > 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"kv_connector": "nope"}, "unknown KV connector 'nope'"),
+        ({"kv_connector": "offload", "kv_role": "both"}, "kv_role"),
+        ({"kv_connector": "shared_storage"}, "shared_storage_path"),
+        ('{"kv_connector": ', "not valid JSON"),
+        ({"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": -1}}, "cpu_bytes"),
+        ({"kv_conector": "offload"}, "unknown keys"),
+    ],
+)
+def test_bad_config_is_a_clear_error(model_dir: str, config: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_llm(model_dir, config)
+
+
+def test_cli_flag(model_dir: str) -> None:
+    import argparse
+
+    from hallm.entrypoints.cli.engine_args import add_engine_args, engine_args_from
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args([model_dir, "--kv-transfer-config", '{"kv_connector": "offload", "kv_role": "kv_both"}'])
+    engine_args = engine_args_from(args)
+    assert isinstance(engine_args, EngineArgs)
+    config = engine_args.create_engine_config()
+    assert config.kv_transfer is not None and config.kv_transfer.kv_connector == "offload"
