@@ -155,7 +155,10 @@ class ModelRunner:
 
     def kv_cache_by_layer(self) -> dict[str, torch.Tensor]:
         """Every attention layer's KV-cache tensor by name ("layers.{i}.attn"), layer order."""
-        return {f"layers.{layer.layer_idx}.attn": cache for layer, cache in zip(self.attn_layers, self.kv_caches, strict=True)}
+        return {
+            f"layers.{layer.layer_idx}.attn": cache
+            for layer, cache in zip(self.attn_layers, self.kv_caches, strict=True)
+        }
 
     def capture_graphs(self) -> None:
         """Ask the platform for a graph runner (after the real KV cache exists); None means eager."""

@@ -244,7 +244,9 @@ class Scheduler:
         n = int(self.connector.num_external_tokens(request, num_hit))
         return max(0, min(n, request.num_tokens - 1 - num_hit))
 
-    def _start_load(self, request: Request, computed_blocks: list[KVBlock], num_hit: int, num_external: int) -> bool:
+    def _start_load(
+        self, request: Request, computed_blocks: list[KVBlock], num_hit: int, num_external: int
+    ) -> bool:
         """Admit `request` for a load step; False when the pool has no room for it now."""
         assert self.connector is not None
         if self.kv.allocate_slots(request, num_external, computed_blocks, defer_caching=True) is None:

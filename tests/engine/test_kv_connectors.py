@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from hallm.core.engine_args import EngineArgs
 from hallm.core.sampling_params import SamplingParams
@@ -87,9 +88,7 @@ def test_shared_storage_prefill_on_one_engine_decode_on_another(
     assert kv_stats(producer).get("kv_connector_tokens_loaded", 0) == 0
 
     consumer = make_llm(model_dir, storage(tmp_path, "kv_consumer"), enable_prefix_caching=False)
-    outs = consumer.generate(
-        [{"prompt_token_ids": p} for p in PROMPTS], greedy(), use_tqdm=False
-    )
+    outs = consumer.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(), use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outs] == expected
     loaded = sum(loadable_tokens(p) for p in PROMPTS)
     stats = kv_stats(consumer)
@@ -99,7 +98,9 @@ def test_shared_storage_prefill_on_one_engine_decode_on_another(
     assert {p.name for p in tmp_path.rglob("*.kvb")} == saved  # a consumer saves nothing
 
 
-def test_shared_storage_both_roles_with_prefix_caching(model_dir: str, expected: list[list[int]], tmp_path: Path) -> None:
+def test_shared_storage_both_roles_with_prefix_caching(
+    model_dir: str, expected: list[list[int]], tmp_path: Path
+) -> None:
     """kv_both: the first pass saves, the second (after the local prefix cache is reset) loads;
     loaded blocks become prefix-cache blocks of the engine."""
     llm = make_llm(model_dir, storage(tmp_path))
@@ -109,12 +110,14 @@ def test_shared_storage_both_roles_with_prefix_caching(model_dir: str, expected:
     stats = kv_stats(llm)
     assert stats["kv_connector_tokens_loaded"] > 0
     # The shared prefix came from storage once, then from the local prefix cache.
-    again = llm.generate([{"prompt_token_ids": SHARED + [7, 8, 9]}], greedy(), use_tqdm=False)[0]
+    again = llm.generate([{"prompt_token_ids": [*SHARED, 7, 8, 9]}], greedy(), use_tqdm=False)[0]
     assert again.num_cached_tokens == 12
     assert kv_stats(llm)["kv_connector_tokens_loaded"] == stats["kv_connector_tokens_loaded"]
 
 
-def test_truncated_file_is_ignored_and_recomputed(model_dir: str, expected: list[list[int]], tmp_path: Path) -> None:
+def test_truncated_file_is_ignored_and_recomputed(
+    model_dir: str, expected: list[list[int]], tmp_path: Path
+) -> None:
     generate(make_llm(model_dir, storage(tmp_path, "kv_producer")), PROMPTS, max_tokens=1)
     files = sorted(tmp_path.rglob("*.kvb"))
     for f in files[:3]:
@@ -126,6 +129,28 @@ def test_truncated_file_is_ignored_and_recomputed(model_dir: str, expected: list
     stats = kv_stats(consumer)
     assert stats["kv_connector_corrupt_blocks"] >= 1
     assert stats["kv_connector_load_failures"] >= 1
+
+
+def test_wrong_kv_with_a_valid_checksum_changes_the_tokens(
+    model_dir: str, expected: list[list[int]], tmp_path: Path
+) -> None:
+    """The control: KV that loads without complaint but is wrong (scaled by 3, checksum redone)
+    changes the greedy tokens, so the tests above that compare tokens would see a bad load."""
+    import xxhash
+
+    from hallm.core.kv_connectors.shared_storage import _HEADER, MAGIC
+
+    generate(make_llm(model_dir, storage(tmp_path, "kv_producer")), PROMPTS, max_tokens=1)
+    for f in tmp_path.rglob("*.kvb"):
+        blob = f.read_bytes()
+        _, size, _, desc_len = _HEADER.unpack_from(blob)
+        desc = blob[_HEADER.size : _HEADER.size + desc_len]
+        values = torch.frombuffer(bytearray(blob[_HEADER.size + desc_len :]), dtype=torch.float32) * 3
+        payload = values.numpy().tobytes()
+        f.write_bytes(_HEADER.pack(MAGIC, size, xxhash.xxh3_64_intdigest(payload), desc_len) + desc + payload)
+    consumer = make_llm(model_dir, storage(tmp_path, "kv_consumer"))
+    assert generate(consumer, PROMPTS) != expected
+    assert kv_stats(consumer).get("kv_connector_load_failures", 0) == 0
 
 
 def test_unwritable_directory_costs_the_save_not_the_request(
@@ -152,7 +177,9 @@ def test_read_only_directory(model_dir: str, expected: list[list[int]], tmp_path
         os.chmod(identity_dir, 0o755)
 
 
-def test_full_disk(model_dir: str, expected: list[list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk(
+    model_dir: str, expected: list[list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from hallm.core.kv_connectors import shared_storage
 
     def no_space(*args: Any, **kwargs: Any) -> None:
@@ -198,7 +225,9 @@ def test_offload_evicts_least_recently_used(model_dir: str, expected: list[list[
     llm = make_llm(model_dir, {"kv_connector": "offload"}, num_blocks=9)
     per_block = llm.engine.config.cache.bytes_per_block
     llm = make_llm(
-        model_dir, {"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 4 * per_block}}, num_blocks=9
+        model_dir,
+        {"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 4 * per_block}},
+        num_blocks=9,
     )
     for _ in range(2):
         for p, want in zip(PROMPTS, expected, strict=True):
@@ -229,7 +258,9 @@ def test_cli_flag(model_dir: str) -> None:
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    args = parser.parse_args([model_dir, "--kv-transfer-config", '{"kv_connector": "offload", "kv_role": "kv_both"}'])
+    args = parser.parse_args(
+        [model_dir, "--kv-transfer-config", '{"kv_connector": "offload", "kv_role": "kv_both"}']
+    )
     engine_args = engine_args_from(args)
     assert isinstance(engine_args, EngineArgs)
     config = engine_args.create_engine_config()

@@ -145,7 +145,9 @@ class KVCacheManager:
         """After a load from outside: the blocks full of the first `num_tokens` tokens become
         prefix-cache blocks, as if computed here."""
         if self.enable_caching:
-            self._cache_full_blocks(request, self.req_blocks[request.request_id], min(num_tokens, request.num_tokens))
+            self._cache_full_blocks(
+                request, self.req_blocks[request.request_id], min(num_tokens, request.num_tokens)
+            )
 
     def _record_admission(self, request: Request, num_hit_tokens: int) -> None:
         stats = self.pool.stats

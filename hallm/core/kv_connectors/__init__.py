@@ -28,7 +28,9 @@ def available_connectors() -> dict[str, type[KVConnector]]:
     found = dict(contributed())
     for name, cls in core_connectors().items():
         if name in found and found[name] is not cls:
-            raise ConfigError(f"a plugin contributes a KV connector named {name!r}, which is a core connector's name")
+            raise ConfigError(
+                f"a plugin contributes a KV connector named {name!r}, which is a core connector's name"
+            )
         found[name] = cls
     return found
 
@@ -56,7 +58,9 @@ def parse_kv_transfer_config(value: Any) -> KVTransferConfig | None:
         )
     name = value.get("kv_connector")
     if not isinstance(name, str) or not name:
-        raise ConfigError("kv_transfer_config needs 'kv_connector': the connector's name, e.g. 'shared_storage'")
+        raise ConfigError(
+            "kv_transfer_config needs 'kv_connector': the connector's name, e.g. 'shared_storage'"
+        )
     role = value.get("kv_role", "kv_both")
     if role not in KV_ROLES:
         raise ConfigError(f"kv_transfer_config 'kv_role' must be one of {list(KV_ROLES)}, got {role!r}")

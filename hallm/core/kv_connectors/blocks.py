@@ -31,7 +31,9 @@ def check_layout(caches: dict[str, torch.Tensor], block_size: int, connector: st
 
 def block_hashes(request: Any, block_size: int) -> list[bytes]:
     """The request's prefix-cache block hashes for its full blocks (computed where missing)."""
-    extend_block_hashes(request.block_hashes, request.all_token_ids, block_size, extra_keys=request.extra_keys)
+    extend_block_hashes(
+        request.block_hashes, request.all_token_ids, block_size, extra_keys=request.extra_keys
+    )
     hashes: list[bytes] = request.block_hashes
     return hashes
 

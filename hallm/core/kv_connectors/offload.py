@@ -39,10 +39,14 @@ def host_slots(config: Any, per_block: int | None = None) -> int:
     extra = kv.kv_connector_extra_config if kv is not None else {}
     budget = extra.get("cpu_bytes", DEFAULT_CPU_BYTES)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ConfigError(f"the offload KV connector's cpu_bytes must be a positive integer (bytes), got {budget!r}")
+        raise ConfigError(
+            f"the offload KV connector's cpu_bytes must be a positive integer (bytes), got {budget!r}"
+        )
     per_block = int(config.cache.bytes_per_block) if per_block is None else per_block
     if per_block <= 0:
-        raise ConfigError("the offload KV connector needs the engine's KV block size in bytes (CacheConfig.bytes_per_block)")
+        raise ConfigError(
+            "the offload KV connector needs the engine's KV block size in bytes (CacheConfig.bytes_per_block)"
+        )
     slots = budget // per_block
     if slots < 1:
         raise ConfigError(f"cpu_bytes={budget} holds no KV block of this model ({per_block} bytes); raise it")
@@ -130,7 +134,9 @@ class OffloadConnector(KVConnector):
         check_layout(caches, self.block_size, self.name)
         self._caches = caches
         # The same count as the scheduler side's, from the tensors themselves.
-        self.num_slots = host_slots(self.config, sum(c[:, 0].numel() * c.element_size() for c in caches.values()))
+        self.num_slots = host_slots(
+            self.config, sum(c[:, 0].numel() * c.element_size() for c in caches.values())
+        )
         pin = self.pin_host_memory and next(iter(caches.values())).device.type != "cpu"
         self._pool = {
             name: torch.empty((2, self.num_slots, *c.shape[2:]), dtype=c.dtype, device="cpu", pin_memory=pin)

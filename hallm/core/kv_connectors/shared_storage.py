@@ -18,6 +18,7 @@ kv_connector_extra_config: shared_storage_path (required), max_storage_bytes (op
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -107,7 +108,9 @@ class SharedStorageConnector(KVConnector):
             self._loads[request.request_id] = [(block_ids[i], hashes[i]) for i in range(start, end)]
         elif self.produces:
             full = min(request.num_prompt_tokens // self.block_size, len(block_ids))
-            self._saves += [(block_ids[i], hashes[i]) for i in range(full) if not self.path(hashes[i]).is_file()]
+            self._saves += [
+                (block_ids[i], hashes[i]) for i in range(full) if not self.path(hashes[i]).is_file()
+            ]
 
     def build_step_meta(self) -> StorageStepMeta:
         meta = StorageStepMeta(self._loads, self._saves)
@@ -169,15 +172,11 @@ class SharedStorageConnector(KVConnector):
         if layers is None:
             self._count("corrupt_blocks")
             logger.warning("KV block file %s is truncated or corrupt; ignoring it and recomputing", path)
-            try:
+            with contextlib.suppress(OSError):
                 path.unlink()
-            except OSError:
-                pass
             return None
-        try:
+        with contextlib.suppress(OSError):
             os.utime(path)  # recently used: the last to be evicted
-        except OSError:
-            pass
         return layers
 
     def _decode(self, blob: bytes) -> list[torch.Tensor] | None:
@@ -226,10 +225,8 @@ class SharedStorageConnector(KVConnector):
         except OSError as e:
             self._count("save_failures")
             logger.warning("could not save KV block to %s (%s); the prompt is not shared", path, e)
-            try:
+            with contextlib.suppress(OSError):
                 tmp.unlink()
-            except OSError:
-                pass
             return
         self._count("tokens_saved", self.block_size)
         if self._dir_bytes is None:
