@@ -402,6 +402,7 @@ class LLMEngine:
             "prefix_cache_requests": stats.requests,
             "prefix_cache_tokens_saved": stats.tokens_saved,
             "prefix_cache_evictions": stats.evictions,
+            "kv_connector": self.config.kv_transfer.kv_connector if self.config.kv_transfer else None,
             **{f"kv_connector_{k}": v for k, v in sorted(self.scheduler.kv_connector_stats.items())},
         }
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 
@@ -94,6 +95,7 @@ def test_shared_storage_prefill_on_one_engine_decode_on_another(
     stats = kv_stats(consumer)
     assert stats["kv_connector_tokens_loaded"] == loaded
     assert stats.get("kv_connector_load_failures", 0) == 0
+    check_metrics(consumer, "shared_storage", loaded)
     assert [o.num_cached_tokens for o in outs] == [loadable_tokens(p) for p in PROMPTS]
     assert {p.name for p in tmp_path.rglob("*.kvb")} == saved  # a consumer saves nothing
 
@@ -219,6 +221,26 @@ def test_offload_round_trip(model_dir: str, expected: list[list[int]]) -> None:
     stats = kv_stats(llm)
     assert stats["kv_connector_offload_hit_tokens"] == stats["kv_connector_tokens_loaded"] > 0
     assert stats.get("kv_connector_load_failures", 0) == 0
+    check_metrics(llm, "offload", stats["kv_connector_tokens_loaded"])
+
+
+def check_metrics(llm: LLM, connector: str, tokens_loaded: int) -> None:
+    """The counters reach the server's /metrics through the engine process's stats message."""
+    from hallm.core.engine_process import engine_stats
+    from hallm.core.engine_protocol import EngineStats, make_encoder
+    from hallm.entrypoints.openai.metrics import ServerMetrics
+
+    sent = engine_stats(llm.engine)
+    received = msgspec.msgpack.decode(make_encoder().encode(sent), type=EngineStats)
+    assert received.kv_connector == connector
+    assert received.kv_connector_counters["tokens_loaded"] == tokens_loaded
+    metrics = ServerMetrics("tiny")
+    metrics.engine_stats(received)
+    text = metrics.render().decode()
+    assert (
+        f'hallm:kv_connector_tokens_loaded{{connector="{connector}",model_name="tiny"}} {float(tokens_loaded)}'
+        in text
+    )
 
 
 def test_offload_evicts_least_recently_used(model_dir: str, expected: list[list[int]]) -> None:
