@@ -190,6 +190,8 @@ class Scheduler:
             num_new = min(num_new, budget)
             block_ids = self.kv.allocate_slots(request, num_new, computed_blocks)
             if block_ids is None:
+                if self._release_waiting_blocks(request):
+                    continue
                 break
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
@@ -260,6 +262,17 @@ class Scheduler:
         self._load_ids.append(request.request_id)
         self.connector.on_blocks_allocated(request, self.kv.block_ids(request.request_id), num_external)
         return True
+
+    def _release_waiting_blocks(self, head: Request) -> bool:
+        """The queue's head does not fit: free the blocks of waiting requests back from a load
+        step (loaded blocks stay findable in the prefix cache), so they cannot starve it."""
+        released = False
+        for request in self.waiting:
+            if request is not head and self.kv.holds_blocks(request):
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                released = True
+        return released
 
     def _maybe_save(self, request: Request, num_new: int) -> None:
         """Tell the connector when this step completes the request's prompt (it may save it)."""

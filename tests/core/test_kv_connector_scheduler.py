@@ -106,3 +106,22 @@ def test_finished_request_holds_its_blocks_until_sent() -> None:
     step = sched.schedule()
     sched.update(step, ModelRunnerOutput({}, kv_finished_sending={"a"}))
     check_pool(sched.kv.pool, [])
+
+
+def test_a_loaded_request_cannot_starve_the_queue_head() -> None:
+    """A request back from its load step holds blocks while it waits; when the head of the queue
+    (here: one that jumped ahead, as a preempted request does) needs them, they are freed, and
+    the loaded prefix stays in the prefix cache."""
+    sched = scheduler(ScriptedConnector(external=8), num_blocks=6)  # 5 usable blocks
+    a = make_request("a", list(range(13)), max_tokens=1)
+    sched.add_request(a)
+    sched.update(sched.schedule(), ModelRunnerOutput({}, kv_loaded={"a"}))
+    assert sched.kv.holds_blocks(a)
+    b = make_request("b", list(range(100, 115)), max_tokens=1)  # 4 blocks: more than are free
+    sched.requests["b"] = b
+    sched.waiting.appendleft(b)
+    sched.connector.external = 0  # type: ignore[union-attr]
+    step = sched.schedule()
+    assert step.num_scheduled_tokens == {"b": 15}
+    assert not sched.kv.holds_blocks(a) and a.num_computed_tokens == 0
+    assert any(sched.kv.pool.lookup(h) is not None for h in a.block_hashes[:2])

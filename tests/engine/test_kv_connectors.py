@@ -32,14 +32,20 @@ def model_dir(tiny_model_dir: Callable[[str], Path]) -> str:
     return str(tiny_model_dir("llama"))
 
 
-def make_llm(model_dir: str, kv: dict[str, Any] | None = None, num_blocks: int = 256, **kwargs: Any) -> LLM:
+def make_llm(
+    model_dir: str,
+    kv: dict[str, Any] | None = None,
+    num_blocks: int = 256,
+    max_num_batched_tokens: int = 64,
+    **kwargs: Any,
+) -> LLM:
     return LLM(
         model=model_dir,
         device="cpu",
         dtype="float32",
         block_size=BLOCK_SIZE,
         num_gpu_blocks_override=num_blocks,
-        max_num_batched_tokens=64,
+        max_num_batched_tokens=max_num_batched_tokens,
         kv_transfer_config=kv,
         **kwargs,
     )
@@ -287,3 +293,23 @@ def test_cli_flag(model_dir: str) -> None:
     assert isinstance(engine_args, EngineArgs)
     config = engine_args.create_engine_config()
     assert config.kv_transfer is not None and config.kv_transfer.kv_connector == "offload"
+
+
+def test_connectors_under_preemption_and_chunked_prefill(model_dir: str, tmp_path: Path) -> None:
+    """Many requests at once over shared prefixes, a pool small enough to preempt, 8-token
+    chunks: the same tokens as the plain engine with either connector, loads included."""
+    import random
+
+    rng = random.Random(0)
+    systems = [[rng.randrange(3, 500) for _ in range(rng.randint(9, 19))] for _ in range(3)]
+    prompts = [systems[i % 3] + [rng.randrange(3, 500) for _ in range(rng.randint(1, 6))] for i in range(10)]
+    small = {"num_blocks": 24, "max_num_batched_tokens": 8}
+    want = generate(make_llm(model_dir, None, **small), prompts)
+    offload = {"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 1 << 24}}
+    for kv in (offload, storage(tmp_path)):
+        llm = make_llm(model_dir, kv, **small)
+        assert generate(llm, prompts) == want
+        llm.engine.reset_prefix_cache()
+        assert generate(llm, prompts) == want
+        assert llm.engine.get_stats()["num_preemptions"] > 0
+        assert kv_stats(llm)["kv_connector_tokens_loaded"] > 0
