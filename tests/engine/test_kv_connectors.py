@@ -313,3 +313,39 @@ def test_connectors_under_preemption_and_chunked_prefill(model_dir: str, tmp_pat
         assert generate(llm, prompts) == want
         assert llm.engine.get_stats()["num_preemptions"] > 0
         assert kv_stats(llm)["kv_connector_tokens_loaded"] > 0
+
+
+@pytest.mark.slow  # four engines of the real model: ~45 s on 2 shared cores
+def test_smollm2_disaggregated_and_offloaded(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The golden model: a chat prompt prefilled on one engine and decoded on another through
+    shared storage, and reloaded from host memory after a prefix-cache reset, gives the same
+    greedy text as one plain engine."""
+
+    def engine(kv: dict[str, Any] | None) -> LLM:
+        return LLM(
+            model=str(smollm2_dir), device="cpu", dtype="float32", max_model_len=256, kv_transfer_config=kv
+        )
+
+    plain = engine(None)
+    tokenizer = plain.get_tokenizer()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three rivers in Europe and one fact about each."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    prompt = list(tokenizer.encode(text, add_special_tokens=False))
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    want = plain.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].text
+    del plain
+    generate(engine(storage(tmp_path, "kv_producer")), [prompt], max_tokens=1)
+    consumer = engine(storage(tmp_path, "kv_consumer"))
+    got = consumer.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].text
+    assert got == want
+    assert kv_stats(consumer)["kv_connector_tokens_loaded"] == (len(prompt) - 1) // 16 * 16 > 0
+    del consumer
+    offload = engine({"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 1 << 27}})
+    for _ in range(2):
+        out = offload.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        assert out.outputs[0].text == want
+        offload.engine.reset_prefix_cache()
+    assert kv_stats(offload)["kv_connector_tokens_loaded"] == (len(prompt) - 1) // 16 * 16
