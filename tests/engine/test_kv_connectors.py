@@ -146,7 +146,8 @@ def test_wrong_kv_with_a_valid_checksum_changes_the_tokens(
     changes the greedy tokens, so the tests above that compare tokens would see a bad load."""
     import xxhash
 
-    from hallm.core.kv_connectors.shared_storage import _HEADER, MAGIC
+    from hallm.core.kv_connectors.blocks import HEADER as _HEADER
+    from hallm.core.kv_connectors.blocks import MAGIC
 
     generate(make_llm(model_dir, storage(tmp_path, "kv_producer")), PROMPTS, max_tokens=1)
     for f in tmp_path.rglob("*.kvb"):

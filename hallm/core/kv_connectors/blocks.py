@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from typing import Any
 
 import torch
+import xxhash
 
 from hallm.core.kv_cache.hashing import extend_block_hashes
 from hallm.platforms import ConfigError
@@ -64,3 +66,44 @@ def gather_blocks(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """cache[:, block_ids] on the host: [2, len(block_ids), block_size, ...]."""
     idx = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
     return cache.index_select(1, idx).cpu()
+
+
+MAGIC = b"HALLMKV1"
+HEADER = struct.Struct("<8sQQI")  # magic, payload bytes, xxh3-64 of the payload, description bytes
+
+
+def encode_block(layers: list[torch.Tensor]) -> bytes:
+    """One block of every layer ([2, block_size, ...] each, on the host) as bytes: header (magic,
+    payload length, xxh3-64 of the payload, description length), a JSON description (dtype,
+    per-layer shapes), the payload."""
+    payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in layers)
+    desc = json.dumps({"dtype": str(layers[0].dtype), "shapes": [list(t.shape) for t in layers]}).encode()
+    return HEADER.pack(MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), len(desc)) + desc + payload
+
+
+def decode_block(blob: bytes, caches: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """`encode_block`'s per-layer tensors, or None unless `blob` is whole (length), intact
+    (checksum) and of the layout of `caches` (dtype, per-layer block shape)."""
+    if len(blob) < HEADER.size:
+        return None
+    magic, size, digest, desc_len = HEADER.unpack_from(blob)
+    desc_end = HEADER.size + desc_len
+    if magic != MAGIC or len(blob) != desc_end + size:
+        return None
+    payload = memoryview(blob)[desc_end:]
+    if xxhash.xxh3_64_intdigest(payload) != digest:
+        return None
+    try:
+        desc = json.loads(bytes(blob[HEADER.size : desc_end]))
+    except ValueError:
+        return None
+    shapes = [[2, *c.shape[2:]] for c in caches]
+    if desc.get("dtype") != str(caches[0].dtype) or desc.get("shapes") != shapes:
+        return None
+    out, offset = [], 0
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    for cache, shape in zip(caches, shapes, strict=True):
+        n = cache.element_size() * int(torch.Size(shape).numel())
+        out.append(raw[offset : offset + n].view(cache.dtype).view(shape))
+        offset += n
+    return out

@@ -7,7 +7,7 @@ under a directory named by the model identity (blocks.model_identity). A file ho
 layer's KV of the block: header (magic, payload length, xxh3-64 of the payload, a JSON
 description of dtype and per-layer shapes) then the payload. Writers write a temporary file and
 rename it over the final name, so readers never see a partial file and concurrent writers of one
-block are harmless (both write the same bytes). A file that is short, fails its checksum or
+block are harmless (both write the same bytes). (The format: blocks.encode_block.) A file that is short, fails its checksum or
 describes another layout is ignored (counted as "corrupt_blocks", deleted where possible) and
 its request recomputes. With `max_storage_bytes`, the oldest files (by mtime; a load refreshes a
 file's mtime) are deleted once the directory grows past the cap. A directory that cannot be
@@ -20,24 +20,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import struct
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 
-from hallm.core.kv_connectors.blocks import block_hashes, check_layout, gather_blocks, model_identity
+from hallm.core.kv_connectors.blocks import (
+    block_hashes,
+    check_layout,
+    decode_block,
+    encode_block,
+    gather_blocks,
+    model_identity,
+)
 from hallm.platforms import BatchLayout, ConfigError, KVConnector, KVConnectorRole
 
 logger = logging.getLogger("hallm.kv_connector")
 
-MAGIC = b"HALLMKV1"
-_HEADER = struct.Struct("<8sQQI")  # magic, payload bytes, xxh3-64 of the payload, description bytes
 SUFFIX = ".kvb"
 
 
@@ -168,7 +170,7 @@ class SharedStorageConnector(KVConnector):
             self._count("missing_blocks")
             logger.warning("KV block %s could not be read (%s); recomputing", path.name, e)
             return None
-        layers = self._decode(blob)
+        layers = decode_block(blob, list(self._caches.values()))
         if layers is None:
             self._count("corrupt_blocks")
             logger.warning("KV block file %s is truncated or corrupt; ignoring it and recomputing", path)
@@ -179,48 +181,16 @@ class SharedStorageConnector(KVConnector):
             os.utime(path)  # recently used: the last to be evicted
         return layers
 
-    def _decode(self, blob: bytes) -> list[torch.Tensor] | None:
-        """The file's per-layer tensors [2, block_size, ...], or None if it is not a whole, valid
-        file of this engine's layout."""
-        if len(blob) < _HEADER.size:
-            return None
-        magic, size, digest, desc_len = _HEADER.unpack_from(blob)
-        desc_end = _HEADER.size + desc_len
-        if magic != MAGIC or len(blob) != desc_end + size:
-            return None
-        payload = memoryview(blob)[desc_end:]
-        if xxhash.xxh3_64_intdigest(payload) != digest:
-            return None
-        try:
-            desc = json.loads(blob[_HEADER.size : desc_end])
-        except ValueError:
-            return None
-        caches = list(self._caches.values())
-        shapes = [[2, *c.shape[2:]] for c in caches]
-        if desc.get("dtype") != str(caches[0].dtype) or desc.get("shapes") != shapes:
-            return None
-        out, offset = [], 0
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        for cache, shape in zip(caches, shapes, strict=True):
-            n = cache.element_size() * int(torch.Size(shape).numel())
-            out.append(raw[offset : offset + n].view(cache.dtype).view(shape))
-            offset += n
-        return out
-
     def _write(self, block_hash: bytes, layers: list[torch.Tensor]) -> None:
         path = self.path(block_hash)
         if path.is_file():
             return  # another instance (or an earlier step) saved it
-        payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in layers)
-        desc = json.dumps({"dtype": str(layers[0].dtype), "shapes": [list(t.shape) for t in layers]}).encode()
-        header = _HEADER.pack(MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), len(desc))
+        blob = encode_block(layers)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(desc)
-                f.write(payload)
+                f.write(blob)
             os.replace(tmp, path)
         except OSError as e:
             self._count("save_failures")
@@ -232,7 +202,7 @@ class SharedStorageConnector(KVConnector):
         if self._dir_bytes is None:
             self._dir_bytes = self._scan_bytes()
         else:
-            self._dir_bytes += len(header) + len(desc) + len(payload)
+            self._dir_bytes += len(blob)
 
     def _files(self) -> list[tuple[float, int, Path]]:
         out = []
