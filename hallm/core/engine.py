@@ -410,4 +410,6 @@ class LLMEngine:
         return self.scheduler.kv.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self.scheduler.connector is not None:
+            self.scheduler.connector.shutdown()
         self.executor.shutdown()

@@ -111,3 +111,6 @@ class KVConnector(ABC):
         """Counters since the last call (e.g. "tokens_saved", "save_failures"); the engine
         adds them up and exports them. Default: none."""
         return {}
+
+    def shutdown(self) -> None:
+        """Release sockets, threads and buffers (the engine shuts down). Default: nothing."""

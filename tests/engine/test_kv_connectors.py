@@ -350,3 +350,55 @@ def test_smollm2_disaggregated_and_offloaded(smollm2_dir: Path, tmp_path: Path) 
         assert out.outputs[0].text == want
         offload.engine.reset_prefix_cache()
     assert kv_stats(offload)["kv_connector_tokens_loaded"] == (len(prompt) - 1) // 16 * 16
+
+
+def p2p(role: str, **extra: Any) -> dict[str, Any]:
+    return {"kv_connector": "p2p", "kv_role": role, "kv_connector_extra_config": extra}
+
+
+def test_p2p_prefill_pushes_to_decode(model_dir: str, expected: list[list[int]]) -> None:
+    from tests.server.utils import free_port
+
+    port = free_port()
+    decode = make_llm(model_dir, p2p("kv_consumer", kv_listen_port=port))
+    prefill = make_llm(model_dir, p2p("kv_producer", kv_peer=f"127.0.0.1:{port}"))
+    try:
+        assert generate(prefill, PROMPTS, max_tokens=1) == [t[:1] for t in expected]
+        assert kv_stats(prefill)["kv_connector_tokens_saved"] == 8 * BLOCK_SIZE  # distinct full blocks
+        assert generate(decode, PROMPTS) == expected
+        stats = kv_stats(decode)
+        assert stats["kv_connector_tokens_loaded"] == sum(loadable_tokens(p) for p in PROMPTS)
+        assert stats.get("kv_connector_load_failures", 0) == 0
+        generate(prefill, PROMPTS, max_tokens=1)  # nothing new: delivered blocks are not resent
+        assert kv_stats(prefill)["kv_connector_tokens_saved"] == 8 * BLOCK_SIZE
+    finally:
+        decode.engine.shutdown()
+        prefill.engine.shutdown()
+
+
+def test_p2p_decode_instance_down_or_silent(model_dir: str, expected: list[list[int]]) -> None:
+    """The decode instance is gone (nobody listens) or dies mid-transfer (takes the message,
+    never answers): the prefill instance answers anyway, counts the failed sends, and a decode
+    instance that got nothing computes the prompt itself."""
+    import zmq
+
+    from tests.server.utils import free_port
+
+    silent = zmq.Context().socket(zmq.ROUTER)
+    silent_port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        for peer_port in (free_port(), silent_port):
+            prefill = make_llm(
+                model_dir, p2p("kv_producer", kv_peer=f"127.0.0.1:{peer_port}", send_timeout_s=0.3)
+            )
+            assert generate(prefill, PROMPTS, max_tokens=1) == [t[:1] for t in expected]
+            stats = kv_stats(prefill)
+            assert stats["kv_connector_save_failures"] == 8 and stats.get("kv_connector_tokens_saved", 0) == 0
+    finally:
+        silent.close(linger=0)
+    decode = make_llm(model_dir, p2p("kv_consumer", kv_listen_port=free_port()))
+    try:
+        assert generate(decode, PROMPTS) == expected
+        assert kv_stats(decode).get("kv_connector_tokens_loaded", 0) == 0
+    finally:
+        decode.engine.shutdown()

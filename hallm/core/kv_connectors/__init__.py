@@ -1,7 +1,8 @@
 """KV connectors shipped with the core, and how `--kv-transfer-config` picks one by name.
 
-Core connectors: `shared_storage` (KV blocks in a directory, shared between instances) and
-`offload` (KV blocks kept in host memory after the device pool evicts them). Plugins add theirs
+Core connectors: `shared_storage` (KV blocks in a directory, shared between instances),
+`offload` (KV blocks kept in host memory after the device pool evicts them) and `p2p` (a
+prefill instance pushes KV to a decode instance over ZMQ/TCP). Plugins add theirs
 through the `hallm_kv_connectors` hook; a plugin's connector may not reuse a core name.
 """
 
@@ -16,9 +17,10 @@ from hallm.platforms import ConfigError, KVConnector, KVConnectorRole
 
 def core_connectors() -> dict[str, type[KVConnector]]:
     from hallm.core.kv_connectors.offload import OffloadConnector
+    from hallm.core.kv_connectors.p2p import P2PConnector
     from hallm.core.kv_connectors.shared_storage import SharedStorageConnector
 
-    return {c.name: c for c in (SharedStorageConnector, OffloadConnector)}
+    return {c.name: c for c in (SharedStorageConnector, OffloadConnector, P2PConnector)}
 
 
 def available_connectors() -> dict[str, type[KVConnector]]:
