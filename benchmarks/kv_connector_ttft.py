@@ -64,7 +64,7 @@ def main() -> None:
             max_model_len=args.prefix_len + args.suffix_len + 8,
             kv_transfer_config=kv,
         )
-        llm.generate([{"prompt_token_ids": prefix + [5]}], params, use_tqdm=False)  # saves the prefix
+        llm.generate([{"prompt_token_ids": [*prefix, 5]}], params, use_tqdm=False)  # saves the prefix
         walls, cpus, firsts = [], [], []
         for suffix in suffixes:
             if name != "device_prefix_hit":
