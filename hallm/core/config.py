@@ -38,6 +38,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
     num_blocks: int = 0  # decided after profiling
+    bytes_per_block: int = 0  # of all layers together (per rank), known after loading the model
 
 
 @dataclasses.dataclass
@@ -55,6 +56,27 @@ class ParallelConfig:
     distributed_executor_backend: str = "uni"
 
 
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+
+
+@dataclasses.dataclass
+class KVTransferConfig:
+    """`--kv-transfer-config` (vLLM's JSON shape): which connector, this engine's role in the
+    transfer, and the connector's own settings (e.g. {"shared_storage_path": DIR})."""
+
+    kv_connector: str
+    kv_role: str = "kv_both"
+    kv_connector_extra_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+
 @dataclasses.dataclass
 class EngineConfig:
     model: ModelConfig
@@ -64,6 +86,7 @@ class EngineConfig:
     device: dict[str, Any]  # PlatformChoice.to_dict(): handed to child processes as plain data
     attention_backend: str | None = None
     enforce_eager: bool = False
+    kv_transfer: KVTransferConfig | None = None
 
 
 def check_positive(name: str, value: Any, allow_none: bool = False) -> None:

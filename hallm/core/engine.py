@@ -20,7 +20,7 @@ from hallm.core.request import Request, RequestStatus
 from hallm.core.sampling_params import SamplingParams
 from hallm.core.scheduler import Scheduler
 from hallm.core.scheduler_output import SchedulerOutput
-from hallm.platforms import ConfigError, Executor, HallmError
+from hallm.platforms import ConfigError, Executor, HallmError, KVConnector, KVConnectorRole
 from hallm.platforms.registry import platform_from_choice
 
 logger = logging.getLogger("hallm.engine")
@@ -153,6 +153,7 @@ class LLMEngine:
         self.executor = self._make_executor()
         self.executor.start()
         config.cache.num_blocks = self._num_blocks()
+        config.cache.bytes_per_block = self.executor.kv_cache_bytes_per_block()
         self.executor.init_kv_cache(config.cache.num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, config.model.max_model_len)
         self.output_processor = OutputProcessor(tokenizer)
@@ -166,6 +167,8 @@ class LLMEngine:
             from hallm.core.warmup import warm_up
 
             warm_up(self)
+        # After the warm-up, whose dummy prompts are nobody's KV to save.
+        self.scheduler.connector = self._make_kv_connector()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -192,6 +195,16 @@ class LLMEngine:
         if name not in available:
             raise ConfigError(f"unknown executor {name!r}; available: {sorted(available)}")
         return available[name](self.config, self.platform)
+
+    def _make_kv_connector(self) -> KVConnector | None:
+        from hallm.core.kv_connectors import create_connector
+
+        connector = create_connector(self.config, KVConnectorRole.SCHEDULER)
+        if connector is not None:
+            kv = self.config.kv_transfer
+            assert kv is not None
+            logger.info("KV connector: %s (%s)", kv.kv_connector, kv.kv_role)
+        return connector
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -389,10 +402,14 @@ class LLMEngine:
             "prefix_cache_requests": stats.requests,
             "prefix_cache_tokens_saved": stats.tokens_saved,
             "prefix_cache_evictions": stats.evictions,
+            "kv_connector": self.config.kv_transfer.kv_connector if self.config.kv_transfer else None,
+            **{f"kv_connector_{k}": v for k, v in sorted(self.scheduler.kv_connector_stats.items())},
         }
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.kv.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self.scheduler.connector is not None:
+            self.scheduler.connector.shutdown()
         self.executor.shutdown()

@@ -17,6 +17,7 @@ from hallm.core.config import (
     check_fraction,
     check_positive,
 )
+from hallm.core.kv_connectors import check_kv_transfer, parse_kv_transfer_config
 from hallm.platforms import ConfigError
 
 logger = logging.getLogger("hallm.engine")
@@ -49,6 +50,9 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
+    # vLLM's shape: {"kv_connector": NAME, "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+    # "kv_connector_extra_config": {...}}, as a dict or a JSON string.
+    kv_transfer_config: dict[str, Any] | str | None = None
 
     def validate(self) -> None:
         if not isinstance(self.dtype, str):
@@ -65,6 +69,7 @@ class EngineArgs:
         check_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        parse_kv_transfer_config(self.kv_transfer_config)
 
     def _executor_name(self) -> str:
         """The executor: as given, else `mp` when the model is split across ranks, else `uni`."""
@@ -108,6 +113,17 @@ class EngineArgs:
                 f"(max_position_embeddings in its config); pass --max-model-len <= {limit}"
             )
         max_batched = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
+        kv_transfer = parse_kv_transfer_config(self.kv_transfer_config)
+        async_scheduling = (
+            caps.async_scheduling if self.async_scheduling is None else bool(self.async_scheduling)
+        )
+        if kv_transfer is not None and async_scheduling:
+            # A request's load step must resolve before its compute is scheduled.
+            if self.async_scheduling:
+                raise ConfigError(
+                    "--kv-transfer-config runs with synchronous scheduling; drop --async-scheduling"
+                )
+            async_scheduling = False
         executor = self._executor_name()
         check_tensor_parallel(source.hf_config, self.tensor_parallel_size)
         if self.tensor_parallel_size > 1:
@@ -138,9 +154,7 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=self.enable_chunked_prefill,
-                async_scheduling=(
-                    caps.async_scheduling if self.async_scheduling is None else bool(self.async_scheduling)
-                ),
+                async_scheduling=async_scheduling,
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size,
@@ -149,7 +163,14 @@ class EngineArgs:
             device=choice.to_dict(),
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            kv_transfer=kv_transfer,
         )
+        check_kv_transfer(config)
+        if kv_transfer is not None and platform.worker_class() is not None:
+            raise ConfigError(
+                f"the {choice.device_id} platform brings its own worker, which does not run KV connectors; "
+                "drop --kv-transfer-config"
+            )
         if not config.scheduler.enable_chunked_prefill and max_batched < max_model_len:
             raise ConfigError(
                 f"without chunked prefill max_num_batched_tokens ({max_batched}) must be >= max_model_len "

@@ -154,6 +154,12 @@ def engine_stats(engine: Any, num_aborted: int = 0) -> EngineStats:
         prefix_cache_queries=s["prefix_cache_queries"],
         prefix_cache_hits=s["prefix_cache_hits"],
         num_aborted=num_aborted,
+        kv_connector=s.get("kv_connector") or "",
+        kv_connector_counters={
+            k.removeprefix("kv_connector_"): int(v)
+            for k, v in s.items()
+            if k.startswith("kv_connector_") and isinstance(v, int)
+        },
     )
 
 

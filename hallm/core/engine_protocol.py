@@ -53,6 +53,10 @@ class EngineStats(msgspec.Struct, array_like=True):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_aborted: int = 0  # sequences aborted while waiting or running, in total
+    #: The KV connector's name ("" without one) and its counters in total, by name without the
+    #: "kv_connector_" prefix of `get_stats` (tokens_loaded, tokens_saved, load_failures, ...).
+    kv_connector: str = ""
+    kv_connector_counters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):

@@ -10,6 +10,11 @@ to the host behind the step, and the returned `StepHandle.get()` waits for that 
 engine's async scheduling launches step N+1 before it calls step N's `get()`; a token of step N
 that step N+1 must read is taken from step N's sampled ids on the device. `execute` is launch then
 `get()` (sync scheduling, and the only mode on the CPU by default).
+
+With a KV connector (its worker side), a step starts its loads before the forward and, after it,
+waits for them, saves what the step asks to save and reports the results in its output. A
+request's load step computes nothing for it (see Scheduler), so loads overlap the forward of the
+other requests and no layer waits for them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.sampler import RequestSamplingState, Sampler, SamplingMetadata, compute_prompt_logprobs
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.core.step_handle import InFlightSteps, StepHandle
-from hallm.platforms import AttentionBackend, AttentionSpec, Platform
+from hallm.platforms import AttentionBackend, AttentionSpec, KVConnector, KVConnectorRole, Platform
 from hallm.platforms.forward_context import ForwardContext, set_forward_context
 from hallm.platforms.graphs import StepGraphRunner, StepInputBuffers
 
@@ -63,6 +68,7 @@ class ModelRunner:
         self.attn_layers: list[Attention] = []
         self.backends: list[AttentionBackend] = []
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_connector: KVConnector | None = None
         self.sampler = Sampler()
         self.in_flight = InFlightSteps(device, platform)  # launched steps not yet resolved
         self._meta_cache: tuple[list[CachedRequestState], SamplingMetadata] | None = None
@@ -138,6 +144,24 @@ class ModelRunner:
         ]
         for layer, backend, cache in zip(self.attn_layers, self.backends, self.kv_caches, strict=True):
             layer.bind(backend, cache)
+
+    def start_kv_connector(self) -> None:
+        """Build the connector's worker side and hand it the real KV cache (once, after
+        `init_kv_cache`; the profiling run's throwaway cache never reaches it)."""
+        from hallm.core.kv_connectors import create_connector
+
+        self.kv_connector = create_connector(self.config, KVConnectorRole.WORKER)
+        if self.kv_connector is None:
+            return
+        self.kv_connector.pin_host_memory = self.platform.capabilities().pinned_host_memory
+        self.kv_connector.register_kv_caches(self.kv_cache_by_layer())
+
+    def kv_cache_by_layer(self) -> dict[str, torch.Tensor]:
+        """Every attention layer's KV-cache tensor by name ("layers.{i}.attn"), layer order."""
+        return {
+            f"layers.{layer.layer_idx}.attn": cache
+            for layer, cache in zip(self.attn_layers, self.kv_caches, strict=True)
+        }
 
     def capture_graphs(self) -> None:
         """Ask the platform for a graph runner (after the real KV cache exists); None means eager."""
@@ -245,8 +269,15 @@ class ModelRunner:
         as input straight from that step's sampled ids on the device. Steps resolve in order.
         """
         self._update_states(step)
-        if step.is_empty:
-            return StepHandle.done(ModelRunnerOutput(sampled_token_ids={}))
+        # Steps without connector instructions (engine warm-up) leave the connector alone.
+        connector = self.kv_connector if step.kv_connector_meta is not None else None
+        if connector is not None:
+            connector.start_load(step.kv_connector_meta)
+        if step.total_num_scheduled_tokens == 0:
+            output = ModelRunnerOutput(sampled_token_ids={})
+            if connector is not None:
+                self._finish_kv_step(connector, step, None, output)
+            return StepHandle.done(output)
         b = self.buffers
         req_ids = list(step.num_scheduled_tokens)
         num_reqs = len(req_ids)
@@ -305,6 +336,8 @@ class ModelRunner:
             hidden = self.forward(layout, input_ids, positions)
 
         handle = StepHandle(self.in_flight)
+        if connector is not None:
+            self._finish_kv_step(connector, step, layout, handle.output)
         self._prompt_logprobs(states, step, layout, hidden, handle)
         if sample_rows:
             self._sample(states, sample_rows, layout, hidden, handle)
@@ -312,6 +345,22 @@ class ModelRunner:
             state.num_computed_tokens += step.num_scheduled_tokens[state.req_id]
         self.in_flight.launched(handle)
         return handle
+
+    def _finish_kv_step(
+        self, connector: KVConnector, step: SchedulerOutput, layout: Any, output: ModelRunnerOutput
+    ) -> None:
+        """After the forward: wait for the loads, save every layer, report what happened."""
+        caches = self.kv_cache_by_layer()
+        for name in caches:
+            connector.wait_layer_load(name)
+        if layout is not None:
+            for name, cache in caches.items():
+                connector.save_layer(name, cache, layout)
+        connector.wait_save()
+        failed = connector.failed_loads()
+        output.kv_loaded = {r for r in step.kv_load_req_ids if r not in failed}
+        output.kv_finished_sending = connector.finished()[0]
+        output.kv_connector_stats = connector.take_stats()
 
     def _to_device_long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -33,6 +33,11 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[list[list[int]], list[list[float]], list[int]]] = dataclasses.field(
         default_factory=dict
     )
+    # With a KV connector: the step's loads that completed (a load not named here failed and is
+    # recomputed), the requests whose sends finished, and the worker side's counters.
+    kv_loaded: set[str] = dataclasses.field(default_factory=set)
+    kv_finished_sending: set[str] = dataclasses.field(default_factory=set)
+    kv_connector_stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -13,11 +13,19 @@ scheduled, and a step that will sample a token for it leaves a placeholder
 sampled on the device. `update` fills the placeholder in. A request that stops on a token only
 known then (EOS, a stop token or string) may already be in the next step: that step's token for
 it is dropped. One whose pending token is its last (max_tokens) is not scheduled again.
+
+With a KV connector (hallm.platforms.kv_connector), a request whose prompt KV beyond the local
+prefix-cache hit can be loaded from outside is admitted in two steps: a load step (blocks
+allocated, nothing computed, status WAITING_FOR_KV) and, once the workers report the load,
+ordinary admission from the front of the queue with those tokens computed. A failed load leaves
+them to compute. The connector's scheduler side is told when a prompt is fully computed (it may
+save it) and when a request finishes (it may keep its blocks until a send completes).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import logging
+from collections import Counter, deque
 
 from hallm.core.config import CacheConfig, SchedulerConfig
 from hallm.core.kv_cache.block_pool import KVBlock
@@ -25,11 +33,18 @@ from hallm.core.kv_cache.manager import KVCacheManager
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.request import Request, RequestStatus
 from hallm.core.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from hallm.platforms import KVConnector
+
+logger = logging.getLogger("hallm.scheduler")
 
 
 class Scheduler:
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        max_model_len: int,
+        connector: KVConnector | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
@@ -45,6 +60,13 @@ class Scheduler:
         # id(step) -> the requests it scheduled, by id: `update` applies a step's tokens only to
         # those very objects (a finished request's id may be reused before its step resolves).
         self._in_flight: dict[int, dict[str, Request]] = {}
+        self.connector = connector
+        self.loading: dict[str, tuple[Request, int]] = {}  # id -> (request, tokens being loaded)
+        self._load_ids: list[str] = []  # loads started by the step being scheduled
+        self._held: dict[str, Request] = {}  # finished, blocks kept until the connector's send ends
+        # The connector's counters, both sides added up (see KVConnector.take_stats), plus the
+        # engine's own: tokens_loaded, load_failures.
+        self.kv_connector_stats: Counter[str] = Counter()
 
     # ---- queue management -------------------------------------------------------------------
 
@@ -61,15 +83,17 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_KV:
+                self.loading.pop(rid, None)
             else:
                 self.waiting.remove(request)
             request.status = status
-            self._free(request)
+            self._free(request, finished=True)
             done.append(request)
         return done
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     @property
     def num_running(self) -> int:
@@ -79,8 +103,15 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def _free(self, request: Request) -> None:
-        self.kv.free(request)
+    def _free(self, request: Request, finished: bool = False) -> None:
+        if (
+            finished
+            and self.connector is not None
+            and self.connector.on_request_finished(request, self.kv.block_ids(request.request_id))
+        ):
+            self._held[request.request_id] = request  # freed when the connector's send ends
+        else:
+            self.kv.free(request)
         self._finished_ids.add(request.request_id)
 
     def _preempt(self, request: Request) -> None:
@@ -127,26 +158,40 @@ class Scheduler:
             cached_reqs.append(
                 CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens)
             )
+            self._maybe_save(request, num_new)
             if self.async_scheduling:
                 scheduled[request.request_id] = request
                 self._advance(request, num_new)
 
         # Admit waiting requests only when nothing was preempted: a preemption means the pool
         # is full, and admitting would just preempt again.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while (
+            self.waiting
+            and budget > 0
+            and not preempted
+            and len(self.running) + len(self.loading) < self.config.max_num_seqs
+        ):
             request = self.waiting[0]
             if request.num_pending_tokens:
                 break  # preempted with a token in flight: admitted once it resolves
             computed_blocks: list[KVBlock] = []
             num_hit = 0
-            if request.num_computed_tokens == 0:
+            # A request that holds blocks already comes back from a load step (loaded or not).
+            if request.num_computed_tokens == 0 and not self.kv.holds_blocks(request):
                 computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+                num_external = self._num_external_tokens(request, num_hit)
+                if num_external:
+                    if not self._start_load(request, computed_blocks, num_hit, num_external):
+                        break
+                    continue
             num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
             block_ids = self.kv.allocate_slots(request, num_new, computed_blocks)
             if block_ids is None:
+                if self._release_waiting_blocks(request):
+                    continue
                 break
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
@@ -167,6 +212,7 @@ class Scheduler:
                     eos_token_ids=request.eos_token_ids,
                 )
             )
+            self._maybe_save(request, num_new)
             if self.async_scheduling:
                 scheduled[request.request_id] = request
                 self._advance(request, num_new)
@@ -182,10 +228,88 @@ class Scheduler:
             num_scheduled_tokens=ordered,
             total_num_scheduled_tokens=sum(ordered.values()),
             finished_req_ids=finished,
+            kv_connector_meta=self.connector.build_step_meta() if self.connector is not None else None,
+            kv_load_req_ids=self._load_ids,
         )
+        self._load_ids = []
         if self.async_scheduling and scheduled:
             self._in_flight[id(step)] = scheduled
         return step
+
+    # ---- KV connector -----------------------------------------------------------------------
+
+    def _num_external_tokens(self, request: Request, num_hit: int) -> int:
+        """Prompt tokens after the local hit that the connector can load (at least one token is
+        left to compute; a prompt-logprobs request computes its whole prompt)."""
+        if self.connector is None or request.sampling_params.prompt_logprobs is not None:
+            return 0
+        n = int(self.connector.num_external_tokens(request, num_hit))
+        return max(0, min(n, request.num_tokens - 1 - num_hit))
+
+    def _start_load(
+        self, request: Request, computed_blocks: list[KVBlock], num_hit: int, num_external: int
+    ) -> bool:
+        """Admit `request` for a load step; False when the pool has no room for it now."""
+        assert self.connector is not None
+        if self.kv.allocate_slots(request, num_external, computed_blocks, defer_caching=True) is None:
+            return False
+        self.waiting.popleft()
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+        request.num_computed_tokens = num_hit
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.loading[request.request_id] = (request, num_external)
+        self._load_ids.append(request.request_id)
+        self.connector.on_blocks_allocated(request, self.kv.block_ids(request.request_id), num_external)
+        return True
+
+    def _release_waiting_blocks(self, head: Request) -> bool:
+        """The queue's head does not fit: free the blocks of waiting requests back from a load
+        step (loaded blocks stay findable in the prefix cache), so they cannot starve it."""
+        released = False
+        for request in self.waiting:
+            if request is not head and self.kv.holds_blocks(request):
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                released = True
+        return released
+
+    def _maybe_save(self, request: Request, num_new: int) -> None:
+        """Tell the connector when this step completes the request's prompt (it may save it)."""
+        if self.connector is None:
+            return
+        c = request.num_computed_tokens
+        if c < request.num_prompt_tokens <= c + num_new:
+            self.connector.on_blocks_allocated(request, self.kv.block_ids(request.request_id), 0)
+
+    def _update_kv_connector(self, step: SchedulerOutput, output: ModelRunnerOutput) -> None:
+        """Apply a step's load results, free requests whose sends ended, add up the counters."""
+        stats = self.kv_connector_stats
+        for req_id in step.kv_load_req_ids:
+            entry = self.loading.pop(req_id, None)
+            if entry is None:
+                continue  # aborted during its load step
+            request, num_external = entry
+            if req_id in output.kv_loaded:
+                request.num_computed_tokens += num_external
+                if request.num_preemptions == 0:
+                    request.num_cached_tokens += num_external
+                self.kv.cache_blocks(request, request.num_computed_tokens)
+                stats["tokens_loaded"] += num_external
+            else:
+                stats["load_failures"] += 1
+                logger.warning(
+                    "KV load of %d tokens for request %s failed; computing them instead", num_external, req_id
+                )
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+        for req_id in output.kv_finished_sending:
+            held = self._held.pop(req_id, None)
+            if held is not None:
+                self.kv.free(held)
+        stats.update(output.kv_connector_stats)
+        if self.connector is not None:
+            stats.update(self.connector.take_stats())
 
     def _advance(self, request: Request, num_new: int) -> None:
         """Async scheduling: count a scheduled chunk as computed now; reaching the end of the
@@ -198,6 +322,8 @@ class Scheduler:
         """Advance the scheduled requests; return those that produced a token or finished."""
         touched: list[Request] = []
         sampled = output.sampled_token_ids
+        if self.connector is not None:
+            self._update_kv_connector(step, output)
         if self.async_scheduling:
             scheduled = self._in_flight.pop(id(step), {})
             for req_id in step.num_scheduled_tokens:  # batch order, as in sync mode
@@ -235,5 +361,5 @@ class Scheduler:
             else:  # async: preempted after its step was scheduled
                 self.waiting.remove(request)
             del self.requests[request.request_id]
-            self._free(request)
+            self._free(request, finished=True)
         touched.append(request)

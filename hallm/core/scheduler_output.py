@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hallm.core.sampling_params import SamplingParams
@@ -38,7 +38,11 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # in batch order: new requests first, then cached
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]  # finished or preempted since the last step: workers drop them
+    # The KV connector's instructions for this step (its `build_step_meta()`), None without one.
+    kv_connector_meta: Any = None
+    # Requests whose external KV this step loads (they compute nothing this step).
+    kv_load_req_ids: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return self.total_num_scheduled_tokens == 0
+        return self.total_num_scheduled_tokens == 0 and not self.kv_load_req_ids

@@ -66,6 +66,7 @@ class Worker:
     def init_kv_cache(self, num_blocks: int) -> None:
         assert self.runner is not None
         self.runner.init_kv_cache(num_blocks)
+        self.runner.start_kv_connector()
         self.runner.capture_graphs()
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:

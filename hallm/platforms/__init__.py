@@ -48,7 +48,7 @@ from hallm.platforms.platform import DTYPE_NAMES, Capabilities, Platform, Probe
 
 #: The plugin API version ("MAJOR.MINOR"). A plugin whose `Platform.api_version` has another
 #: major version is refused at load; a newer minor version than the core's gets a warning.
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 
 __all__ = [
     "API_VERSION",

@@ -3,6 +3,24 @@
 Two roles, two instances that share no state: the scheduler side lives with the scheduler and
 decides what to load and save; the worker side lives next to the KV tensors and moves the
 bytes. The scheduler side's `build_step_meta()` travels to the workers with each step.
+
+How the engine drives it (hallm.core.scheduler, hallm.core.model_runner):
+
+- Admission: after the local prefix-cache hit (`num_computed` tokens, whole blocks), the
+  scheduler asks `num_external_tokens`. When it is > 0 the request gets blocks for the hit plus
+  the external tokens, `request.num_computed_tokens` is set to the hit, and
+  `on_blocks_allocated(request, block_ids, num_external)` says where positions
+  [num_computed, num_computed + num_external) go (block_ids: the request's whole block table).
+  That step only loads: the request computes nothing until the workers report the load done.
+  A load that fails (`failed_loads`) makes the request recompute those tokens instead.
+- Save: in the step where a request's prompt is fully computed, the scheduler calls
+  `on_blocks_allocated(request, block_ids, 0)`; the worker side saves after that step's forward
+  (`save_layer` for every layer, then `wait_save`).
+- Per step on the worker side: `start_load(meta)` before the forward; after it,
+  `wait_layer_load` for every layer, `save_layer` for every layer, `wait_save`, then
+  `failed_loads()`, `finished()` and `take_stats()`.
+- Finish: `on_request_finished` returning True keeps the request's blocks until a later step's
+  `finished()` names it among the sent requests.
 """
 
 from __future__ import annotations
@@ -23,13 +41,20 @@ class KVConnectorRole(enum.Enum):
 
 
 class KVConnector(ABC):
-    """One side of a KV transfer. `request` arguments are the engine's `Request` objects."""
+    """One side of a KV transfer. `request` arguments are the engine's `Request` objects.
+
+    `config` is the engine's `EngineConfig`; `config.kv_transfer` (a `KVTransferConfig`: role,
+    extra config) is None when the connector is built outside an engine (the conformance kit).
+    """
 
     name: ClassVar[str]
 
     def __init__(self, config: Any, role: KVConnectorRole) -> None:
         self.config = config
         self.role = role
+        #: Set by the engine before `register_kv_caches`: the platform can page-lock host memory
+        #: for faster device copies (`Capabilities.pinned_host_memory`).
+        self.pin_host_memory = False
 
     # ---- scheduler side ---------------------------------------------------------------------
 
@@ -39,7 +64,9 @@ class KVConnector(ABC):
 
     @abstractmethod
     def on_blocks_allocated(self, request: Any, block_ids: list[int], num_external: int) -> None:
-        """Learn which blocks will receive the `num_external` loaded tokens."""
+        """Learn where the `num_external` loaded tokens go (from `request.num_computed_tokens`
+        on), or, with `num_external == 0`, that the request's prompt is computed and may be
+        saved from these blocks."""
 
     @abstractmethod
     def build_step_meta(self) -> Any:
@@ -72,3 +99,18 @@ class KVConnector(ABC):
     def finished(self) -> tuple[set[str], set[str]]:
         """(request ids whose sends finished, request ids whose loads finished). Default: none."""
         return set(), set()
+
+    def failed_loads(self) -> set[str]:
+        """Request ids of the last `start_load` whose KV could not be loaded (a missing or corrupt
+        source): the engine recomputes their tokens. Default: none."""
+        return set()
+
+    # ---- both sides -------------------------------------------------------------------------
+
+    def take_stats(self) -> dict[str, int]:
+        """Counters since the last call (e.g. "tokens_saved", "save_failures"); the engine
+        adds them up and exports them. Default: none."""
+        return {}
+
+    def shutdown(self) -> None:
+        """Release sockets, threads and buffers (the engine shuts down). Default: nothing."""

@@ -51,6 +51,8 @@ class Capabilities:
     async_scheduling: overlap scheduling the next step with the device running this one (the
         default of `--async-scheduling`). Worth it where steps run asynchronously to the host
         (an accelerator); on a host device the step is the host's own work.
+    pinned_host_memory: the device copies page-locked host memory faster (the host-memory KV
+        offload connector then pins its pool).
     """
 
     dtypes: tuple[str, ...]
@@ -59,6 +61,7 @@ class Capabilities:
     max_world_size: int | None = 1
     torch_compile: bool = False
     async_scheduling: bool = True
+    pinned_host_memory: bool = False
 
     def __post_init__(self) -> None:
         if not self.dtypes:

@@ -71,12 +71,18 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_blocks: list[KVBlock] | None = None,
+        defer_caching: bool = False,
     ) -> list[int] | None:
         """Make room for `num_new_tokens` more tokens; return the new block ids, or None if full.
 
         `computed_blocks` are prefix-cache hits of a request being admitted; they are taken
-        (referenced) here, together with the new blocks, or not at all.
+        (referenced) here, together with the new blocks, or not at all. `defer_caching`: the new
+        tokens' KV is loaded from outside, not computed this step; their blocks become findable
+        only once the load succeeds (`cache_blocks`).
         """
         blocks = self.req_blocks.get(request.request_id)
         if not computed_blocks and blocks is not None:
@@ -108,23 +114,40 @@ class KVCacheManager:
         if self.enable_caching:
             if admitting:
                 self._record_admission(request, len(computed_blocks) * self.block_size)
+            if defer_caching:
+                self.num_hashed_blocks.setdefault(request.request_id, num_computed // self.block_size)
+                return [b.block_id for b in computed_blocks + new_blocks]
             # Blocks full after this step are hashed now: their content is written this step, and
             # a backend writes a step's KV before any attention reads it. Only blocks whose tokens
             # are all computed by the end of this step (`total`) are hashed, so no request can
             # hit a block that a chunk of this step does not reach.
-            known = min(total, request.num_tokens)
-            extend_block_hashes(
-                request.block_hashes,
-                request.all_token_ids,
-                self.block_size,
-                known,
-                extra_keys=request.extra_keys,
-            )
-            start = self.num_hashed_blocks.get(request.request_id, 0)
-            for i in range(start, known // self.block_size):
-                self.pool.cache_block(blocks[i], request.block_hashes[i])
-            self.num_hashed_blocks[request.request_id] = max(start, known // self.block_size)
+            self._cache_full_blocks(request, blocks, min(total, request.num_tokens))
         return [b.block_id for b in computed_blocks + new_blocks]
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], known: int) -> None:
+        """Make the request's blocks that are full of its first `known` tokens findable."""
+        extend_block_hashes(
+            request.block_hashes,
+            request.all_token_ids,
+            self.block_size,
+            known,
+            extra_keys=request.extra_keys,
+        )
+        start = self.num_hashed_blocks.get(request.request_id, 0)
+        for i in range(start, known // self.block_size):
+            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self.num_hashed_blocks[request.request_id] = max(start, known // self.block_size)
+
+    def holds_blocks(self, request: Request) -> bool:
+        return request.request_id in self.req_blocks
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """After a load from outside: the blocks full of the first `num_tokens` tokens become
+        prefix-cache blocks, as if computed here."""
+        if self.enable_caching:
+            self._cache_full_blocks(
+                request, self.req_blocks[request.request_id], min(num_tokens, request.num_tokens)
+            )
 
     def _record_admission(self, request: Request, num_hit_tokens: int) -> None:
         stats = self.pool.stats

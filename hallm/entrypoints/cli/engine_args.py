@@ -70,6 +70,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="uni | mp | ray: how the ranks run (default: uni for one rank, mp for more)",
     )
     g.add_argument("--served-model-name", default=None, help="model name reported to clients")
+    g.add_argument(
+        "--kv-transfer-config",
+        default=None,
+        metavar="JSON",
+        help='a KV connector, e.g. \'{"kv_connector": "shared_storage", "kv_role": "kv_both", '
+        '"kv_connector_extra_config": {"shared_storage_path": "/tmp/kv"}}\' (connectors: shared_storage, '
+        "offload, and those of plugins)",
+    )
 
 
 def engine_args_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -97,4 +105,5 @@ def engine_args_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
         skip_tokenizer_init=args.skip_tokenizer_init,
+        kv_transfer_config=args.kv_transfer_config,
     )

@@ -78,6 +78,18 @@ _E2E_BUCKETS = (
 )
 
 
+#: The KV connector counters exported as `hallm:kv_connector_<name>` (totals since start).
+KV_CONNECTOR_COUNTERS = {
+    "tokens_loaded": "Prompt tokens loaded through the KV connector instead of computed, in total.",
+    "tokens_saved": "Prompt tokens saved through the KV connector, in total.",
+    "load_failures": "Requests whose KV load failed (their tokens were computed instead), in total.",
+    "save_failures": "KV blocks the connector could not save (storage read-only, full, ...), in total.",
+    "corrupt_blocks": "Stored KV blocks found truncated or corrupt (ignored), in total.",
+    "evicted_blocks": "KV blocks the connector evicted from its storage to stay under its size cap, in total.",
+    "offload_hit_tokens": "Prompt tokens found in the host-memory offload tier, in total.",
+}
+
+
 class ServerMetrics:
     """The server's metrics; `model_name` is the `model_name` label of every series."""
 
@@ -108,6 +120,17 @@ class ServerMetrics:
         self._preemptions = gauge("hallm:num_preemptions", "Sequences preempted (KV cache full), in total.")
         self._aborted = gauge(
             "hallm:num_requests_aborted", "Sequences the engine aborted before they finished, in total."
+        )
+        kv_labels = [*labels, "connector"]
+        self._kv_counters = {
+            key: Gauge(f"hallm:kv_connector_{key}", doc, kv_labels, registry=r)
+            for key, doc in KV_CONNECTOR_COUNTERS.items()
+        }
+        self._kv_offload_hit_rate = Gauge(
+            "hallm:kv_offload_hit_rate",
+            "Prompt tokens loaded from the offload tier / prompt tokens looked up in the prefix cache.",
+            kv_labels,
+            registry=r,
         )
         self._prompt_tokens = Counter("hallm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=r)
         self._generation_tokens = Counter("hallm:generation_tokens", "Tokens generated.", labels, registry=r)
@@ -157,6 +180,14 @@ class ServerMetrics:
         self._hits.labels(**lab).set(s.prefix_cache_hits)
         self._preemptions.labels(**lab).set(s.num_preemptions)
         self._aborted.labels(**lab).set(s.num_aborted)
+        if s.kv_connector:
+            counters = s.kv_connector_counters
+            for key, gauge in self._kv_counters.items():
+                gauge.labels(**lab, connector=s.kv_connector).set(counters.get(key, 0))
+            if s.kv_connector == "offload":
+                hits = counters.get("offload_hit_tokens", 0)
+                rate = hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+                self._kv_offload_hit_rate.labels(**lab, connector=s.kv_connector).set(rate)
 
     def first_token(self, ttft: float, num_prompt_tokens: int) -> None:
         self._ttft.labels(**self._label).observe(ttft)

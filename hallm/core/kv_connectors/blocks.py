@@ -1,0 +1,109 @@
+"""What the core's connectors share: the KV-cache layout they move blocks of, the identity of a
+block's content beyond its prefix hash, and the request's block hashes.
+
+A connector moves whole blocks. With the default layout (AttentionBackend.kv_cache_shape),
+layer tensor [2, num_blocks, block_size, num_kv_heads, head_size] holds block b at [:, b].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Any
+
+import torch
+import xxhash
+
+from hallm.core.kv_cache.hashing import extend_block_hashes
+from hallm.platforms import ConfigError
+
+
+def check_layout(caches: dict[str, torch.Tensor], block_size: int, connector: str) -> None:
+    """Refuse a KV-cache layout whose blocks are not `cache[:, b]`."""
+    for name, cache in caches.items():
+        if cache.dim() < 3 or cache.shape[0] != 2 or cache.shape[2] != block_size:
+            raise ConfigError(
+                f"KV connector {connector!r} moves blocks of the default KV-cache layout "
+                f"[2, num_blocks, block_size={block_size}, ...]; layer {name} has shape {tuple(cache.shape)} "
+                "(its attention backend lays the cache out otherwise)"
+            )
+
+
+def block_hashes(request: Any, block_size: int) -> list[bytes]:
+    """The request's prefix-cache block hashes for its full blocks (computed where missing)."""
+    extend_block_hashes(
+        request.block_hashes, request.all_token_ids, block_size, extra_keys=request.extra_keys
+    )
+    hashes: list[bytes] = request.block_hashes
+    return hashes
+
+
+def model_identity(config: Any) -> str:
+    """A short hex id of everything besides the tokens that decides a block's KV: the model (its
+    resolved path and config), the dtypes and the block size. Instances share blocks only when
+    they agree on all of it."""
+    model = config.model
+    hf = getattr(model, "hf_config", None)
+    hf_dict: dict[str, Any] = {}
+    if hf is not None and hasattr(hf, "to_dict"):
+        hf_dict = {k: v for k, v in hf.to_dict().items() if not k.startswith("_")}
+    parts = {
+        "model": os.path.realpath(model.model),
+        "load_format": model.load_format,
+        "seed": model.seed if model.load_format == "dummy" else None,  # random weights differ by seed
+        "hf_config": hf_dict,
+        "dtype": model.dtype,
+        "kv_cache_dtype": config.cache.kv_cache_dtype,
+        "block_size": config.cache.block_size,
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """cache[:, block_ids] on the host: [2, len(block_ids), block_size, ...]."""
+    idx = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
+    return cache.index_select(1, idx).cpu()
+
+
+MAGIC = b"HALLMKV1"
+HEADER = struct.Struct("<8sQQI")  # magic, payload bytes, xxh3-64 of the payload, description bytes
+
+
+def encode_block(layers: list[torch.Tensor]) -> bytes:
+    """One block of every layer ([2, block_size, ...] each, on the host) as bytes: header (magic,
+    payload length, xxh3-64 of the payload, description length), a JSON description (dtype,
+    per-layer shapes), the payload."""
+    payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in layers)
+    desc = json.dumps({"dtype": str(layers[0].dtype), "shapes": [list(t.shape) for t in layers]}).encode()
+    return HEADER.pack(MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), len(desc)) + desc + payload
+
+
+def decode_block(blob: bytes, caches: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """`encode_block`'s per-layer tensors, or None unless `blob` is whole (length), intact
+    (checksum) and of the layout of `caches` (dtype, per-layer block shape)."""
+    if len(blob) < HEADER.size:
+        return None
+    magic, size, digest, desc_len = HEADER.unpack_from(blob)
+    desc_end = HEADER.size + desc_len
+    if magic != MAGIC or len(blob) != desc_end + size:
+        return None
+    payload = memoryview(blob)[desc_end:]
+    if xxhash.xxh3_64_intdigest(payload) != digest:
+        return None
+    try:
+        desc = json.loads(bytes(blob[HEADER.size : desc_end]))
+    except ValueError:
+        return None
+    shapes = [[2, *c.shape[2:]] for c in caches]
+    if desc.get("dtype") != str(caches[0].dtype) or desc.get("shapes") != shapes:
+        return None
+    out, offset = [], 0
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    for cache, shape in zip(caches, shapes, strict=True):
+        n = cache.element_size() * int(torch.Size(shape).numel())
+        out.append(raw[offset : offset + n].view(cache.dtype).view(shape))
+        offset += n
+    return out
