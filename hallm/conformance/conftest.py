@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from hallm.conformance.connectors import CORE_CONNECTOR
 from hallm.conformance.plugin import kit_state
 from hallm.conformance.target import Target
 from hallm.platforms.platform import DTYPE_NAMES
@@ -124,6 +125,9 @@ def _params(kind: str, target: Target, quick: bool) -> list[Any]:
     elif kind == "connector":
         names = sorted(target.contributions("hallm_kv_connectors")) or ["none"]
         params = [pytest.param(n, marks=_requires("available", "kv_connector"), id=n) for n in names]
+        # The core's storage connector, on every device: its blocks go through host files, so a
+        # device whose tensors do not move to and from the host faithfully fails here.
+        params.append(pytest.param(CORE_CONNECTOR, marks=_requires("available"), id=f"core-{CORE_CONNECTOR}"))
     elif kind == "end_to_end":
         from hallm.conformance.models import ARCHS
 

@@ -12,7 +12,7 @@ storage path, a server address) reads it from its environment.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pytest
@@ -26,22 +26,37 @@ from hallm.platforms import BatchLayout, KVConnectorRole
 if TYPE_CHECKING:
     from hallm.conformance.target import Target
 
+#: The core connector the kit round-trips on every device (configured by the kit: a temporary
+#: directory), beside the connectors the plugin contributes.
+CORE_CONNECTOR = "shared_storage"
 LAYERS = ("layers.0.attn", "layers.1.attn")
 SRC_BLOCKS, DST_BLOCKS = [5, 2, 9, 7], [11, 3, 14, 6]
 NUM_BLOCKS, NUM_KV_HEADS = 16, 2
 
 
 def round_trip(
-    target: Target, connector_cls: type, model_dir: str, dtype: str, head_size: int, block_size: int
+    target: Target,
+    connector_cls: type,
+    model_dir: str,
+    dtype: str,
+    head_size: int,
+    block_size: int,
+    kv_transfer_config: dict[str, Any] | None = None,
 ) -> None:
-    """Save through one connector pair, load through another; fail naming the broken step."""
+    """Save through one connector pair, load through another; fail naming the broken step.
+    `kv_transfer_config` configures the engine (a core connector's storage path)."""
     from hallm.core.engine_args import EngineArgs
     from hallm.core.request import Request
     from hallm.core.sampling_params import SamplingParams
 
     name = getattr(connector_cls, "name", connector_cls.__name__)
     config = EngineArgs(
-        model=model_dir, device=target.device_id, dtype=dtype, block_size=block_size, **ENGINE_SETTINGS
+        model=model_dir,
+        device=target.device_id,
+        dtype=dtype,
+        block_size=block_size,
+        kv_transfer_config=kv_transfer_config,
+        **ENGINE_SETTINGS,
     ).create_engine_config()
     device = target.platform().device(0)
     shape = (2, NUM_BLOCKS, block_size, NUM_KV_HEADS, head_size)

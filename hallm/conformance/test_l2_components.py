@@ -4,10 +4,11 @@ the KV connectors the plugin contributes (round trip)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from hallm.conformance.connectors import round_trip
+from hallm.conformance.connectors import CORE_CONNECTOR, round_trip
 from hallm.conformance.e2e import engine_shape, run_lifecycle
 from hallm.conformance.target import Target
 
@@ -52,10 +53,23 @@ def test_executor_lifecycle(
 @pytest.mark.hallm_group("L2 KV connector")
 @pytest.mark.hallm_params("connector")
 def test_kv_connector_round_trip(
-    target: Target, tiny_model: Callable[[str, int], str], connector: str
+    target: Target, tiny_model: Callable[[str, int], str], connector: str, tmp_path: Path
 ) -> None:
-    """Blocks saved by one engine's connector load into another engine's cache, bit for bit."""
+    """Blocks saved by one engine's connector load into another engine's cache, bit for bit
+    (the plugin's connectors, and the core's `shared_storage` on this device)."""
     dtype = target.capabilities().dtypes[0]
     head_size, block_size = engine_shape(target, dtype)
-    connector_cls = target.contributions("hallm_kv_connectors")[connector]
-    round_trip(target, connector_cls, tiny_model("llama", head_size), dtype, head_size, block_size)
+    kv_transfer_config = None
+    if connector == CORE_CONNECTOR:
+        from hallm.core.kv_connectors import core_connectors
+
+        connector_cls = core_connectors()[connector]
+        kv_transfer_config = {
+            "kv_connector": connector,
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "kv")},
+        }
+    else:
+        connector_cls = target.contributions("hallm_kv_connectors")[connector]
+    model = tiny_model("llama", head_size)
+    round_trip(target, connector_cls, model, dtype, head_size, block_size, kv_transfer_config)
