@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,20 @@ def block_hashes(request: Any, block_size: int) -> list[bytes]:
     )
     hashes: list[bytes] = request.block_hashes
     return hashes
+
+
+def loadable_tokens(request: Any, num_computed: int, block_size: int, held: Callable[[bytes], bool]) -> int:
+    """Prompt tokens past `num_computed` a connector can load: the full blocks, in order, whose
+    hash `held` says it has, up to the block holding the last token (that one is always computed,
+    so the step has a token to sample from)."""
+    hashes = block_hashes(request, block_size)
+    limit = min(len(hashes), (request.num_tokens - 1) // block_size)
+    n = 0
+    for i in range(num_computed // block_size, limit):
+        if not held(hashes[i]):
+            break
+        n += 1
+    return n * block_size
 
 
 def model_identity(config: Any) -> str:

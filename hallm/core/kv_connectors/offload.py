@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hallm.core.kv_connectors.blocks import block_hashes, check_layout
+from hallm.core.kv_connectors.blocks import block_hashes, check_layout, loadable_tokens
 from hallm.platforms import BatchLayout, ConfigError, KVConnector, KVConnectorRole
 
 DEFAULT_CPU_BYTES = 1 << 30
@@ -87,14 +87,9 @@ class OffloadConnector(KVConnector):
     def num_external_tokens(self, request: Any, num_computed: int) -> int:
         if not self.consumes:
             return 0
-        hashes = block_hashes(request, self.block_size)
-        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
-        n = 0
-        for i in range(num_computed // self.block_size, limit):
-            if hashes[i] not in self._lru or hashes[i] in self._storing:
-                break
-            n += 1
-        return n * self.block_size
+        return loadable_tokens(
+            request, num_computed, self.block_size, lambda h: h in self._lru and h not in self._storing
+        )
 
     def on_blocks_allocated(self, request: Any, block_ids: list[int], num_external: int) -> None:
         hashes = block_hashes(request, self.block_size)

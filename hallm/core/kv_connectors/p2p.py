@@ -33,6 +33,7 @@ from hallm.core.kv_connectors.blocks import (
     decode_block,
     encode_block,
     gather_blocks,
+    loadable_tokens,
     model_identity,
 )
 from hallm.platforms import BatchLayout, ConfigError, KVConnector, KVConnectorRole
@@ -185,15 +186,8 @@ class P2PConnector(KVConnector):
         receiver = self._receiver
         if receiver is None:
             return 0
-        hashes = block_hashes(request, self.block_size)
-        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
-        n = 0
         with receiver.lock:
-            for i in range(num_computed // self.block_size, limit):
-                if hashes[i] not in receiver.blocks:
-                    break
-                n += 1
-        return n * self.block_size
+            return loadable_tokens(request, num_computed, self.block_size, lambda h: h in receiver.blocks)
 
     def on_blocks_allocated(self, request: Any, block_ids: list[int], num_external: int) -> None:
         hashes = block_hashes(request, self.block_size)

@@ -34,6 +34,7 @@ from hallm.core.kv_connectors.blocks import (
     decode_block,
     encode_block,
     gather_blocks,
+    loadable_tokens,
     model_identity,
 )
 from hallm.platforms import BatchLayout, ConfigError, KVConnector, KVConnectorRole
@@ -93,14 +94,7 @@ class SharedStorageConnector(KVConnector):
     def num_external_tokens(self, request: Any, num_computed: int) -> int:
         if not self.consumes:
             return 0
-        hashes = block_hashes(request, self.block_size)
-        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
-        n = 0
-        for i in range(num_computed // self.block_size, limit):
-            if not self.path(hashes[i]).is_file():
-                break
-            n += 1
-        return n * self.block_size
+        return loadable_tokens(request, num_computed, self.block_size, lambda h: self.path(h).is_file())
 
     def on_blocks_allocated(self, request: Any, block_ids: list[int], num_external: int) -> None:
         hashes = block_hashes(request, self.block_size)
