@@ -27,17 +27,14 @@ import tempfile
 import time
 from typing import Any
 
+from hallm.core.executors.ranks import RanksExecutor, WorkerDiedError
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
-from hallm.platforms import Executor, Platform
+from hallm.platforms import Platform
 
 logger = logging.getLogger("hallm.executor.mp")
 
 _POLL_MS = 200
-
-
-class WorkerDiedError(RuntimeError):
-    """A tensor-parallel worker exited, failed or stopped answering."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -46,7 +43,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(RanksExecutor):
     name = "mp"
     supports_async = False
     #: A step still unanswered after this long is a hung worker.
@@ -127,15 +124,6 @@ class MultiprocExecutor(Executor):
         atexit.unregister(self.shutdown)
 
     # ---- the contract ------------------------------------------------------------------------
-
-    def available_kv_cache_bytes(self) -> int:
-        return min(int(b) for b in self._call_all("available_kv_cache_bytes"))
-
-    def kv_cache_bytes_per_block(self) -> int:
-        return max(int(b) for b in self._call_all("bytes_per_block"))
-
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self._call_all("init_kv_cache", num_blocks)
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         self._broadcast_raw(pickle.dumps(("execute", (step,)), protocol=pickle.HIGHEST_PROTOCOL))

@@ -22,11 +22,12 @@ import os
 import time
 from typing import Any
 
-from hallm.core.executors.mp import WorkerDiedError, free_port
+from hallm.core.executors.mp import free_port
 from hallm.core.executors.rank_worker import RankWorker
+from hallm.core.executors.ranks import RanksExecutor, WorkerDiedError
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
-from hallm.platforms import ConfigError, Executor, Platform
+from hallm.platforms import ConfigError, Platform
 
 logger = logging.getLogger("hallm.executor.ray")
 
@@ -77,7 +78,7 @@ class RayRankActor:
             self.rank_worker = None
 
 
-class RayExecutor(Executor):
+class RayExecutor(RanksExecutor):
     name = "ray"
     supports_async = False
     #: A step still unanswered after this long is a hung worker.
@@ -179,15 +180,6 @@ class RayExecutor(Executor):
             self._started_ray = False
 
     # ---- the contract ------------------------------------------------------------------------
-
-    def available_kv_cache_bytes(self) -> int:
-        return min(int(b) for b in self._call_all("available_kv_cache_bytes"))
-
-    def kv_cache_bytes_per_block(self) -> int:
-        return max(int(b) for b in self._call_all("bytes_per_block"))
-
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self._call_all("init_kv_cache", num_blocks)
 
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         import ray
