@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from hallm.ops import reference
+from hallm.ops import reference, reference_plan
 from hallm.ops.reference import (
     dense_causal_attention,
     paged_attention,
@@ -105,7 +105,7 @@ def test_float64_is_exact():
 
 def test_split_groups_and_query_chunks(monkeypatch):
     """Tiny budgets force several batched groups and chunked score matrices: same answer."""
-    monkeypatch.setattr(reference, "_MAX_GROUP_KEY_POSITIONS", 40)
+    monkeypatch.setattr(reference_plan, "_MAX_GROUP_KEY_POSITIONS", 40)
     monkeypatch.setattr(reference, "_MAX_SCORE_ELEMENTS", 2000)
     requests = [*MIXED, (3, 1), (9, 2), (60, 1), (0, 4), (14, 8), (2, 9)]
     for soft_cap in (None, 6.0):
