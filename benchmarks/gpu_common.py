@@ -14,7 +14,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MODELS = ("qwen2.5-0.5b", "llama-3.1-8b", "tiny")
+MODELS = ("qwen2.5-0.5b", "llama-3.1-8b", "qwen3-30b-a3b", "tiny")
 
 
 def model_config(name: str) -> Any:
@@ -60,6 +60,27 @@ def model_config(name: str) -> Any:
             eos_token_id=128001,
             dtype="bfloat16",
         )
+    if name == "qwen3-30b-a3b":  # 128 experts, 8 active per token: ~3.3 B of 30.5 B parameters
+        return tf.Qwen3MoeConfig(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            max_position_embeddings=40960,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            bos_token_id=151643,
+            eos_token_id=151645,
+            dtype="bfloat16",
+        )
     if name == "tiny":  # for checking the scripts' plumbing on a CPU
         return tf.LlamaConfig(
             vocab_size=10240,
@@ -91,6 +112,8 @@ def weight_bytes_read(name: str, dtype_bytes: int = 2) -> int:
     """Bytes of weights one decode step streams: every parameter except the embedding (rows are
     gathered), plus the lm_head (read in full, also when tied to the embedding)."""
     c = model_config(name)
+    if getattr(c, "num_experts", None):
+        raise ValueError(f"{name} is a mixture of experts: the bytes a step reads depend on the routing")
     h, v, i, n = c.hidden_size, c.vocab_size, c.intermediate_size, c.num_hidden_layers
     d = h // c.num_attention_heads
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
@@ -101,7 +124,7 @@ def weight_bytes_read(name: str, dtype_bytes: int = 2) -> int:
 
 def kv_bytes_per_token(name: str, dtype_bytes: int = 2) -> int:
     c = model_config(name)
-    d = c.hidden_size // c.num_attention_heads
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return 2 * c.num_hidden_layers * c.num_key_value_heads * d * dtype_bytes
 
 

@@ -146,7 +146,7 @@ def profile_host(llm: Any, batch: int, ctx: int, steps: int = 64) -> str:
     return out.getvalue()
 
 
-def profile_engine(llm: Any, batch: int, ctx: int) -> dict[str, Any]:
+def profile_engine(llm: Any, batch: int, ctx: int, temperature: float = 0.0) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -155,7 +155,9 @@ def profile_engine(llm: Any, batch: int, ctx: int) -> dict[str, Any]:
 
     rng = random.Random(batch)
     prompts = [{"prompt_token_ids": [rng.randrange(1000, 30000) for _ in range(ctx)]} for _ in range(batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=1 + ENGINE_STEPS, ignore_eos=True, detokenize=False)
+    params = SamplingParams(
+        temperature=temperature, max_tokens=1 + ENGINE_STEPS, ignore_eos=True, detokenize=False
+    )
     llm.generate(prompts, params, use_tqdm=False)  # prefill; the prompts stay in the prefix cache
     llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
@@ -343,6 +345,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--out", default="benchmarks/results/raw")
     p.add_argument("--engine", action="store_true", help="also profile whole engine decode steps")
+    p.add_argument("--temperature", type=float, default=0.0, help="the engine steps' sampling temperature")
     p.add_argument("--host", action="store_true", help="also cProfile the host over the decode steps")
     p.add_argument("--launch-costs", action="store_true", help="also time the step's CUDA calls on the host")
     p.add_argument(
@@ -394,7 +397,7 @@ def main() -> None:
         if args.host:
             print(f"\nhost profile, batch {batch}, decode steps:\n{profile_host(llm, batch, args.ctx)}")
         if args.engine:
-            e = profile_engine(llm, batch, args.ctx)
+            e = profile_engine(llm, batch, args.ctx, args.temperature)
             record.setdefault("engine", []).append(e)
             print(
                 f"\nengine decode step, batch {batch}: period {e['period_us']:.1f} us = graph "

@@ -16,6 +16,7 @@ shared machine swings wall time).
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import tempfile
@@ -32,6 +33,10 @@ def main() -> None:
     p.add_argument("--suffix-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--load-format", default="auto", help="dummy: random weights of the model's shapes")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.4, help="per engine (they run one after another)"
+    )
     args = p.parse_args()
 
     import torch
@@ -63,6 +68,8 @@ def main() -> None:
             dtype=args.dtype,
             max_model_len=args.prefix_len + args.suffix_len + 8,
             kv_transfer_config=kv,
+            load_format=args.load_format,
+            **({"gpu_memory_utilization": args.gpu_memory_utilization} if args.device != "cpu" else {}),
         )
         llm.generate([{"prompt_token_ids": [*prefix, 5]}], params, use_tqdm=False)  # saves the prefix
         walls, cpus, firsts = [], [], []
@@ -80,7 +87,13 @@ def main() -> None:
             f"{name:15s} TTFT median {results[name][0] * 1e3:8.1f} ms wall, {results[name][1] * 1e3:8.1f} ms CPU; "
             f"tokens loaded {loaded}"
         )
+        shutdown = getattr(llm.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
         del llm
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     base_wall, base_cpu, base_first = results["recompute"]
     print(f"\nprefix {args.prefix_len} tokens + suffix {args.suffix_len}, device {args.device}, {args.dtype}")
     for name, (wall, cpu, firsts) in results.items():

@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--load-format", default="auto", help="dummy: random weights of the model's shapes")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
     from hallm.core.sampling_params import SamplingParams
@@ -50,9 +52,17 @@ def main() -> int:
         from tests.utils.tiny_models import build_tiny_model
 
         model = str(build_tiny_model("llama", Path(tempfile.mkdtemp())))
-    llm = LLM(model, device=args.device, max_model_len=args.max_tokens + 16, max_num_seqs=max(args.batch))
+    llm = LLM(
+        model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_tokens + 16,
+        max_num_seqs=max(args.batch),
+    )
     print(
-        f"model={model or 'default'} device={args.device} max_tokens={args.max_tokens} rounds={args.rounds}"
+        f"model={model or 'default'} device={args.device} max_tokens={args.max_tokens} rounds={args.rounds} "
+        f"async_scheduling={getattr(llm.engine, 'async_scheduling', None)}"
     )
     print(f"{'batch':>5} {'plain tok/s':>12} {'schema tok/s':>13} {'ratio':>6}")
     for batch in args.batch:

@@ -6,7 +6,8 @@ every token hallm chose must be HF's argmax at that position, up to a tie tolera
 weights give near-flat distributions; float32 1e-3, bf16 wider). hallm's reported logprob of each
 token is compared with HF's too. Tiny models of every native arch run in float32, eager and with
 CUDA graphs (gpt-oss: attention sinks in the Triton kernel); a Qwen2.5-0.5B-shaped random
-model runs in bf16.
+model runs in bf16. Tiny MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) go through the
+Triton fused MoE op, a long-RoPE model through per-request rope factors.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 RESULTS = Path(os.environ.get("HALLM_GPU_RESULTS", "benchmarks/results/raw"))
-TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gpt_oss")
+TINY_ARCHS = (
+    *("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gpt_oss"),
+    # the fused MoE op (Triton) in every MoE layer; long-RoPE factors chosen per request
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "phi3_longrope",
+)
 #: Archs run eagerly or may be: gemma2 through transformers' modules (the generic path), gpt-oss
 #: whose expert loop reads the chosen ids on the host (`supports_step_graphs = False`).
 GENERIC_ARCHS = ("gemma2", "gpt_oss")
