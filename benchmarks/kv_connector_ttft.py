@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--suffix-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true", help="no decode graphs (TTFT is prefill)")
     p.add_argument("--load-format", default="auto", help="dummy: random weights of the model's shapes")
     p.add_argument(
         "--gpu-memory-utilization", type=float, default=0.4, help="per engine (they run one after another)"
@@ -69,6 +70,7 @@ def main() -> None:
             max_model_len=args.prefix_len + args.suffix_len + 8,
             kv_transfer_config=kv,
             load_format=args.load_format,
+            enforce_eager=args.enforce_eager,
             **({"gpu_memory_utilization": args.gpu_memory_utilization} if args.device != "cpu" else {}),
         )
         llm.generate([{"prompt_token_ids": [*prefix, 5]}], params, use_tqdm=False)  # saves the prefix

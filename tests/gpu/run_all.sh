@@ -99,13 +99,14 @@ for step in $STEPS; do
     profile-launch) run profile-launch $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,16,32 --launch-costs
                     run profile-launch-nopdl $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --variant no-pdl ;;
     host-overhead) run host-overhead $PY benchmarks/host_overhead.py --device cuda --batches 1,32,256 ;;
-    g2-anatomy) run g2-anatomy $PY benchmarks/gpu_g2_anatomy.py --out "$RES" ;;
+    g2-anatomy) run g2-anatomy-8192 $PY benchmarks/gpu_g2_anatomy.py --out "$RES" --max-num-batched-tokens 8192
+                run g2-anatomy-1024 $PY benchmarks/gpu_g2_anatomy.py --out "$RES" --max-num-batched-tokens 1024 ;;
     profile-g2) run profile-g2 $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 192 --ctx 1536 --engine --temperature 0.6 ;;
     greedy-new) run greedy-new $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py -k "moe or mixtral or olmoe or longrope or gpt_oss" ;;
     sinks) run sinks $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py -k sinks ;;
     structured) run structured $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 ;;
     kv-ttft) $PY -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.gpu_common import write_model_dir; write_model_dir('llama-3.1-8b', Path('/tmp/hallm-llama8b'))"
-             run kv-ttft $PY benchmarks/kv_connector_ttft.py --device cuda --model /tmp/hallm-llama8b --load-format dummy --dtype bfloat16 --prefix-len 4096 --repeats 5 ;;
+             run kv-ttft $PY benchmarks/kv_connector_ttft.py --device cuda --model /tmp/hallm-llama8b --load-format dummy --dtype bfloat16 --prefix-len 4096 --repeats 3 --enforce-eager ;;
     moe-g1) run moe-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen3-30b-a3b --systems hallm --num-iters 1 ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;
