@@ -59,7 +59,8 @@ class StepInputs:
 
     input_ids, positions, slots, token_req: int32 [T] (padding: id 0, position 0, slot past the
     cache, request row 0); block_tables int32 [R, W]; num_chunks int32 [] (key chunks to read);
-    logits_rows int32 [R] (the token whose logits each sampled row needs).
+    logits_rows int32 [R] (the token whose logits each sampled row needs); rope_long int32 [T]
+    (longrope: 1 where the token takes the long factors, decided per request by the host).
     """
 
     input_ids: Any
@@ -69,6 +70,7 @@ class StepInputs:
     block_tables: Any
     num_chunks: Any
     logits_rows: Any
+    rope_long: Any
 
 
 @functools.cache
@@ -221,9 +223,13 @@ def forward(
     hidden = params["embed"][inputs.input_ids]
     inv_freq = params["inv_freq"]
     if dims.long_rope_from is not None:
-        use_long = inputs.positions.max() >= dims.long_rope_from
-        inv_freq = jnp.where(use_long, params["long_inv_freq"], inv_freq)
-    freqs = inputs.positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+        # [T, D/2]: each token's own factors (a request's choice never depends on its batch)
+        inv_freq = jnp.where(
+            inputs.rope_long[:, None] != 0, params["long_inv_freq"][None, :], inv_freq[None, :]
+        )
+    else:
+        inv_freq = inv_freq[None, :]
+    freqs = inputs.positions.astype(jnp.float32)[:, None] * inv_freq
     cos = (jnp.cos(freqs) * dims.attention_scaling).astype(dtype)[:, None, :]
     sin = (jnp.sin(freqs) * dims.attention_scaling).astype(dtype)[:, None, :]
     scale = dims.head_size**-0.5

@@ -172,6 +172,7 @@ class TpuWorker:
                 block_tables=i32((r, self.table_width), np.int32),
                 num_chunks=i32((), np.int32),
                 logits_rows=i32((r,), np.int32),
+                rope_long=i32((t,), np.int32),
             )
             self.programs[(t, r)] = step.lower(
                 self.model.params, self.kv_cache, self._windows, inputs
@@ -278,12 +279,32 @@ class TpuWorker:
 
         from hallm_tpu.model import StepInputs
 
-        inputs = StepInputs(ids, positions, slots, token_req, tables, num_chunks, rows)
+        inputs = StepInputs(
+            ids,
+            positions,
+            slots,
+            token_req,
+            tables,
+            num_chunks,
+            rows,
+            self._rope_long(t, positions, token_req),
+        )
         logits, hidden, self.kv_cache = self.programs[(t, r)](
             self.model.params, self.kv_cache, self._windows, inputs
         )
         # A private copy: torch wants a writable array, and the sampler must not alias a JAX buffer.
         return np.array(np.asarray(logits)[: len(sample_rows)]), hidden
+
+    def _rope_long(self, t: int, positions: np.ndarray, token_req: np.ndarray) -> np.ndarray:
+        """int32 [t]: longrope's per-token choice, as the core's `longrope_use_long` makes it: long
+        past the original context, or for every token of a request whose prompt is longer than it
+        (HF computes such a prompt in one forward with the long factors)."""
+        start = self.model.dims.long_rope_from
+        if start is None:
+            return np.zeros(t, np.int32)
+        num_reqs = int(token_req.max()) + 1 if t else 0
+        long_prompt = self.buffers.num_prompt_tokens[:num_reqs] > start
+        return ((positions >= start) | long_prompt[token_req]).astype(np.int32)
 
     def _sample(
         self, states: list[CachedRequestState], logits: np.ndarray, output: ModelRunnerOutput

@@ -84,3 +84,28 @@ def test_pallas_kernel_in_the_model(tiny_model: Callable[[str], Path]) -> None:
     path = tiny_model("mistral")
     llm = tpu_llm(path, attention_backend="pallas_paged")
     check_against_hf(llm, path, "mistral, pallas_paged")
+
+
+def test_longrope_per_request(tmp_path: Path) -> None:
+    """Long-rope's factors are chosen per request (as the core's `longrope_use_long`): a request's
+    greedy tokens equal HF's for its prompt alone, batched with prompts longer than the original
+    context or alone; one short prompt grows past the original context while generating."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.models.test_longrope_vs_hf import MAX_TOKENS, ORIGINAL_CONTEXT
+    from tests.utils.tiny_models import build_tiny_model
+
+    path = build_tiny_model("llama_longrope", tmp_path / "llama_longrope")
+    llm = tpu_llm(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = llm.get_tokenizer()
+    n = MAX_TOKENS["llama_longrope"]
+    batched = llm.generate(TINY_PROMPTS, params(n), use_tqdm=False)
+    lengths = [len(o.prompt_token_ids) for o in batched]
+    assert max(lengths) > ORIGINAL_CONTEXT and min(lengths) + n > ORIGINAL_CONTEXT, lengths
+    alone = [llm.generate([p], params(n), use_tqdm=False)[0] for p in TINY_PROMPTS[:2]]
+    for prompt, out in zip(TINY_PROMPTS, batched, strict=True):
+        ref = hf_reference(hf, out.prompt_token_ids, n, tokenizer.pad_token_id)
+        assert_matches_reference(out, ref, f"batched: {prompt!r}")
+    for prompt, out, b in zip(TINY_PROMPTS, alone, batched, strict=False):
+        assert out.outputs[0].token_ids == b.outputs[0].token_ids, f"{prompt!r} alone vs batched"
