@@ -20,7 +20,8 @@ so every sampled id streams text: a request with no text would have no ITL and a
 its first chunk (counted as `no_text_requests`; this script fails if any).
 
 The JSON (one line appended to OUT/served.jsonl, and OUT/served-MODEL.json) holds every command
-run, the three results, served/offline output tokens/s at saturation, and the c=1 TPOT. The
+run (their temporary model directory is removed at the end: this script re-creates it), the
+three results, served/offline output tokens/s at saturation, and the c=1 TPOT. The
 server runs in its own session and is stopped with SIGTERM, then its whole process group killed,
 on success, error or interrupt.
 
@@ -32,9 +33,11 @@ on success, error or interrupt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -71,14 +74,10 @@ def _stop_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     (it leads its own session, so the group holds it and every child it started)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):  # raised when the group is gone: nothing left
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the group is gone: nothing left behind
-        pass
     proc.wait(10)
 
 
@@ -167,9 +166,17 @@ def main() -> int:
 
     # SIGTERM (e.g. a runner's timeout) unwinds through the finally that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = Path(tempfile.mkdtemp(prefix="hallm-served-"))
+    try:
+        return run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, tmp: Path) -> int:
+    """Every phase, with `tmp` for the model directory and the results of the subprocesses."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="hallm-served-"))
     vocab = int(model_config(args.model).vocab_size)
     model_dir = write_model_dir(args.model, tmp / "model", cover_vocab=True)
     name = f"served-{args.model}"
