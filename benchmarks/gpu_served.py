@@ -202,6 +202,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     run_phase("offline", offline_cmd, out / f"{name}-offline.log", args.timeout)
     offline = json.loads(offline_json.read_text())
     offline_runs = [offline["output_tokens"] / s for s in offline["runs_s"]]
+    offline_total_tok_s = statistics.median(
+        (offline["prompt_tokens"] + offline["output_tokens"]) / s for s in offline["runs_s"]
+    )
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -260,7 +263,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         "offline": {
             "output_tok_s": offline_tok_s,
             "output_tok_s_min_max": [min(offline_runs), max(offline_runs)],
-            "total_tok_s": offline["total_tokens_per_s"],
+            "total_tok_s": offline_total_tok_s,
             "runs_s": offline["runs_s"],
             "first_run_s": offline["first_run_s"],
         },
@@ -272,6 +275,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         },
         "concurrency_1": c1,
         "served_over_offline_output_tok_s": served_tok_s / offline_tok_s,
+        "served_over_offline_total_tok_s": statistics.median(r["total_tok_s"] for r in saturation)
+        / offline_total_tok_s,
         "concurrency_1_tpot_ms": c1["tpot_ms"],
     }
     append_jsonl(out / "served.jsonl", record)
