@@ -106,18 +106,19 @@ def start_server(cmd: list[str], url: str, log: Path, timeout: float) -> subproc
     start = time.perf_counter()
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise PhaseError(f"serve: exited with {proc.returncode} before /health\n{_log_tail(log)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                print(f"[serve] healthy after {time.perf_counter() - start:.1f} s", flush=True)
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    _stop_group(proc, grace_s=10.0)
-    raise PhaseError(f"serve: not healthy after {timeout:.0f} s\n{_log_tail(log)}")
+    try:
+        while time.perf_counter() - start < timeout:
+            if proc.poll() is not None:
+                raise PhaseError(f"serve: exited with {proc.returncode} before /health\n{_log_tail(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    print(f"[serve] healthy after {time.perf_counter() - start:.1f} s", flush=True)
+                    return proc
+            time.sleep(0.5)
+        raise PhaseError(f"serve: not healthy after {timeout:.0f} s\n{_log_tail(log)}")
+    except BaseException:  # an error or SIGTERM while it starts: leave nothing running
+        _stop_group(proc, grace_s=10.0)
+        raise
 
 
 def _latency(result: dict[str, Any]) -> dict[str, Any]:
