@@ -98,14 +98,54 @@ def model_config(name: str) -> Any:
     raise ValueError(f"unknown model {name!r}; known: {MODELS}")
 
 
-def write_model_dir(name: str, path: Path) -> Path:
-    """config.json + a small tokenizer (needed to load; never used: token ids in, ids out)."""
+def write_model_dir(name: str, path: Path, cover_vocab: bool = False) -> Path:
+    """config.json + a tokenizer: by default a small one (needed to load; token ids in, ids out),
+    with `cover_vocab` one whose vocabulary is the model's (`covering_tokenizer`), so that every
+    id a dummy-weight model samples decodes to text (served benchmarks time text chunks)."""
     from tests.utils.tiny_models import build_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    model_config(name).save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    config = model_config(name)
+    config.save_pretrained(path)
+    tok = covering_tokenizer(config.vocab_size) if cover_vocab else build_tokenizer()
+    tok.save_pretrained(path)
     return path
+
+
+def covering_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer of exactly `vocab_size` ids, each of which decodes to text.
+
+    Ids 0-2 are the specials <|bos|>/<|eos|>/<|pad|> (as the small tokenizer's), 3-258 the 256
+    single bytes (so any text encodes), and the rest distinct words (" a", " b", ..., " aa", ...):
+    no merges are needed to decode, and nothing is trained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.utils.tiny_models import BOS, CHAT_TEMPLATE, EOS, PAD
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    specials = [BOS, EOS, PAD]
+    vocab = {t: i for i, t in enumerate(specials + sorted(byte_chars))}
+    if vocab_size < len(vocab):
+        raise ValueError(f"vocab_size must be at least {len(vocab)}, got {vocab_size}")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n = 0
+    while len(vocab) < vocab_size:
+        word, k = "", n
+        while True:  # bijective base 26: a..z, aa..zz, ...
+            word = letters[k % 26] + word
+            k = k // 26 - 1
+            if k < 0:
+                break
+        vocab["\u0120" + word] = len(vocab)  # \u0120 is the byte-level alphabet's space
+        n += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def weight_bytes_read(name: str, dtype_bytes: int = 2) -> int:

@@ -48,6 +48,7 @@ class ServeBenchConfig:
     seed: int = 0
     api_key: str | None = None
     timeout: float = 600.0
+    temperature: float = 0.0
 
 
 @dataclasses.dataclass
@@ -145,7 +146,7 @@ def make_payloads(cfg: ServeBenchConfig, model: str) -> list[dict[str, Any]]:
         body: dict[str, Any] = {
             "model": model,
             "max_tokens": n_out,
-            "temperature": 0.0,
+            "temperature": cfg.temperature,
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},

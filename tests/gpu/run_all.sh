@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused moe profile profile-engine profile-host profile-launch host-overhead conformance (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused moe profile profile-engine profile-host profile-launch host-overhead conformance served (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -25,6 +25,9 @@
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
 # host-overhead  benchmarks/host_overhead.py: the engine's host time per decode step by phase (tiny model, batch 1/32/256)
+# served    benchmarks/gpu_served.py: offline (`hallm bench throughput`) vs served (`hallm serve` +
+#           `hallm bench serve`) at saturation and at concurrency 1, 1024 in / 128 out, Qwen2.5-0.5B
+#           (256 requests) and Llama-3.1-8B (128 requests; ~4 minutes for both on an H200)
 # profile-engine  the same with --engine: whole engine decode steps split into graph, outside-graph and idle GPU time (Qwen at batch 1 and 32, Llama-3.1-8B at batch 1)
 #
 # Logs and JSON go to $HALLM_GPU_RESULTS, else $OUT (the device tool's folder), else
@@ -108,6 +111,8 @@ for step in $STEPS; do
     kv-ttft) $PY -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.gpu_common import write_model_dir; write_model_dir('llama-3.1-8b', Path('/tmp/hallm-llama8b'))"
              run kv-ttft $PY benchmarks/kv_connector_ttft.py --device cuda --model /tmp/hallm-llama8b --load-format dummy --dtype bfloat16 --prefix-len 4096 --repeats 3 --enforce-eager ;;
     moe-g1) run moe-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen3-30b-a3b --systems hallm --num-iters 1 ;;
+    served) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 256 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240
+            run served-llama $PY benchmarks/gpu_served.py --out "$RES" --model llama-3.1-8b --num-prompts 128 --input-len 1024 --output-len 128 --concurrency-1-prompts 16 --num-iters 2 --timeout 240 ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

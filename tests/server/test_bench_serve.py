@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hallm.benchmarks.serve import ServeBenchConfig, run_benchmark
+from hallm.benchmarks.serve import ServeBenchConfig, make_payloads, run_benchmark
 from hallm.entrypoints.cli import main
 from tests.server.utils import API_KEY, Server
 
@@ -40,13 +40,14 @@ def test_bench_serve_cli_poisson_chat(
     out = tmp_path / "result.json"
     argv = ["bench", "serve", "--base-url", f"{server.url}/v1", "--api-key", API_KEY, "--endpoint", "chat"]
     argv += ["--num-prompts", "4", "--input-len", "8", "--output-len", "3", "--request-rate", "20"]
-    argv += ["--output-json", str(out)]
+    argv += ["--temperature", "0.7", "--output-json", str(out)]
     assert main(argv) == 0
     assert "Serving Benchmark Result" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert (
         data["completed"] == 4 and data["config"]["endpoint"] == "chat" and data["config"]["api_key"] is None
     )
+    assert data["config"]["temperature"] == 0.7
 
 
 def _sse_client(chunks: list[dict[str, object]], delay_s: float) -> object:
@@ -95,3 +96,10 @@ def test_bench_serve_request_without_text_is_timed_at_first_chunk() -> None:
     )  # fmt: skip
     assert result.ttft_ms["p50"] >= 50.0
     assert "Requests with no text" in result.report()
+
+
+def test_bench_serve_payloads_carry_temperature() -> None:
+    cfg = ServeBenchConfig(num_prompts=3, input_len=5, output_len=2, temperature=0.7, vocab_size=512)
+    bodies = make_payloads(cfg, "m")
+    assert [b["temperature"] for b in bodies] == [0.7] * 3
+    assert all(len(b["prompt"]) == 5 and b["ignore_eos"] for b in bodies)

@@ -70,6 +70,12 @@ def _register_serve(sub: Any) -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="random prompt ids are < this (completions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature of every request (default: 0, greedy; 1 matches `bench throughput`)",
+    )
+    p.add_argument(
         "--api-key", default=None, help="bearer token (default: $HALLM_API_KEY or $OPENAI_API_KEY)"
     )
     p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
@@ -94,6 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         vocab_size=args.vocab_size,
         seed=args.seed,
+        temperature=args.temperature,
         api_key=args.api_key or os.environ.get("HALLM_API_KEY") or os.environ.get("OPENAI_API_KEY"),
     )
     result = asyncio.run(run_benchmark(cfg))
