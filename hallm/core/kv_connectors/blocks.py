@@ -77,6 +77,39 @@ def model_identity(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(position in ids, first id, length) of each run of consecutive ids."""
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == b:
+            pos, first, n = runs[-1]
+            runs[-1] = (pos, first, n + 1)
+        else:
+            runs.append((i, b, 1))
+    return runs
+
+
+def load_blocks(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_idx: torch.Tensor) -> None:
+    """dst[:, dst_idx] = src[:, src_ids], `src` on the host (a pinned pool makes this pure DMA),
+    `dst` a device cache ([2, blocks, ...] both; dst_idx long [n] on dst's device).
+
+    One copy per run of consecutive source blocks into a contiguous device buffer, then one
+    scatter on the device: no host-side gather, and no copy per block."""
+    staged = torch.empty((2, len(src_ids), *src.shape[2:]), dtype=src.dtype, device=dst.device)
+    for pos, first, n in _runs(src_ids):
+        staged[:, pos : pos + n].copy_(src[:, first : first + n], non_blocking=True)
+    dst.index_copy_(1, dst_idx, staged)
+
+
+def store_blocks(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_ids: list[int]) -> None:
+    """dst[:, dst_ids] = src[:, src_idx], `src` a device cache, `dst` a host pool: one gather on
+    the device, then one copy per run of consecutive destination slots. Only copies read the
+    pool (never the host's code), so stream order is all a later `load_blocks` needs."""
+    gathered = src.index_select(1, src_idx)
+    for pos, first, n in _runs(dst_ids):
+        dst[:, first : first + n].copy_(gathered[:, pos : pos + n], non_blocking=True)
+
+
 def gather_blocks(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """cache[:, block_ids] on the host: [2, len(block_ids), block_size, ...]."""
     idx = torch.tensor(block_ids, dtype=torch.long, device=cache.device)

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from hallm.core.kv_connectors.blocks import block_hashes, check_layout, loadable_tokens
+from hallm.core.kv_connectors.blocks import (
+    block_hashes,
+    check_layout,
+    load_blocks,
+    loadable_tokens,
+    store_blocks,
+)
 from hallm.platforms import BatchLayout, ConfigError, KVConnector, KVConnectorRole
 
 DEFAULT_CPU_BYTES = 1 << 30
@@ -143,19 +149,19 @@ class OffloadConnector(KVConnector):
         pairs = [p for req in meta.loads.values() for p in req]
         if not pairs:
             return
+        slots = [s for _, s in pairs]
+        dst = torch.tensor(
+            [b for b, _ in pairs], dtype=torch.long, device=next(iter(self._caches.values())).device
+        )
         for name, cache in self._caches.items():
-            dst = torch.tensor([b for b, _ in pairs], dtype=torch.long, device=cache.device)
-            src = torch.tensor([s for _, s in pairs], dtype=torch.long)
-            data = self._pool[name].index_select(1, src).to(cache.device, non_blocking=True)
-            cache.index_copy_(1, dst, data)
+            load_blocks(self._pool[name], slots, cache, dst)
 
     def save_layer(self, layer_name: str, kv_cache: torch.Tensor, layout: BatchLayout) -> None:
         if self._meta is None or not self._meta.stores:
             return
         stores = self._meta.stores
         src = torch.tensor([b for b, _ in stores], dtype=torch.long, device=kv_cache.device)
-        dst = torch.tensor([s for _, s in stores], dtype=torch.long)
-        self._pool[layer_name].index_copy_(1, dst, kv_cache.index_select(1, src).cpu())
+        store_blocks(kv_cache, src, self._pool[layer_name], [s for _, s in stores])
 
     def wait_save(self) -> None:
         if self._meta is not None and self._meta.stores:

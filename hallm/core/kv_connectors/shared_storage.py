@@ -131,14 +131,27 @@ class SharedStorageConnector(KVConnector):
 
     def start_load(self, meta: StorageStepMeta) -> None:
         self._meta, self._failed, self._gathered = meta, set(), {}
+        block_ids: list[int] = []
+        read: list[list[torch.Tensor]] = []  # per block, per layer [2, block_size, ...] on the host
         for req_id, blocks in meta.loads.items():
+            mine: list[tuple[int, list[torch.Tensor]]] = []
             for block_id, block_hash in blocks:
                 layers = self._read(block_hash)
                 if layers is None:
-                    self._failed.add(req_id)
+                    self._failed.add(req_id)  # recomputed whole: none of its blocks is copied
                     break
-                for cache, data in zip(self._caches.values(), layers, strict=True):
-                    cache[:, block_id].copy_(data, non_blocking=True)
+                mine.append((block_id, layers))
+            else:
+                block_ids += [b for b, _ in mine]
+                read += [layers for _, layers in mine]
+        if not read:
+            return
+        # One copy and one scatter per layer, not one copy per block and layer.
+        first = next(iter(self._caches.values()))
+        dst = torch.tensor(block_ids, dtype=torch.long, device=first.device)
+        for i, cache in enumerate(self._caches.values()):
+            data = torch.stack([layers[i] for layers in read], dim=1)  # [2, n, block_size, ...]
+            cache.index_copy_(1, dst, data.to(cache.device, non_blocking=True))
 
     def save_layer(self, layer_name: str, kv_cache: torch.Tensor, layout: BatchLayout) -> None:
         if self._meta is not None and self._meta.saves:

@@ -118,6 +118,7 @@ class RocmPlatform(TorchCudaRuntime, Platform):
             graph_capture=True,
             max_world_size=max(1, device_count()),
             torch_compile=False,
+            pinned_host_memory=True,  # page-locked host buffers copy by DMA, asynchronously
         )
 
     def attention_backends(self) -> Sequence[type[AttentionBackend]]:
