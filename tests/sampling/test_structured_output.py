@@ -152,3 +152,41 @@ def test_chat_with_tools_renders_them_and_a_schema_forces_a_call(llm: LLM) -> No
     )
     assert llm.get_tokenizer().decode(out.prompt_token_ids) == "[weather]hi"
     assert json.loads(out.outputs[0].text)["city"] in ("Paris", "Rome")
+
+
+def test_batched_masks_equal_row_by_row(tiny_model_dir: Any) -> None:
+    """`grammar_bitmask` computes a batch's masks on llguidance's threads: the same bits as each
+    matcher's own `fill`, for matchers at different points of different grammars, one of them
+    finished (EOS only)."""
+    import dataclasses
+
+    from hallm.core.structured_output import GrammarMatcher, grammar_bitmask
+
+    source = str(tiny_model_dir("llama"))
+    specs = [
+        StructuredOutputsParams(json=SCHEMA),
+        StructuredOutputsParams(regex=REGEX),
+        StructuredOutputsParams(choice=["alpha", "beta"]),
+        StructuredOutputsParams(regex="a"),
+    ]
+    specs = [dataclasses.replace(s, tokenizer=source) for s in specs]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    outputs = [
+        tok.encode('{"id": 1', add_special_tokens=False),
+        tok.encode("yes-", add_special_tokens=False),
+        [],
+        [],
+    ]
+    outputs[3] = tok.encode("a", add_special_tokens=False)  # its grammar is complete: EOS only
+    eos = [frozenset({tok.eos_token_id})] * len(specs)
+    batched = grammar_bitmask([GrammarMatcher(s) for s in specs], outputs, eos)
+    for i, spec in enumerate(specs):
+        alone = GrammarMatcher(spec)
+        alone.catch_up(outputs[i])
+        row = torch.zeros(batched.shape[1], dtype=torch.int32)
+        alone.fill(row[: alone.num_words], eos[i])
+        assert torch.equal(batched[i], row), f"row {i} ({spec.kind})"
+        assert int(row.count_nonzero()) > 0
+    assert GrammarMatcher(specs[3]).num_words == batched.shape[1]

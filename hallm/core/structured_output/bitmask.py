@@ -8,6 +8,7 @@ preemption replays its output once and goes on where it was.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -39,9 +40,14 @@ class GrammarMatcher:
                 self.matcher.consume_tokens(list(output_token_ids[self.num_consumed :]))
             self.num_consumed = len(output_token_ids)
 
+    @property
+    def done(self) -> bool:
+        """Stopped or failed: only EOS may follow (`fill` writes that mask itself)."""
+        return bool(self.matcher.is_stopped() or self.matcher.is_error())
+
     def fill(self, row: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
         """Write the allowed tokens into `row` (a contiguous int32 CPU tensor of words)."""
-        if self.matcher.is_stopped() or self.matcher.is_error():
+        if self.done:
             # Stopped: the grammar is complete, only EOS may follow. An error cannot happen with
             # masked sampling; if it does, end the request rather than emit junk.
             if self.matcher.is_error() and not self._warned:
@@ -64,10 +70,26 @@ def grammar_bitmask(
     """[M, W] int32 (CPU) allowed-token bits of M constrained rows, after catching up each matcher."""
     words = max(m.num_words for m in matchers)
     mask = torch.zeros((len(matchers), words), dtype=torch.int32)
+    parallel: list[tuple[Any, int]] = []  # (llguidance matcher, row) computed together
     for i, (matcher, output, eos) in enumerate(zip(matchers, outputs, eos_token_ids, strict=True)):
         matcher.catch_up(output)
-        matcher.fill(mask[i, : matcher.num_words], eos)
+        if len(matchers) > 1 and matcher.num_words == words and not matcher.done:
+            parallel.append((matcher.matcher, i))
+        else:
+            matcher.fill(mask[i, : matcher.num_words], eos)
+    if parallel:
+        # The masks are the grammar work of a step: llguidance computes them on its own threads,
+        # outside the GIL, instead of one row after another.
+        _executor().unsafe_compute_mask_ptr(parallel, mask.data_ptr(), words * 4, len(matchers))
     return mask
+
+
+@functools.cache
+def _executor() -> Any:
+    """llguidance's thread pool for batched masks (its default size: most of the host's cores)."""
+    import llguidance
+
+    return llguidance.LLExecutor()
 
 
 def apply_token_bitmask(
