@@ -209,6 +209,7 @@ def profile_engine(llm: Any, batch: int, ctx: int, temperature: float = 0.0) -> 
     # Middle periods only: the first and last steps carry the request's admission and finish.
     periods = list(itertools.pairwise(replay_starts[1:-1]))
     outside: dict[str, list[float]] = collections.defaultdict(list)
+    inside_kernels: dict[str, list[float]] = collections.defaultdict(list)
     gaps: dict[str, list[float]] = collections.defaultdict(list)
     graph_busy = outside_busy = idle = 0.0
     for lo, hi in periods:
@@ -219,6 +220,7 @@ def profile_engine(llm: Any, batch: int, ctx: int, temperature: float = 0.0) -> 
                 ops.append((span, e))
                 if launcher.get(e["args"].get("correlation")) == "cudaGraphLaunch":
                     inside.append(span)
+                    inside_kernels[e["name"][:110]].append(e["dur"])
                 else:
                     other.append(span)
                     outside[e["name"][:110]].append(e["dur"])
@@ -255,6 +257,13 @@ def profile_engine(llm: Any, batch: int, ctx: int, temperature: float = 0.0) -> 
         "outside_busy_us": outside_busy / n,
         "idle_us": idle / n,
         "outside": rows,
+        "inside": sorted(
+            (
+                {"kernel": name, "per_step": len(d) / n, "mean_us": sum(d) / len(d), "total_us": sum(d) / n}
+                for name, d in inside_kernels.items()
+            ),
+            key=lambda r: -r["total_us"],
+        ),
         "gaps": sorted(
             ({"where": k, "per_step": len(v) / n, "mean_us": sum(v) / len(v)} for k, v in gaps.items()),
             key=lambda r: -r["per_step"] * r["mean_us"],
@@ -345,6 +354,9 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--out", default="benchmarks/results/raw")
     p.add_argument("--engine", action="store_true", help="also profile whole engine decode steps")
+    p.add_argument(
+        "--no-replay", action="store_true", help="skip the direct graph replays (the engine steps only)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="the engine steps' sampling temperature")
     p.add_argument("--host", action="store_true", help="also cProfile the host over the decode steps")
     p.add_argument("--launch-costs", action="store_true", help="also time the step's CUDA calls on the host")
@@ -374,17 +386,18 @@ def main() -> None:
         "profiles": [],
     }
     for batch in batches:
-        r = profile_batch(llm, batch, args.ctx)
-        record["profiles"].append(r)
-        print(
-            f"\n{args.model} batch {batch} ctx {args.ctx}: replay {r['replay_us']:.1f} us (host launch "
-            f"{r['host_launch_us']:.1f} us), kernels "
-            f"{r['kernel_us']:.1f} us over {r['launches']:.0f} launches "
-            f"(gaps {r['replay_us'] - r['kernel_us']:.1f} us)"
-        )
-        print(f"{'launches':>8} {'mean us':>8} {'total us':>9}  kernel")
-        for k in r["kernels"]:
-            print(f"{k['per_replay']:8.0f} {k['mean_us']:8.2f} {k['total_us']:9.1f}  {k['kernel']}")
+        if not args.no_replay:
+            r = profile_batch(llm, batch, args.ctx)
+            record["profiles"].append(r)
+            print(
+                f"\n{args.model} batch {batch} ctx {args.ctx}: replay {r['replay_us']:.1f} us (host launch "
+                f"{r['host_launch_us']:.1f} us), kernels "
+                f"{r['kernel_us']:.1f} us over {r['launches']:.0f} launches "
+                f"(gaps {r['replay_us'] - r['kernel_us']:.1f} us)"
+            )
+            print(f"{'launches':>8} {'mean us':>8} {'total us':>9}  kernel")
+            for k in r["kernels"]:
+                print(f"{k['per_replay']:8.0f} {k['mean_us']:8.2f} {k['total_us']:9.1f}  {k['kernel']}")
         if args.launch_costs:
             import torch
 
@@ -406,6 +419,9 @@ def main() -> None:
                 f"unprofiled {e['unprofiled_us_per_token']:.1f} us per token, of which the host waited "
                 f"{e['unprofiled_host_wait_us_per_token']:.1f} us for the device)"
             )
+            print(f"{'per step':>8} {'mean us':>8} {'total us':>9}  inside the graph")
+            for k in e["inside"][:16]:
+                print(f"{k['per_step']:8.1f} {k['mean_us']:8.2f} {k['total_us']:9.1f}  {k['kernel']}")
             print(f"{'per step':>8} {'mean us':>8} {'total us':>9}  outside the graph")
             for k in e["outside"]:
                 print(f"{k['per_step']:8.1f} {k['mean_us']:8.2f} {k['total_us']:9.1f}  {k['kernel']}")
