@@ -7,6 +7,8 @@ and a killed rank behave as with synchronous scheduling. One rank through mp tak
 
 from __future__ import annotations
 
+import pickle
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,7 +56,18 @@ def test_async_ranks_match_one_device_sync(model_dir: str, ranks: int) -> None:
         assert isinstance(engine.executor, MultiprocExecutor) and engine.async_scheduling
         pool = engine.scheduler.kv.pool
         start = pool.num_free_blocks
+        sent: list[str] = []
+        broadcast = engine.executor._broadcast_raw
+
+        def counted(payload: bytes) -> None:
+            sent.append(pickle.loads(payload)[0])
+            broadcast(payload)
+
+        engine.executor._broadcast_raw = counted  # type: ignore[method-assign]
         got = summary(llm.generate(prompts, params, use_tqdm=False))
+        # Pipelined: a step's output comes with the next launch; a flush (a step answered on its
+        # own) only where the engine drains its last step with nothing to launch after it.
+        assert sent.count("flush") * 5 < sent.count("launch")
         assert engine.scheduler.num_preemptions > 0, "the pool should have forced preemption"
         assert engine.get_stats()["prefix_cache_hits"] > 0
         assert not engine.has_unfinished_requests()
@@ -123,3 +136,74 @@ def test_mp_async_only_where_the_worker_can() -> None:
     config = SimpleNamespace(parallel=SimpleNamespace(tensor_parallel_size=2))
     assert MultiprocExecutor(config, CpuPlatform()).supports_async is True
     assert MultiprocExecutor(config, OwnWorkerPlatform()).supports_async is False
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_async_tp2_ray_matches_one_device_sync(model_dir: str, local_ray: None) -> None:
+    prompts, params = workload()
+    prompts, params = prompts[:9], params[:9]
+    pressure = {"num_gpu_blocks_override": 28, "max_num_batched_tokens": 16, "max_num_seqs": 8}
+    reference = make_llm(model_dir, False, **pressure)
+    try:
+        expected = summary(reference.generate(prompts, params, use_tqdm=False))
+    finally:
+        reference.engine.shutdown()
+    llm = make_llm(model_dir, True, tensor_parallel_size=2, distributed_executor_backend="ray", **pressure)
+    try:
+        assert llm.engine.async_scheduling
+        got = summary(llm.generate(prompts, params, use_tqdm=False))
+        assert llm.engine.scheduler.num_preemptions > 0, "the pool should have forced preemption"
+    finally:
+        llm.engine.shutdown()
+    assert got == expected
+
+
+def test_async_killed_ray_worker_ends_the_engine_cleanly(model_dir: str, local_ray: None) -> None:
+    llm = make_llm(model_dir, True, tensor_parallel_size=2, distributed_executor_backend="ray")
+    assert llm.engine.async_scheduling
+    pids = list(llm.engine.executor.pids)  # type: ignore[attr-defined]
+    try:
+        _kill_rank1_mid_generation(llm, pids[1])
+    finally:
+        llm.engine.shutdown()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+class _LoggedStep:
+    def __init__(self, log: list[str], i: int) -> None:
+        self.log, self.i = log, i
+
+    def get(self) -> str:
+        self.log.append(f"resolve {self.i}")
+        return f"out {self.i}"
+
+
+class _LoggingWorker:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def execute_async(self, step: int) -> _LoggedStep:
+        self.log.append(f"launch {step}")
+        return _LoggedStep(self.log, step)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_launches_the_next_step_before_it_resolves_one(rank: int) -> None:
+    from hallm.core.executors.rank_worker import RankWorker
+
+    rw = RankWorker(None, rank, 2, rank, "")
+    rw.worker = worker = _LoggingWorker()
+    answers = [rw.launch(0, 0, False), rw.launch(1, 1, False), rw.flush(), rw.flush(), rw.launch(2, 2, True)]
+    expected = [[], [(0, "out 0")], [(1, "out 1")], [], [(2, "out 2")]]
+    assert answers == (expected if rank == 0 else [[]] * 5)  # only rank 0 answers
+    assert worker.log == ["launch 0", "launch 1", "resolve 0", "resolve 1", "launch 2", "resolve 2"]

@@ -66,11 +66,6 @@ class RankWorker:
             raise ValueError(f"unknown worker method {method!r}")
         return getattr(self.worker, method)(*args)
 
-    def execute(self, step: Any) -> Any:
-        """Run one step; the output on rank 0, None on the others (nothing to send back)."""
-        out = self.worker.execute(step)
-        return out if self.rank == 0 else None
-
     def launch(self, step_id: int, step: Any, resolve_now: bool) -> list[tuple[int, Any]]:
         """Launch step `step_id`, then resolve the step launched before it (and this one too
         when `resolve_now`): the (step id, output) pairs now known, oldest first. Outputs are
