@@ -45,11 +45,15 @@ def test_async_ranks_match_one_device_sync(model_dir: str, ranks: int) -> None:
     prompts, params = workload()
     # A small pool and step budget: chunked prefill and preemption; shared prefixes hit the cache.
     pressure = {"num_gpu_blocks_override": 28, "max_num_batched_tokens": 16, "max_num_seqs": 8}
-    reference = make_llm(model_dir, False, **pressure)
-    try:
-        expected = summary(reference.generate(prompts, params, use_tqdm=False))
-    finally:
-        reference.engine.shutdown()
+    references = []
+    for mode in (False, True):  # one device, sync and async: the same outputs
+        reference = make_llm(model_dir, mode, **pressure)
+        try:
+            references.append(summary(reference.generate(prompts, params, use_tqdm=False)))
+        finally:
+            reference.engine.shutdown()
+    expected = references[0]
+    assert references[1] == expected
     llm = make_llm(model_dir, True, tensor_parallel_size=ranks, distributed_executor_backend="mp", **pressure)
     engine = llm.engine
     try:
