@@ -6,11 +6,9 @@ all ranks over one ZMQ ROUTER socket on a private IPC path: a step is pickled on
 bytes go to every rank; only rank 0 answers a step. The ranks meet each other in
 torch.distributed over the platform's `dist_backend`.
 
-Async scheduling: `execute_async` sends the step and returns a `RankStep` at once. A rank
-launches each step and then resolves the one before it, so rank 0 answers step N once step N+1
-is under way; `RankStep.get()` reads rank 0's answers (tagged with their step ids, in launch
-order) up to its own, and asks the ranks to resolve the newest step (`flush`) when nothing was
-launched after it. `execute` is the same message with "resolve now" set.
+Steps follow `ranks`' protocol (async scheduling: a rank launches step N+1, then answers step
+N): a "launch" message per step, "flush" when the engine waits for the newest step; rank 0's
+answers are ("ok", (step id, output)) messages, in launch order.
 
 Failure: a worker that exits, or replies with an error, ends the call waiting on it with a
 `WorkerDiedError` that names the rank and its exit code; `check_health` reports the same, and a
@@ -31,11 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from typing import Any
 
 from hallm.core.executors.ranks import RanksExecutor, WorkerDiedError
-from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import Platform
 
@@ -50,26 +46,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class RankStep:
-    """A step launched on the ranks; `get()` waits for rank 0's output of it."""
-
-    def __init__(self, executor: MultiprocExecutor, step_id: int) -> None:
-        self.executor = executor
-        self.step_id = step_id
-        self.launched_at = time.monotonic()
-        self.output: ModelRunnerOutput | None = None
-
-    def get(self) -> ModelRunnerOutput:
-        if self.output is None:
-            self.executor._wait_for(self)
-        assert self.output is not None
-        return self.output
-
-
 class MultiprocExecutor(RanksExecutor):
     name = "mp"
-    #: A step still unanswered after this long is a hung worker.
-    step_timeout_s: float = 600.0
     #: Setup calls (loading a model, profiling) may take this long.
     setup_timeout_s: float = 3600.0
 
@@ -81,15 +59,6 @@ class MultiprocExecutor(RanksExecutor):
         self._sock: Any = None
         self._ctx: Any = None
         self._dead: str | None = None
-        worker_cls = platform.worker_class()
-        # A platform's own worker may leave out execute_async (see Platform.worker_class).
-        self.supports_async = worker_cls is None or callable(getattr(worker_cls, "execute_async", None))
-        self._next_step_id = 0
-        #: The newest step the ranks were told to answer (launched after, flushed or sync).
-        self._answer_due = -1
-        #: Launched steps whose output has not come yet; a step nobody holds drops out, and its
-        #: output is discarded when it comes.
-        self._waiting: weakref.WeakValueDictionary[int, RankStep] = weakref.WeakValueDictionary()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -155,45 +124,25 @@ class MultiprocExecutor(RanksExecutor):
 
     # ---- the contract ------------------------------------------------------------------------
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        return self._launch(step, resolve_now=True).get()
-
-    def execute_async(self, step: SchedulerOutput) -> RankStep:
-        return self._launch(step, resolve_now=False)
-
     def check_health(self) -> None:
         if self._dead is not None:
             raise WorkerDiedError(self._dead)
         self._check_alive()
-        started = min((h.launched_at for h in self._waiting.values()), default=None)
+        started = self._oldest_unanswered()
         if started is not None and time.monotonic() - started > self.step_timeout_s:
             self._fail(f"a step has run for over {self.step_timeout_s:.0f} s: a worker is hung")
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _launch(self, step: SchedulerOutput, resolve_now: bool) -> RankStep:
-        step_id = self._next_step_id
-        self._next_step_id += 1
+    def _send_launch(self, step_id: int, step: SchedulerOutput, resolve_now: bool) -> None:
         message = ("launch", (step_id, step, resolve_now))
         self._broadcast_raw(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-        # The ranks answer the step before this one now that this one is launched.
-        self._answer_due = step_id if resolve_now else step_id - 1
-        handle = RankStep(self, step_id)
-        self._waiting[step_id] = handle
-        return handle
 
-    def _wait_for(self, handle: RankStep) -> None:
-        """Read rank 0's step outputs, in launch order, until `handle`'s has come."""
-        if handle.step_id > self._answer_due:
-            # Nothing was launched after it: the ranks resolve it when asked.
-            self._broadcast_raw(pickle.dumps(("flush", ())))
-            self._answer_due = handle.step_id
-        deadline = time.monotonic() + self.step_timeout_s
-        while handle.output is None:
-            step_id, output = self._recv(deadline, expect=0)
-            done = self._waiting.pop(step_id, None)
-            if done is not None:
-                done.output = output
+    def _send_flush(self) -> None:
+        self._broadcast_raw(pickle.dumps(("flush", ())))
+
+    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
+        return [self._recv(deadline, expect=0)]
 
     # ---- plumbing ----------------------------------------------------------------------------
 

@@ -13,11 +13,10 @@ receives the same reference; only rank 0 returns sampled tokens. A rank whose ac
 whose method raises ends the step with a `WorkerDiedError` naming the rank; `shutdown` kills
 every actor and removes the placement group, and a Ray instance the executor started is stopped.
 
-Async scheduling: as in `mp`, a rank launches each step and then resolves the one before it, so
-rank 0's `launch` of step N+1 returns step N's output; an actor runs its calls one at a time in
-the order they were made, so that never races with the launch. `execute_async` returns a
-`RayStep` at once; its `get()` waits for the calls that carry its output, in order (every rank's,
-so a dead rank is seen), and calls `flush` on every rank when nothing was launched after it.
+Steps follow `ranks`' protocol (async scheduling: a rank launches step N+1, then answers step
+N): rank 0's `launch` of step N+1 returns step N's output, and an actor runs its calls one at a
+time in the order they were made, so that never races with the launch. The engine reads each
+`launch` / `flush` call on every rank, in order, so a dead rank is seen.
 """
 
 from __future__ import annotations
@@ -26,14 +25,12 @@ import contextlib
 import logging
 import os
 import time
-import weakref
 from collections import deque
 from typing import Any
 
 from hallm.core.executors.mp import free_port
 from hallm.core.executors.rank_worker import RankWorker
 from hallm.core.executors.ranks import RanksExecutor, WorkerDiedError
-from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import ConfigError, Platform
 
@@ -90,26 +87,8 @@ class RayRankActor:
             self.rank_worker = None
 
 
-class RayStep:
-    """A step launched on the actors; `get()` waits for rank 0's output of it."""
-
-    def __init__(self, executor: RayExecutor, step_id: int) -> None:
-        self.executor = executor
-        self.step_id = step_id
-        self.launched_at = time.monotonic()
-        self.output: ModelRunnerOutput | None = None
-
-    def get(self) -> ModelRunnerOutput:
-        if self.output is None:
-            self.executor._wait_for(self)
-        assert self.output is not None
-        return self.output
-
-
 class RayExecutor(RanksExecutor):
     name = "ray"
-    #: A step still unanswered after this long is a hung worker.
-    step_timeout_s: float = 600.0
     #: Setup calls (starting actors, loading a model, profiling) may take this long.
     setup_timeout_s: float = 3600.0
     #: How long the placement group may wait for the cluster's resources.
@@ -124,16 +103,8 @@ class RayExecutor(RanksExecutor):
         self._placement_group: Any = None
         self._started_ray = False
         self._dead: str | None = None
-        worker_cls = platform.worker_class()
-        # A platform's own worker may leave out execute_async (see Platform.worker_class).
-        self.supports_async = worker_cls is None or callable(getattr(worker_cls, "execute_async", None))
-        self._next_step_id = 0
-        #: The newest step the ranks were told to answer (launched after, flushed or sync).
-        self._answer_due = -1
         #: Every rank's reference of each `launch` / `flush` call not yet read, oldest first.
         self._calls: deque[list[Any]] = deque()
-        #: Launched steps whose output has not come yet (a step nobody holds drops out).
-        self._waiting: weakref.WeakValueDictionary[int, RayStep] = weakref.WeakValueDictionary()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -217,15 +188,9 @@ class RayExecutor(RanksExecutor):
 
     # ---- the contract ------------------------------------------------------------------------
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        return self._launch(step, resolve_now=True).get()
-
-    def execute_async(self, step: SchedulerOutput) -> RayStep:
-        return self._launch(step, resolve_now=False)
-
     def check_health(self) -> None:
         self._check_not_dead()
-        started = min((h.launched_at for h in self._waiting.values()), default=None)
+        started = self._oldest_unanswered()
         if started is not None and time.monotonic() - started > self.step_timeout_s:
             self._fail(f"a step has run for over {self.step_timeout_s:.0f} s: a worker is hung")
         if started is None:
@@ -233,33 +198,20 @@ class RayExecutor(RanksExecutor):
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def _launch(self, step: SchedulerOutput, resolve_now: bool) -> RayStep:
+    def _send_launch(self, step_id: int, step: SchedulerOutput, resolve_now: bool) -> None:
         import ray
 
         self._check_not_dead()
-        step_id = self._next_step_id
-        self._next_step_id += 1
         ref = ray.put(step)  # serialized once; every actor reads the same object
         self._calls.append([a.launch.remote(step_id, ref, resolve_now) for a in self.actors])
-        # The ranks answer the step before this one now that this one is launched.
-        self._answer_due = step_id if resolve_now else step_id - 1
-        handle = RayStep(self, step_id)
-        self._waiting[step_id] = handle
-        return handle
 
-    def _wait_for(self, handle: RayStep) -> None:
-        """Read the launch and flush calls in order until `handle`'s output has come."""
-        if handle.step_id > self._answer_due:
-            # Nothing was launched after it: the ranks resolve it when asked.
-            self._check_not_dead()
-            self._calls.append([a.flush.remote() for a in self.actors])
-            self._answer_due = handle.step_id
-        while handle.output is None:
-            answers = self._gather(self._calls.popleft(), self.step_timeout_s)[0]
-            for step_id, output in answers:
-                done = self._waiting.pop(step_id, None)
-                if done is not None:
-                    done.output = output
+    def _send_flush(self) -> None:
+        self._check_not_dead()
+        self._calls.append([a.flush.remote() for a in self.actors])
+
+    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
+        answers: list[tuple[int, Any]] = self._gather(self._calls.popleft(), deadline - time.monotonic())[0]
+        return answers
 
     # ---- plumbing ----------------------------------------------------------------------------
 
