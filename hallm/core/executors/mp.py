@@ -6,6 +6,10 @@ all ranks over one ZMQ ROUTER socket on a private IPC path: a step is pickled on
 bytes go to every rank; only rank 0 answers a step. The ranks meet each other in
 torch.distributed over the platform's `dist_backend`.
 
+Steps follow `ranks`' protocol (async scheduling: a rank launches step N+1, then answers step
+N): a "launch" message per step, "flush" when the engine waits for the newest step; rank 0's
+answers are ("ok", (step id, output)) messages, in launch order.
+
 Failure: a worker that exits, or replies with an error, ends the call waiting on it with a
 `WorkerDiedError` that names the rank and its exit code; `check_health` reports the same, and a
 step that takes longer than `step_timeout_s` is reported as hung. `shutdown` (also run at
@@ -28,7 +32,6 @@ import time
 from typing import Any
 
 from hallm.core.executors.ranks import RanksExecutor, WorkerDiedError
-from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import Platform
 
@@ -45,9 +48,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class MultiprocExecutor(RanksExecutor):
     name = "mp"
-    supports_async = False
-    #: A step still unanswered after this long is a hung worker.
-    step_timeout_s: float = 600.0
     #: Setup calls (loading a model, profiling) may take this long.
     setup_timeout_s: float = 3600.0
 
@@ -58,7 +58,6 @@ class MultiprocExecutor(RanksExecutor):
         self._dir: str | None = None
         self._sock: Any = None
         self._ctx: Any = None
-        self._step_started: float | None = None
         self._dead: str | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -125,22 +124,25 @@ class MultiprocExecutor(RanksExecutor):
 
     # ---- the contract ------------------------------------------------------------------------
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        self._broadcast_raw(pickle.dumps(("execute", (step,)), protocol=pickle.HIGHEST_PROTOCOL))
-        self._step_started = time.monotonic()
-        try:
-            out: ModelRunnerOutput = self._recv(self.step_timeout_s, expect=0)
-        finally:
-            self._step_started = None
-        return out
-
     def check_health(self) -> None:
         if self._dead is not None:
             raise WorkerDiedError(self._dead)
         self._check_alive()
-        started = self._step_started
+        started = self._oldest_unanswered()
         if started is not None and time.monotonic() - started > self.step_timeout_s:
             self._fail(f"a step has run for over {self.step_timeout_s:.0f} s: a worker is hung")
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _send_launch(self, step_id: int, step: SchedulerOutput, resolve_now: bool) -> None:
+        message = ("launch", (step_id, step, resolve_now))
+        self._broadcast_raw(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _send_flush(self) -> None:
+        self._broadcast_raw(pickle.dumps(("flush", ())))
+
+    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
+        return [self._recv(deadline, expect=0)]
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -161,13 +163,12 @@ class MultiprocExecutor(RanksExecutor):
         for rank in range(self.world_size):
             self._sock.send_multipart([f"rank{rank}".encode(), payload], copy=False)
 
-    def _recv(self, timeout_s: float, expect: int | None) -> Any:
+    def _recv(self, deadline: float, expect: int | None) -> Any:
         """The next reply (from rank `expect` when given, other ranks' replies are not expected
-        then): its value; raises on a worker's error, a worker's exit, or `timeout_s` without a
-        reply."""
-        deadline = time.monotonic() + timeout_s
+        then): its value; raises on a worker's error, a worker's exit, or no reply by `deadline`
+        (`time.monotonic()`)."""
         while True:
-            rank, value = self._recv_any(deadline, timeout_s)
+            rank, value = self._recv_any(deadline, self.step_timeout_s)
             if expect is None or rank == expect:
                 return value
 

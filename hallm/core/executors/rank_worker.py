@@ -5,6 +5,11 @@ driven over a ZMQ socket, see `serve`) and as a Ray actor (`hallm.core.executors
 Every rank runs every step in full (the sharded layers meet in their collectives; every rank
 sees the same gathered logits and draws from identically seeded generators, so all ranks sample
 the same tokens and keep the same request state); only rank 0's output goes back to the engine.
+
+Steps are launched through the runner's async path (`launch`): a step's output is resolved only
+after the next step has been launched (or when the engine asks for it at once, or by `flush`),
+so the device runs step N+1 while step N's sampled ids travel to the engine. One thread does
+both, in order, so resolving a step never races with launching the next.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class RankWorker:
         self.local_rank = local_rank
         self.dist_init_method = dist_init_method
         self.worker: Any = None
+        #: The launched step whose output is not resolved yet: (step id, handle with `.get()`).
+        self.pending: tuple[int, Any] | None = None
 
     def init_device(self) -> None:
         """Bind this process to its device (the platform's `set_device`), then join the group
@@ -59,10 +66,30 @@ class RankWorker:
             raise ValueError(f"unknown worker method {method!r}")
         return getattr(self.worker, method)(*args)
 
-    def execute(self, step: Any) -> Any:
-        """Run one step; the output on rank 0, None on the others (nothing to send back)."""
-        out = self.worker.execute(step)
-        return out if self.rank == 0 else None
+    def launch(self, step_id: int, step: Any, resolve_now: bool) -> list[tuple[int, Any]]:
+        """Launch step `step_id`, then resolve the step launched before it (and this one too
+        when `resolve_now`): the (step id, output) pairs now known, oldest first. Outputs are
+        resolved on every rank (their request states stay alike) but rank 0's alone are
+        returned; the others return []."""
+        if callable(getattr(self.worker, "execute_async", None)):
+            handle = self.worker.execute_async(step)
+        else:  # a platform's own worker may run steps only to the end
+            from hallm.platforms.executor import FinishedStep
+
+            handle = FinishedStep(self.worker.execute(step))
+        done = self.flush()
+        self.pending = (step_id, handle)
+        if resolve_now:
+            done += self.flush()
+        return done
+
+    def flush(self) -> list[tuple[int, Any]]:
+        """Resolve the pending step, if any: [(step id, output)] on rank 0, [] elsewhere."""
+        if self.pending is None:
+            return []
+        (step_id, handle), self.pending = self.pending, None
+        out = handle.get()
+        return [(step_id, out)] if self.rank == 0 else []
 
     def shutdown(self) -> None:
         from hallm.core.distributed import destroy_tensor_parallel
@@ -82,8 +109,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def serve(address: str, rank: int) -> None:
     """The mp worker's loop: the first message is (config, world_size, dist_init_method); then
-    each message is a pickled (method, args); every rank replies to setup calls, only rank 0 to
-    `execute`; an error is always replied (with its traceback) and ends the worker."""
+    each message is a pickled (method, args); every rank replies to setup calls; only rank 0
+    answers steps (`launch`, `flush`), one ("ok", (step id, output)) message per resolved step;
+    an error is always replied (with its traceback) and ends the worker."""
     import zmq
 
     ctx: Any = zmq.Context.instance()
@@ -103,10 +131,10 @@ def serve(address: str, rank: int) -> None:
                 rw.shutdown()
                 sock.send(pickle.dumps(("ok", None)))
                 return
-            if method == "execute":
-                out = rw.execute(*args)
-                if rank == 0:
-                    sock.send(pickle.dumps(("ok", out), protocol=pickle.HIGHEST_PROTOCOL))
+            if method in ("launch", "flush"):
+                done = rw.launch(*args) if method == "launch" else rw.flush()
+                for reply in done:
+                    sock.send(pickle.dumps(("ok", reply), protocol=pickle.HIGHEST_PROTOCOL))
                 continue
             sock.send(pickle.dumps(("ok", rw.call(method, *args))))
     except BaseException as e:  # reported to the engine, which ends with it

@@ -1,24 +1,80 @@
-"""What the multi-process executors (`mp`, `ray`) share: the error a dead rank raises, and the
-setup calls that go to every rank and combine their answers."""
+"""What the multi-process executors (`mp`, `ray`) share: the error a dead rank raises, the setup
+calls that go to every rank and combine their answers, and the step protocol.
+
+Steps: each step carries an id. A rank launches a step (the runner's async path) and then
+resolves the one launched before it, so rank 0 answers step N once step N+1 is under way (or at
+once when the engine runs synchronously, or when asked with a flush). `execute_async` sends the
+step and returns a `RankStep` at once; `RankStep.get()` reads rank 0's answers, in launch order,
+up to its own, and flushes the ranks first when nothing was launched after it.
+"""
 
 from __future__ import annotations
 
+import time
+import weakref
 from abc import abstractmethod
 from typing import Any
 
-from hallm.platforms import Executor
+from hallm.core.outputs import ModelRunnerOutput
+from hallm.core.scheduler_output import SchedulerOutput
+from hallm.platforms import Executor, Platform
 
 
 class WorkerDiedError(RuntimeError):
     """A tensor-parallel worker exited, failed or stopped answering."""
 
 
+class RankStep:
+    """A step launched on the ranks; `get()` waits for rank 0's output of it."""
+
+    def __init__(self, executor: RanksExecutor, step_id: int) -> None:
+        self.executor = executor
+        self.step_id = step_id
+        self.launched_at = time.monotonic()
+        self.output: ModelRunnerOutput | None = None
+
+    def get(self) -> ModelRunnerOutput:
+        if self.output is None:
+            self.executor._wait_for(self)
+        assert self.output is not None
+        return self.output
+
+
 class RanksExecutor(Executor):
-    """An executor whose setup calls run on every rank (`_call_all`, answers in rank order)."""
+    """An executor whose setup calls run on every rank (`_call_all`, answers in rank order) and
+    whose steps follow the protocol above (`_send_launch`, `_send_flush`, `_next_answers`)."""
+
+    #: A step still unanswered after this long is a hung worker.
+    step_timeout_s: float = 600.0
+
+    def __init__(self, config: Any, platform: Platform) -> None:
+        super().__init__(config, platform)
+        worker_cls = platform.worker_class()
+        # A platform's own worker may leave out execute_async (see Platform.worker_class).
+        self.supports_async = worker_cls is None or callable(getattr(worker_cls, "execute_async", None))
+        self._next_step_id = 0
+        #: The newest step the ranks were told to answer (launched after, flushed or sync).
+        self._answer_due = -1
+        #: Launched steps whose output has not come yet; a step nobody holds drops out, and its
+        #: output is discarded when it comes.
+        self._waiting: weakref.WeakValueDictionary[int, RankStep] = weakref.WeakValueDictionary()
 
     @abstractmethod
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         """Call `method` of every rank's worker; their results in rank order."""
+
+    @abstractmethod
+    def _send_launch(self, step_id: int, step: SchedulerOutput, resolve_now: bool) -> None:
+        """Send one step to every rank (serialized once)."""
+
+    @abstractmethod
+    def _send_flush(self) -> None:
+        """Ask every rank to resolve its newest step."""
+
+    @abstractmethod
+    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
+        """Rank 0's next (step id, output) answers, oldest first; raises WorkerDiedError when a
+        rank dies or fails, or nothing comes by `deadline` (`time.monotonic()`)."""
 
     def available_kv_cache_bytes(self) -> int:
         # Every rank holds the same number of blocks: the budget is the smallest rank's.
@@ -29,3 +85,36 @@ class RanksExecutor(Executor):
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self._call_all("init_kv_cache", num_blocks)
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        return self._launch(step, resolve_now=True).get()
+
+    def execute_async(self, step: SchedulerOutput) -> RankStep:
+        return self._launch(step, resolve_now=False)
+
+    def _oldest_unanswered(self) -> float | None:
+        """When the oldest step still awaited was launched (None: none is)."""
+        return min((h.launched_at for h in self._waiting.values()), default=None)
+
+    def _launch(self, step: SchedulerOutput, resolve_now: bool) -> RankStep:
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        self._send_launch(step_id, step, resolve_now)
+        # The ranks answer the step before this one now that this one is launched.
+        self._answer_due = step_id if resolve_now else step_id - 1
+        handle = RankStep(self, step_id)
+        self._waiting[step_id] = handle
+        return handle
+
+    def _wait_for(self, handle: RankStep) -> None:
+        """Read rank 0's answers, in launch order, until `handle`'s output has come."""
+        if handle.step_id > self._answer_due:
+            # Nothing was launched after it: the ranks resolve it when asked.
+            self._send_flush()
+            self._answer_due = handle.step_id
+        deadline = time.monotonic() + self.step_timeout_s
+        while handle.output is None:
+            for step_id, output in self._next_answers(deadline):
+                done = self._waiting.pop(step_id, None)
+                if done is not None:
+                    done.output = output

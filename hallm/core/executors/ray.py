@@ -12,6 +12,11 @@ A step is put in Ray's object store once (`ray.put`, shared memory on each node)
 receives the same reference; only rank 0 returns sampled tokens. A rank whose actor dies or
 whose method raises ends the step with a `WorkerDiedError` naming the rank; `shutdown` kills
 every actor and removes the placement group, and a Ray instance the executor started is stopped.
+
+Steps follow `ranks`' protocol (async scheduling: a rank launches step N+1, then answers step
+N): rank 0's `launch` of step N+1 returns step N's output, and an actor runs its calls one at a
+time in the order they were made, so that never races with the launch. The engine reads each
+`launch` / `flush` call on every rank, in order, so a dead rank is seen.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from typing import Any
 
 from hallm.core.executors.mp import free_port
 from hallm.core.executors.rank_worker import RankWorker
 from hallm.core.executors.ranks import RanksExecutor, WorkerDiedError
-from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import ConfigError, Platform
 
@@ -68,9 +73,13 @@ class RayRankActor:
         assert self.rank_worker is not None, "setup() runs first"
         return self.rank_worker.call(method, *args)
 
-    def execute(self, step: Any) -> Any:
+    def launch(self, step_id: int, step: Any, resolve_now: bool) -> list[tuple[int, Any]]:
         assert self.rank_worker is not None, "setup() runs first"
-        return self.rank_worker.execute(step)
+        return self.rank_worker.launch(step_id, step, resolve_now)
+
+    def flush(self) -> list[tuple[int, Any]]:
+        assert self.rank_worker is not None, "setup() runs first"
+        return self.rank_worker.flush()
 
     def shutdown(self) -> None:
         if self.rank_worker is not None:
@@ -80,9 +89,6 @@ class RayRankActor:
 
 class RayExecutor(RanksExecutor):
     name = "ray"
-    supports_async = False
-    #: A step still unanswered after this long is a hung worker.
-    step_timeout_s: float = 600.0
     #: Setup calls (starting actors, loading a model, profiling) may take this long.
     setup_timeout_s: float = 3600.0
     #: How long the placement group may wait for the cluster's resources.
@@ -97,7 +103,8 @@ class RayExecutor(RanksExecutor):
         self._placement_group: Any = None
         self._started_ray = False
         self._dead: str | None = None
-        self._step_started: float | None = None
+        #: Every rank's reference of each `launch` / `flush` call not yet read, oldest first.
+        self._calls: deque[list[Any]] = deque()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -181,26 +188,30 @@ class RayExecutor(RanksExecutor):
 
     # ---- the contract ------------------------------------------------------------------------
 
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        import ray
-
-        self._check_not_dead()
-        ref = ray.put(step)  # serialized once; every actor reads the same object
-        self._step_started = time.monotonic()
-        try:
-            outs = self._gather([a.execute.remote(ref) for a in self.actors], self.step_timeout_s)
-        finally:
-            self._step_started = None
-        out: ModelRunnerOutput = outs[0]
-        return out
-
     def check_health(self) -> None:
         self._check_not_dead()
-        started = self._step_started
+        started = self._oldest_unanswered()
         if started is not None and time.monotonic() - started > self.step_timeout_s:
             self._fail(f"a step has run for over {self.step_timeout_s:.0f} s: a worker is hung")
         if started is None:
             self._gather([a.call.remote("ping") for a in self.actors], 60)
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _send_launch(self, step_id: int, step: SchedulerOutput, resolve_now: bool) -> None:
+        import ray
+
+        self._check_not_dead()
+        ref = ray.put(step)  # serialized once; every actor reads the same object
+        self._calls.append([a.launch.remote(step_id, ref, resolve_now) for a in self.actors])
+
+    def _send_flush(self) -> None:
+        self._check_not_dead()
+        self._calls.append([a.flush.remote() for a in self.actors])
+
+    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
+        answers: list[tuple[int, Any]] = self._gather(self._calls.popleft(), deadline - time.monotonic())[0]
+        return answers
 
     # ---- plumbing ----------------------------------------------------------------------------
 
