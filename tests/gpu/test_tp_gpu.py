@@ -1,5 +1,7 @@
 """Tensor parallelism on two GPUs (NCCL): TP=2 on the mp and ray executors against HF transformers
-on the same weights (tests/gpu/run_all.sh tp-greedy; skipped without two NVIDIA GPUs).
+on the same weights (tests/gpu/run_all.sh tp-greedy; skipped without two NVIDIA GPUs); and the mp
+executor's one-rank path on one GPU (a worker process, async scheduling across the process
+boundary, decode graphs in the worker).
 
 The check is the single-GPU greedy test's (tests/gpu/test_engine_gpu.py): HF teacher-forces
 prompt + hallm's tokens once, and every token hallm chose must be HF's argmax up to the bf16 tie
@@ -17,9 +19,12 @@ import torch
 
 from tests.gpu.test_engine_gpu import _assert_within, _check_against_hf, _free, _generate, _prompts, _record
 
-pytestmark = pytest.mark.skipif(
-    torch.version.cuda is None or torch.cuda.device_count() < 2, reason="needs two NVIDIA GPUs"
-)
+NEEDS_GPUS = {
+    n: pytest.mark.skipif(
+        torch.version.cuda is None or torch.cuda.device_count() < n, reason=f"needs {n} NVIDIA GPU(s)"
+    )
+    for n in (1, 2)
+}
 
 
 def _model_dir(name: str, tmp: Path) -> Path:
@@ -42,6 +47,7 @@ def _model_dir(name: str, tmp: Path) -> Path:
     return tmp
 
 
+@NEEDS_GPUS[2]
 @pytest.mark.parametrize("executor", ["mp", "ray"])
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "llama-3.1-8b"])
 def test_tp2_bf16_greedy_matches_hf(tmp_path: Path, name: str, executor: str) -> None:
@@ -68,4 +74,31 @@ def test_tp2_bf16_greedy_matches_hf(tmp_path: Path, name: str, executor: str) ->
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     summary = _check_against_hf(hf, prompts, outputs)
     _record(f"tp2-{executor}-{name}-bf16", summary)
+    _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
+
+
+@NEEDS_GPUS[1]
+def test_mp_one_rank_async_bf16_greedy_matches_hf(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hallm.entrypoints.llm import LLM
+
+    path = _model_dir("qwen2.5-0.5b", tmp_path / "qwen")
+    vocab = int(AutoConfig.from_pretrained(path).vocab_size)
+    prompts = _prompts(8, vocab, 20, 600, seed=3)
+    llm = LLM(
+        model=str(path),
+        device="cuda",
+        dtype="bfloat16",
+        max_model_len=2048,
+        gpu_memory_utilization=0.5,
+        tensor_parallel_size=1,
+        distributed_executor_backend="mp",
+    )
+    assert llm.engine.async_scheduling, "async scheduling is the CUDA default and mp supports it"
+    outputs = _generate(llm, prompts, 32)
+    _free(llm)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    summary = _check_against_hf(hf, prompts, outputs)
+    _record("mp1-async-qwen2.5-0.5b-bf16", summary)
     _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
