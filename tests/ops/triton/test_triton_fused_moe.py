@@ -148,13 +148,15 @@ def test_plan_groups_pairs_by_expert_and_skips_unchosen_experts() -> None:
     assert sorted(p for p in plan.sorted_ids.tolist() if p < n) == list(range(n))
 
 
-def test_a_tiny_moe_model_built_with_the_table(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    """Qwen3-MoE (4 experts, top-2) in float32 built with the Triton op table: its MoE layers
-    run the kernels, and a prefill of two requests gives the reference-built model's logits."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_a_tiny_moe_model_built_with_the_table(tiny_model_dir, arch: str) -> None:  # type: ignore[no-untyped-def]
+    """Qwen3-MoE and gpt-oss (4 experts, top-2; gpt-oss with its biases and clamped SwiGLU) in
+    float32 built with the Triton op table: their MoE layers run the kernels, and a prefill of
+    two requests gives the reference-built model's logits."""
     from hallm.core.model_loader import load_model
     from tests.utils.paged_forward import PagedRunner
 
-    path = tiny_model_dir("qwen3_moe")
+    path = tiny_model_dir(arch)
     ids = list(range(3, 40))
     chunks = [("a", ids[:20]), ("b", ids[20:])]
     want = PagedRunner(load_model(str(path)).model).step(chunks)
