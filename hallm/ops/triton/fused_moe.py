@@ -27,7 +27,6 @@ import triton.language as tl
 
 from hallm.ops.triton.moe_align import MoEConfig, align_by_expert, moe_config
 from hallm.ops.triton.runtime import decorate, gdc_launch_dependents, gdc_wait, interpreting, pdl_launch
-from hallm.ops.triton.skinny_launch import CompileVariant
 from hallm.ops.triton.target import TritonTarget
 from hallm.platforms.ops import SILU_GLU, ClampedSwiGLU, MoEActivation
 
@@ -274,7 +273,7 @@ def fused_moe(
         alpha,
         limit,
         TOP_K=top_k,
-        **_tiles(cfg),
+        **tiles(cfg),
         DOT_F32=dot_f32,
         HAS_BIAS=w13_bias is not None,
         ACTIVATION=act_code,
@@ -299,7 +298,7 @@ def fused_moe(
         w2.stride(1),
         partial.stride(0),
         b2.stride(0),
-        **_tiles(cfg),
+        **tiles(cfg),
         DOT_F32=dot_f32,
         HAS_BIAS=w2_bias is not None,
         num_warps=cfg.num_warps,
@@ -309,83 +308,6 @@ def fused_moe(
     return partial.view(t, top_k, h).sum(dim=1).to(hidden.dtype)
 
 
-def _tiles(cfg: MoEConfig) -> dict[str, int]:
+def tiles(cfg: MoEConfig) -> dict[str, int]:
+    """The tile shape as the kernels' BLOCK_* constexprs."""
     return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
-
-
-#: Qwen3-30B-A3B's router shape: experts, top-k (the tiles do not depend on H or I).
-COMPILE_SHAPE = (128, 8)
-
-
-def compile_variants(
-    kernels: SimpleNamespace, sig_dtypes: tuple[str, ...], target: TritonTarget
-) -> list[CompileVariant]:
-    """`compile_check`'s variants of both MoE kernels (`jit_kernels()`), for dtypes named as in a
-    Triton signature ("bf16", "fp16", "fp32"), at Qwen3-30B-A3B's shapes: a decode step of one
-    token (16-row blocks) and a prefill of 512 tokens (64-row blocks), with the launch
-    parameters `fused_moe` picks on `target`."""
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    e, top_k = COMPILE_SHAPE
-    out: list[CompileVariant] = []
-    for t in sig_dtypes:
-        for tokens in (1, 512):
-            cfg = moe_config(tokens * top_k, e, torch_dtype[t], target)
-            # a launch's sizes and strides at these shapes are multiples of 16: Triton
-            # specializes on that (vectorized, asynchronously pipelined loads), so compile so too
-            aligned = ("inter", "hidden", "w_stride_e", "w_stride_n", "out_stride")
-            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            common = {"sorted_ids_ptr": "*i32", "block_experts_ptr": "*i32", "num_pairs": "i32"}
-            tiles = {**_tiles(cfg), "DOT_F32": t == "fp32"}
-            # the prefill variants take gpt-oss's biases and activation, the decode ones not
-            gpt_oss = {
-                "HAS_BIAS": tokens > 1,
-                "ACTIVATION": ACT_CLAMPED_SWIGLU if tokens > 1 else ACT_SILU_GLU,
-            }
-            out.append(
-                (
-                    f"moe-gate-up-{t}-m{cfg.block_m}{'-bias-swiglu' if tokens > 1 else ''}",
-                    kernels.gate_up,
-                    {
-                        "x_ptr": f"*{t}",
-                        "w_ptr": f"*{t}",
-                        "out_ptr": f"*{t}",
-                        "b_ptr": f"*{t}",
-                        **common,
-                        "inter": "i32",
-                        "hidden": "i32",
-                        "x_stride": "i32",
-                        "w_stride_e": "i32",
-                        "w_stride_n": "i32",
-                        "out_stride": "i32",
-                        "b_stride_e": "i32",
-                        "alpha": "fp32",
-                        "limit": "fp32",
-                    },
-                    {"TOP_K": top_k, **tiles, **gpt_oss},
-                    {**opts, "aligned": (*aligned, "x_stride")},
-                )
-            )
-            out.append(
-                (
-                    f"moe-down-{t}-m{cfg.block_m}{'-bias' if tokens > 1 else ''}",
-                    kernels.down,
-                    {
-                        "a_ptr": f"*{t}",
-                        "w_ptr": f"*{t}",
-                        "out_ptr": "*fp32",
-                        "topk_w_ptr": "*fp32",
-                        "b_ptr": f"*{t}",
-                        **common,
-                        "hidden": "i32",
-                        "inter": "i32",
-                        "a_stride": "i32",
-                        "w_stride_e": "i32",
-                        "w_stride_n": "i32",
-                        "out_stride": "i32",
-                        "b_stride_e": "i32",
-                    },
-                    {**tiles, "HAS_BIAS": gpt_oss["HAS_BIAS"]},
-                    {**opts, "aligned": (*aligned, "a_stride")},
-                )
-            )
-    return out
