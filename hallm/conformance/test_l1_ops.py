@@ -64,7 +64,7 @@ def test_op_matches_its_reference(target: Target, op: str, dtype: str) -> None:
     import torch
 
     from hallm.ops import reference_ops as ref
-    from hallm.platforms.ops import LinearWeights
+    from hallm.platforms.ops import ClampedSwiGLU, LinearWeights
 
     fn = _entry(target, op, dtype)
     dev = target.platform().device(0)
@@ -124,7 +124,25 @@ def test_op_matches_its_reference(target: Target, op: str, dtype: str) -> None:
             "experts 1..4 empty": torch.stack([zeros, zeros + e - 1], 1),
             "one token": torch.stack([rows % e, (rows + 1) % e], 1)[:1],
         }
+        # gpt-oss's experts: biases on both projections and its clamped SwiGLU, gate/up
+        # projections large enough that the clamps bind (errors scale with the output: / scale)
+        big13 = randn(e, 2 * inter, h, scale=3 * h**-0.5)
+        b13, b2 = randn(e, 2 * inter, scale=0.5), randn(e, h, scale=0.5)
+        gpt_oss = {"activation": ClampedSwiGLU(alpha=1.702, limit=7.0), "w13_bias": b13, "w2_bias": b2}
         for label, ids in patterns.items():
             n, ids = ids.shape[0], ids.to(dev)
             want = ref.fused_moe(hidden[:n].float(), weights[:n], ids, w13.float(), w2.float())
             _close(f"fused_moe {label}", fn(hidden[:n], weights[:n], ids, w13, w2), want, dtype)
+            want = ref.fused_moe(
+                hidden[:n].float(),
+                weights[:n],
+                ids,
+                big13.float(),
+                w2.float(),
+                activation=gpt_oss["activation"],
+                w13_bias=b13.float(),
+                w2_bias=b2.float(),
+            )
+            got = fn(hidden[:n], weights[:n], ids, big13, w2, **gpt_oss)
+            scale = want.abs().max()
+            _close(f"fused_moe gpt-oss (biases, clamped SwiGLU) {label}", got / scale, want / scale, dtype)

@@ -15,7 +15,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hallm.platforms.ops import DecoderStackWeights, LinearKernel, LinearWeights, OpTable
+from hallm.platforms.ops import (
+    SILU_GLU,
+    ClampedSwiGLU,
+    DecoderStackWeights,
+    LinearKernel,
+    LinearWeights,
+    MoEActivation,
+    OpTable,
+)
 
 
 def rms_norm(
@@ -82,19 +90,36 @@ def linear(weights: LinearWeights) -> LinearKernel:
     return ReferenceLinear(weights)
 
 
+def moe_activation(gate_up: torch.Tensor, activation: MoEActivation) -> torch.Tensor:
+    """An expert's activation: gate_up [N, 2I] (gate in the first half, up in the second) ->
+    [N, I], op by op in gate_up's dtype as transformers computes it."""
+    if isinstance(activation, ClampedSwiGLU):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=activation.limit)
+        up = up.clamp(min=-activation.limit, max=activation.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * activation.alpha))
+    return silu_and_mul(gate_up)
+
+
 def fused_moe(
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    *,
+    activation: MoEActivation = SILU_GLU,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See `hallm.platforms.ops.FusedMoEOp`. Loops over the experts that any token chose, so an
     expert no token chose is never read."""
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for e in torch.unique(topk_ids).tolist():
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
-        y = F.linear(silu_and_mul(F.linear(hidden[token], w13[e])), w2[e])
+        b13 = None if w13_bias is None else w13_bias[e]
+        b2 = None if w2_bias is None else w2_bias[e]
+        y = F.linear(moe_activation(F.linear(hidden[token], w13[e], b13), activation), w2[e], b2)
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
     return out.to(hidden.dtype)
 

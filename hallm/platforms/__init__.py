@@ -34,26 +34,36 @@ from hallm.platforms.hookspecs import HallmHookSpecs, hookimpl, hookspec
 from hallm.platforms.kv_connector import KVConnector, KVConnectorRole
 from hallm.platforms.ops import (
     OP_NAMES,
+    SILU_GLU,
     BoundLinear,
+    ClampedSwiGLU,
     DecoderLayerWeights,
     DecoderStackKernel,
     DecoderStackWeights,
+    FusedMoEOp,
     LinearKernel,
     LinearWeights,
+    MoEActivation,
     OpTable,
     PagedAttentionLayer,
+    SiluGLU,
 )
 from hallm.platforms.paths import cache_root
 from hallm.platforms.platform import DTYPE_NAMES, Capabilities, Platform, Probe
 
 #: The plugin API version ("MAJOR.MINOR"). A plugin whose `Platform.api_version` has another
 #: major version is refused at load; a newer minor version than the core's gets a warning.
-API_VERSION = "1.2"
+API_VERSION = "1.3"
 
 __all__ = [
     "API_VERSION",
     "OP_NAMES",
+    "SILU_GLU",
     "BoundLinear",
+    "ClampedSwiGLU",
+    "FusedMoEOp",
+    "MoEActivation",
+    "SiluGLU",
     "DecoderLayerWeights",
     "DecoderStackKernel",
     "DecoderStackWeights",

@@ -44,14 +44,49 @@ RotaryOp = Callable[["Tensor", "Tensor", "Tensor", "Tensor", float], "tuple[Tens
 #: silu_and_mul(x [T, 2I]) -> silu(x[:, :I]) * x[:, I:]  [T, I]: the gated MLP's activation.
 SiluAndMulOp = Callable[["Tensor"], "Tensor"]
 
-#: fused_moe(hidden [T, H], topk_weights float32 [T, K], topk_ids int [T, K], w13 [E, 2I, H],
-#: w2 [E, H, I]) -> [T, H]: sum over each token's K chosen experts e of
-#: `topk_weights[t, k] * w2[e] @ silu_and_mul(w13[e] @ hidden[t])` (rows [0, I) of w13 are the
-#: gate, [I, 2I) the up projection). Routing (which experts, their weights) is the model's: the
-#: layer computes it as its family's router does and passes the result. An expert no token chose
-#: need not be read. Under tensor parallelism w13/w2 hold this rank's slice of I and the output is
-#: this rank's partial sum.
-FusedMoEOp = Callable[["Tensor", "Tensor", "Tensor", "Tensor", "Tensor"], "Tensor"]
+
+@dataclasses.dataclass(frozen=True)
+class SiluGLU:
+    """The experts' activation on a gate/up pair: `silu(gate) * up` (Mixtral, Qwen-MoE, OLMoE)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation on a gate/up pair: `gate = min(gate, limit)`,
+    `up = clamp(up, -limit, limit)`, `(up + 1) * gate * sigmoid(alpha * gate)`."""
+
+    alpha: float
+    limit: float
+
+
+#: An expert MLP's activation, declared by the layer; every `fused_moe` entry takes each kind.
+MoEActivation = SiluGLU | ClampedSwiGLU
+SILU_GLU = SiluGLU()
+
+
+class FusedMoEOp(Protocol):
+    """fused_moe(hidden [T, H], topk_weights float [T, K], topk_ids int [T, K], w13 [E, 2I, H],
+    w2 [E, H, I], *, activation, w13_bias [E, 2I] | None, w2_bias [E, H] | None) -> [T, H]: sum
+    over each token's K chosen experts e of
+    `topk_weights[t, k] * (w2[e] @ act(w13[e] @ hidden[t] + w13_bias[e]) + w2_bias[e])`, where
+    `act` is `activation` on the gate (rows [0, I) of w13) and the up projection (rows [I, 2I));
+    an absent bias is zero. Routing (which experts, their weights) is the model's: the layer
+    computes it as its family's router does and passes the result. An expert no token chose need
+    not be read. Under tensor parallelism w13/w13_bias/w2 hold this rank's slice of I and the
+    output is this rank's partial sum (the layer passes w2_bias on one rank only)."""
+
+    def __call__(
+        self,
+        hidden: Tensor,
+        topk_weights: Tensor,
+        topk_ids: Tensor,
+        w13: Tensor,
+        w2: Tensor,
+        *,
+        activation: MoEActivation = SILU_GLU,
+        w13_bias: Tensor | None = None,
+        w2_bias: Tensor | None = None,
+    ) -> Tensor: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,10 +101,11 @@ def test_tp2_ray_matches_tp1(model_dirs: dict[str, Path], arch: str, local_ray: 
     assert _generate(model_dirs[arch], tensor_parallel_size=2, distributed_executor_backend="ray") == expected
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_tp2_moe_matches_tp1(tiny_model_dir: Callable[[str], Path], arch: str) -> None:
     """Experts split by their intermediate dimension (Qwen2-MoE's shared expert too), the
-    router on every rank."""
+    router on every rank; gpt-oss's sinks split with their query heads, its experts' down bias
+    added once."""
     path = tiny_model_dir(arch)
     assert _generate(path, tensor_parallel_size=2) == _generate(path)
 

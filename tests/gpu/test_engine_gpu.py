@@ -5,9 +5,10 @@ Greedy tokens are checked by teacher forcing: HF runs once over prompt + hallm's
 every token hallm chose must be HF's argmax at that position, up to a tie tolerance (random
 weights give near-flat distributions; float32 1e-3, bf16 wider). hallm's reported logprob of each
 token is compared with HF's too. Tiny models of every native arch run in float32, eager and with
-CUDA graphs (gpt-oss: attention sinks in the Triton kernel); a Qwen2.5-0.5B-shaped random
-model runs in bf16. Tiny MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) go through the
-Triton fused MoE op, a long-RoPE model through per-request rope factors.
+CUDA graphs (gpt-oss: attention sinks in the Triton kernel, its experts in the Triton fused
+MoE); a Qwen2.5-0.5B-shaped random model runs in bf16. Tiny MoE models (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE) go through the Triton fused MoE op, a long-RoPE model through per-request
+rope factors.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ TINY_ARCHS = (
     "olmoe",
     "phi3_longrope",
 )
-#: Archs run eagerly or may be: gemma2 through transformers' modules (the generic path), gpt-oss
-#: whose expert loop reads the chosen ids on the host (`supports_step_graphs = False`).
-GENERIC_ARCHS = ("gemma2", "gpt_oss")
+#: Archs run eagerly or may be: gemma2 through transformers' modules (the generic path).
+GENERIC_ARCHS = ("gemma2",)
 
 
 def _prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:

@@ -84,3 +84,33 @@ def test_mxfp4_expert_weights_are_refused_with_the_way_out(tmp_path: Path) -> No
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatchError, match=r"MXFP4-quantized.*Mxfp4Config\(dequantize=True\)"):
         LLM(model=str(path), device="cpu", dtype="float32", num_gpu_blocks_override=16)
+
+
+def test_experts_through_fused_moe_match_transformers() -> None:
+    """gpt-oss's MLP (router + experts through the op table's reference `fused_moe`, the
+    checkpoint's expert tensors converted by `to_op_layout`) against transformers' GptOssMLP on
+    the same weights, with gate/up projections large enough that both clamps bind."""
+    import transformers as tf
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as HFGptOssMLP
+
+    from hallm.core.models.gpt_oss import GptOssMLP, to_op_layout
+
+    config = tf.GptOssConfig(hidden_size=32, intermediate_size=24, num_local_experts=5, num_experts_per_tok=2)
+    hf = HFGptOssMLP(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            scale = 4.0 * 32**-0.5 if name == "experts.gate_up_proj" else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    ours = GptOssMLP(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            ours.get_parameter(name).copy_(to_op_layout(f"model.layers.0.mlp.{name}", p))
+    x = torch.randn(11, 32, generator=gen)
+    with torch.no_grad():
+        gate_up = torch.einsum("th,ehi->tei", x, hf.experts.gate_up_proj) + hf.experts.gate_up_proj_bias
+        assert (gate_up[..., ::2] > config.swiglu_limit).any()
+        assert (gate_up[..., 1::2].abs() > config.swiglu_limit).any()
+        want, _ = hf(x[None])
+        got = ours(x)
+    torch.testing.assert_close(got, want[0], atol=1e-4, rtol=1e-5)

@@ -4,10 +4,14 @@ The experts' weights are stacked over experts in transformers' in-memory layout,
 checkpoints load unchanged and per-expert checkpoints load through
 `hallm.core.models.weights.ExpertShard`:
 - `gate_up_proj` [E, 2 * I_local, H]: rows [0, I_local) the gate, [I_local, 2 * I_local) the up;
-- `down_proj` [E, H, I_local].
+- `down_proj` [E, H, I_local];
+- with `bias` (gpt-oss): `gate_up_proj_bias` [E, 2 * I_local] (gate half, up half) and
+  `down_proj_bias` [E, H].
 With tensor parallelism (`tp_size` > 1) each rank holds a contiguous slice of every expert's
 intermediate dimension (I_local = I / tp_size, rank r owns [r * I_local, (r + 1) * I_local)) and
-returns its partial sum; the caller all-reduces. The router runs on every rank in full.
+returns its partial sum; the caller all-reduces. The down projection's bias is whole on every
+rank and added by rank 0 only, so the all-reduce counts it once. The router runs on every rank
+in full.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 from hallm.core.layers.op_context import current_ops
 from hallm.ops.reference_ops import softmax_topk
 from hallm.platforms import ConfigError
+from hallm.platforms.ops import SILU_GLU, MoEActivation
 
 
 class FusedMoE(nn.Module):
@@ -30,6 +35,8 @@ class FusedMoE(nn.Module):
         intermediate_size: int,
         tp_rank: int = 0,
         tp_size: int = 1,
+        activation: MoEActivation = SILU_GLU,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
@@ -46,6 +53,12 @@ class FusedMoE(nn.Module):
         self.local_intermediate = intermediate_size // tp_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.local_intermediate, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.local_intermediate))
+        self.activation = activation
+        self.gate_up_proj_bias: nn.Parameter | None = None
+        self.down_proj_bias: nn.Parameter | None = None
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * self.local_intermediate))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
         op = current_ops().fused_moe
         assert op is not None  # current_ops() fills every elementwise entry
         self._op = op
@@ -53,12 +66,22 @@ class FusedMoE(nn.Module):
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        return self._op(hidden, topk_weights, topk_ids, self.gate_up_proj, self.down_proj)
+        return self._op(
+            hidden,
+            topk_weights,
+            topk_ids,
+            self.gate_up_proj,
+            self.down_proj,
+            activation=self.activation,
+            w13_bias=self.gate_up_proj_bias,
+            w2_bias=self.down_proj_bias if self.tp_rank == 0 else None,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden={self.hidden_size}, "
-            f"intermediate={self.intermediate_size}, tp={self.tp_rank}/{self.tp_size}"
+            f"intermediate={self.intermediate_size}, tp={self.tp_rank}/{self.tp_size}, "
+            f"activation={self.activation}, bias={self.down_proj_bias is not None}"
         )
 
 

@@ -10,13 +10,15 @@ What differs from Llama (transformers' modeling_gpt_oss is the oracle):
   +-`swiglu_limit`, `h = (up + 1) * gate * sigmoid(alpha * gate)`, then
   `h @ down_proj[e] + down_proj_bias[e]`, weighted by the router and summed.
 
-The expert MLP runs here (`GptOssExperts`), not through the op table's `fused_moe`: that op takes
-bias-free SiLU experts in [E, 2I, H] layout and cannot express the clamped, biased, interleaved
-SwiGLU. Like the reference `fused_moe` it loops over the experts some token chose (one host
-read of the chosen ids per layer), so it reads no unused expert and is not graph-capturable.
-The expert tensors keep transformers' layout ([E, H, 2I] and [E, I, H]), so a dequantized
-checkpoint loads unchanged; MXFP4-quantized expert tensors (`*_blocks`, `*_scales`, as OpenAI
-publishes gpt-oss) are refused at load with the way to dequantize them.
+The experts run through the op table's `fused_moe` (`hallm.core.layers.moe.FusedMoE`) with the
+declared `ClampedSwiGLU` activation and both biases, so a step reads no host value and is
+graph-capturable. The op takes Mixtral's layout, so the checkpoint's expert tensors are converted
+as they load (`to_op_layout`): transformers' gate_up_proj [E, H, 2I] with interleaved columns
+becomes [E, 2I, H] with the gate rows first, its bias [E, 2I] likewise, and down_proj
+[E, I, H] becomes [E, H, I]. Under tensor parallelism every rank then holds a slice of each
+expert's intermediate dimension (as Mixtral), its query heads' sinks, and the replicated router.
+MXFP4-quantized expert tensors (`*_blocks`, `*_scales`, as OpenAI publishes gpt-oss) are
+refused at load with the way to dequantize them.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hallm.core.distributed import tp_all_reduce, tp_rank, tp_world_size
+from hallm.core.distributed.sharding import Shard
 from hallm.core.layers.attention import Attention
+from hallm.core.layers.moe import FusedMoE
 from hallm.core.layers.rotary import RotaryEmbedding
 from hallm.core.models.interface import CheckpointMismatchError, layer_sliding_window
-from hallm.core.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from hallm.core.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, head_shard_of
 from hallm.core.models.weights import ExpertShard, FusedShard, stacked_shards
-from hallm.platforms import ConfigError
+from hallm.platforms import ClampedSwiGLU, ConfigError
 
 
 class GptOssAttention(LlamaAttention):
@@ -80,46 +85,40 @@ class GptOssRouter(nn.Module):
         return torch.softmax(top, dim=-1), ids
 
 
-class GptOssExperts(nn.Module):
-    """forward(x [T, H], weights [T, K], ids [T, K]) -> [T, H]: the routed sum of gpt-oss's
-    clamped SwiGLU experts (see the module doc)."""
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        e, h, i = int(config.num_local_experts), int(config.hidden_size), int(config.intermediate_size)
-        self.alpha = float(config.swiglu_alpha)
-        self.limit = float(config.swiglu_limit)
-        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))  # columns interleaved: gate, up
-        self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i))
-        self.down_proj = nn.Parameter(torch.empty(e, i, h))
-        self.down_proj_bias = nn.Parameter(torch.empty(e, h))
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in torch.unique(ids).tolist():  # ascending, as transformers adds them
-            token, slot = torch.nonzero(ids == e, as_tuple=True)
-            gate_up = x[token] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # [n, 2I]
-            gate = gate_up[:, ::2].clamp(max=self.limit)
-            up = gate_up[:, 1::2].clamp(min=-self.limit, max=self.limit)
-            hidden = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-            y = hidden @ self.down_proj[e] + self.down_proj_bias[e]  # [n, H]
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
-        return out
+def to_op_layout(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor as the model holds it: the experts' tensors in `fused_moe`'s layout
+    (see the module doc), every other tensor unchanged."""
+    if name.endswith(".experts.gate_up_proj"):  # [E, H, 2I] interleaved -> [E, 2I, H] gate | up
+        rows = tensor.transpose(1, 2)
+        return torch.cat([rows[:, 0::2], rows[:, 1::2]], dim=1)
+    if name.endswith(".experts.gate_up_proj_bias"):  # [E, 2I] interleaved -> gate | up
+        return torch.cat([tensor[:, 0::2], tensor[:, 1::2]], dim=1)
+    if name.endswith(".experts.down_proj"):  # [E, I, H] -> [E, H, I]
+        return tensor.transpose(1, 2).contiguous()
+    return tensor
 
 
 class GptOssMLP(nn.Module):
-    """x [T, H] -> [T, H]: router, then experts."""
+    """x [T, H] -> [T, H]: router, then the experts through `fused_moe` (this rank's partial
+    sums all-reduced under tensor parallelism)."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
-        self.router = GptOssRouter(
-            config.hidden_size, int(config.num_local_experts), int(config.num_experts_per_tok)
+        num_experts = int(config.num_local_experts)
+        self.router = GptOssRouter(config.hidden_size, num_experts, int(config.num_experts_per_tok))
+        self.experts = FusedMoE(
+            num_experts,
+            config.hidden_size,
+            int(config.intermediate_size),
+            tp_rank(),
+            tp_world_size(),
+            activation=ClampedSwiGLU(alpha=float(config.swiglu_alpha), limit=float(config.swiglu_limit)),
+            bias=True,
         )
-        self.experts = GptOssExperts(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)
-        return self.experts(x, weights, ids)
+        return tp_all_reduce(self.experts(x, weights, ids))
 
 
 class GptOssDecoderLayer(LlamaDecoderLayer):
@@ -133,10 +132,6 @@ class GptOssForCausalLM(LlamaForCausalLM):
     """gpt-oss (20b, 120b) from a bf16/fp32 (dequantized) checkpoint."""
 
     layer_cls = GptOssDecoderLayer
-    #: Sinks and experts are not sliced per rank: refused at TP > 1.
-    supports_tensor_parallel = False
-    #: The expert loop reads the chosen expert ids on the host (see the module doc).
-    supports_step_graphs = False
 
     @classmethod
     def attention_flags(cls, config: Any) -> tuple[bool, bool, bool]:
@@ -148,6 +143,20 @@ class GptOssForCausalLM(LlamaForCausalLM):
         attn: LlamaAttention = self.model.layers[0].self_attn  # type: ignore[assignment]
         return stacked_shards(qkv={"q": attn.q_size, "k": attn.kv_size, "v": attn.kv_size}), []
 
+    def tensor_parallel_shards(self) -> dict[str, Shard]:
+        """The Llama family's shards, plus this rank's query heads' sinks and its slice of every
+        expert's intermediate dimension, in the op's layout (`to_op_layout` runs first). The
+        router and the down projection's bias are whole on every rank."""
+        table = super().tensor_parallel_shards()
+        heads = head_shard_of(self.config)
+        inter = int(self.config.intermediate_size) // tp_world_size()
+        start = tp_rank() * inter
+        table["self_attn.sinks"] = Shard(0, heads.q_start, heads.num_heads)
+        table["experts.gate_up_proj"] = Shard(1, start, inter, blocks=2)
+        table["experts.gate_up_proj_bias"] = Shard(1, start, inter, blocks=2)
+        table["experts.down_proj"] = Shard(2, start, inter)
+        return table
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def checked() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
@@ -158,7 +167,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
                         "quantization_config=Mxfp4Config(dequantize=True), save_pretrained, and "
                         "serve that directory"
                     )
-                yield name, tensor
+                yield name, to_op_layout(name, tensor)
 
         return super().load_weights(checked())
 

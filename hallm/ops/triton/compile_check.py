@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import triton
 
-from hallm.ops.triton import fused_moe, skinny_gemm, skinny_launch
+from hallm.ops.triton import fused_moe, moe_compile, skinny_gemm, skinny_launch
 from hallm.ops.triton.attention import jit_kernels
 from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
 from hallm.ops.triton.skinny_launch import CompileVariant
@@ -263,7 +263,7 @@ def variants(
         )
     )
     out.extend(
-        fused_moe.compile_variants(fused_moe.jit_kernels(), tuple(_SIG_DTYPE[d] for d in dtypes), target)
+        moe_compile.compile_variants(fused_moe.jit_kernels(), tuple(_SIG_DTYPE[d] for d in dtypes), target)
     )
     return out
 
@@ -365,6 +365,8 @@ CI_SUBSET = (
     "moe-down-bf16-m16",
     "moe-gate-up-bf16-m64",
     "moe-down-bf16-m64",
+    "moe-gate-up-bf16-m64-bias-swiglu",
+    "moe-down-bf16-m64-bias-swiglu",
     "moe-gate-up-fp32-m16",
 )
 

@@ -1,6 +1,7 @@
 """hallm.ops.triton.fused_moe in the interpreter against the op's reference
-(hallm.ops.reference_ops.fused_moe), over routing patterns, top-k 1 and 2, and token counts that
-leave partial row blocks; and the align step's plan itself."""
+(hallm.ops.reference_ops.fused_moe), over routing patterns, top-k 1 and 2, token counts that
+leave partial row blocks, and both activations (SiLU-and-mul without biases, gpt-oss's clamped
+SwiGLU with biases on both projections); and the align step's plan itself."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hallm.ops.triton.fused_moe import fused_moe
 from hallm.ops.triton.moe_align import align_by_expert, max_padded_rows
 from hallm.ops.triton.op_table import triton_op_table
 from hallm.ops.triton.target import GENERIC, amd_target
+from hallm.platforms.ops import SILU_GLU, ClampedSwiGLU, MoEActivation
 
 #: float32: summation order only; bf16: the interpreter truncates its bf16 casts (GPUs round to
 #: nearest even) at each of the reference's roundings.
@@ -34,34 +36,68 @@ def _routing(pattern: str, tokens: int, top_k: int) -> torch.Tensor:
     return torch.stack(cols[:top_k], dim=1)
 
 
-def _weights(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: gpt-oss's activation (transformers' GptOssExperts defaults)
+GPT_OSS = ClampedSwiGLU(alpha=1.702, limit=7.0)
+
+
+def _weights(dtype: torch.dtype, seed: int, gate_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    w13 = (torch.randn(E, 2 * INTER, H, generator=gen) * H**-0.5).to(dtype)
+    w13 = (torch.randn(E, 2 * INTER, H, generator=gen) * gate_scale * H**-0.5).to(dtype)
     w2 = (torch.randn(E, H, INTER, generator=gen) * INTER**-0.5).to(dtype)
     return w13, w2
 
 
+def _biases(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13_bias [E, 2I], w2_bias [E, H]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(E, 2 * INTER, generator=gen).to(dtype), torch.randn(E, H, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("activation", [SILU_GLU, GPT_OSS], ids=["silu", "gpt-oss"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("pattern", ["one expert", "uniform", "empty experts"])
-def test_matches_the_reference(pattern: str, top_k: int, dtype: torch.dtype) -> None:
-    """Unchosen experts' weights are NaN: a block that used another expert's weights (or a
-    padding row that reached the output) would show."""
+def test_matches_the_reference(
+    pattern: str, top_k: int, dtype: torch.dtype, activation: MoEActivation
+) -> None:
+    """Unchosen experts' weights and biases are NaN: a block that used another expert's weights
+    (or a padding row that reached the output) would show. gpt-oss's case has biases on both
+    projections and gate/up projections large enough (std ~3) that both clamps bind; its
+    intermediate values reach ~50, so its errors are measured against the output's scale."""
     gen = torch.Generator().manual_seed(1)
+    gpt_oss = isinstance(activation, ClampedSwiGLU)
     for tokens in (1, 7, 33):
         ids = _routing(pattern, tokens, top_k)
-        w13, w2 = _weights(dtype, 0)
+        w13, w2 = _weights(dtype, 0, gate_scale=3.0 if gpt_oss else 1.0)
+        b13, b2 = _biases(dtype, 5) if gpt_oss else (None, None)
         unchosen = torch.ones(E, dtype=torch.bool)
         unchosen[ids.unique()] = False
-        w13[unchosen], w2[unchosen] = float("nan"), float("nan")
+        for w in (w13, w2, b13, b2):
+            if w is not None:
+                w[unchosen] = float("nan")
         hidden = torch.randn(tokens, H, generator=gen).to(dtype)
         weights = torch.rand(tokens, top_k, generator=gen)
-        got = fused_moe(hidden, weights, ids, w13, w2)
-        want = ref.fused_moe(hidden.float(), weights, ids, w13.float(), w2.float())
-        assert got.dtype == dtype and got.shape == (tokens, H)
-        torch.testing.assert_close(
-            got.float(), want, **TOL[dtype], msg=lambda m, n=tokens: f"{n} tokens: {m}"
+        opts = dict(activation=activation, w13_bias=b13, w2_bias=b2)
+        got = fused_moe(hidden, weights, ids, w13, w2, **opts)  # type: ignore[arg-type]
+        want = ref.fused_moe(
+            hidden.float(),
+            weights,
+            ids,
+            w13.float(),
+            w2.float(),
+            activation=activation,
+            w13_bias=None if b13 is None else b13.float(),
+            w2_bias=None if b2 is None else b2.float(),
         )
+        assert got.dtype == dtype and got.shape == (tokens, H)
+        scale = float(want.abs().max()) if gpt_oss else 1.0
+        torch.testing.assert_close(
+            got.float() / scale, want / scale, **TOL[dtype], msg=lambda m, n=tokens: f"{n} tokens: {m}"
+        )
+        if gpt_oss and tokens == 33:  # both clamps bind on some chosen (token, expert) pair
+            pre = torch.einsum("th,eih->tei", hidden.float(), w13.float()) + b13.float()  # type: ignore[union-attr]
+            pre = pre[torch.arange(tokens)[:, None], ids]  # [T, K, 2I]
+            assert (pre[..., :INTER] > GPT_OSS.limit).any() and (pre[..., INTER:].abs() > GPT_OSS.limit).any()
 
 
 def test_large_row_blocks_and_amd_launch() -> None:
@@ -112,13 +148,15 @@ def test_plan_groups_pairs_by_expert_and_skips_unchosen_experts() -> None:
     assert sorted(p for p in plan.sorted_ids.tolist() if p < n) == list(range(n))
 
 
-def test_a_tiny_moe_model_built_with_the_table(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    """Qwen3-MoE (4 experts, top-2) in float32 built with the Triton op table: its MoE layers
-    run the kernels, and a prefill of two requests gives the reference-built model's logits."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_a_tiny_moe_model_built_with_the_table(tiny_model_dir, arch: str) -> None:  # type: ignore[no-untyped-def]
+    """Qwen3-MoE and gpt-oss (4 experts, top-2; gpt-oss with its biases and clamped SwiGLU) in
+    float32 built with the Triton op table: their MoE layers run the kernels, and a prefill of
+    two requests gives the reference-built model's logits."""
     from hallm.core.model_loader import load_model
     from tests.utils.paged_forward import PagedRunner
 
-    path = tiny_model_dir("qwen3_moe")
+    path = tiny_model_dir(arch)
     ids = list(range(3, 40))
     chunks = [("a", ids[:20]), ("b", ids[20:])]
     want = PagedRunner(load_model(str(path)).model).step(chunks)
