@@ -27,16 +27,24 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HALLM_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def _tiny_gguf(arch: str, tmp_path: Path, f16: bool = False) -> tuple[Path, Path]:
+def _tiny_gguf(arch: str, tmp_path: Path, f16: bool = False, squeeze: bool = True) -> tuple[Path, Path]:
     hf_dir = build_tiny_model(arch, tmp_path / "hf", **OVERRIDES.get(arch, {}))
-    return hf_dir, write_tiny_gguf(hf_dir, tmp_path / f"tiny-{arch}.gguf", f16=f16)
+    return hf_dir, write_tiny_gguf(hf_dir, tmp_path / f"tiny-{arch}.gguf", f16=f16, squeeze=squeeze)
 
 
-@pytest.mark.parametrize(("arch", "f16"), [("qwen2_moe", False), ("qwen3_moe", False), ("qwen3_moe", True)])
-def test_moe_gguf_matches_hf(arch: str, f16: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "f16", "squeeze"),
+    [
+        ("qwen2_moe", False, True),
+        ("qwen2_moe", True, False),  # shared_expert_gate stored [1, H], as unsqueezing converters do
+        ("qwen3_moe", False, True),
+        ("qwen3_moe", True, True),
+    ],
+)
+def test_moe_gguf_matches_hf(arch: str, f16: bool, squeeze: bool, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_dir, gguf_file = _tiny_gguf(arch, tmp_path, f16)
+    hf_dir, gguf_file = _tiny_gguf(arch, tmp_path, f16, squeeze)
     llm = LLM(
         model=str(gguf_file),
         device="cpu",
@@ -62,7 +70,9 @@ def test_moe_gguf_matches_hf(arch: str, f16: bool, tmp_path: Path) -> None:
 
 def test_mixtral_gguf_is_refused(tmp_path: Path) -> None:
     _, gguf_file = _tiny_gguf("mixtral", tmp_path)
-    with pytest.raises(ConfigError, match=r"Mixtral-style mixture of experts \(llama.cpp architecture 'llama' with 4"):
+    with pytest.raises(
+        ConfigError, match=r"Mixtral-style mixture of experts \(llama.cpp architecture 'llama' with 4"
+    ):
         LLM(model=str(gguf_file), device="cpu", dtype="float32")
     assert not list((tmp_path / "cache" / "gguf").iterdir())  # nothing half-converted left behind
 
@@ -70,4 +80,12 @@ def test_mixtral_gguf_is_refused(tmp_path: Path) -> None:
 def test_olmoe_gguf_is_refused(tmp_path: Path) -> None:
     _, gguf_file = _tiny_gguf("olmoe", tmp_path)
     with pytest.raises(ConfigError, match="GGUF model with architecture olmoe is not supported"):
+        LLM(model=str(gguf_file), device="cpu", dtype="float32")
+
+
+def test_gpt_oss_gguf_is_refused(tmp_path: Path) -> None:
+    _, gguf_file = _tiny_gguf("gpt_oss", tmp_path)
+    with pytest.raises(
+        ConfigError, match="holds a 'gpt-oss' mixture of experts, which hallm cannot load from GGUF"
+    ):
         LLM(model=str(gguf_file), device="cpu", dtype="float32")

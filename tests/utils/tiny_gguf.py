@@ -12,9 +12,12 @@ What llama.cpp's converter does, and this writer repeats:
 - Tensors named by the gguf package's TensorNameMap (token_embd, blk.N.attn_q, ...); the
   per-expert matrices stacked into one 3-D tensor per layer: ffn_gate_exps / ffn_up_exps
   [E, I, H] and ffn_down_exps [E, H, I] (torch order; GGUF stores the dims reversed).
+- gpt-oss's fused input-major experts are split and transposed (_split_gpt_oss_experts).
 - For "llama" the q/k rows are permuted per head from HF's rotate-half layout to the
   interleaved pairs llama.cpp's rope uses: rows (head, half, i) -> (head, i, half).
-- Qwen2-MoE's shared_expert_gate [1, H] is written as the 1-D [H] vector hub GGUFs hold.
+- Qwen2-MoE's shared_expert_gate [1, H] is written as the 1-D [H] vector of the converter's
+  squeezing versions (the published Qwen1.5-MoE GGUFs), or, with `squeeze=False`, as [1, H] the
+  way converter versions without the squeeze write it.
 - 1-D tensors and the router (ffn_gate_inp) stay F32; other matrices are F32 or F16.
 - The BPE tokenizer as tokenizer.ggml.* ("gpt2" model, "gpt-2" pre-tokenizer, token list, token types with the
   special tokens as CONTROL, merges, bos/eos/pad ids) plus the chat template.
@@ -31,7 +34,13 @@ import numpy as np
 import torch
 
 #: HF model_type -> llama.cpp arch name.
-GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+GGUF_ARCH = {
+    "mixtral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "olmoe": "olmoe",
+    "gpt_oss": "gpt-oss",
+}
 #: Each arch's per-expert HF projection names, in ffn_gate / ffn_up / ffn_down order.
 _EXPERT_PROJ = {
     "mixtral": ("w1", "w3", "w2"),
@@ -47,7 +56,9 @@ def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _stack_experts(state: dict[str, torch.Tensor], model_type: str, num_layers: int) -> dict[str, torch.Tensor]:
+def _stack_experts(
+    state: dict[str, torch.Tensor], model_type: str, num_layers: int
+) -> dict[str, torch.Tensor]:
     """Per-expert HF matrices -> `model.layers.N.mlp.experts.{gate,up,down}_proj.weight` [E, ...],
     the names TensorNameMap maps to ffn_*_exps; the others pass through."""
     gate, up, down = _EXPERT_PROJ[model_type]
@@ -67,6 +78,29 @@ def _stack_experts(state: dict[str, torch.Tensor], model_type: str, num_layers: 
     if experts:
         raise ValueError(f"unexpected expert tensors: {sorted(experts)}")
     return out
+
+
+def _split_gpt_oss_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """gpt-oss's fused, input-major experts (gate_up_proj [E, H, 2I] with gate/up interleaved along
+    the last dim, down_proj [E, I, H], biases [E, 2I] / [E, H]) -> llama.cpp's separate output-major
+    ffn_gate/up_exps [E, I, H] and ffn_down_exps [E, H, I] with their biases; sinks get `.weight`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        base = name.rsplit(".", 1)[0]
+        if name.endswith("mlp.experts.gate_up_proj"):
+            t = t.transpose(-1, -2)
+            out[f"{base}.gate_proj.weight"], out[f"{base}.up_proj.weight"] = t[:, ::2, :], t[:, 1::2, :]
+        elif name.endswith("mlp.experts.gate_up_proj_bias"):
+            out[f"{base}.gate_proj.bias"], out[f"{base}.up_proj.bias"] = t[..., ::2], t[..., 1::2]
+        elif name.endswith("mlp.experts.down_proj"):
+            out[f"{name}.weight"] = t.transpose(-1, -2)
+        elif name.endswith("mlp.experts.down_proj_bias"):
+            out[f"{base}.down_proj.bias"] = t
+        elif name.endswith("self_attn.sinks"):
+            out[f"{name}.weight"] = t
+        else:
+            out[name] = t
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _add_tokenizer(writer: Any, hf_dir: Path, vocab_size: int, pre: str) -> None:
@@ -98,9 +132,11 @@ def _add_tokenizer(writer: Any, hf_dir: Path, vocab_size: int, pre: str) -> None
     gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
-def write_tiny_gguf(hf_dir: str | Path, out_path: str | Path, *, f16: bool = False) -> Path:
+def write_tiny_gguf(
+    hf_dir: str | Path, out_path: str | Path, *, f16: bool = False, squeeze: bool = True
+) -> Path:
     """Write the HF directory `hf_dir` (a tiny MoE of tests.utils.tiny_models) as a llama.cpp-style
-    GGUF file at `out_path`; matrices in F16 when `f16`, else F32."""
+    GGUF file at `out_path`; matrices in F16 when `f16`, else F32; `squeeze`: see the module doc."""
     import gguf
     from safetensors.torch import load_file
 
@@ -137,19 +173,30 @@ def write_tiny_gguf(hf_dir: str | Path, out_path: str | Path, *, f16: bool = Fal
     if arch_name == "llama":
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(cfg["hidden_size"] // n_head)
+    if arch_name == "gpt-oss":
+        rope = cfg["rope_parameters"]
+        writer.add_sliding_window(cfg["sliding_window"])
+        writer.add_expert_feed_forward_length(cfg["intermediate_size"])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     # the tiny tokenizer splits with GPT-2's regex: llama.cpp's pre-tokenizer name for it is "gpt-2"
     _add_tokenizer(writer, hf_dir, cfg["vocab_size"], "gpt-2")
 
     name_map = gguf.get_tensor_name_map(arch, n_layers)
-    state = _stack_experts(load_file(str(hf_dir / "model.safetensors")), model_type, n_layers)
+    state = load_file(str(hf_dir / "model.safetensors"))
+    if model_type == "gpt_oss":
+        state = _split_gpt_oss_experts(state)
+    else:
+        state = _stack_experts(state, model_type, n_layers)
     for hf_name, t in state.items():
         t = t.float()
         if arch_name == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
             t = llama_permute(t, n_head)
         elif arch_name == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
             t = llama_permute(t, n_kv)
-        if hf_name.endswith("shared_expert_gate.weight"):
+        if squeeze and hf_name.endswith("shared_expert_gate.weight"):
             t = t.squeeze(0)
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:

@@ -15,7 +15,8 @@ Mixture-of-experts files: transformers' GGUF config map drops the experts' width
 (`{arch}.expert_feed_forward_length`, `{arch}.expert_shared_feed_forward_length`) for qwen2moe and
 qwen3moe, leaving the config class defaults; they are filled in from the metadata here. A
 Mixtral-style file (llama.cpp arch "llama" with experts) is refused: transformers reads it as a
-dense Llama and would drop the experts. Every parameter of the model must come out of the file
+dense Llama and would drop the experts; so is a gpt-oss file, which transformers' reader cannot
+convert (_UNREADABLE_MOE). Every parameter of the model must come out of the file
 with its shape, else the conversion fails with a ConfigError instead of writing a model with
 missing or misshapen weights.
 """
@@ -138,7 +139,17 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return out
 
 
+#: llama.cpp architectures whose MoE files transformers' GGUF reader mis-converts -> why.
+_UNREADABLE_MOE = {
+    "gpt-oss": (
+        "transformers' GGUF reader cannot convert gpt-oss files: it fails on the yarn rope-scaling "
+        "metadata and maps neither the attention sinks, the head width nor the split experts"
+    ),
+}
+
+
 def _refuse_unreadable_moe(path: Path, metadata: dict[str, Any]) -> None:
+    """Refuse, before converting, the MoE files transformers would convert wrong or crash on."""
     arch = metadata.get("general.architecture")
     experts = metadata.get(f"{arch}.expert_count") or 0
     if arch == "llama" and (experts or any("_exps." in n for n in metadata["tensor_names"])):
@@ -147,6 +158,11 @@ def _refuse_unreadable_moe(path: Path, metadata: dict[str, Any]) -> None:
             f"with {experts} experts); transformers' GGUF reader, which hallm converts GGUF files "
             "with, reads 'llama' as a dense Llama and cannot load its experts. Load the model's "
             "HF safetensors checkpoint instead."
+        )
+    if arch in _UNREADABLE_MOE:
+        raise ConfigError(
+            f"GGUF file {path} holds a {arch!r} mixture of experts, which hallm cannot load from "
+            f"GGUF: {_UNREADABLE_MOE[arch]}. Load the model's HF safetensors checkpoint instead."
         )
 
 
@@ -174,7 +190,8 @@ def _check_tensors(
         t = out.get(key)
         if t is None or tuple(t.shape) == shape:
             continue
-        if t.numel() == torch.Size(shape).numel() and [d for d in t.shape if d != 1] == [d for d in shape if d != 1]:
+        squeezed = [d for d in t.shape if d != 1]
+        if t.numel() == torch.Size(shape).numel() and squeezed == [d for d in shape if d != 1]:
             out[key] = t.reshape(shape)
         else:
             wrong.append(f"{key} {tuple(t.shape)} (expected {shape})")
