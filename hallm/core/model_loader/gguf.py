@@ -4,9 +4,10 @@ transformers' GGUF support parses the metadata into a config and a tokenizer, de
 tensors with the `gguf` package and maps llama.cpp names to HF names (undoing llama.cpp's q/k
 permutation). That takes ~25 s for SmolLM2-135M on two cores, so the result is written as an HF
 directory (config.json, model.safetensors, tokenizer files, generation_config.json) under
-`<cache>/gguf/<key>`, key = hash of the file's real path, size and mtime (and of the layout
-version of what is written); a changed file gets a new entry. The directory appears atomically (written under a temporary name, then renamed), so a
-concurrent or interrupted conversion never leaves a half-written entry behind.
+`<cache>/gguf/<key>`, key = hash of the file's real path, size and mtime and of the layout
+version of what is written; a changed file gets a new entry. The directory appears atomically
+(written under a temporary name, then renamed), so a concurrent or interrupted conversion never
+leaves a half-written entry behind.
 
 Weights are stored in float16 when the GGUF stores every matrix in F16, else in float32
 (dequantized values are exact in float32), and config.json's `dtype` says which.
@@ -16,9 +17,9 @@ Mixture-of-experts files: transformers' GGUF config map drops the experts' width
 qwen3moe, leaving the config class defaults; they are filled in from the metadata here. A
 Mixtral-style file (llama.cpp arch "llama" with experts) is refused: transformers reads it as a
 dense Llama and would drop the experts; so is a gpt-oss file, which transformers' reader cannot
-convert (_UNREADABLE_MOE). Every parameter of the model must come out of the file
-with its shape, else the conversion fails with a ConfigError instead of writing a model with
-missing or misshapen weights.
+convert (_UNREADABLE_MOE). Every parameter of the model must come out of the file with its shape,
+else the conversion fails with a ConfigError instead of writing a model with missing or
+misshapen weights.
 """
 
 from __future__ import annotations
@@ -177,9 +178,10 @@ def _fill_expert_widths(config: Any, metadata: dict[str, Any]) -> None:
 def _check_tensors(
     path: Path, tensors: dict[str, torch.Tensor], skeleton: torch.nn.Module, config: Any
 ) -> dict[str, torch.Tensor]:
-    """`tensors` holding every parameter of `skeleton` in its shape (a tensor that differs only
-    by size-1 dims, e.g. Qwen2-MoE's shared_expert_gate [H] vs [1, H], is reshaped); raises a
-    ConfigError naming what is missing or misshapen."""
+    """`tensors` holding every parameter of `skeleton` in its shape; raises a ConfigError naming
+    what is missing or misshapen. A tensor that differs only by size-1 dims is reshaped:
+    transformers turns Qwen2-MoE's shared_expert_gate into [1, 1, H] where a GGUF stores it [1, H]
+    (converters that do not squeeze it to [H])."""
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
