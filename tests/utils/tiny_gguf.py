@@ -2,13 +2,14 @@
 them, from the tiny random HF directories of tests.utils.tiny_models.
 
 What llama.cpp's converter does, and this writer repeats:
-- `general.architecture` is llama.cpp's arch name: "qwen2moe", "qwen3moe", "olmoe", and "llama"
-  for Mixtral (llama.cpp runs Mixtral as a llama with experts).
+- `general.architecture` is llama.cpp's arch name: "qwen2moe", "qwen3moe", "olmoe", "gpt-oss",
+  and "llama" for Mixtral (llama.cpp runs Mixtral as a llama with experts).
 - Hyperparameters under `{arch}.*`: block_count, context_length, embedding_length,
   feed_forward_length, attention.head_count(_kv), rope.freq_base, layer_norm_rms_epsilon,
   expert_count, expert_used_count, expert_feed_forward_length (Qwen MoE),
   expert_shared_feed_forward_length (Qwen2-MoE), attention.key/value_length when the config
-  states head_dim; llama adds vocab_size and rope.dimension_count.
+  states head_dim; llama adds vocab_size and rope.dimension_count; gpt-oss adds
+  attention.sliding_window, expert_feed_forward_length and its yarn rope.scaling.* keys.
 - Tensors named by the gguf package's TensorNameMap (token_embd, blk.N.attn_q, ...); the
   per-expert matrices stacked into one 3-D tensor per layer: ffn_gate_exps / ffn_up_exps
   [E, I, H] and ffn_down_exps [E, H, I] (torch order; GGUF stores the dims reversed).
@@ -19,8 +20,8 @@ What llama.cpp's converter does, and this writer repeats:
   squeezing versions (the published Qwen1.5-MoE GGUFs), or, with `squeeze=False`, as [1, H] the
   way converter versions without the squeeze write it.
 - 1-D tensors and the router (ffn_gate_inp) stay F32; other matrices are F32 or F16.
-- The BPE tokenizer as tokenizer.ggml.* ("gpt2" model, "gpt-2" pre-tokenizer, token list, token types with the
-  special tokens as CONTROL, merges, bos/eos/pad ids) plus the chat template.
+- The BPE tokenizer as tokenizer.ggml.* ("gpt2" model, "gpt-2" pre-tokenizer, token list, token
+  types with the special tokens as CONTROL, merges, bos/eos/pad ids) plus the chat template.
 """
 
 from __future__ import annotations
