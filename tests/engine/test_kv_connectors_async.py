@@ -21,6 +21,7 @@ from hallm.entrypoints.llm import LLM
 from tests.engine.test_kv_connectors import (
     BLOCK_SIZE,
     PROMPTS,
+    SHARED,
     generate,
     greedy,
     kv_stats,
@@ -171,3 +172,34 @@ def test_under_preemption_and_chunked_prefill(model_dir: str, tmp_path: Path) ->
         assert generate(llm, prompts) == want
         assert llm.engine.get_stats()["num_preemptions"] > 0
         assert kv_stats(llm)["kv_connector_tokens_loaded"] > 0
+
+
+def test_loads_while_other_requests_decode(model_dir: str, expected: list[list[int]], tmp_path: Path) -> None:
+    """Requests arrive while another one decodes (its next token pending in every step): their
+    load steps run beside its decode steps, and every request keeps the oracle's tokens."""
+    generate(async_llm(model_dir, storage(tmp_path, "kv_producer")), PROMPTS[:2], max_tokens=1)
+    engine = async_llm(model_dir, storage(tmp_path, "kv_consumer")).engine
+    tokens: dict[str, list[int]] = {}
+    arrivals = {0: 2, 2: 0, 4: 1}  # step number -> index into PROMPTS (PROMPTS[2] is not stored)
+    step = 0
+    while step in arrivals or step <= max(arrivals) or engine.has_unfinished_requests():
+        if step in arrivals:
+            i = arrivals[step]
+            engine.add_request(str(i), {"prompt_token_ids": PROMPTS[i]}, greedy())
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+    assert [tokens[str(i)] for i in range(3)] == expected
+    stats = kv_stats_of(engine)
+    # PROMPTS[1] finds the shared prefix's 3 blocks in the prefix cache (loaded for PROMPTS[0]).
+    shared = len(SHARED) // BLOCK_SIZE * BLOCK_SIZE
+    assert (
+        stats["kv_connector_tokens_loaded"]
+        == loadable_tokens(PROMPTS[0]) + loadable_tokens(PROMPTS[1]) - shared
+    )
+    assert stats.get("kv_connector_load_failures", 0) == 0
+
+
+def kv_stats_of(engine: Any) -> dict[str, Any]:
+    return {k: v for k, v in engine.get_stats().items() if k.startswith("kv_connector_")}
