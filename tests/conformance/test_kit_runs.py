@@ -84,6 +84,19 @@ def test_kit_passes_on_a_third_party_plugin_with_a_kv_connector(kit: KitRunner) 
     ]
 
 
+def test_pytest_selection_reports_only_the_selected_tests(kit: KitRunner) -> None:
+    """`hallm conformance ... -- -k kv_connector`: the deselected tests are left out of the
+    report, not counted as aborted (the run fails on the broken connector alone)."""
+    run = kit.get("badconnector")
+    assert run.report["summary"]["aborted"] == 0, run.explain()
+    assert sorted(t["test_id"] for t in run.tests()) == [
+        "test_l2_components.py::test_kv_connector_round_trip[core-offload]",
+        "test_l2_components.py::test_kv_connector_round_trip[core-p2p]",
+        "test_l2_components.py::test_kv_connector_round_trip[core-shared_storage]",
+        "test_l2_components.py::test_kv_connector_round_trip[fake_loads_from_zero]",
+    ]
+
+
 # (kit run, the failing test that must exist, what its message must say)
 FAULTS = [
     (
