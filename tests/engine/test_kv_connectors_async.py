@@ -149,12 +149,24 @@ def test_block_deleted_after_the_offer_is_recomputed(
     assert stats["kv_connector_tokens_loaded"] == sum(loadable_tokens(p) for p in PROMPTS[1:])
 
 
-def test_p2p_decode_instance_down(model_dir: str, expected: list[list[int]]) -> None:
+@pytest.mark.parametrize("peer", ["down", "silent"])
+def test_p2p_decode_instance_down_or_silent(model_dir: str, expected: list[list[int]], peer: str) -> None:
+    """Nobody listens, or the peer takes the message and never answers (died mid-transfer)."""
+    import zmq
+
     from tests.server.utils import free_port
 
-    prefill = async_llm(model_dir, p2p("kv_producer", kv_peer=f"127.0.0.1:{free_port()}", send_timeout_s=0.3))
-    assert generate(prefill, PROMPTS) == expected
-    assert kv_stats(prefill)["kv_connector_save_failures"] == 8
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1") if peer == "silent" else free_port()
+    try:
+        prefill = async_llm(model_dir, p2p("kv_producer", kv_peer=f"127.0.0.1:{port}", send_timeout_s=0.3))
+        assert generate(prefill, PROMPTS) == expected
+        stats = kv_stats(prefill)
+        assert stats["kv_connector_save_failures"] == 8 and stats.get("kv_connector_tokens_saved", 0) == 0
+    finally:
+        silent.close(linger=0)
+        ctx.term()
 
 
 def test_under_preemption_and_chunked_prefill(model_dir: str, tmp_path: Path) -> None:
