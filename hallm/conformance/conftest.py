@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hallm.conformance.connectors import CORE_CONNECTOR
+from hallm.conformance.connector_setups import CORE_CONNECTORS
 from hallm.conformance.plugin import kit_state
 from hallm.conformance.target import Target
 from hallm.platforms.platform import DTYPE_NAMES
@@ -125,9 +125,11 @@ def _params(kind: str, target: Target, quick: bool) -> list[Any]:
     elif kind == "connector":
         names = sorted(target.contributions("hallm_kv_connectors")) or ["none"]
         params = [pytest.param(n, marks=_requires("available", "kv_connector"), id=n) for n in names]
-        # The core's storage connector, on every device: its blocks go through host files, so a
-        # device whose tensors do not move to and from the host faithfully fails here.
-        params.append(pytest.param(CORE_CONNECTOR, marks=_requires("available"), id=f"core-{CORE_CONNECTOR}"))
+        # The core's connectors, on every device: their blocks go through host memory, files and
+        # sockets, so a device whose tensors do not move to and from the host faithfully fails here.
+        params += [
+            pytest.param(f"core-{n}", marks=_requires("available"), id=f"core-{n}") for n in CORE_CONNECTORS
+        ]
     elif kind == "end_to_end":
         from hallm.conformance.models import ARCHS
 

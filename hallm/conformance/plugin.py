@@ -249,6 +249,12 @@ class KitHooks:
             if entry is not None:
                 item.add_marker(pytest.mark.xfail(reason=f"{entry.reason} [{entry.source}]", strict=True))
 
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        """Tests deselected after the kit saw them (`-k`, `-m`) are not in the run: never
+        reported as aborted."""
+        for item in items:
+            self.state.items.pop(item.nodeid, None)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         if not is_kit_item(item):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hallm.conformance.connectors import CORE_CONNECTOR, round_trip
+from hallm.conformance.connector_setups import core_setup, plugin_setup
+from hallm.conformance.connectors import round_trip
 from hallm.conformance.e2e import engine_shape, run_lifecycle
 from hallm.conformance.target import Target
 
@@ -55,21 +56,13 @@ def test_executor_lifecycle(
 def test_kv_connector_round_trip(
     target: Target, tiny_model: Callable[[str, int], str], connector: str, tmp_path: Path
 ) -> None:
-    """Blocks saved by one engine's connector load into another engine's cache, bit for bit
-    (the plugin's connectors, and the core's `shared_storage` on this device)."""
+    """Blocks saved by one engine's connector load into another engine's cache bit for bit, the
+    offered token counts are right, and a broken store reports a failed load, never wrong data
+    (the plugin's connectors, and the core's shared_storage, offload and p2p on this device)."""
     dtype = target.capabilities().dtypes[0]
     head_size, block_size = engine_shape(target, dtype)
-    kv_transfer_config = None
-    if connector == CORE_CONNECTOR:
-        from hallm.core.kv_connectors import core_connectors
-
-        connector_cls = core_connectors()[connector]
-        kv_transfer_config = {
-            "kv_connector": connector,
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "kv")},
-        }
+    if connector.startswith("core-"):
+        setup = core_setup(connector.removeprefix("core-"), tmp_path, target.origin)
     else:
-        connector_cls = target.contributions("hallm_kv_connectors")[connector]
-    model = tiny_model("llama", head_size)
-    round_trip(target, connector_cls, model, dtype, head_size, block_size, kv_transfer_config)
+        setup = plugin_setup(connector, target.contributions("hallm_kv_connectors")[connector], target.origin)
+    round_trip(target, setup, tiny_model("llama", head_size), dtype, head_size, block_size)

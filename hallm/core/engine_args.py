@@ -117,13 +117,6 @@ class EngineArgs:
         async_scheduling = (
             caps.async_scheduling if self.async_scheduling is None else bool(self.async_scheduling)
         )
-        if kv_transfer is not None and async_scheduling:
-            # A request's load step must resolve before its compute is scheduled.
-            if self.async_scheduling:
-                raise ConfigError(
-                    "--kv-transfer-config runs with synchronous scheduling; drop --async-scheduling"
-                )
-            async_scheduling = False
         executor = self._executor_name()
         check_tensor_parallel(source.hf_config, self.tensor_parallel_size)
         if self.tensor_parallel_size > 1:

@@ -19,7 +19,11 @@ prefix-cache hit can be loaded from outside is admitted in two steps: a load ste
 allocated, nothing computed, status WAITING_FOR_KV) and, once the workers report the load,
 ordinary admission from the front of the queue with those tokens computed. A failed load leaves
 them to compute. The connector's scheduler side is told when a prompt is fully computed (it may
-save it) and when a request finishes (it may keep its blocks until a send completes).
+save it) and when a request finishes (it may keep its blocks until a send completes). With async
+scheduling the load step's result is only known after the next step is scheduled: the request
+stays in `loading` (scheduled in no step) until `update` applies it, so it never computes on a
+load that may fail; the save instruction is given before `_advance`, from the tokens computed
+before the step, as in sync mode.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ How the engine drives it (hallm.core.scheduler, hallm.core.model_runner):
   `failed_loads()`, `finished()` and `take_stats()`.
 - Finish: `on_request_finished` returning True keeps the request's blocks until a later step's
   `finished()` names it among the sent requests.
+- Async scheduling: the scheduler side builds step N+1 (`num_external_tokens`,
+  `on_blocks_allocated`, `build_step_meta`) before the engine has step N's output, and
+  `on_request_finished` may come while step N+1 runs. The worker side still runs the steps in
+  order, one at a time, so what step N saved can be loaded by step N+1. A request is never
+  scheduled to compute before its load step's output (`failed_loads`) is known.
 """
 
 from __future__ import annotations

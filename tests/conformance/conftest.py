@@ -97,6 +97,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "cpu": ("cli", ["--device", "cpu", "--quick"]),
     "template": ("pyargs", ["--hallm-device", "template", "--hallm-quick"]),
     "fakegood": ("cli", ["--device", "fakegood", "--level", "2", "--quick"]),
+    "badconnector": (
+        "cli",
+        ["--device", "badconnector", "--level", "2", "--quick", "--", "-k", "kv_connector"],
+    ),
     "badscale": ("cli", ["--device", "badscale", "--level", "1", "--quick"]),
     "badwalk": ("cli", ["--device", "badwalk", "--level", "1", "--quick"]),
     "badwrite": ("cli", ["--device", "badwrite", "--level", "1", "--quick"]),

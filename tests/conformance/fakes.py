@@ -237,7 +237,9 @@ class DeviceError(Good):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 '''
 
-#: A KV connector keeping saved blocks in process memory, keyed by the prompt's tokens.
+#: A KV connector keeping saved blocks in process memory, keyed by the prompt's tokens; and
+#: `LoadsFromZero`, the same with one fault: a load ignores the local prefix-cache hit
+#: (request.num_computed_tokens) and writes the prompt from position 0 over its blocks.
 CONNECTOR = """
 import torch
 from hallm.platforms import KVConnector
@@ -256,8 +258,14 @@ class MemoryConnector(KVConnector):
         stored = _STORE.get(tuple(request.prompt_token_ids))
         return max(0, stored["n"] - num_computed) if stored else 0
 
+    def first_loaded(self, request):
+        return request.num_computed_tokens
+
     def on_blocks_allocated(self, request, block_ids, num_external):
-        self._pending[request.request_id] = (tuple(request.prompt_token_ids), list(block_ids), num_external)
+        start = self.first_loaded(request)
+        self._pending[request.request_id] = (
+            tuple(request.prompt_token_ids), list(block_ids), start, num_external
+        )
 
     def build_step_meta(self):
         meta, self._pending = self._pending, {}
@@ -268,18 +276,27 @@ class MemoryConnector(KVConnector):
 
     def start_load(self, meta):
         self._meta = meta
-        for key, blocks, n in meta.values():
+        for key, blocks, start, n in meta.values():
             for layer, cache in self._caches.items():
                 bs = cache.shape[2]
-                for p in range(n):
+                for p in range(start, start + n):
                     cache[:, blocks[p // bs], p % bs] = _STORE[key][layer][:, p].to(cache.device)
 
     def save_layer(self, layer_name, kv_cache, layout):
         bs = kv_cache.shape[2]
-        for key, blocks, _ in self._meta.values():
+        for key, blocks, _, n_load in self._meta.values():
+            if n_load:
+                continue
             n = (len(key) // bs) * bs
             data = torch.stack([kv_cache[:, blocks[p // bs], p % bs] for p in range(n)], dim=1)
             _STORE.setdefault(key, {"n": n})[layer_name] = data.cpu().clone()
+
+
+class LoadsFromZero(MemoryConnector):
+    name = "fake_loads_from_zero"
+
+    def first_loaded(self, request):
+        return 0
 """
 
 
@@ -288,7 +305,7 @@ def plugin_module(
     backend: str | tuple[str, ...],
     *,
     preamble: str = "",
-    connector: bool = False,
+    connector: str = "",
     patch: str = "",
     dtypes: tuple[str, ...] = ("float32",),
     graph_capture: bool = False,
@@ -308,12 +325,12 @@ def hallm_platform():
     return make_platform({device_id!r}, {paths!r}, {dtypes!r}, {graph_capture!r}, {available!r})
 """
     if connector:
-        hooks += """
+        hooks += f"""
 
 @hookimpl
 def hallm_kv_connectors():
-    from fake_connector import MemoryConnector
-    return {"fake_memory": MemoryConnector}
+    from fake_connector import {connector}
+    return {{{connector}.name: {connector}}}
 """
     return hooks
 
@@ -402,7 +419,8 @@ MUTANT_BACKENDS = (
 
 #: device id -> (kernel class or classes, plugin_module keyword arguments)
 DEVICES: dict[str, tuple[str | tuple[str, ...], dict[str, object]]] = {
-    "fakegood": ("Good", {"connector": True}),
+    "fakegood": ("Good", {"connector": "MemoryConnector"}),
+    "badconnector": ("Good", {"connector": "LoadsFromZero"}),
     "badscale": ("WrongScale", {}),
     "badwalk": ("BlockWalkOffByOne", {}),
     "badwrite": ("WriteIgnoresSlotMapping", {}),

@@ -73,17 +73,41 @@ def report_path(kit: KitRunner, name: str) -> Path:
 
 def test_kit_passes_on_a_third_party_plugin_with_a_kv_connector(kit: KitRunner) -> None:
     """A dist-info plugin the core has never seen; its KV connector's round trip is tested, and
-    the core's shared_storage connector's on its device."""
+    the core's connectors' (shared_storage, offload, p2p) on its device."""
     run = kit.get("fakegood")
     _passes(run, levels=2)
     assert sorted(t["test_id"] for t in run.tests("pass", "test_l2_components.py::test_kv_connector")) == [
+        "test_l2_components.py::test_kv_connector_round_trip[core-offload]",
+        "test_l2_components.py::test_kv_connector_round_trip[core-p2p]",
         "test_l2_components.py::test_kv_connector_round_trip[core-shared_storage]",
         "test_l2_components.py::test_kv_connector_round_trip[fake_memory]",
     ]
 
 
+def test_pytest_selection_reports_only_the_selected_tests(kit: KitRunner) -> None:
+    """`hallm conformance ... -- -k kv_connector`: the deselected tests are left out of the
+    report, not counted as aborted (the run fails on the broken connector alone)."""
+    run = kit.get("badconnector")
+    assert run.report["summary"]["aborted"] == 0, run.explain()
+    assert sorted(t["test_id"] for t in run.tests()) == [
+        "test_l2_components.py::test_kv_connector_round_trip[core-offload]",
+        "test_l2_components.py::test_kv_connector_round_trip[core-p2p]",
+        "test_l2_components.py::test_kv_connector_round_trip[core-shared_storage]",
+        "test_l2_components.py::test_kv_connector_round_trip[fake_loads_from_zero]",
+    ]
+
+
 # (kit run, the failing test that must exist, what its message must say)
 FAULTS = [
+    (
+        "badconnector",
+        "test_l2_components.py::test_kv_connector_round_trip[fake_loads_from_zero]",
+        [
+            "KV connector 'fake_loads_from_zero'",
+            "the load past a local prefix-cache hit changed block 12",
+            "the load must start at num_computed_tokens",
+        ],
+    ),
     (
         "badscale",
         "test_l1_faults.py::test_softmax_scale",

@@ -1,7 +1,8 @@
 """The scheduler's side of a KV connector, step by step with a scripted connector: a load step
 computes nothing, a completed load counts its tokens as computed and caches its blocks, a failed
 one leaves them to compute (and caches nothing unverified), an aborted load frees its blocks,
-and a finished request's blocks are held until the connector reports its send done."""
+and a finished request's blocks are held until the connector reports its send done; under
+async scheduling a load step resolves before its request computes, and the save is asked once."""
 
 from __future__ import annotations
 
@@ -125,3 +126,55 @@ def test_a_loaded_request_cannot_starve_the_queue_head() -> None:
     assert step.num_scheduled_tokens == {"b": 15}
     assert not sched.kv.holds_blocks(a) and a.num_computed_tokens == 0
     assert any(sched.kv.pool.lookup(h) is not None for h in a.block_hashes[:2])
+
+
+def async_scheduler(connector: KVConnector) -> Scheduler:
+    sched = scheduler(connector)
+    sched.async_scheduling = True
+    return sched
+
+
+def test_async_load_step_resolves_before_its_compute() -> None:
+    """Async scheduling: the step after a load step is scheduled before the load's result is
+    known, so the request is in neither; it computes from the step after the result, the rest
+    of its prompt only when the load succeeded."""
+    for loaded in (True, False):
+        conn = ScriptedConnector(external=8)
+        sched = async_scheduler(conn)
+        other = make_request("x", list(range(100, 105)), max_tokens=4)
+        sched.add_request(other)
+        first = sched.schedule()  # x's prefill
+        conn.external = 8
+        req = make_request("a", list(range(13)), max_tokens=1)
+        sched.add_request(req)
+        load = sched.schedule()  # x decodes on its pending token; a's load step
+        assert load.kv_load_req_ids == ["a"] and "a" not in load.num_scheduled_tokens
+        sched.update(first, ModelRunnerOutput({"x": 7}))
+        after = sched.schedule()  # scheduled before the load step's output
+        assert "a" not in after.num_scheduled_tokens and not after.kv_load_req_ids
+        assert req.status == RequestStatus.WAITING_FOR_KV
+        sched.update(load, ModelRunnerOutput({"x": 8}, kv_loaded={"a"} if loaded else set()))
+        step = sched.schedule()
+        assert step.num_scheduled_tokens["a"] == (5 if loaded else 13)
+        assert step.new_requests[0].num_computed_tokens == (8 if loaded else 0)
+
+
+def test_async_save_is_asked_in_the_step_that_completes_the_prompt() -> None:
+    """The save instruction reads the tokens computed before the step (async counts a scheduled
+    chunk as computed when it is scheduled): asked once, in the step whose chunk ends the prompt."""
+    conn = ScriptedConnector()
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8),
+        CacheConfig(block_size=BLOCK, num_blocks=16, enable_prefix_caching=True),
+        MAX_MODEL_LEN,
+        conn,
+    )
+    sched.async_scheduling = True
+    sched.add_request(make_request("a", list(range(13)), max_tokens=3))
+    saves = []
+    for _ in range(4):
+        step = sched.schedule()
+        saves.append([c for c in conn.calls if c[2] == 0])
+        conn.calls.clear()
+        assert step.num_scheduled_tokens
+    assert [len(s) for s in saves] == [0, 1, 0, 0]  # chunks of 8 and 5: the second completes it

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused moe profile profile-engine profile-host profile-launch host-overhead conformance served (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused moe profile profile-engine profile-host profile-launch host-overhead conformance served kv and those below (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -24,6 +24,8 @@
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
+# kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
+#           conformance kit's KV connector round trips on the GPU (bit-exact blocks)
 # host-overhead  benchmarks/host_overhead.py: the engine's host time per decode step by phase (tiny model, batch 1/32/256)
 # served    benchmarks/gpu_served.py: offline (`hallm bench throughput`) vs served (`hallm serve` +
 #           `hallm bench serve`) at saturation and at concurrency 1, 1024 in / 128 out, Qwen2.5-0.5B
@@ -119,6 +121,9 @@ for step in $STEPS; do
     moe-g1) run moe-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen3-30b-a3b --systems hallm --num-iters 1 ;;
     served) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 256 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240
             run served-llama $PY benchmarks/gpu_served.py --out "$RES" --model llama-3.1-8b --num-prompts 128 --input-len 1024 --output-len 128 --concurrency-1-prompts 16 --num-iters 2 --timeout 240 ;;
+    kv) run kv $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kv_connectors_gpu.py
+        run kv-conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device \
+          --report "$RES/kv-conformance-cuda.json" -- -k kv_connector ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
