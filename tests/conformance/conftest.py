@@ -172,9 +172,9 @@ class KitRunner:
                 "-m",
                 "hallm.entrypoints.cli",
                 "conformance",
-                *args,
-                "--report",
+                "--report",  # before the args: a run's own "-- ARGS" go to pytest
                 str(report),
+                *args,
             ]
         else:
             cmd = [sys.executable, "-m", "pytest", "--pyargs", "hallm.conformance", *args]
