@@ -181,6 +181,11 @@ def test_batched_masks_equal_row_by_row(tiny_model_dir: Any) -> None:
     ]
     outputs[3] = tok.encode("a", add_special_tokens=False)  # its grammar is complete: EOS only
     eos = [frozenset({tok.eos_token_id})] * len(specs)
+    # Enough rows for the thread pool (PARALLEL_ROWS), every grammar at several rows.
+    from hallm.core.structured_output.bitmask import PARALLEL_ROWS
+
+    copies = -(-PARALLEL_ROWS // len(specs))
+    specs, outputs, eos = specs * copies, outputs * copies, eos * copies
     batched = grammar_bitmask([GrammarMatcher(s) for s in specs], outputs, eos)
     for i, spec in enumerate(specs):
         alone = GrammarMatcher(spec)
@@ -189,4 +194,4 @@ def test_batched_masks_equal_row_by_row(tiny_model_dir: Any) -> None:
         alone.fill(row[: alone.num_words], eos[i])
         assert torch.equal(batched[i], row), f"row {i} ({spec.kind})"
         assert int(row.count_nonzero()) > 0
-    assert GrammarMatcher(specs[3]).num_words == batched.shape[1]
+    assert GrammarMatcher(specs[3]).num_words == batched.shape[1] and len(specs) >= PARALLEL_ROWS
