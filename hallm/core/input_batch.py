@@ -44,12 +44,10 @@ class CachedRequestState:
 
     @property
     def needs_history(self) -> bool:
-        """Its sampling reads its output token ids on the host (penalties, min_tokens, a grammar)."""
-        return (
-            self.params.has_penalties
-            or self.params.min_tokens > 0
-            or self.params.structured_outputs is not None
-        )
+        """Its sampling metadata reads its output token ids on the host when the step is
+        prepared (penalties, min_tokens). A grammar reads them too, but only when the sampler
+        runs, after the step's forward is launched (`ModelRunner._sample`)."""
+        return self.params.has_penalties or self.params.min_tokens > 0
 
     def append_blocks(self, block_ids: list[int]) -> None:
         n = len(block_ids)

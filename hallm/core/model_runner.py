@@ -284,7 +284,8 @@ class ModelRunner:
         states = [self.requests[r] for r in req_ids]
         if self.in_flight:
             # Penalties and min_tokens read output ids on the host: wait for them. Otherwise
-            # only the newest step may stay unresolved (its ids are read on the device).
+            # only the newest step may stay unresolved (its ids are read on the device; a
+            # grammar waits for them in `_sample`).
             if any(st.pending and st.needs_history for st in states):
                 self.in_flight.resolve_all()
             else:
@@ -401,6 +402,12 @@ class ModelRunner:
             if st.generator is not None:
                 st.generator.manual_seed(step_seed(st.params.seed or 0, st.num_output_tokens))
         meta = self._sample_metadata(row_states)
+        if self.in_flight and any(
+            st.pending and st.params.structured_outputs is not None for st in row_states
+        ):
+            # A grammar's mask follows every token sampled so far: wait for the previous step's
+            # here, with this step's forward already queued behind it on the device.
+            self.in_flight.resolve_all()
         result = self.sampler(logits, meta)
         sampled = result.sampled_token_ids
         handle.sampled = sampled
