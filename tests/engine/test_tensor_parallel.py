@@ -66,6 +66,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _assert_gone_soon(pids: list[int], timeout: float = 30.0) -> None:
+    """Every rank process exits within `timeout` seconds of the engine's shutdown."""
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """One local Ray instance (2 CPUs) for the module: the executor connects to it and, having
@@ -158,10 +166,7 @@ def test_killed_ray_worker_ends_the_engine_cleanly(model_dirs: dict[str, Path], 
         _kill_rank1_mid_generation(llm, pids[1])
     finally:
         llm.engine.shutdown()
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    _assert_gone_soon(pids)
 
 
 def test_killed_worker_ends_the_engine_cleanly(model_dirs: dict[str, Path]) -> None:

@@ -8,7 +8,6 @@ and a killed rank behave as with synchronous scheduling. One rank through mp tak
 from __future__ import annotations
 
 import pickle
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +19,12 @@ from hallm import LLM, SamplingParams
 from hallm.core.executors.mp import MultiprocExecutor
 from hallm.core.outputs import RequestOutput
 from tests.engine.test_async_scheduling import summary, workload
-from tests.engine.test_tensor_parallel import _alive, _kill_rank1_mid_generation, _worker_pids
+from tests.engine.test_tensor_parallel import (
+    _alive,
+    _assert_gone_soon,
+    _kill_rank1_mid_generation,
+    _worker_pids,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,10 +181,7 @@ def test_async_killed_ray_worker_ends_the_engine_cleanly(model_dir: str, local_r
         _kill_rank1_mid_generation(llm, pids[1])
     finally:
         llm.engine.shutdown()
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    _assert_gone_soon(pids)
 
 
 class _LoggedStep:

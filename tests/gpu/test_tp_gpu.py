@@ -47,58 +47,55 @@ def _model_dir(name: str, tmp: Path) -> Path:
     return tmp
 
 
+def _greedy_matches_hf(
+    tmp_path: Path, name: str, label: str, seed: int, expect_async: bool = False, **llm_args: object
+) -> None:
+    """hallm's greedy tokens of random prompts on `name`'s random bf16 model against HF."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hallm.entrypoints.llm import LLM
+
+    path = _model_dir(name, tmp_path / name)
+    vocab = int(AutoConfig.from_pretrained(path).vocab_size)
+    prompts = _prompts(8, vocab, 20, 600, seed=seed)
+    llm = LLM(
+        model=str(path), device="cuda", dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.5,
+        **llm_args,  # type: ignore[arg-type]
+    )  # fmt: skip
+    if expect_async:
+        assert llm.engine.async_scheduling, "async scheduling is the CUDA default and mp supports it"
+    outputs = _generate(llm, prompts, 32)
+    _free(llm)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    summary = _check_against_hf(hf, prompts, outputs)
+    _record(label, summary)
+    _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
+
+
 @NEEDS_GPUS[2]
 @pytest.mark.parametrize("executor", ["mp", "ray"])
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "llama-3.1-8b"])
 def test_tp2_bf16_greedy_matches_hf(tmp_path: Path, name: str, executor: str) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from hallm.entrypoints.llm import LLM
-
     if executor == "ray":
         pytest.importorskip("ray")
-    path = _model_dir(name, tmp_path / name)
-    vocab = int(AutoConfig.from_pretrained(path).vocab_size)
-    prompts = _prompts(8, vocab, 20, 600, seed=2)
-    llm = LLM(
-        model=str(path),
-        device="cuda",
-        dtype="bfloat16",
-        max_model_len=2048,
-        gpu_memory_utilization=0.5,
+    _greedy_matches_hf(
+        tmp_path,
+        name,
+        f"tp2-{executor}-{name}-bf16",
+        2,
         tensor_parallel_size=2,
         distributed_executor_backend=executor,
     )
-    outputs = _generate(llm, prompts, 32)
-    _free(llm)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    summary = _check_against_hf(hf, prompts, outputs)
-    _record(f"tp2-{executor}-{name}-bf16", summary)
-    _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
 
 
 @NEEDS_GPUS[1]
 def test_mp_one_rank_async_bf16_greedy_matches_hf(tmp_path: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from hallm.entrypoints.llm import LLM
-
-    path = _model_dir("qwen2.5-0.5b", tmp_path / "qwen")
-    vocab = int(AutoConfig.from_pretrained(path).vocab_size)
-    prompts = _prompts(8, vocab, 20, 600, seed=3)
-    llm = LLM(
-        model=str(path),
-        device="cuda",
-        dtype="bfloat16",
-        max_model_len=2048,
-        gpu_memory_utilization=0.5,
+    _greedy_matches_hf(
+        tmp_path,
+        "qwen2.5-0.5b",
+        "mp1-async-qwen2.5-0.5b-bf16",
+        3,
+        expect_async=True,
         tensor_parallel_size=1,
         distributed_executor_backend="mp",
     )
-    assert llm.engine.async_scheduling, "async scheduling is the CUDA default and mp supports it"
-    outputs = _generate(llm, prompts, 32)
-    _free(llm)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    summary = _check_against_hf(hf, prompts, outputs)
-    _record("mp1-async-qwen2.5-0.5b-bf16", summary)
-    _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
