@@ -28,6 +28,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,11 @@ def profile_batch(llm: Any, batch: int, ctx: int) -> dict[str, Any]:
     prompts = [{"prompt_token_ids": [rng.randrange(1000, 30000) for _ in range(ctx)]} for _ in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, detokenize=False)
     llm.generate(prompts, params, use_tqdm=False)
+    # Again, from the prefix cache: every request now prefills one token in the same step and
+    # decodes in lockstep, so the last step fills all `batch` rows of the graph's buffers. After
+    # the first pass alone the last step held only the stragglers, and a direct replay of the
+    # larger graph read the stale rows of an earlier prefill step (an illegal memory access).
+    llm.generate(prompts, replace(params, max_tokens=2), use_tqdm=False)
     graphs = runner.graphs
     if graphs is None or batch > graphs.max_size:
         raise RuntimeError(f"no decode graph for batch {batch}")

@@ -107,7 +107,7 @@ for step in $STEPS; do
     g2-anatomy) run g2-anatomy-8192 $PY benchmarks/gpu_g2_anatomy.py --out "$RES" --max-num-batched-tokens 8192 ;;
     g2-anatomy-1024) run g2-anatomy-1024 $PY benchmarks/gpu_g2_anatomy.py --out "$RES" --max-num-batched-tokens 1024 ;;
     moe-test) run moe-test $PY -m pytest -q -n 4 -p no:cacheprovider -rf tests/gpu/test_fused_moe_gpu.py ;;
-    profile-g2) run profile-g2 $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 192 --ctx 1536 --engine --no-replay --temperature 0.6 ;;
+    profile-g2) run profile-g2 $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 192 --ctx 1536 --engine --temperature 0.6 ;;
     greedy-new) run greedy-new $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py -k "moe or mixtral or olmoe or longrope or gpt_oss" ;;
     sinks) run sinks $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py -k sinks ;;
     structured) run structured $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 ;;
