@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hallm.conformance.connector_setups import CORE_CONNECTORS
-from hallm.conformance.plugin import kit_state
+from hallm.conformance.state import kit_state
 from hallm.conformance.target import Target
 from hallm.platforms.platform import DTYPE_NAMES
 

@@ -12,7 +12,7 @@ import torch
 
 from hallm.conformance import outcomes as oc
 from hallm.conformance.diagnose import explain_cache, fit_scale, gqa_mapping
-from hallm.conformance.plugin import DEVICE_ERROR
+from hallm.conformance.hooks import DEVICE_ERROR
 from hallm.conformance.report import build_report, markdown, run_passed, summarize
 from hallm.conformance.xfails import XfailsFileError, find_entry, parse_xfails
 from hallm.ops.reference import dense_causal_attention, paged_attention, write_kv

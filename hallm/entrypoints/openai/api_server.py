@@ -23,18 +23,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hallm.entrypoints.openai.chat_request import ChatCompletionRequest
 from hallm.entrypoints.openai.chat_template import check_template_request, encode_chat
+from hallm.entrypoints.openai.completion_request import CompletionRequest
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient
 from hallm.entrypoints.openai.errors import error_response, install_error_handlers
 from hallm.entrypoints.openai.metrics import ServerMetrics
 from hallm.entrypoints.openai.offload import WorkerPool
-from hallm.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    RequestError,
-    TokenizeRequest,
-)
+from hallm.entrypoints.openai.request_body import RequestError
 from hallm.entrypoints.openai.serving import (
     DEFAULT_MAX_BODY_BYTES,
     ServerContext,
@@ -43,6 +39,7 @@ from hallm.entrypoints.openai.serving import (
 )
 from hallm.entrypoints.openai.serving_chat import create_chat_completion
 from hallm.entrypoints.openai.serving_completion import create_completion
+from hallm.entrypoints.openai.tokenize_request import DetokenizeRequest, TokenizeRequest
 from hallm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from hallm.version import __version__
 

@@ -13,7 +13,7 @@ import functools
 import inspect
 from typing import Any
 
-from hallm.entrypoints.openai.protocol import RequestError
+from hallm.entrypoints.openai.request_body import RequestError
 
 
 @functools.cache

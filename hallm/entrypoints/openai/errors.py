@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hallm.entrypoints.openai.protocol import RequestError
+from hallm.entrypoints.openai.request_body import RequestError
 
 logger = logging.getLogger("hallm.serve")
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, TypeVar
 
-from hallm.entrypoints.openai.protocol import RequestError
+from hallm.entrypoints.openai.request_body import RequestError
 
 T = TypeVar("T")
 

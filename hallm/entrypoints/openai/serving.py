@@ -22,7 +22,7 @@ from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineDead
 from hallm.entrypoints.openai.errors import error_body
 from hallm.entrypoints.openai.metrics import ServerMetrics
 from hallm.entrypoints.openai.offload import WorkerPool
-from hallm.entrypoints.openai.protocol import RequestError
+from hallm.entrypoints.openai.request_body import RequestError
 from hallm.entrypoints.openai.text_stream import SequenceUpdate, TokenLogprob, stream_sequence
 from hallm.entrypoints.openai.tool_parsers import ToolParser
 

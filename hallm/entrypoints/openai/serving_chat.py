@@ -10,8 +10,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from hallm.entrypoints.openai.chat_request import ChatCompletionRequest
 from hallm.entrypoints.openai.chat_template import check_template_request, encode_chat
-from hallm.entrypoints.openai.protocol import ChatCompletionRequest, RequestError
+from hallm.entrypoints.openai.request_body import RequestError
 from hallm.entrypoints.openai.serving import (
     SSE_DONE,
     Choice,

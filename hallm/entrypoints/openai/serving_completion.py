@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from hallm.core.detokenizer import decode_logprob_token
-from hallm.entrypoints.openai.protocol import CompletionRequest
+from hallm.entrypoints.openai.completion_request import CompletionRequest
 from hallm.entrypoints.openai.serving import (
     SSE_DONE,
     Choice,
