@@ -82,7 +82,7 @@ class RankWorker:
 
             handle = FinishedStep(self.worker.execute(step))
         done = self.flush()
-        self.pending = (step_id, handle, step.kv_connector_meta is not None)
+        self.pending = (step_id, handle, getattr(step, "kv_connector_meta", None) is not None)
         if resolve_now:
             done += self.flush()
         return done
