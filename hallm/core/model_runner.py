@@ -153,7 +153,10 @@ class ModelRunner:
         self.kv_connector = create_connector(self.config, KVConnectorRole.WORKER)
         if self.kv_connector is None:
             return
+        from hallm.core.distributed.parallel_state import tp_rank
+
         self.kv_connector.pin_host_memory = self.platform.capabilities().pinned_host_memory
+        self.kv_connector.tp_rank = tp_rank()
         self.kv_connector.register_kv_caches(self.kv_cache_by_layer())
 
     def kv_cache_by_layer(self) -> dict[str, torch.Tensor]:

@@ -21,6 +21,13 @@ How the engine drives it (hallm.core.scheduler, hallm.core.model_runner):
   `failed_loads()`, `finished()` and `take_stats()`.
 - Finish: `on_request_finished` returning True keeps the request's blocks until a later step's
   `finished()` names it among the sent requests.
+- Tensor parallelism: `tp_size` ranks each run a worker-side instance over their own KV cache
+  (the rank's shard of the KV heads; `tp_rank` says which), all given the same step meta; the
+  one scheduler-side instance decides for all of them (a prefix is worth offering only when
+  every rank can load its shard). The engine combines the ranks' worker-side results: a load
+  counts as done only when no rank names it in `failed_loads` (else every rank recomputes it), a
+  send is finished once every rank's `finished()` has named it, and `take_stats` counters are
+  summed over the ranks.
 - Async scheduling: the scheduler side builds step N+1 (`num_external_tokens`,
   `on_blocks_allocated`, `build_step_meta`) before the engine has step N's output, and
   `on_request_finished` may come while step N+1 runs. The worker side still runs the steps in
@@ -60,6 +67,12 @@ class KVConnector(ABC):
         #: Set by the engine before `register_kv_caches`: the platform can page-lock host memory
         #: for faster device copies (`Capabilities.pinned_host_memory`).
         self.pin_host_memory = False
+        parallel = getattr(config, "parallel", None)
+        #: The engine's tensor-parallel ranks (API 1.4): each holds a shard of the KV heads.
+        self.tp_size = int(getattr(parallel, "tensor_parallel_size", 1))
+        #: Worker side: this instance's rank, set by the engine before `register_kv_caches`
+        #: (API 1.4). The scheduler side acts for every rank and keeps 0.
+        self.tp_rank = 0
 
     # ---- scheduler side ---------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ OUTPUT_LEN = 6
 # Two prompts sharing a 13-token prefix, one unrelated: lengths 21, 18, 11.
 SHARED = list(range(40, 53))
 PROMPTS = [SHARED + list(range(200, 208)), SHARED + list(range(300, 305)), list(range(400, 411))]
+OFFLOAD = {"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 1 << 24}}
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +88,51 @@ def kv_stats(llm: LLM) -> dict[str, Any]:
 def test_shared_storage_prefill_on_one_engine_decode_on_another(
     model_dir: str, expected: list[list[int]], tmp_path: Path
 ) -> None:
-    producer = make_llm(model_dir, storage(tmp_path, "kv_producer"))
-    first = generate(producer, PROMPTS, max_tokens=1)
-    assert [t[:1] for t in expected] == first
-    saved = {p.name for p in tmp_path.rglob("*.kvb")}
-    # Full prompt blocks 5 + 4 + 2, of which the shared prefix's 3 are saved once.
-    assert len(saved) == 5 + 1 + 2
-    assert kv_stats(producer).get("kv_connector_tokens_loaded", 0) == 0
+    check_prefill_then_decode(model_dir, expected, tmp_path)
 
-    consumer = make_llm(model_dir, storage(tmp_path, "kv_consumer"), enable_prefix_caching=False)
-    outs = consumer.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(), use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outs] == expected
-    loaded = sum(loadable_tokens(p) for p in PROMPTS)
-    stats = kv_stats(consumer)
-    assert stats["kv_connector_tokens_loaded"] == loaded
-    assert stats.get("kv_connector_load_failures", 0) == 0
-    check_metrics(consumer, "shared_storage", loaded)
-    assert [o.num_cached_tokens for o in outs] == [loadable_tokens(p) for p in PROMPTS]
-    assert {p.name for p in tmp_path.rglob("*.kvb")} == saved  # a consumer saves nothing
+
+def check_prefill_then_decode(
+    model_dir: str, expected: list[list[int]], path: Path, ranks: int = 1, **engine: Any
+) -> None:
+    """Prefill PROMPTS on a kv_producer engine, decode them on a kv_consumer engine (both of
+    `ranks` tensor-parallel ranks, with `engine`'s other settings): the consumer loads every
+    loadable block, computes none of them again, and gives the oracle's tokens."""
+    with engine_of(
+        make_llm(model_dir, storage(path, "kv_producer"), tensor_parallel_size=ranks, **engine)
+    ) as producer:
+        first = generate(producer, PROMPTS, max_tokens=1)
+        assert kv_stats(producer).get("kv_connector_tokens_loaded", 0) == 0
+    assert [t[:1] for t in expected] == first
+    saved = {p.name for p in path.rglob("*.kvb")}
+    # Full prompt blocks 5 + 4 + 2, of which the shared prefix's 3 are saved once; a file per rank.
+    assert len(saved) == (5 + 1 + 2) * ranks
+
+    consumer = make_llm(
+        model_dir,
+        storage(path, "kv_consumer"),
+        enable_prefix_caching=False,
+        tensor_parallel_size=ranks,
+        **engine,
+    )
+    with engine_of(consumer):
+        outs = consumer.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(), use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == expected
+        loaded = sum(loadable_tokens(p) for p in PROMPTS)
+        stats = kv_stats(consumer)
+        assert stats["kv_connector_tokens_loaded"] == loaded
+        assert stats.get("kv_connector_load_failures", 0) == 0
+        check_metrics(consumer, "shared_storage", loaded)
+        assert [o.num_cached_tokens for o in outs] == [loadable_tokens(p) for p in PROMPTS]
+    assert {p.name for p in path.rglob("*.kvb")} == saved  # a consumer saves nothing
+
+
+@contextlib.contextmanager
+def engine_of(llm: LLM) -> Iterator[LLM]:
+    """`llm`, shut down on the way out (a tensor-parallel engine's worker processes end)."""
+    try:
+        yield llm
+    finally:
+        llm.engine.shutdown()
 
 
 def test_shared_storage_both_roles_with_prefix_caching(
@@ -212,11 +241,13 @@ def test_storage_is_bounded(model_dir: str, tmp_path: Path) -> None:
 
 
 def test_offload_round_trip(model_dir: str, expected: list[list[int]]) -> None:
+    check_offload_round_trip(make_llm(model_dir, OFFLOAD, num_blocks=9), expected)
+
+
+def check_offload_round_trip(llm: LLM, expected: list[list[int]]) -> None:
     """A device pool too small to keep the prefixes: the second pass finds every loadable block
     either in the device's prefix cache or in host memory (nothing recomputed), loads some from
     the host, and produces the same tokens."""
-    offload = {"kv_connector": "offload", "kv_connector_extra_config": {"cpu_bytes": 1 << 24}}
-    llm = make_llm(model_dir, offload, num_blocks=9)
     for p, want in zip(PROMPTS, expected, strict=True):
         assert generate(llm, [p]) == [want]
     assert kv_stats(llm).get("kv_connector_tokens_loaded", 0) == 0
@@ -357,23 +388,29 @@ def p2p(role: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_p2p_prefill_pushes_to_decode(model_dir: str, expected: list[list[int]]) -> None:
+    check_p2p_push(model_dir, expected)
+
+
+def check_p2p_push(model_dir: str, expected: list[list[int]], ranks: int = 1, **engine: Any) -> None:
+    """A prefill engine pushes PROMPTS' blocks to a decode engine (both of `ranks` ranks; each
+    rank sends its shard, counted in tokens_saved), which loads every loadable block."""
     from tests.server.utils import free_port
 
-    port = free_port()
-    decode = make_llm(model_dir, p2p("kv_consumer", kv_listen_port=port))
-    prefill = make_llm(model_dir, p2p("kv_producer", kv_peer=f"127.0.0.1:{port}"))
-    try:
+    port = free_port()  # the decode engine's rank r listens on port + r
+    tp = {"tensor_parallel_size": ranks, **engine}
+    with (
+        engine_of(make_llm(model_dir, p2p("kv_consumer", kv_listen_port=port), **tp)) as decode,
+        engine_of(make_llm(model_dir, p2p("kv_producer", kv_peer=f"127.0.0.1:{port}"), **tp)) as prefill,
+    ):
         assert generate(prefill, PROMPTS, max_tokens=1) == [t[:1] for t in expected]
-        assert kv_stats(prefill)["kv_connector_tokens_saved"] == 8 * BLOCK_SIZE  # distinct full blocks
+        saved = 8 * BLOCK_SIZE * ranks  # distinct full blocks, a shard per rank
+        assert kv_stats(prefill)["kv_connector_tokens_saved"] == saved
         assert generate(decode, PROMPTS) == expected
         stats = kv_stats(decode)
         assert stats["kv_connector_tokens_loaded"] == sum(loadable_tokens(p) for p in PROMPTS)
         assert stats.get("kv_connector_load_failures", 0) == 0
         generate(prefill, PROMPTS, max_tokens=1)  # nothing new: delivered blocks are not resent
-        assert kv_stats(prefill)["kv_connector_tokens_saved"] == 8 * BLOCK_SIZE
-    finally:
-        decode.engine.shutdown()
-        prefill.engine.shutdown()
+        assert kv_stats(prefill)["kv_connector_tokens_saved"] == saved
 
 
 def test_p2p_decode_instance_down_or_silent(model_dir: str, expected: list[list[int]]) -> None:

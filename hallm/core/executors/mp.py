@@ -8,7 +8,8 @@ torch.distributed over the platform's `dist_backend`.
 
 Steps follow `ranks`' protocol (async scheduling: a rank launches step N+1, then answers step
 N): a "launch" message per step, "flush" when the engine waits for the newest step; rank 0's
-answers are ("ok", (step id, output)) messages, in launch order.
+answers are ("ok", (step id, output)) messages, in launch order (the other ranks answer the same
+way with their KV connector reports, for steps with connector instructions).
 
 Failure: a worker that exits, or replies with an error, ends the call waiting on it with a
 `WorkerDiedError` that names the rank and its exit code; `check_health` reports the same, and a
@@ -141,8 +142,9 @@ class MultiprocExecutor(RanksExecutor):
     def _send_flush(self) -> None:
         self._broadcast_raw(pickle.dumps(("flush", ())))
 
-    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
-        return [self._recv(deadline, expect=0)]
+    def _next_answers(self, deadline: float) -> list[tuple[int, int, Any]]:
+        rank, (step_id, answer) = self._recv_any(deadline, self.step_timeout_s)
+        return [(rank, step_id, answer)]
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -162,15 +164,6 @@ class MultiprocExecutor(RanksExecutor):
             raise WorkerDiedError(self._dead)
         for rank in range(self.world_size):
             self._sock.send_multipart([f"rank{rank}".encode(), payload], copy=False)
-
-    def _recv(self, deadline: float, expect: int | None) -> Any:
-        """The next reply (from rank `expect` when given, other ranks' replies are not expected
-        then): its value; raises on a worker's error, a worker's exit, or no reply by `deadline`
-        (`time.monotonic()`)."""
-        while True:
-            rank, value = self._recv_any(deadline, self.step_timeout_s)
-            if expect is None or rank == expect:
-                return value
 
     def _recv_any(self, deadline: float, timeout_s: float) -> tuple[int, Any]:
         import zmq

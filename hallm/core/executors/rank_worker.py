@@ -4,7 +4,10 @@ The same class runs in an `mp` worker process (`python -m hallm.core.executors.r
 driven over a ZMQ socket, see `serve`) and as a Ray actor (`hallm.core.executors.ray`).
 Every rank runs every step in full (the sharded layers meet in their collectives; every rank
 sees the same gathered logits and draws from identically seeded generators, so all ranks sample
-the same tokens and keep the same request state); only rank 0's output goes back to the engine.
+the same tokens and keep the same request state); only rank 0's output goes back to the engine,
+except for a KV connector's results, which differ by rank (each moves its own shard of the KV
+heads): for a step with connector instructions every other rank answers its `KVReport`
+(hallm.core.executors.kv_reports), which the engine merges into rank 0's output.
 
 Steps are launched through the runner's async path (`launch`): a step's output is resolved only
 after the next step has been launched (or when the engine asks for it at once, or by `flush`),
@@ -43,8 +46,9 @@ class RankWorker:
         self.local_rank = local_rank
         self.dist_init_method = dist_init_method
         self.worker: Any = None
-        #: The launched step whose output is not resolved yet: (step id, handle with `.get()`).
-        self.pending: tuple[int, Any] | None = None
+        #: The launched step whose output is not resolved yet: (step id, handle with `.get()`,
+        #: whether it carries KV connector instructions).
+        self.pending: tuple[int, Any, bool] | None = None
 
     def init_device(self) -> None:
         """Bind this process to its device (the platform's `set_device`), then join the group
@@ -70,7 +74,7 @@ class RankWorker:
         """Launch step `step_id`, then resolve the step launched before it (and this one too
         when `resolve_now`): the (step id, output) pairs now known, oldest first. Outputs are
         resolved on every rank (their request states stay alike) but rank 0's alone are
-        returned; the others return []."""
+        returned; the others return their KV connector reports (see `flush`)."""
         if callable(getattr(self.worker, "execute_async", None)):
             handle = self.worker.execute_async(step)
         else:  # a platform's own worker may run steps only to the end
@@ -78,18 +82,25 @@ class RankWorker:
 
             handle = FinishedStep(self.worker.execute(step))
         done = self.flush()
-        self.pending = (step_id, handle)
+        self.pending = (step_id, handle, getattr(step, "kv_connector_meta", None) is not None)
         if resolve_now:
             done += self.flush()
         return done
 
     def flush(self) -> list[tuple[int, Any]]:
-        """Resolve the pending step, if any: [(step id, output)] on rank 0, [] elsewhere."""
+        """Resolve the pending step, if any: [(step id, output)] on rank 0; elsewhere
+        [(step id, KVReport)] for a step with KV connector instructions, else []."""
         if self.pending is None:
             return []
-        (step_id, handle), self.pending = self.pending, None
+        (step_id, handle, has_kv), self.pending = self.pending, None
         out = handle.get()
-        return [(step_id, out)] if self.rank == 0 else []
+        if self.rank == 0:
+            return [(step_id, out)]
+        if has_kv:
+            from hallm.core.executors.kv_reports import KVReport
+
+            return [(step_id, KVReport.of(out))]
+        return []
 
     def shutdown(self) -> None:
         from hallm.core.distributed import destroy_tensor_parallel
@@ -109,8 +120,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def serve(address: str, rank: int) -> None:
     """The mp worker's loop: the first message is (config, world_size, dist_init_method); then
-    each message is a pickled (method, args); every rank replies to setup calls; only rank 0
-    answers steps (`launch`, `flush`), one ("ok", (step id, output)) message per resolved step;
+    each message is a pickled (method, args); every rank replies to setup calls; steps
+    (`launch`, `flush`) are answered with one ("ok", (step id, answer)) message per answer of
+    `RankWorker.flush` (rank 0's outputs, the other ranks' KV connector reports);
     an error is always replied (with its traceback) and ends the worker."""
     import zmq
 

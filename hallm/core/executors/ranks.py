@@ -4,8 +4,13 @@ calls that go to every rank and combine their answers, and the step protocol.
 Steps: each step carries an id. A rank launches a step (the runner's async path) and then
 resolves the one launched before it, so rank 0 answers step N once step N+1 is under way (or at
 once when the engine runs synchronously, or when asked with a flush). `execute_async` sends the
-step and returns a `RankStep` at once; `RankStep.get()` reads rank 0's answers, in launch order,
+step and returns a `RankStep` at once; `RankStep.get()` reads the ranks' answers, in launch order,
 up to its own, and flushes the ranks first when nothing was launched after it.
+
+Rank 0 answers each step with its output. For a step with KV connector instructions the other
+ranks answer their connector reports too, and the step's output is ready once all have come:
+`kv_reports.KVReportMerger` folds them into rank 0's output (a load counts only where every
+rank loaded it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import weakref
 from abc import abstractmethod
 from typing import Any
 
+from hallm.core.executors.kv_reports import KVReport, KVReportMerger
 from hallm.core.outputs import ModelRunnerOutput
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.platforms import Executor, Platform
@@ -25,16 +31,20 @@ class WorkerDiedError(RuntimeError):
 
 
 class RankStep:
-    """A step launched on the ranks; `get()` waits for rank 0's output of it."""
+    """A step launched on the ranks; `get()` waits for its output (rank 0's, with every rank's
+    KV connector results merged in when `has_kv`)."""
 
-    def __init__(self, executor: RanksExecutor, step_id: int) -> None:
+    def __init__(self, executor: RanksExecutor, step_id: int, has_kv: bool) -> None:
         self.executor = executor
         self.step_id = step_id
+        self.has_kv = has_kv
         self.launched_at = time.monotonic()
+        #: Rank 0's output once it has come; `done` once the other ranks' reports are in too.
         self.output: ModelRunnerOutput | None = None
+        self.done = False
 
     def get(self) -> ModelRunnerOutput:
-        if self.output is None:
+        if not self.done:
             self.executor._wait_for(self)
         assert self.output is not None
         return self.output
@@ -58,6 +68,7 @@ class RanksExecutor(Executor):
         #: Launched steps whose output has not come yet; a step nobody holds drops out, and its
         #: output is discarded when it comes.
         self._waiting: weakref.WeakValueDictionary[int, RankStep] = weakref.WeakValueDictionary()
+        self._kv = KVReportMerger(int(config.parallel.tensor_parallel_size))
 
     @abstractmethod
     def _call_all(self, method: str, *args: Any) -> list[Any]:
@@ -72,9 +83,10 @@ class RanksExecutor(Executor):
         """Ask every rank to resolve its newest step."""
 
     @abstractmethod
-    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
-        """Rank 0's next (step id, output) answers, oldest first; raises WorkerDiedError when a
-        rank dies or fails, or nothing comes by `deadline` (`time.monotonic()`)."""
+    def _next_answers(self, deadline: float) -> list[tuple[int, int, Any]]:
+        """The next (rank, step id, answer) step answers, each rank's oldest first (rank 0:
+        outputs; other ranks: KV connector reports); raises WorkerDiedError when a rank dies
+        or fails, or nothing comes by `deadline` (`time.monotonic()`)."""
 
     def available_kv_cache_bytes(self) -> int:
         # Every rank holds the same number of blocks: the budget is the smallest rank's.
@@ -102,19 +114,36 @@ class RanksExecutor(Executor):
         self._send_launch(step_id, step, resolve_now)
         # The ranks answer the step before this one now that this one is launched.
         self._answer_due = step_id if resolve_now else step_id - 1
-        handle = RankStep(self, step_id)
+        handle = RankStep(self, step_id, step.kv_connector_meta is not None)
         self._waiting[step_id] = handle
         return handle
 
     def _wait_for(self, handle: RankStep) -> None:
-        """Read rank 0's answers, in launch order, until `handle`'s output has come."""
+        """Read the ranks' answers, in launch order, until `handle`'s output is complete."""
         if handle.step_id > self._answer_due:
             # Nothing was launched after it: the ranks resolve it when asked.
             self._send_flush()
             self._answer_due = handle.step_id
         deadline = time.monotonic() + self.step_timeout_s
-        while handle.output is None:
-            for step_id, output in self._next_answers(deadline):
-                done = self._waiting.pop(step_id, None)
-                if done is not None:
-                    done.output = output
+        while not handle.done:
+            for rank, step_id, answer in self._next_answers(deadline):
+                self._take_answer(rank, step_id, answer)
+
+    def _take_answer(self, rank: int, step_id: int, answer: Any) -> None:
+        step = self._waiting.get(step_id)
+        if rank == 0:
+            if step is not None:
+                step.output = answer
+            # A step nobody waits for still passes on its finished sends (see KVReportMerger).
+            if step.has_kv if step is not None else bool(answer.kv_finished_sending):
+                self._kv.add(step_id, KVReport.of(answer))
+        else:
+            self._kv.add(step_id, answer)
+        if step is None or step.output is None:
+            return
+        if step.has_kv:
+            if not self._kv.complete(step_id):
+                return
+            self._kv.merge(step_id, step.output)
+        step.done = True
+        del self._waiting[step_id]

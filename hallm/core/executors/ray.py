@@ -9,7 +9,8 @@ actor to its assigned accelerator (the platform's visible-devices variable), so 
 local device 0, then joins the group over the platform's `dist_backend` at rank 0's address.
 
 A step is put in Ray's object store once (`ray.put`, shared memory on each node) and every actor
-receives the same reference; only rank 0 returns sampled tokens. A rank whose actor dies or
+receives the same reference; only rank 0 returns sampled tokens (the others return their KV
+connector reports, for steps with connector instructions). A rank whose actor dies or
 whose method raises ends the step with a `WorkerDiedError` naming the rank; `shutdown` kills
 every actor and removes the placement group, and a Ray instance the executor started is stopped.
 
@@ -209,9 +210,9 @@ class RayExecutor(RanksExecutor):
         self._check_not_dead()
         self._calls.append([a.flush.remote() for a in self.actors])
 
-    def _next_answers(self, deadline: float) -> list[tuple[int, Any]]:
-        answers: list[tuple[int, Any]] = self._gather(self._calls.popleft(), deadline - time.monotonic())[0]
-        return answers
+    def _next_answers(self, deadline: float) -> list[tuple[int, int, Any]]:
+        per_rank = self._gather(self._calls.popleft(), deadline - time.monotonic())
+        return [(rank, step_id, answer) for rank, done in enumerate(per_rank) for step_id, answer in done]
 
     # ---- plumbing ----------------------------------------------------------------------------
 

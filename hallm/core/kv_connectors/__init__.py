@@ -3,7 +3,9 @@
 Core connectors: `shared_storage` (KV blocks in a directory, shared between instances),
 `offload` (KV blocks kept in host memory after the device pool evicts them) and `p2p` (a
 prefill instance pushes KV to a decode instance over ZMQ/TCP). Plugins add theirs
-through the `hallm_kv_connectors` hook; a plugin's connector may not reuse a core name.
+through the `hallm_kv_connectors` hook; a plugin's connector may not reuse a core name. Every
+connector serves tensor-parallel engines too: each rank runs its own worker side over its shard
+of the KV heads, and the engine merges the ranks' results (hallm.core.executors.kv_reports).
 """
 
 from __future__ import annotations
@@ -83,10 +85,6 @@ def check_kv_transfer(config: EngineConfig) -> None:
         raise ConfigError(
             f"unknown KV connector {kv.kv_connector!r}; available: {sorted(found)} (plugins add theirs "
             "through hallm_kv_connectors)"
-        )
-    if config.parallel.tensor_parallel_size > 1:
-        raise ConfigError(
-            "KV connectors run with one rank for now; drop --kv-transfer-config or --tensor-parallel-size"
         )
 
 

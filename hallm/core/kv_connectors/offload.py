@@ -9,7 +9,12 @@ copies what it is told), so both sides agree without talking: the number of slot
 over the bytes of one block of every layer (`CacheConfig.bytes_per_block`). A step's loads run
 before its forward and its stores after it; a block stored in a step is loadable from the next.
 
-kv_connector_extra_config: cpu_bytes (the host budget in bytes; default 1 GiB).
+With tensor parallelism the scheduler side still decides the slots, and each rank keeps its
+shard of a block (its KV heads) in the same slot of its own host pool, so no rank ever tells
+another anything. `cpu_bytes` is the budget of the whole instance, all ranks together (vLLM's
+meaning): a block's bytes are those of one rank's shard times the number of ranks.
+
+kv_connector_extra_config: cpu_bytes (the host budget in bytes, over all ranks; default 1 GiB).
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ class OffloadStepMeta:
 
 
 def host_slots(config: Any, per_block: int | None = None) -> int:
-    """Host slots the budget holds; `per_block`: one block's bytes over every layer (default:
-    the engine's CacheConfig.bytes_per_block)."""
+    """Host slots the budget holds; `per_block`: one rank's bytes of one block over every layer
+    (default: the engine's CacheConfig.bytes_per_block, the largest rank's)."""
     kv = config.kv_transfer
     extra = kv.kv_connector_extra_config if kv is not None else {}
     budget = extra.get("cpu_bytes", DEFAULT_CPU_BYTES)
@@ -53,6 +58,8 @@ def host_slots(config: Any, per_block: int | None = None) -> int:
         raise ConfigError(
             "the offload KV connector needs the engine's KV block size in bytes (CacheConfig.bytes_per_block)"
         )
+    parallel = getattr(config, "parallel", None)
+    per_block *= int(getattr(parallel, "tensor_parallel_size", 1))  # every rank's shard
     slots = budget // per_block
     if slots < 1:
         raise ConfigError(f"cpu_bytes={budget} holds no KV block of this model ({per_block} bytes); raise it")
@@ -134,7 +141,8 @@ class OffloadConnector(KVConnector):
     def register_kv_caches(self, caches: dict[str, torch.Tensor]) -> None:
         check_layout(caches, self.block_size, self.name)
         self._caches = caches
-        # The same count as the scheduler side's, from the tensors themselves.
+        # The scheduler side's count, from the tensors themselves (at least as many where this
+        # rank's shard is smaller than the largest rank's, which the scheduler side counts).
         self.num_slots = host_slots(
             self.config, sum(c[:, 0].numel() * c.element_size() for c in caches.values())
         )

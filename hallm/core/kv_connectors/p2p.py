@@ -14,10 +14,19 @@ the decode instance then computes the prompt itself. Blocks the peer acknowledge
 again. One decode peer per prefill instance (1P1D, or nP1D); a proxy sends each request to
 the prefill instance with max_tokens=1, then to the decode instance
 (examples/disagg_proxy.py).
+
+With tensor parallelism (both instances split over the same number of ranks) each prefill rank
+r pushes its shard of the KV heads to port `kv_peer`'s port + r, and the decode instance listens
+on `kv_listen_port` + r for each of its ranks (so it takes ports kv_listen_port ..
+kv_listen_port + ranks - 1; `recv_buffer_bytes` is their total). Each message names the model,
+the number of ranks and the rank, so a shard never lands with another split or another rank
+(answered b"mismatch"). A block is offered only when every rank's shard has arrived; the step
+meta carries every rank's shard of it and each rank's worker side loads its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -46,7 +55,8 @@ _DELIVERED_MEMORY = 1 << 16  # block hashes remembered as delivered (not sent ag
 
 @dataclasses.dataclass
 class P2PStepMeta:
-    loads: dict[str, list[tuple[int, bytes]]]  # request id -> [(block id, received block)]
+    # request id -> [(block id, the received block's shard of each rank, by rank)]
+    loads: dict[str, list[tuple[int, tuple[bytes, ...]]]]
     sends: list[tuple[int, bytes]]  # (block id, block hash) to push after the forward
 
 
@@ -63,7 +73,7 @@ def p2p_settings(config: Any) -> P2PSettings:
     extra = kv.kv_connector_extra_config if kv is not None else {}
     role = kv.kv_role if kv is not None else "kv_both"
     peer = extra.get("kv_peer")
-    if peer is not None and (not isinstance(peer, str) or ":" not in peer):
+    if peer is not None and (not isinstance(peer, str) or not peer.rpartition(":")[2].isdigit()):
         raise ConfigError(
             f"the p2p KV connector's kv_peer must be 'host:port' (the decode instance), got {peer!r}"
         )
@@ -77,6 +87,12 @@ def p2p_settings(config: Any) -> P2PSettings:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigError(
                 f"the p2p KV connector as {role} needs kv_listen_port (a TCP port), got {port!r}"
+            )
+        ranks = int(getattr(getattr(config, "parallel", None), "tensor_parallel_size", 1))
+        if port + ranks - 1 >= 65536:
+            raise ConfigError(
+                f"the p2p KV connector listens on kv_listen_port + rank for each of its {ranks} ranks; "
+                f"kv_listen_port={port} runs past 65535"
             )
         listen = (str(extra.get("kv_listen_host", "127.0.0.1")), port)
     buffer_bytes = extra.get("recv_buffer_bytes", DEFAULT_BUFFER_BYTES)
@@ -147,13 +163,16 @@ class P2PConnector(KVConnector):
         super().__init__(config, role)
         self.settings = p2p_settings(config)
         self.block_size = int(config.cache.block_size)
-        self.identity = model_identity(config).encode()
+        self.model_id = model_identity(config)
         self.produces = self.settings.peer is not None
-        self._receiver: _Receiver | None = None
+        #: The decode side's listeners, one per rank (rank r's shards on port + r).
+        self._receivers: list[_Receiver] = []
         if role == KVConnectorRole.SCHEDULER and self.settings.listen is not None:
             host, port = self.settings.listen
-            self._receiver = _Receiver(host, port, self.identity, self.settings.buffer_bytes)
-        self._loads: dict[str, list[tuple[int, bytes]]] = {}
+            cap = max(1, self.settings.buffer_bytes // self.tp_size)
+            for r in range(self.tp_size):
+                self._receivers.append(_Receiver(host, port + r, self.identity(r), cap))
+        self._loads: dict[str, list[tuple[int, tuple[bytes, ...]]]] = {}
         self._sends: list[tuple[int, bytes]] = []
         # worker side
         self._caches: dict[str, torch.Tensor] = {}
@@ -172,10 +191,14 @@ class P2PConnector(KVConnector):
         stats, self._stats = self._stats, {}
         return stats
 
+    def identity(self, rank: int) -> bytes:
+        """What a message of `rank`'s shards is tagged with: the model and the split."""
+        return f"{self.model_id}/tp{self.tp_size}/{rank}".encode()
+
     def shutdown(self) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
+        for receiver in self._receivers:
+            receiver.close()
+        self._receivers = []
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -183,25 +206,29 @@ class P2PConnector(KVConnector):
     # ---- scheduler side ---------------------------------------------------------------------
 
     def num_external_tokens(self, request: Any, num_computed: int) -> int:
-        receiver = self._receiver
-        if receiver is None:
+        receivers = self._receivers
+        if not receivers:
             return 0
-        with receiver.lock:
-            return loadable_tokens(request, num_computed, self.block_size, lambda h: h in receiver.blocks)
+        with contextlib.ExitStack() as stack:
+            for receiver in receivers:
+                stack.enter_context(receiver.lock)
+            return loadable_tokens(
+                request, num_computed, self.block_size, lambda h: all(h in r.blocks for r in receivers)
+            )
 
     def on_blocks_allocated(self, request: Any, block_ids: list[int], num_external: int) -> None:
         hashes = block_hashes(request, self.block_size)
         if num_external > 0:
-            receiver = self._receiver
-            assert receiver is not None
             start = request.num_computed_tokens // self.block_size
-            with receiver.lock:
-                # A block evicted since num_external_tokens is sent as b"": its load fails.
-                pairs = [
-                    (block_ids[i], receiver.blocks.get(hashes[i], b""))
-                    for i in range(start, start + num_external // self.block_size)
-                ]
-            self._loads[request.request_id] = pairs
+            pairs: list[tuple[int, list[bytes]]] = [
+                (block_ids[i], []) for i in range(start, start + num_external // self.block_size)
+            ]
+            for receiver in self._receivers:
+                with receiver.lock:
+                    # A shard evicted since num_external_tokens is sent as b"": its load fails.
+                    for (_, shards), i in zip(pairs, range(start, start + len(pairs)), strict=True):
+                        shards.append(receiver.blocks.get(hashes[i], b""))
+            self._loads[request.request_id] = [(b, tuple(shards)) for b, shards in pairs]
         elif self.produces:
             full = min(request.num_prompt_tokens // self.block_size, len(block_ids))
             self._sends += [(block_ids[i], hashes[i]) for i in range(full)]
@@ -224,8 +251,8 @@ class P2PConnector(KVConnector):
         self._meta, self._failed, self._gathered = meta, set(), {}
         caches = list(self._caches.values())
         for req_id, pairs in meta.loads.items():
-            for block_id, blob in pairs:
-                layers = decode_block(blob, caches)
+            for block_id, shards in pairs:
+                layers = decode_block(shards[self.tp_rank], caches)
                 if layers is None:
                     self._count("corrupt_blocks")
                     logger.warning(
@@ -256,7 +283,7 @@ class P2PConnector(KVConnector):
             return
         layers = [self._gathered[name] for name in self._caches]
         self._gathered = {}
-        frames = [self.identity]
+        frames = [self.identity(self.tp_rank)]
         for j, (_, h) in enumerate(sends):
             frames += [h, encode_block([layer[:, j] for layer in layers])]
         answer = self._send(frames)
@@ -272,10 +299,16 @@ class P2PConnector(KVConnector):
         logger.warning(
             "could not send %d KV blocks to the decode instance %s (%s within %.1f s); it will compute them",
             len(sends),
-            self.settings.peer,
+            self.peer_address(),
             why,
             self.settings.send_timeout_s,
         )
+
+    def peer_address(self) -> str:
+        """host:port of the decode instance's listener for this rank (kv_peer's port + rank)."""
+        assert self.settings.peer is not None
+        host, _, port = self.settings.peer.rpartition(":")
+        return f"{host}:{int(port) + self.tp_rank}"
 
     def _send(self, frames: list[bytes]) -> bytes | None:
         """Send one message and wait for the answer; None on a timeout (the socket is then
@@ -285,7 +318,7 @@ class P2PConnector(KVConnector):
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.SNDTIMEO, int(self.settings.send_timeout_s * 1000))
-            self._sock.connect(f"tcp://{self.settings.peer}")
+            self._sock.connect(f"tcp://{self.peer_address()}")
         sock = self._sock
         try:
             sock.send_multipart(frames, copy=False)

@@ -13,6 +13,14 @@ its request recomputes. With `max_storage_bytes`, the oldest files (by mtime; a 
 file's mtime) are deleted once the directory grows past the cap. A directory that cannot be
 written (read-only, full) costs the save, counted as "save_failures", never the request.
 
+With tensor parallelism each rank saves and loads its own shard of the KV heads, one file per
+block and rank, named `<hash>.tp<size>-<rank>.kvb` (one rank: `<hash>.kvb`): ranks write and
+read in parallel with no traffic between them, and an instance of another tensor-parallel size
+never reads a shard of another split (it looks for other names). A block is offered only when
+every rank's file is there; a rank whose file is gone or corrupt by the time it loads fails the
+request's load, which the engine then recomputes on every rank. `max_storage_bytes` caps the
+whole directory (every rank's files; each rank's worker evicts the oldest files it finds).
+
 kv_connector_extra_config: shared_storage_path (required), max_storage_bytes (optional).
 """
 
@@ -86,15 +94,23 @@ class SharedStorageConnector(KVConnector):
         self._stats: dict[str, int] = {}
         self._dir_bytes: int | None = None  # running estimate of the directory's size
 
-    def path(self, block_hash: bytes) -> Path:
-        return self.dir / (block_hash.hex() + SUFFIX)
+    def path(self, block_hash: bytes, rank: int | None = None) -> Path:
+        """The file of `rank`'s shard of a block (default: this instance's rank)."""
+        if self.tp_size == 1:
+            return self.dir / (block_hash.hex() + SUFFIX)
+        rank = self.tp_rank if rank is None else rank
+        return self.dir / f"{block_hash.hex()}.tp{self.tp_size}-{rank}{SUFFIX}"
+
+    def _held(self, block_hash: bytes) -> bool:
+        """Every rank's shard of the block is saved."""
+        return all(self.path(block_hash, r).is_file() for r in range(self.tp_size))
 
     # ---- scheduler side ---------------------------------------------------------------------
 
     def num_external_tokens(self, request: Any, num_computed: int) -> int:
         if not self.consumes:
             return 0
-        return loadable_tokens(request, num_computed, self.block_size, lambda h: self.path(h).is_file())
+        return loadable_tokens(request, num_computed, self.block_size, self._held)
 
     def on_blocks_allocated(self, request: Any, block_ids: list[int], num_external: int) -> None:
         hashes = block_hashes(request, self.block_size)
@@ -104,9 +120,8 @@ class SharedStorageConnector(KVConnector):
             self._loads[request.request_id] = [(block_ids[i], hashes[i]) for i in range(start, end)]
         elif self.produces:
             full = min(request.num_prompt_tokens // self.block_size, len(block_ids))
-            self._saves += [
-                (block_ids[i], hashes[i]) for i in range(full) if not self.path(hashes[i]).is_file()
-            ]
+            # Each rank skips the shards it finds saved (see _write).
+            self._saves += [(block_ids[i], hashes[i]) for i in range(full) if not self._held(hashes[i])]
 
     def build_step_meta(self) -> StorageStepMeta:
         meta = StorageStepMeta(self._loads, self._saves)
