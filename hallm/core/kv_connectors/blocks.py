@@ -93,11 +93,15 @@ def load_blocks(src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_id
     """dst[:, dst_idx] = src[:, src_ids], `src` on the host (a pinned pool makes this pure DMA),
     `dst` a device cache ([2, blocks, ...] both; dst_idx long [n] on dst's device).
 
-    One copy per run of consecutive source blocks into a contiguous device buffer, then one
-    scatter on the device: no host-side gather, and no copy per block."""
+    Two copies (K, V) per run of consecutive source blocks, each from one contiguous host range
+    into a device buffer, then one scatter on the device: no host-side gather or packing, and no
+    copy per block."""
     staged = torch.empty((2, len(src_ids), *src.shape[2:]), dtype=src.dtype, device=dst.device)
     for pos, first, n in _runs(src_ids):
-        staged[:, pos : pos + n].copy_(src[:, first : first + n], non_blocking=True)
+        # K and V apart: src[:, a:b] is two separate ranges of host memory, and a strided host
+        # tensor would be packed into a pageable temporary on the CPU first.
+        for kv in range(2):
+            staged[kv, pos : pos + n].copy_(src[kv, first : first + n], non_blocking=True)
     dst.index_copy_(1, dst_idx, staged)
 
 
@@ -107,7 +111,8 @@ def store_blocks(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, ds
     pool (never the host's code), so stream order is all a later `load_blocks` needs."""
     gathered = src.index_select(1, src_idx)
     for pos, first, n in _runs(dst_ids):
-        dst[:, first : first + n].copy_(gathered[:, pos : pos + n], non_blocking=True)
+        for kv in range(2):  # contiguous ranges on both sides (see load_blocks)
+            dst[kv, first : first + n].copy_(gathered[kv, pos : pos + n], non_blocking=True)
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
