@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 # At least 64 array items (two tokens or more each): the grammar is still open at --max-tokens.
 SCHEMA = {
     "type": "object",
@@ -41,6 +43,21 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--load-format", default="auto", help="dummy: random weights of the model's shapes")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--parallel-rows",
+        type=int,
+        nargs="+",
+        default=None,
+        help="A/B of the mask path: for each value, the schema runs with the batch's masks computed on "
+        "llguidance's thread pool from that many constrained rows up (a value above the batch: row "
+        "by row); default: the shipped threshold only",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one plain and one schema run at the largest batch (torch profiler: "
+        "host calls and device kernels by total time)",
+    )
     args = parser.parse_args()
 
     from hallm.core.sampling_params import SamplingParams
@@ -64,18 +81,24 @@ def main() -> int:
         f"model={model or 'default'} device={args.device} max_tokens={args.max_tokens} rounds={args.rounds} "
         f"async_scheduling={getattr(llm.engine, 'async_scheduling', None)}"
     )
-    print(f"{'batch':>5} {'plain tok/s':>12} {'schema tok/s':>13} {'ratio':>6}")
+    from hallm.core.structured_output import bitmask
+
+    variants = args.parallel_rows or [bitmask.PARALLEL_ROWS]
+    names = [f"schema@{v}" if args.parallel_rows else "schema" for v in variants]
+    print(f"{'batch':>5} {'plain tok/s':>12} " + " ".join(f"{n + ' tok/s':>18} {'ratio':>6}" for n in names))
     for batch in args.batch:
-        runs: dict[bool, list[float]] = {False: [], True: []}
+        runs: dict[int | None, list[float]] = {None: [], **{v: [] for v in variants}}
         for _ in range(args.rounds):
-            for constrained in (False, True):
+            for variant in [None, *variants]:
+                if variant is not None:
+                    bitmask.PARALLEL_ROWS = variant
                 params = [
                     SamplingParams(
                         temperature=1.0,
                         seed=i,
                         max_tokens=args.max_tokens,
                         ignore_eos=True,
-                        structured_outputs={"json": SCHEMA} if constrained else None,
+                        structured_outputs={"json": SCHEMA} if variant is not None else None,
                     )
                     for i in range(batch)
                 ]
@@ -83,10 +106,56 @@ def main() -> int:
                 start = time.perf_counter()
                 outs = llm.generate(["Give me a record:"] * batch, params, use_tqdm=False)
                 elapsed = time.perf_counter() - start
-                runs[constrained].append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
-        plain, schema = statistics.median(runs[False]), statistics.median(runs[True])
-        print(f"{batch:>5} {plain:>12.1f} {schema:>13.1f} {schema / plain:>6.2f}")
+                runs[variant].append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
+        plain = statistics.median(runs[None])
+        cells = []
+        for v in variants:
+            schema = statistics.median(runs[v])
+            cells.append(f"{schema:>18.1f} {schema / plain:>6.2f}")
+        print(f"{batch:>5} {plain:>12.1f} " + " ".join(cells))
+    if args.profile:
+        profile(llm, max(args.batch), args.max_tokens)
     return 0
+
+
+def profile(llm: object, batch: int, max_tokens: int) -> None:
+    """Where a step's time goes with and without the schema: host calls (waits included) and
+    device kernels, by total time over one run of `batch` requests."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from hallm.core.sampling_params import SamplingParams
+
+    for constrained in (False, True):
+        params = [
+            SamplingParams(
+                temperature=1.0,
+                seed=i,
+                max_tokens=max_tokens,
+                ignore_eos=True,
+                structured_outputs={"json": SCHEMA} if constrained else None,
+            )
+            for i in range(batch)
+        ]
+        llm.generate(["warm up"] * batch, params, use_tqdm=False)  # type: ignore[attr-defined]
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        with torch_profile(activities=activities) as prof:
+            start = time.perf_counter()
+            llm.generate(["Give me a record:"] * batch, params, use_tqdm=False)  # type: ignore[attr-defined]
+            elapsed = time.perf_counter() - start
+        label = "schema" if constrained else "plain"
+        print(f"\n--- profile: {label}, batch {batch}, {max_tokens} tokens each, {elapsed * 1e3:.1f} ms")
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+        )
+        if torch.cuda.is_available():
+            print(
+                prof.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60
+                )
+            )
 
 
 if __name__ == "__main__":

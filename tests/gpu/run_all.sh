@@ -24,6 +24,9 @@
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
+# structured-ab  benchmarks/structured_output.py at batch 8/32/64: the JSON-schema runs with the masks on
+#           llguidance's thread pool vs row by row (A/B in one process)
+# structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, pool vs row by row
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
 #           conformance kit's KV connector round trips on the GPU (bit-exact blocks)
 # host-overhead  benchmarks/host_overhead.py: the engine's host time per decode step by phase (tiny model, batch 1/32/256)
@@ -110,6 +113,8 @@ for step in $STEPS; do
     profile-g2) run profile-g2 $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 192 --ctx 1536 --engine --temperature 0.6 ;;
     greedy-new) run greedy-new $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py -k "moe or mixtral or olmoe or longrope or gpt_oss" ;;
     sinks) run sinks $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py -k sinks ;;
+    structured-ab) run structured-ab $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 --batch 8 32 64 --parallel-rows 8 100000 --profile ;;
+    structured-masks) run structured-masks $PY benchmarks/structured_masks.py --tokenizer .gpu-models/smollm2-135m --batch 1 8 32 64 ;;
     structured) run structured $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 ;;
     kv-ttft) $PY -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.gpu_common import write_model_dir; write_model_dir('llama-3.1-8b', Path('/tmp/hallm-llama8b'))"
              run kv-ttft $PY benchmarks/kv_connector_ttft.py --device cuda --model /tmp/hallm-llama8b --load-format dummy --dtype bfloat16 --prefix-len 4096 --repeats 3 --enforce-eager ;;
