@@ -1,6 +1,9 @@
-"""Host time of one step's grammar masks: a batch's rows computed together on llguidance's thread
-pool (`grammar_bitmask`, what the sampler uses) vs one row after another (each matcher's own
-`fill`), for B requests constrained by the same JSON schema, each at a different point of it.
+"""Host time of one step's grammar masks, in isolation: one row after another
+(`grammar_bitmask`, what the sampler uses) vs a batch's rows computed together on llguidance's
+thread pool (`LLExecutor`), for B requests constrained by the same JSON schema, each at a
+different point of it. The pool wins here on a many-core host; inside the engine it loses
+(benchmarks/structured_output.py on the GPU host, benchmarks/results/gpu.md), which is why the
+sampler goes row by row.
 
     python benchmarks/structured_masks.py [--tokenizer DIR] [--batch 1 8 32] [--steps 64]
 
@@ -31,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     args = p.parse_args()
 
+    import llguidance
     from transformers import AutoTokenizer
 
     from hallm.core.structured_output import GrammarMatcher, StructuredOutputsParams, grammar_bitmask
@@ -53,19 +57,21 @@ def main() -> None:
         matchers = [GrammarMatcher(spec) for _ in range(batch)]
         for m, out in zip(matchers, outputs, strict=True):
             m.catch_up(out)
-        together = grammar_bitmask(matchers, outputs, [eos] * batch)
-        alone = torch.zeros_like(together)
-        for i, m in enumerate(matchers):
-            m.fill(alone[i, : m.num_words], eos)
+        pool = llguidance.LLExecutor()
+        alone = grammar_bitmask(matchers, outputs, [eos] * batch)
+        words = alone.shape[1]
+        together = torch.zeros_like(alone)
+
+        rows = [(m.matcher, i) for i, m in enumerate(matchers)]
+        pool.unsafe_compute_mask_ptr(rows, together.data_ptr(), words * 4, batch)
         if not torch.equal(together, alone):
             raise SystemExit("the two variants computed different masks")
         times: dict[str, list[float]] = {"rows": [], "together": []}
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            for i, m in enumerate(matchers):
-                m.fill(alone[i, : m.num_words], eos)
-            t1 = time.perf_counter()
             grammar_bitmask(matchers, outputs, [eos] * batch)
+            t1 = time.perf_counter()
+            pool.unsafe_compute_mask_ptr(rows, together.data_ptr(), words * 4, batch)
             t2 = time.perf_counter()
             times["rows"].append((t1 - t0) * 1e6)
             times["together"].append((t2 - t1) * 1e6)

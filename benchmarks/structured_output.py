@@ -44,15 +44,6 @@ def main() -> int:
     parser.add_argument("--load-format", default="auto", help="dummy: random weights of the model's shapes")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
-        "--parallel-rows",
-        type=int,
-        nargs="+",
-        default=None,
-        help="A/B of the mask path: for each value, the schema runs with the batch's masks computed on "
-        "llguidance's thread pool from that many constrained rows up (a value above the batch: row "
-        "by row); default: the shipped threshold only",
-    )
-    parser.add_argument(
         "--profile",
         action="store_true",
         help="after timing, profile one plain and one schema run at the largest batch (torch profiler: "
@@ -81,24 +72,18 @@ def main() -> int:
         f"model={model or 'default'} device={args.device} max_tokens={args.max_tokens} rounds={args.rounds} "
         f"async_scheduling={getattr(llm.engine, 'async_scheduling', None)}"
     )
-    from hallm.core.structured_output import bitmask
-
-    variants = args.parallel_rows or [bitmask.PARALLEL_ROWS]
-    names = [f"schema@{v}" if args.parallel_rows else "schema" for v in variants]
-    print(f"{'batch':>5} {'plain tok/s':>12} " + " ".join(f"{n + ' tok/s':>18} {'ratio':>6}" for n in names))
+    print(f"{'batch':>5} {'plain tok/s':>12} {'schema tok/s':>13} {'ratio':>6}")
     for batch in args.batch:
-        runs: dict[int | None, list[float]] = {None: [], **{v: [] for v in variants}}
+        runs: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.rounds):
-            for variant in [None, *variants]:
-                if variant is not None:
-                    bitmask.PARALLEL_ROWS = variant
+            for constrained in (False, True):
                 params = [
                     SamplingParams(
                         temperature=1.0,
                         seed=i,
                         max_tokens=args.max_tokens,
                         ignore_eos=True,
-                        structured_outputs={"json": SCHEMA} if variant is not None else None,
+                        structured_outputs={"json": SCHEMA} if constrained else None,
                     )
                     for i in range(batch)
                 ]
@@ -106,13 +91,9 @@ def main() -> int:
                 start = time.perf_counter()
                 outs = llm.generate(["Give me a record:"] * batch, params, use_tqdm=False)
                 elapsed = time.perf_counter() - start
-                runs[variant].append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
-        plain = statistics.median(runs[None])
-        cells = []
-        for v in variants:
-            schema = statistics.median(runs[v])
-            cells.append(f"{schema:>18.1f} {schema / plain:>6.2f}")
-        print(f"{batch:>5} {plain:>12.1f} " + " ".join(cells))
+                runs[constrained].append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
+        plain, schema = statistics.median(runs[False]), statistics.median(runs[True])
+        print(f"{batch:>5} {plain:>12.1f} {schema:>13.1f} {schema / plain:>6.2f}")
     if args.profile:
         profile(llm, max(args.batch), args.max_tokens)
     return 0

@@ -113,7 +113,7 @@ for step in $STEPS; do
     profile-g2) run profile-g2 $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 192 --ctx 1536 --engine --temperature 0.6 ;;
     greedy-new) run greedy-new $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py -k "moe or mixtral or olmoe or longrope or gpt_oss" ;;
     sinks) run sinks $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py -k sinks ;;
-    structured-ab) run structured-ab $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 --batch 8 32 64 --parallel-rows 8 100000 --profile ;;
+    structured-profile) run structured-profile $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 --batch 8 32 64 --profile ;;
     structured-masks) run structured-masks $PY benchmarks/structured_masks.py --tokenizer .gpu-models/smollm2-135m --batch 1 8 32 64 ;;
     structured) run structured $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 ;;
     kv-ttft) $PY -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.gpu_common import write_model_dir; write_model_dir('llama-3.1-8b', Path('/tmp/hallm-llama8b'))"

@@ -155,9 +155,9 @@ def test_chat_with_tools_renders_them_and_a_schema_forces_a_call(llm: LLM) -> No
 
 
 def test_batched_masks_equal_row_by_row(tiny_model_dir: Any) -> None:
-    """`grammar_bitmask` computes a batch's masks on llguidance's threads: the same bits as each
-    matcher's own `fill`, for matchers at different points of different grammars, one of them
-    finished (EOS only)."""
+    """`grammar_bitmask` puts each matcher's mask in its own row after catching it up: the same
+    bits as a fresh matcher fed the same output, for matchers at different points of different
+    grammars, one of them finished (EOS only)."""
     import dataclasses
 
     from hallm.core.structured_output import GrammarMatcher, grammar_bitmask
@@ -181,11 +181,7 @@ def test_batched_masks_equal_row_by_row(tiny_model_dir: Any) -> None:
     ]
     outputs[3] = tok.encode("a", add_special_tokens=False)  # its grammar is complete: EOS only
     eos = [frozenset({tok.eos_token_id})] * len(specs)
-    # Enough rows for the thread pool (PARALLEL_ROWS), every grammar at several rows.
-    from hallm.core.structured_output.bitmask import PARALLEL_ROWS
-
-    copies = -(-PARALLEL_ROWS // len(specs))
-    specs, outputs, eos = specs * copies, outputs * copies, eos * copies
+    specs, outputs, eos = specs * 3, outputs * 3, eos * 3  # every grammar at several rows
     batched = grammar_bitmask([GrammarMatcher(s) for s in specs], outputs, eos)
     for i, spec in enumerate(specs):
         alone = GrammarMatcher(spec)
@@ -194,4 +190,6 @@ def test_batched_masks_equal_row_by_row(tiny_model_dir: Any) -> None:
         alone.fill(row[: alone.num_words], eos[i])
         assert torch.equal(batched[i], row), f"row {i} ({spec.kind})"
         assert int(row.count_nonzero()) > 0
-    assert GrammarMatcher(specs[3]).num_words == batched.shape[1] and len(specs) >= PARALLEL_ROWS
+    eos_only = torch.zeros(batched.shape[1], dtype=torch.int32)
+    eos_only.view(torch.uint8)[tok.eos_token_id // 8] = 1 << (tok.eos_token_id % 8)
+    assert torch.equal(batched[3], eos_only), "a finished grammar allows EOS only"

@@ -8,7 +8,6 @@ preemption replays its output once and goes on where it was.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +20,6 @@ from hallm.core.structured_output.params import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
-
-#: From this many constrained rows a step's masks go to llguidance's thread pool; below it the
-#: pool's dispatch costs more than the rows (~3 us each for a JSON schema over a 49k vocabulary).
-PARALLEL_ROWS = 32
 
 
 class GrammarMatcher:
@@ -71,29 +66,18 @@ def grammar_bitmask(
     outputs: Sequence[Sequence[int]],
     eos_token_ids: Sequence[frozenset[int]],
 ) -> torch.Tensor:
-    """[M, W] int32 (CPU) allowed-token bits of M constrained rows, after catching up each matcher."""
+    """[M, W] int32 (CPU) allowed-token bits of M constrained rows, after catching up each matcher.
+
+    Row by row on the calling thread (~8 us a row for a JSON schema over a 49k vocabulary).
+    llguidance's thread pool computes a batch's rows faster in isolation, but inside the engine
+    its threads compete with the step's own host work and the whole step gets slower
+    (benchmarks/structured_output.py; numbers in benchmarks/results/gpu.md)."""
     words = max(m.num_words for m in matchers)
     mask = torch.zeros((len(matchers), words), dtype=torch.int32)
-    parallel: list[tuple[Any, int]] = []  # (llguidance matcher, row) computed together
     for i, (matcher, output, eos) in enumerate(zip(matchers, outputs, eos_token_ids, strict=True)):
         matcher.catch_up(output)
-        if len(matchers) >= PARALLEL_ROWS and matcher.num_words == words and not matcher.done:
-            parallel.append((matcher.matcher, i))
-        else:
-            matcher.fill(mask[i, : matcher.num_words], eos)
-    if parallel:
-        # The masks are the grammar work of a step: llguidance computes them on its own threads,
-        # outside the GIL, instead of one row after another.
-        _executor().unsafe_compute_mask_ptr(parallel, mask.data_ptr(), words * 4, len(matchers))
+        matcher.fill(mask[i, : matcher.num_words], eos)
     return mask
-
-
-@functools.cache
-def _executor() -> Any:
-    """llguidance's thread pool for batched masks (its default size: most of the host's cores)."""
-    import llguidance
-
-    return llguidance.LLExecutor()
 
 
 def apply_token_bitmask(
