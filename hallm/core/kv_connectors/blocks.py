@@ -7,11 +7,13 @@ layer tensor [2, num_blocks, block_size, num_kv_heads, head_size] holds block b 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,3 +162,68 @@ def decode_block(blob: bytes, caches: list[torch.Tensor]) -> list[torch.Tensor] 
         out.append(raw[offset : offset + n].view(cache.dtype).view(shape))
         offset += n
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """What a block file of these caches must describe, and where each layer's bytes sit in its
+    payload (layers in order, each [2, block_size, ...] of the caches' dtype)."""
+
+    dtype: str
+    shapes: list[list[int]]
+    layer_bytes: list[int]
+    desc: bytes  # encode_block's description of this layout, byte for byte
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(self.layer_bytes)
+
+    def describes(self, desc: bytes) -> bool:
+        if desc == self.desc:
+            return True  # what encode_block writes: no JSON parse per file
+        try:
+            parsed = json.loads(desc)
+        except ValueError:
+            return False
+        return (
+            isinstance(parsed, dict)
+            and parsed.get("dtype") == self.dtype
+            and parsed.get("shapes") == self.shapes
+        )
+
+
+def block_layout(caches: list[torch.Tensor]) -> BlockLayout:
+    shapes = [[2, *c.shape[2:]] for c in caches]
+    dtype = str(caches[0].dtype)
+    return BlockLayout(
+        dtype=dtype,
+        shapes=shapes,
+        layer_bytes=[
+            c.element_size() * int(torch.Size(s).numel()) for c, s in zip(caches, shapes, strict=True)
+        ],
+        desc=json.dumps({"dtype": dtype, "shapes": shapes}).encode(),
+    )
+
+
+def read_block_file(path: Path, out: memoryview, layout: BlockLayout) -> bool:
+    """Read an `encode_block` file's payload straight into `out` (layout.payload_bytes long): True
+    when the file is whole (length), intact (checksum over `out`, no copy) and of `layout`, else
+    False (then `out` holds garbage). OSError where the file cannot be opened or read."""
+    with open(path, "rb", buffering=0) as f:
+        file_bytes = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER.size)
+        if head is None or len(head) < HEADER.size:
+            return False
+        magic, size, digest, desc_len = HEADER.unpack(head)
+        if magic != MAGIC or file_bytes != HEADER.size + desc_len + size or size != len(out):
+            return False
+        desc = f.read(desc_len)
+        if desc is None or len(desc) != desc_len or not layout.describes(desc):
+            return False
+        done = 0
+        while done < size:
+            n = f.readinto(out[done:])
+            if not n:
+                return False  # shorter than it said
+            done += n
+    return bool(xxhash.xxh3_64_intdigest(out) == digest)

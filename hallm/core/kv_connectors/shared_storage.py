@@ -7,11 +7,14 @@ under a directory named by the model identity (blocks.model_identity). A file ho
 layer's KV of the block: header (magic, payload length, xxh3-64 of the payload, a JSON
 description of dtype and per-layer shapes) then the payload. Writers write a temporary file and
 rename it over the final name, so readers never see a partial file and concurrent writers of one
-block are harmless (both write the same bytes). (The format: blocks.encode_block.) A file that is short, fails its checksum or
-describes another layout is ignored (counted as "corrupt_blocks", deleted where possible) and
-its request recomputes. With `max_storage_bytes`, the oldest files (by mtime; a load refreshes a
-file's mtime) are deleted once the directory grows past the cap. A directory that cannot be
-written (read-only, full) costs the save, counted as "save_failures", never the request.
+block are harmless (both write the same bytes). (The format: blocks.encode_block.) A file that
+is short, fails its checksum or describes another layout is ignored (counted as
+"corrupt_blocks", deleted where possible) and its request recomputes. Loads read each file
+straight into a host staging buffer on a few threads, check it there and move it to the device
+a chunk of blocks at a time (block_files). With `max_storage_bytes`, the oldest files (by mtime;
+a load refreshes a file's mtime) are deleted once the directory grows past the cap. A directory
+that cannot be written (read-only, full) costs the save, counted as "save_failures", never the
+request.
 
 With tensor parallelism each rank saves and loads its own shard of the KV heads, one file per
 block and rank, named `<hash>.tp<size>-<rank>.kvb` (one rank: `<hash>.kvb`): ranks write and
@@ -36,10 +39,10 @@ from typing import Any
 
 import torch
 
+from hallm.core.kv_connectors.block_files import BlockFileLoader, ReadResult
 from hallm.core.kv_connectors.blocks import (
     block_hashes,
     check_layout,
-    decode_block,
     encode_block,
     gather_blocks,
     loadable_tokens,
@@ -93,6 +96,7 @@ class SharedStorageConnector(KVConnector):
         self._gathered: dict[str, torch.Tensor] = {}
         self._stats: dict[str, int] = {}
         self._dir_bytes: int | None = None  # running estimate of the directory's size
+        self._loader: BlockFileLoader | None = None
 
     def path(self, block_hash: bytes, rank: int | None = None) -> Path:
         """The file of `rank`'s shard of a block (default: this instance's rank)."""
@@ -133,6 +137,14 @@ class SharedStorageConnector(KVConnector):
     def register_kv_caches(self, caches: dict[str, torch.Tensor]) -> None:
         check_layout(caches, self.block_size, self.name)
         self._caches = caches
+        if self.consumes:  # page-locked staging is slow to allocate: not in the first load
+            self._loader = self._new_loader()
+
+    def _new_loader(self) -> BlockFileLoader:
+        first = next(iter(self._caches.values()))
+        return BlockFileLoader(
+            list(self._caches.values()), self.pin_host_memory and first.device.type != "cpu"
+        )
 
     def _count(self, key: str, n: int = 1) -> None:
         self._stats[key] = self._stats.get(key, 0) + n
@@ -146,27 +158,40 @@ class SharedStorageConnector(KVConnector):
 
     def start_load(self, meta: StorageStepMeta) -> None:
         self._meta, self._failed, self._gathered = meta, set(), {}
-        block_ids: list[int] = []
-        read: list[list[torch.Tensor]] = []  # per block, per layer [2, block_size, ...] on the host
-        for req_id, blocks in meta.loads.items():
-            mine: list[tuple[int, list[torch.Tensor]]] = []
-            for block_id, block_hash in blocks:
-                layers = self._read(block_hash)
-                if layers is None:
-                    self._failed.add(req_id)  # recomputed whole: none of its blocks is copied
-                    break
-                mine.append((block_id, layers))
-            else:
-                block_ids += [b for b, _ in mine]
-                read += [layers for _, layers in mine]
-        if not read:
+        jobs = [
+            (req_id, block_id, self.path(h))
+            for req_id, blocks in meta.loads.items()
+            for block_id, h in blocks
+        ]
+        if not jobs:
             return
-        # One copy and one scatter per layer, not one copy per block and layer.
-        first = next(iter(self._caches.values()))
-        dst = torch.tensor(block_ids, dtype=torch.long, device=first.device)
-        for i, cache in enumerate(self._caches.values()):
-            data = torch.stack([layers[i] for layers in read], dim=1)  # [2, n, block_size, ...]
-            cache.index_copy_(1, dst, data.to(cache.device, non_blocking=True))
+        if self._loader is None:
+            self._loader = self._new_loader()
+        self._loader.load(
+            [(b, path) for _, b, path in jobs], lambda i, result: self._accept(*jobs[i], result)
+        )
+
+    def _accept(self, req_id: str, block_id: int, path: Path, result: ReadResult) -> bool:
+        """Whether a block read (in request order) is copied into the cache. A request with a
+        missing or corrupt block is recomputed whole, so its later blocks are ignored (neither
+        counted nor deleted); its earlier blocks may have been copied already (verified KV of
+        those very positions, which the recompute writes again)."""
+        if req_id in self._failed:
+            return False
+        if isinstance(result, OSError):  # evicted, or deleted by another instance, since the scheduler looked
+            self._count("missing_blocks")
+            logger.warning("KV block %s could not be read (%s); recomputing", path.name, result)
+        elif not result:
+            self._count("corrupt_blocks")
+            logger.warning("KV block file %s is truncated or corrupt; ignoring it and recomputing", path)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the last to be evicted
+            return True
+        self._failed.add(req_id)
+        return False
 
     def save_layer(self, layer_name: str, kv_cache: torch.Tensor, layout: BatchLayout) -> None:
         if self._meta is not None and self._meta.saves:
@@ -183,25 +208,6 @@ class SharedStorageConnector(KVConnector):
             self._evict()
 
     # ---- files ------------------------------------------------------------------------------
-
-    def _read(self, block_hash: bytes) -> list[torch.Tensor] | None:
-        path = self.path(block_hash)
-        try:
-            blob = path.read_bytes()
-        except OSError as e:  # evicted, or deleted by another instance, since the scheduler looked
-            self._count("missing_blocks")
-            logger.warning("KV block %s could not be read (%s); recomputing", path.name, e)
-            return None
-        layers = decode_block(blob, list(self._caches.values()))
-        if layers is None:
-            self._count("corrupt_blocks")
-            logger.warning("KV block file %s is truncated or corrupt; ignoring it and recomputing", path)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: the last to be evicted
-        return layers
 
     def _write(self, block_hash: bytes, layers: list[torch.Tensor]) -> None:
         path = self.path(block_hash)
@@ -225,6 +231,11 @@ class SharedStorageConnector(KVConnector):
             self._dir_bytes = self._scan_bytes()
         else:
             self._dir_bytes += len(blob)
+
+    def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     def _files(self) -> list[tuple[float, int, Path]]:
         out = []
