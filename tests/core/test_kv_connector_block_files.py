@@ -115,3 +115,22 @@ def test_loader_copies_the_accepted_blocks(
     assert isinstance(seen[5][1], OSError)
     for got, w in zip(dst, want, strict=True):
         assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_block_bytes_are_the_format(dtype: torch.dtype) -> None:
+    """The pieces joined are the file format byte for byte (written out here), whether the layers
+    are views into a block-major or a layer-major gather."""
+    import json
+
+    import xxhash
+
+    from hallm.core.kv_connectors.blocks import HEADER, MAGIC, encode_block_parts
+
+    src = caches(dtype)
+    for layers in ([c[:, 4] for c in src], [c.transpose(0, 1).contiguous()[4] for c in src]):
+        payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in layers)
+        desc = json.dumps({"dtype": str(dtype), "shapes": [list(t.shape) for t in layers]}).encode()
+        want = HEADER.pack(MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), len(desc)) + desc + payload
+        assert b"".join(encode_block_parts(layers)) == want
+        assert encode_block(layers) == want

@@ -131,9 +131,19 @@ def encode_block(layers: list[torch.Tensor]) -> bytes:
     """One block of every layer ([2, block_size, ...] each, on the host) as bytes: header (magic,
     payload length, xxh3-64 of the payload, description length), a JSON description (dtype,
     per-layer shapes), the payload."""
-    payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in layers)
+    return b"".join(encode_block_parts(layers))
+
+
+def encode_block_parts(layers: list[torch.Tensor]) -> list[bytes | memoryview]:
+    """`encode_block`'s bytes as pieces to write one after the other: header, description, then
+    each layer's bytes as a view of its tensor (no copy where the tensor is contiguous)."""
+    views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in layers]  # type: ignore[arg-type]
+    hasher = xxhash.xxh3_64()  # the same digest as over the joined payload
+    for v in views:
+        hasher.update(v)
+    size = sum(len(v) for v in views)
     desc = json.dumps({"dtype": str(layers[0].dtype), "shapes": [list(t.shape) for t in layers]}).encode()
-    return HEADER.pack(MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), len(desc)) + desc + payload
+    return [HEADER.pack(MAGIC, size, hasher.intdigest(), len(desc)), desc, *views]
 
 
 def decode_block(blob: bytes, caches: list[torch.Tensor]) -> list[torch.Tensor] | None:

@@ -43,8 +43,7 @@ from hallm.core.kv_connectors.block_files import BlockFileLoader, ReadResult
 from hallm.core.kv_connectors.blocks import (
     block_hashes,
     check_layout,
-    encode_block,
-    gather_blocks,
+    encode_block_parts,
     loadable_tokens,
     model_identity,
 )
@@ -93,7 +92,8 @@ class SharedStorageConnector(KVConnector):
         self._caches: dict[str, torch.Tensor] = {}
         self._meta: StorageStepMeta | None = None
         self._failed: set[str] = set()
-        self._gathered: dict[str, torch.Tensor] = {}
+        self._gathered: dict[str, torch.Tensor] = {}  # layer -> [n, 2, block_size, ...] on the host
+        self._save_idx: torch.Tensor | None = None  # this step's saved block ids, on the device
         self._stats: dict[str, int] = {}
         self._dir_bytes: int | None = None  # running estimate of the directory's size
         self._loader: BlockFileLoader | None = None
@@ -157,7 +157,7 @@ class SharedStorageConnector(KVConnector):
         return set(self._failed)
 
     def start_load(self, meta: StorageStepMeta) -> None:
-        self._meta, self._failed, self._gathered = meta, set(), {}
+        self._meta, self._failed, self._gathered, self._save_idx = meta, set(), {}, None
         jobs = [
             (req_id, block_id, self.path(h))
             for req_id, blocks in meta.loads.items()
@@ -194,16 +194,23 @@ class SharedStorageConnector(KVConnector):
         return False
 
     def save_layer(self, layer_name: str, kv_cache: torch.Tensor, layout: BatchLayout) -> None:
-        if self._meta is not None and self._meta.saves:
-            self._gathered[layer_name] = gather_blocks(kv_cache, [b for b, _ in self._meta.saves])
+        if self._meta is None or not self._meta.saves:
+            return
+        if self._save_idx is None:  # once per step: each host-to-device copy waits for the device
+            ids = [b for b, _ in self._meta.saves]
+            self._save_idx = torch.tensor(ids, dtype=torch.long, device=kv_cache.device)
+        # Block-major ([n, 2, block_size, ...]), arranged where the cache is: each block's layer
+        # is then one contiguous host range that goes to its file with no further copy.
+        gathered = kv_cache.index_select(1, self._save_idx).transpose(0, 1).contiguous()
+        self._gathered[layer_name] = gathered.cpu()
 
     def wait_save(self) -> None:
         if self._meta is None or not self._meta.saves or not self._gathered:
             return
         layers = [self._gathered[name] for name in self._caches]
         for j, (_, block_hash) in enumerate(self._meta.saves):
-            self._write(block_hash, [layer[:, j] for layer in layers])
-        self._gathered = {}
+            self._write(block_hash, [layer[j] for layer in layers])
+        self._gathered, self._save_idx = {}, None
         if self.max_bytes is not None and self._dir_bytes is not None and self._dir_bytes > self.max_bytes:
             self._evict()
 
@@ -213,12 +220,12 @@ class SharedStorageConnector(KVConnector):
         path = self.path(block_hash)
         if path.is_file():
             return  # another instance (or an earlier step) saved it
-        blob = encode_block(layers)
+        parts = encode_block_parts(layers)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(blob)
+                f.writelines(parts)
             os.replace(tmp, path)
         except OSError as e:
             self._count("save_failures")
@@ -230,7 +237,7 @@ class SharedStorageConnector(KVConnector):
         if self._dir_bytes is None:
             self._dir_bytes = self._scan_bytes()
         else:
-            self._dir_bytes += len(blob)
+            self._dir_bytes += sum(len(part) for part in parts)
 
     def shutdown(self) -> None:
         if self._loader is not None:
