@@ -7,11 +7,13 @@ layer tensor [2, num_blocks, block_size, num_kv_heads, head_size] holds block b 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,9 +131,19 @@ def encode_block(layers: list[torch.Tensor]) -> bytes:
     """One block of every layer ([2, block_size, ...] each, on the host) as bytes: header (magic,
     payload length, xxh3-64 of the payload, description length), a JSON description (dtype,
     per-layer shapes), the payload."""
-    payload = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in layers)
+    return b"".join(encode_block_parts(layers))
+
+
+def encode_block_parts(layers: list[torch.Tensor]) -> list[bytes | memoryview]:
+    """`encode_block`'s bytes as pieces to write one after the other: header, description, then
+    each layer's bytes as a view of its tensor (no copy where the tensor is contiguous)."""
+    views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in layers]  # type: ignore[arg-type]
+    hasher = xxhash.xxh3_64()  # the same digest as over the joined payload
+    for v in views:
+        hasher.update(v)
+    size = sum(len(v) for v in views)
     desc = json.dumps({"dtype": str(layers[0].dtype), "shapes": [list(t.shape) for t in layers]}).encode()
-    return HEADER.pack(MAGIC, len(payload), xxhash.xxh3_64_intdigest(payload), len(desc)) + desc + payload
+    return [HEADER.pack(MAGIC, size, hasher.intdigest(), len(desc)), desc, *views]
 
 
 def decode_block(blob: bytes, caches: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -160,3 +172,68 @@ def decode_block(blob: bytes, caches: list[torch.Tensor]) -> list[torch.Tensor] 
         out.append(raw[offset : offset + n].view(cache.dtype).view(shape))
         offset += n
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """What a block file of these caches must describe, and where each layer's bytes sit in its
+    payload (layers in order, each [2, block_size, ...] of the caches' dtype)."""
+
+    dtype: str
+    shapes: list[list[int]]
+    layer_bytes: list[int]
+    desc: bytes  # encode_block's description of this layout, byte for byte
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(self.layer_bytes)
+
+    def describes(self, desc: bytes) -> bool:
+        if desc == self.desc:
+            return True  # what encode_block writes: no JSON parse per file
+        try:
+            parsed = json.loads(desc)
+        except ValueError:
+            return False
+        return (
+            isinstance(parsed, dict)
+            and parsed.get("dtype") == self.dtype
+            and parsed.get("shapes") == self.shapes
+        )
+
+
+def block_layout(caches: list[torch.Tensor]) -> BlockLayout:
+    shapes = [[2, *c.shape[2:]] for c in caches]
+    dtype = str(caches[0].dtype)
+    return BlockLayout(
+        dtype=dtype,
+        shapes=shapes,
+        layer_bytes=[
+            c.element_size() * int(torch.Size(s).numel()) for c, s in zip(caches, shapes, strict=True)
+        ],
+        desc=json.dumps({"dtype": dtype, "shapes": shapes}).encode(),
+    )
+
+
+def read_block_file(path: Path, out: memoryview, layout: BlockLayout) -> bool:
+    """Read an `encode_block` file's payload straight into `out` (layout.payload_bytes long): True
+    when the file is whole (length), intact (checksum over `out`, no copy) and of `layout`, else
+    False (then `out` holds garbage). OSError where the file cannot be opened or read."""
+    with open(path, "rb", buffering=0) as f:
+        file_bytes = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER.size)
+        if head is None or len(head) < HEADER.size:
+            return False
+        magic, size, digest, desc_len = HEADER.unpack(head)
+        if magic != MAGIC or file_bytes != HEADER.size + desc_len + size or size != len(out):
+            return False
+        desc = f.read(desc_len)
+        if desc is None or len(desc) != desc_len or not layout.describes(desc):
+            return False
+        done = 0
+        while done < size:
+            n = f.readinto(out[done:])
+            if not n:
+                return False  # shorter than it said
+            done += n
+    return bool(xxhash.xxh3_64_intdigest(out) == digest)

@@ -7,11 +7,14 @@ under a directory named by the model identity (blocks.model_identity). A file ho
 layer's KV of the block: header (magic, payload length, xxh3-64 of the payload, a JSON
 description of dtype and per-layer shapes) then the payload. Writers write a temporary file and
 rename it over the final name, so readers never see a partial file and concurrent writers of one
-block are harmless (both write the same bytes). (The format: blocks.encode_block.) A file that is short, fails its checksum or
-describes another layout is ignored (counted as "corrupt_blocks", deleted where possible) and
-its request recomputes. With `max_storage_bytes`, the oldest files (by mtime; a load refreshes a
-file's mtime) are deleted once the directory grows past the cap. A directory that cannot be
-written (read-only, full) costs the save, counted as "save_failures", never the request.
+block are harmless (both write the same bytes). (The format: blocks.encode_block.) A file that
+is short, fails its checksum or describes another layout is ignored (counted as
+"corrupt_blocks", deleted where possible) and its request recomputes. Loads read each file
+straight into a host staging buffer on a few threads, check it there and move it to the device
+a chunk of blocks at a time (block_files). With `max_storage_bytes`, the oldest files (by mtime;
+a load refreshes a file's mtime) are deleted once the directory grows past the cap. A directory
+that cannot be written (read-only, full) costs the save, counted as "save_failures", never the
+request.
 
 With tensor parallelism each rank saves and loads its own shard of the KV heads, one file per
 block and rank, named `<hash>.tp<size>-<rank>.kvb` (one rank: `<hash>.kvb`): ranks write and
@@ -36,12 +39,11 @@ from typing import Any
 
 import torch
 
+from hallm.core.kv_connectors.block_files import BlockFileLoader, ReadResult
 from hallm.core.kv_connectors.blocks import (
     block_hashes,
     check_layout,
-    decode_block,
-    encode_block,
-    gather_blocks,
+    encode_block_parts,
     loadable_tokens,
     model_identity,
 )
@@ -90,9 +92,11 @@ class SharedStorageConnector(KVConnector):
         self._caches: dict[str, torch.Tensor] = {}
         self._meta: StorageStepMeta | None = None
         self._failed: set[str] = set()
-        self._gathered: dict[str, torch.Tensor] = {}
+        self._gathered: dict[str, torch.Tensor] = {}  # layer -> [n, 2, block_size, ...] on the host
+        self._save_idx: torch.Tensor | None = None  # this step's saved block ids, on the device
         self._stats: dict[str, int] = {}
         self._dir_bytes: int | None = None  # running estimate of the directory's size
+        self._loader: BlockFileLoader | None = None
 
     def path(self, block_hash: bytes, rank: int | None = None) -> Path:
         """The file of `rank`'s shard of a block (default: this instance's rank)."""
@@ -133,6 +137,14 @@ class SharedStorageConnector(KVConnector):
     def register_kv_caches(self, caches: dict[str, torch.Tensor]) -> None:
         check_layout(caches, self.block_size, self.name)
         self._caches = caches
+        if self.consumes:  # page-locked staging is slow to allocate: not in the first load
+            self._loader = self._new_loader()
+
+    def _new_loader(self) -> BlockFileLoader:
+        first = next(iter(self._caches.values()))
+        return BlockFileLoader(
+            list(self._caches.values()), self.pin_host_memory and first.device.type != "cpu"
+        )
 
     def _count(self, key: str, n: int = 1) -> None:
         self._stats[key] = self._stats.get(key, 0) + n
@@ -145,74 +157,75 @@ class SharedStorageConnector(KVConnector):
         return set(self._failed)
 
     def start_load(self, meta: StorageStepMeta) -> None:
-        self._meta, self._failed, self._gathered = meta, set(), {}
-        block_ids: list[int] = []
-        read: list[list[torch.Tensor]] = []  # per block, per layer [2, block_size, ...] on the host
-        for req_id, blocks in meta.loads.items():
-            mine: list[tuple[int, list[torch.Tensor]]] = []
-            for block_id, block_hash in blocks:
-                layers = self._read(block_hash)
-                if layers is None:
-                    self._failed.add(req_id)  # recomputed whole: none of its blocks is copied
-                    break
-                mine.append((block_id, layers))
-            else:
-                block_ids += [b for b, _ in mine]
-                read += [layers for _, layers in mine]
-        if not read:
+        self._meta, self._failed, self._gathered, self._save_idx = meta, set(), {}, None
+        jobs = [
+            (req_id, block_id, self.path(h))
+            for req_id, blocks in meta.loads.items()
+            for block_id, h in blocks
+        ]
+        if not jobs:
             return
-        # One copy and one scatter per layer, not one copy per block and layer.
-        first = next(iter(self._caches.values()))
-        dst = torch.tensor(block_ids, dtype=torch.long, device=first.device)
-        for i, cache in enumerate(self._caches.values()):
-            data = torch.stack([layers[i] for layers in read], dim=1)  # [2, n, block_size, ...]
-            cache.index_copy_(1, dst, data.to(cache.device, non_blocking=True))
+        if self._loader is None:
+            self._loader = self._new_loader()
+        self._loader.load(
+            [(b, path) for _, b, path in jobs], lambda i, result: self._accept(*jobs[i], result)
+        )
+
+    def _accept(self, req_id: str, block_id: int, path: Path, result: ReadResult) -> bool:
+        """Whether a block read (in request order) is copied into the cache. A request with a
+        missing or corrupt block is recomputed whole, so its later blocks are ignored (neither
+        counted nor deleted); its earlier blocks may have been copied already (verified KV of
+        those very positions, which the recompute writes again)."""
+        if req_id in self._failed:
+            return False
+        if isinstance(result, OSError):  # evicted, or deleted by another instance, since the scheduler looked
+            self._count("missing_blocks")
+            logger.warning("KV block %s could not be read (%s); recomputing", path.name, result)
+        elif not result:
+            self._count("corrupt_blocks")
+            logger.warning("KV block file %s is truncated or corrupt; ignoring it and recomputing", path)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the last to be evicted
+            return True
+        self._failed.add(req_id)
+        return False
 
     def save_layer(self, layer_name: str, kv_cache: torch.Tensor, layout: BatchLayout) -> None:
-        if self._meta is not None and self._meta.saves:
-            self._gathered[layer_name] = gather_blocks(kv_cache, [b for b, _ in self._meta.saves])
+        if self._meta is None or not self._meta.saves:
+            return
+        if self._save_idx is None:  # once per step: each host-to-device copy waits for the device
+            ids = [b for b, _ in self._meta.saves]
+            self._save_idx = torch.tensor(ids, dtype=torch.long, device=kv_cache.device)
+        # Block-major ([n, 2, block_size, ...]), arranged where the cache is: each block's layer
+        # is then one contiguous host range that goes to its file with no further copy.
+        gathered = kv_cache.index_select(1, self._save_idx).transpose(0, 1).contiguous()
+        self._gathered[layer_name] = gathered.cpu()
 
     def wait_save(self) -> None:
         if self._meta is None or not self._meta.saves or not self._gathered:
             return
         layers = [self._gathered[name] for name in self._caches]
         for j, (_, block_hash) in enumerate(self._meta.saves):
-            self._write(block_hash, [layer[:, j] for layer in layers])
-        self._gathered = {}
+            self._write(block_hash, [layer[j] for layer in layers])
+        self._gathered, self._save_idx = {}, None
         if self.max_bytes is not None and self._dir_bytes is not None and self._dir_bytes > self.max_bytes:
             self._evict()
 
     # ---- files ------------------------------------------------------------------------------
 
-    def _read(self, block_hash: bytes) -> list[torch.Tensor] | None:
-        path = self.path(block_hash)
-        try:
-            blob = path.read_bytes()
-        except OSError as e:  # evicted, or deleted by another instance, since the scheduler looked
-            self._count("missing_blocks")
-            logger.warning("KV block %s could not be read (%s); recomputing", path.name, e)
-            return None
-        layers = decode_block(blob, list(self._caches.values()))
-        if layers is None:
-            self._count("corrupt_blocks")
-            logger.warning("KV block file %s is truncated or corrupt; ignoring it and recomputing", path)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: the last to be evicted
-        return layers
-
     def _write(self, block_hash: bytes, layers: list[torch.Tensor]) -> None:
         path = self.path(block_hash)
         if path.is_file():
             return  # another instance (or an earlier step) saved it
-        blob = encode_block(layers)
+        parts = encode_block_parts(layers)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(blob)
+                f.writelines(parts)
             os.replace(tmp, path)
         except OSError as e:
             self._count("save_failures")
@@ -224,7 +237,12 @@ class SharedStorageConnector(KVConnector):
         if self._dir_bytes is None:
             self._dir_bytes = self._scan_bytes()
         else:
-            self._dir_bytes += len(blob)
+            self._dir_bytes += sum(len(part) for part in parts)
+
+    def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     def _files(self) -> list[tuple[float, int, Path]]:
         out = []
