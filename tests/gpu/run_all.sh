@@ -24,9 +24,10 @@
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
-# structured-ab  benchmarks/structured_output.py at batch 8/32/64: the JSON-schema runs with the masks on
-#           llguidance's thread pool vs row by row (A/B in one process)
-# structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, pool vs row by row
+# structured-profile  benchmarks/structured_output.py at batch 8/32/64, then a torch profile of a plain
+#           and a JSON-schema run at batch 64
+# structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, row by row vs
+#           llguidance's thread pool, in isolation
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
 #           conformance kit's KV connector round trips on the GPU (bit-exact blocks)
 # host-overhead  benchmarks/host_overhead.py: the engine's host time per decode step by phase (tiny model, batch 1/32/256)
@@ -126,7 +127,7 @@ for step in $STEPS; do
     moe-g1) run moe-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen3-30b-a3b --systems hallm --num-iters 1 ;;
     served) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 256 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240
             run served-llama $PY benchmarks/gpu_served.py --out "$RES" --model llama-3.1-8b --num-prompts 128 --input-len 1024 --output-len 128 --concurrency-1-prompts 16 --num-iters 2 --timeout 240 ;;
-    kv) run kv $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kv_connectors_gpu.py
+    kv) run kv $PY -m pytest -v -p no:cacheprovider -rf -o faulthandler_timeout=100 tests/gpu/test_kv_connectors_gpu.py
         run kv-conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device \
           --report "$RES/kv-conformance-cuda.json" -- -k kv_connector ;;
     conformance) run conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device --report "$RES/conformance-cuda.json" ;;
