@@ -159,6 +159,12 @@ class ModelRunner:
         self.kv_connector.tp_rank = tp_rank()
         self.kv_connector.register_kv_caches(self.kv_cache_by_layer())
 
+    def stop_kv_connector(self) -> None:
+        """Release the worker side's threads, sockets and host buffers."""
+        if self.kv_connector is not None:
+            self.kv_connector.shutdown()
+            self.kv_connector = None
+
     def kv_cache_by_layer(self) -> dict[str, torch.Tensor]:
         """Every attention layer's KV-cache tensor by name ("layers.{i}.attn"), layer order."""
         return {

@@ -69,6 +69,10 @@ class Worker:
         self.runner.start_kv_connector()
         self.runner.capture_graphs()
 
+    def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.stop_kv_connector()
+
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         assert self.runner is not None
         return self.runner.execute(step)

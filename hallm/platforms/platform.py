@@ -232,7 +232,8 @@ class Platform(ABC):
         It is built as `cls(config, platform)` and must have the core worker's methods:
         `init_device()`, `load_model()`, `available_kv_cache_bytes()`, `bytes_per_block()`,
         `init_kv_cache(num_blocks)` and `execute(step) -> ModelRunnerOutput`; `execute_async(step)`
-        (a handle whose `get()` gives the output) is optional and turns on async scheduling.
+        (a handle whose `get()` gives the output) is optional and turns on async scheduling;
+        `shutdown()` is optional and is called when the engine stops (release threads, sockets).
         Default: None (the core's worker).
         """
         return None

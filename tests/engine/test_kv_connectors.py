@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,15 @@ def test_shared_storage_both_roles_with_prefix_caching(
     again = llm.generate([{"prompt_token_ids": [*SHARED, 7, 8, 9]}], greedy(), use_tqdm=False)[0]
     assert again.num_cached_tokens == 12
     assert kv_stats(llm)["kv_connector_tokens_loaded"] == stats["kv_connector_tokens_loaded"]
+    # Shutting the engine down ends the worker side's file readers too (not only once the
+    # connector is garbage: it is still referenced here).
+    worker_side = llm.engine.executor.worker.runner.kv_connector
+    readers = [t for t in threading.enumerate() if t.name.startswith("hallm-kv-read")]
+    assert worker_side is not None and readers, "the loads ran on the reader pool"
+    llm.engine.shutdown()
+    for t in readers:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in readers)
 
 
 def test_truncated_file_is_ignored_and_recomputed(

@@ -105,6 +105,9 @@ class RankWorker:
     def shutdown(self) -> None:
         from hallm.core.distributed import destroy_tensor_parallel
 
+        stop = getattr(self.worker, "shutdown", None)  # optional for a plugin's worker
+        if callable(stop):
+            stop()
         self.worker = None
         destroy_tensor_parallel()
 

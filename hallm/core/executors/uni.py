@@ -43,4 +43,7 @@ class UniExecutor(Executor):
         return self.worker.execute_async(step)  # type: ignore[no-any-return]
 
     def shutdown(self) -> None:
+        stop = getattr(self.worker, "shutdown", None)  # optional for a plugin's worker
+        if callable(stop):
+            stop()
         self.worker = None  # type: ignore[assignment]
