@@ -20,7 +20,9 @@ import dataclasses
 import json
 import math
 import random
+import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 _WORDS = (
@@ -161,6 +163,23 @@ def make_payloads(cfg: ServeBenchConfig, model: str) -> list[dict[str, Any]]:
     return payloads
 
 
+_SSE_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+async def _sse_data(resp: Any) -> AsyncIterator[str]:
+    """The `data:` fields of an event stream. Split on the bytes SSE ends lines with (CR, LF,
+    CRLF) only: a text decoder's line splitting also breaks at U+2028, U+0085 and the like, which
+    JSON strings carry unescaped (generated text can hold them)."""
+    pending = b""
+    async for chunk in resp.aiter_bytes():
+        *lines, pending = _SSE_LINE_END.split(pending + chunk)
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip().decode()
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip().decode()
+
+
 async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> RequestResult:
     start = time.perf_counter()
     ttft = 0.0
@@ -175,10 +194,7 @@ async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> Reque
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 return RequestResult(False, 0, 0, 0.0, 0.0, [], f"HTTP {resp.status_code}: {text[:200]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+            async for data in _sse_data(resp):
                 if data == "[DONE]":
                     break
                 if first_chunk is None:

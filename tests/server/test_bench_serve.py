@@ -50,16 +50,23 @@ def test_bench_serve_cli_poisson_chat(
     assert data["config"]["temperature"] == 0.7
 
 
-def _sse_client(chunks: list[dict[str, object]], delay_s: float) -> object:
-    """An httpx client whose server streams `chunks` as SSE, the first after `delay_s`."""
+def _sse_client(chunks: list[dict[str, object]], delay_s: float, split: int | None = None) -> object:
+    """An httpx client whose server streams `chunks` as SSE, the first after `delay_s` (with
+    `split`, the whole body in pieces of that many bytes)."""
     import httpx
 
     class Stream(httpx.AsyncByteStream):
         async def __aiter__(self):  # type: ignore[no-untyped-def]
             await asyncio.sleep(delay_s)
-            for obj in chunks:
-                yield f"data: {json.dumps(obj)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
+            events = [f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode() for obj in chunks]
+            events.append(b"data: [DONE]\n\n")
+            if split is None:
+                for event in events:
+                    yield event
+            else:
+                body = b"".join(events)
+                for i in range(0, len(body), split):
+                    yield body[i : i + split]
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, stream=Stream(), headers={"content-type": "text/event-stream"})
@@ -103,3 +110,23 @@ def test_bench_serve_payloads_carry_temperature() -> None:
     bodies = make_payloads(cfg, "m")
     assert [b["temperature"] for b in bodies] == [0.7] * 3
     assert all(len(b["prompt"]) == 5 and b["ignore_eos"] for b in bodies)
+
+
+def test_bench_serve_text_with_unicode_line_separators() -> None:
+    """Generated text may hold U+2028, U+0085 or U+001C, which JSON strings carry unescaped (as
+    the server's msgspec writes them): the client splits events on CR/LF only, in whatever pieces
+    the bytes arrive."""
+    from hallm.benchmarks.serve import _one
+
+    texts = ["a\u2028b", "\x85", "c\x1cd\u2029", "\r"]
+    chunks: list[dict[str, object]] = [{"choices": [{"index": 0, "text": t}]} for t in texts]
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 4}})
+
+    async def go(split: int | None) -> object:
+        async with _sse_client(chunks, 0.0, split) as client:  # type: ignore[attr-defined]
+            return await _one(client, "http://x/v1/completions", {"prompt": [1, 2]}, False)
+
+    for split in (None, 1, 7):
+        result = asyncio.run(go(split))
+        assert result.ok, result.error  # type: ignore[attr-defined]
+        assert result.output_tokens == 4 and len(result.itl) == 3  # type: ignore[attr-defined]
