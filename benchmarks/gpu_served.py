@@ -15,6 +15,10 @@ re-use no KV.
   c=1          `hallm bench serve --max-concurrency 1` on `--concurrency-1-prompts` requests: the
                latency of one request alone (TTFT, TPOT, ITL)
 
+During the timed saturation runs the CPU time of the server's processes is read from /proc (Linux):
+the API process (HTTP, detokenization, SSE) and the engine process, as a share of one core over
+the runs' wall time. A process near 100% of a core is what limits the served throughput.
+
 The model directory's tokenizer covers the model's vocabulary (gpu_common.covering_tokenizer),
 so every sampled id streams text: a request with no text would have no ITL and a TTFT taken at
 its first chunk (counted as `no_text_requests`; this script fails if any).
@@ -53,6 +57,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_common import append_jsonl, environment, model_config, write_model_dir
 
 CLI = [sys.executable, "-m", "hallm.entrypoints.cli"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _server_cpu(server_pid: int) -> dict[str, float]:
+    """CPU seconds of the API process and of its busiest child (the engine process); empty where
+    /proc cannot say."""
+    try:
+        children = {c: _cpu_seconds(c) for c in _children(server_pid)}
+        api = _cpu_seconds(server_pid)
+    except (OSError, ValueError, IndexError):
+        return {}
+    engine = max(children.values(), default=0.0)
+    return {"api": api, "engine": engine}
 
 
 class PhaseError(RuntimeError):
@@ -218,7 +248,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     server = start_server(serve_cmd, url, out / f"{name}-server.log", args.timeout)
     try:
         commands["saturation"] = []
+        cpu_s = {"api": 0.0, "engine": 0.0}
+        timed_wall_s = 0.0
         for i in range(args.num_iters_warmup + args.num_iters):
+            before, start = _server_cpu(server.pid), time.perf_counter()
             result_json = tmp / f"saturation-{i}.json"
             cmd = [*bench, "--num-prompts", str(args.num_prompts), "--seed", str(i)]
             cmd += ["--output-json", str(result_json)]
@@ -228,6 +261,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             _check(f"saturation {i}", result, args.num_prompts)
             if i >= args.num_iters_warmup:
                 saturation.append(_latency(result))
+                after = _server_cpu(server.pid)
+                timed_wall_s += time.perf_counter() - start
+                for key in cpu_s:
+                    cpu_s[key] += after.get(key, 0.0) - before.get(key, 0.0)
         c1_json = tmp / "c1.json"
         cmd = [*bench, "--num-prompts", str(args.concurrency_1_prompts), "--max-concurrency", "1"]
         cmd += ["--seed", "1000", "--output-json", str(c1_json)]
@@ -275,6 +312,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             "runs": saturation,
         },
         "concurrency_1": c1,
+        # Share of one core over the timed saturation runs (bench serve's start-up included).
+        "saturation_cpu_share": {k: v / timed_wall_s for k, v in cpu_s.items()} if timed_wall_s else {},
         "served_over_offline_output_tok_s": served_tok_s / offline_tok_s,
         "served_over_offline_total_tok_s": statistics.median(r["total_tok_s"] for r in saturation)
         / offline_total_tok_s,
@@ -296,6 +335,12 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     print(f"  saturation  {served_tok_s:10.1f}  ({slo:.1f}-{shi:.1f})  {lat(median_run)}")
     print(f"  c=1         {c1['output_tok_s']:10.1f}  {lat(c1)}")
     print(f"  served/offline at saturation: {record['served_over_offline_output_tok_s']:.3f}")
+    share = record["saturation_cpu_share"]
+    if share:
+        print(
+            f"  server CPU during the timed saturation runs: API process {share['api']:.0%} of a core, "
+            f"engine process {share['engine']:.0%}"
+        )
     return 0
 
 

@@ -60,6 +60,10 @@ def test_gpu_served_cpu_tiny(tmp_path: Path) -> None:
         assert 0 < run["itl_ms"]["p50"] <= run["itl_ms"]["p99"]
     assert rec["served_over_offline_output_tok_s"] == sat["output_tok_s"] / rec["offline"]["output_tok_s"]
     assert rec["concurrency_1_tpot_ms"] == c1["tpot_ms"]
+    # Both server processes worked during the timed runs (the engine computes every token).
+    share = rec["saturation_cpu_share"]
+    cores = (os.cpu_count() or 1) + 0.1
+    assert 0 < share["api"] <= cores and 0 < share["engine"] <= cores, share
 
     model_dir = rec["commands"]["serve"].split(" serve ", 1)[1].split()[0]
     assert "--max-concurrency 1" in rec["commands"]["concurrency_1"]

@@ -209,3 +209,30 @@ def test_health_version_metrics(server: Server) -> None:
         "hallm:e2e_request_latency_seconds_count",
     ):
         assert name in names, name
+
+
+def test_token_metrics_count_what_was_streamed(server: Server, client: openai.OpenAI) -> None:
+    """One streamed and one plain completion of 6 tokens each: the token counters and the latency
+    histograms grow by exactly what the two requests produced."""
+    before = server.metrics()
+    prompt = [11, 12, 13, 14, 15]
+    extra = {"ignore_eos": True}
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, stream=True, extra_body=extra
+    )
+    assert sum(1 for _ in stream) >= 1
+    plain = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, extra_body=extra
+    )
+    assert plain.usage is not None and plain.usage.completion_tokens == 6
+    after = server.metrics()
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew("hallm:generation_tokens_total") == 12
+    assert grew("hallm:prompt_tokens_total") == 10
+    assert grew("hallm:time_to_first_token_seconds_count") == 2
+    assert grew("hallm:time_per_output_token_seconds_count") == 10  # every token after the first
+    assert grew("hallm:e2e_request_latency_seconds_count") == 2
+    assert grew("hallm:request_success_total[length]") == 2

@@ -162,24 +162,39 @@ class ServerMetrics:
             registry=r,
         )
         self._label = {"model_name": model_name}
-        for metric in (self._prompt_tokens, self._generation_tokens, self._ttft, self._tpot, self._e2e):
-            metric.labels(**self._label)  # exported (as 0) before the first request
+        # The series of this model, looked up once: `labels()` costs more than the update itself,
+        # and the token metrics are updated for every streamed token. Creating them here also
+        # exports them (as 0) before the first request.
+        lab = self._label
+        self._prompt_tokens_of = self._prompt_tokens.labels(**lab)
+        self._generation_tokens_of = self._generation_tokens.labels(**lab)
+        self._ttft_of = self._ttft.labels(**lab)
+        self._tpot_of = self._tpot.labels(**lab)
+        self._e2e_of = self._e2e.labels(**lab)
+        self._running_of = self._running.labels(**lab)
+        self._waiting_of = self._waiting.labels(**lab)
+        self._kv_usage_of = self._kv_usage.labels(**lab)
+        self._free_blocks_of = self._free_blocks.labels(**lab)
+        self._num_blocks_of = self._num_blocks.labels(**lab)
+        self._hit_rate_of = self._hit_rate.labels(**lab)
+        self._queries_of = self._queries.labels(**lab)
+        self._hits_of = self._hits.labels(**lab)
+        self._preemptions_of = self._preemptions.labels(**lab)
+        self._aborted_of = self._aborted.labels(**lab)
 
     def engine_stats(self, s: EngineStats) -> None:
         """Update the engine gauges from a stats snapshot."""
         lab = self._label
-        self._running.labels(**lab).set(s.num_running)
-        self._waiting.labels(**lab).set(s.num_waiting)
-        self._kv_usage.labels(**lab).set(s.kv_cache_usage)
-        self._free_blocks.labels(**lab).set(s.num_free_blocks)
-        self._num_blocks.labels(**lab).set(s.num_blocks)
-        self._hit_rate.labels(**lab).set(
-            s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
-        )
-        self._queries.labels(**lab).set(s.prefix_cache_queries)
-        self._hits.labels(**lab).set(s.prefix_cache_hits)
-        self._preemptions.labels(**lab).set(s.num_preemptions)
-        self._aborted.labels(**lab).set(s.num_aborted)
+        self._running_of.set(s.num_running)
+        self._waiting_of.set(s.num_waiting)
+        self._kv_usage_of.set(s.kv_cache_usage)
+        self._free_blocks_of.set(s.num_free_blocks)
+        self._num_blocks_of.set(s.num_blocks)
+        self._hit_rate_of.set(s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0)
+        self._queries_of.set(s.prefix_cache_queries)
+        self._hits_of.set(s.prefix_cache_hits)
+        self._preemptions_of.set(s.num_preemptions)
+        self._aborted_of.set(s.num_aborted)
         if s.kv_connector:
             counters = s.kv_connector_counters
             for key, gauge in self._kv_counters.items():
@@ -190,21 +205,20 @@ class ServerMetrics:
                 self._kv_offload_hit_rate.labels(**lab, connector=s.kv_connector).set(rate)
 
     def first_token(self, ttft: float, num_prompt_tokens: int) -> None:
-        self._ttft.labels(**self._label).observe(ttft)
-        self._prompt_tokens.labels(**self._label).inc(num_prompt_tokens)
-        self._generation_tokens.labels(**self._label).inc(1)
+        self._ttft_of.observe(ttft)
+        self._prompt_tokens_of.inc(num_prompt_tokens)
+        self._generation_tokens_of.inc(1)
 
     def tokens(self, n: int, interval: float) -> None:
         """`n` more tokens arrived `interval` seconds after the previous ones."""
-        self._generation_tokens.labels(**self._label).inc(n)
+        self._generation_tokens_of.inc(n)
         per_token = interval / n
-        hist = self._tpot.labels(**self._label)
         for _ in range(n):
-            hist.observe(per_token)
+            self._tpot_of.observe(per_token)
 
     def finished(self, finish_reason: str, e2e: float) -> None:
         self._success.labels(**self._label, finished_reason=finish_reason).inc()
-        self._e2e.labels(**self._label).observe(e2e)
+        self._e2e_of.observe(e2e)
 
     def render(self) -> bytes:
         """The text exposition format."""
