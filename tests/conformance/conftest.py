@@ -114,16 +114,23 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "graphsclaimed": ("cli", ["--device", "graphsclaimed", "--level", "0"]),
     "raiser": ("cli", ["--device", "raiser", "--level", "1", "--quick"]),
     "absent": ("cli", ["--device", "absent", "--level", "1", "--quick"]),
-    "rocminterp": ("cli", ["--device", "rocminterp", "--quick", "--xfails", "{rocm_xfails}"]),
+    # The whole-engine cases (L2 executor lifecycle, L3 greedy) run in float32 only: in the
+    # interpreter a model in bfloat16 takes minutes and adds no coverage the bf16 L1 kernel tests
+    # and the float32 engine runs do not give (and the interpreter's float32 -> bf16 cast
+    # truncates where GPUs round to nearest even, which moves one greedy token of the tiny llama:
+    # benchmarks/results/conformance-rocm-interpreter.md).
+    "rocminterp": (
+        "cli",
+        [
+            "--device",
+            "rocminterp",
+            "--quick",
+            "--",
+            "-k",
+            "not ((test_greedy_matches_cpu or test_executor_lifecycle) and bfloat16)",
+        ],
+    ),
 }
-
-#: Known failures of hallm-rocm's kernels in Triton's interpreter: its float32 -> bfloat16 cast
-#: truncates (GPUs round to nearest even), which biases every bf16 store; over a whole model
-#: that moves one greedy token of the tiny llama off the CPU's top two. Strict: if the
-#: interpreter's rounding is fixed, the unexpected pass fails the run and this entry goes.
-ROCM_INTERPRETER_XFAILS = """\
-test_l3_end_to_end.py::test_greedy_matches_cpu[llama-bfloat16]  the interpreter truncates float32 -> bf16 casts (not RTNE as on GPUs)
-"""
 
 #: Known failures of `badgqa` (everything with 8 query heads over 2 KV heads), plus one entry
 #: that matches a passing test: the run must fail on that unexpected pass alone.
@@ -163,9 +170,7 @@ class KitRunner:
         report = self.workdir / f"{name}.json"
         xfails = self.workdir / "badgqa-xfails.txt"
         xfails.write_text(BADGQA_XFAILS)
-        rocm_xfails = self.workdir / "rocm-xfails.txt"
-        rocm_xfails.write_text(ROCM_INTERPRETER_XFAILS)
-        args = [a.replace("{xfails}", str(xfails)).replace("{rocm_xfails}", str(rocm_xfails)) for a in args]
+        args = [a.replace("{xfails}", str(xfails)) for a in args]
         if mode == "cli":
             cmd = [
                 sys.executable,
