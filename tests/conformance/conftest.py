@@ -114,10 +114,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "graphsclaimed": ("cli", ["--device", "graphsclaimed", "--level", "0"]),
     "raiser": ("cli", ["--device", "raiser", "--level", "1", "--quick"]),
     "absent": ("cli", ["--device", "absent", "--level", "1", "--quick"]),
-    # The whole-engine cases (L2 executor lifecycle, L3 greedy) run in float32 only: in the
-    # interpreter a model in bfloat16 takes minutes and adds no coverage the bf16 L1 kernel tests
-    # and the float32 engine runs do not give (and the interpreter's float32 -> bf16 cast
-    # truncates where GPUs round to nearest even, which moves one greedy token of the tiny llama:
+    # The whole-engine cases (L2 executor lifecycle, L3 greedy) run in float32 only, and L3 on
+    # the llama only: in the interpreter each model run takes most of a minute (bfloat16 longer)
+    # and adds no coverage the bf16 L1 kernel and op-table tests and the float32 llama run do not
+    # give (and the interpreter's float32 -> bf16 cast truncates where GPUs round to nearest
+    # even, which moves one greedy token of the tiny llama; the whole matrix, run by hand:
     # benchmarks/results/conformance-rocm-interpreter.md).
     "rocminterp": (
         "cli",
@@ -127,7 +128,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
             "--quick",
             "--",
             "-k",
-            "not ((test_greedy_matches_cpu or test_executor_lifecycle) and bfloat16)",
+            "not ((test_greedy_matches_cpu or test_executor_lifecycle) and bfloat16)"
+            " and not (test_greedy_matches_cpu and qwen2)",
         ],
     ),
 }
