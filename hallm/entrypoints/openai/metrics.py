@@ -96,10 +96,15 @@ class ServerMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
+        self._label = lab = {"model_name": model_name}
         r = self.registry
 
+        # The single-label metrics are kept as this model's series, looked up once: `labels()`
+        # costs more than the update itself, and the token metrics are updated for every
+        # streamed token. Creating the series here also exports them (as 0) before the first
+        # request.
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=r)
+            return Gauge(name, doc, labels, registry=r).labels(**lab)
 
         self._running = gauge(
             "hallm:num_requests_running", "Sequences running in the engine (in the step batch)."
@@ -132,8 +137,12 @@ class ServerMetrics:
             kv_labels,
             registry=r,
         )
-        self._prompt_tokens = Counter("hallm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=r)
-        self._generation_tokens = Counter("hallm:generation_tokens", "Tokens generated.", labels, registry=r)
+        self._prompt_tokens = Counter(
+            "hallm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=r
+        ).labels(**lab)
+        self._generation_tokens = Counter(
+            "hallm:generation_tokens", "Tokens generated.", labels, registry=r
+        ).labels(**lab)
         self._success = Counter(
             "hallm:request_success",
             "Sequences finished, by finish reason.",
@@ -146,55 +155,35 @@ class ServerMetrics:
             labels,
             buckets=_TTFT_BUCKETS,
             registry=r,
-        )
+        ).labels(**lab)
         self._tpot = Histogram(
             "hallm:time_per_output_token_seconds",
             "Time between output tokens (inter-token latency).",
             labels,
             buckets=_TPOT_BUCKETS,
             registry=r,
-        )
+        ).labels(**lab)
         self._e2e = Histogram(
             "hallm:e2e_request_latency_seconds",
             "End-to-end latency of a sequence.",
             labels,
             buckets=_E2E_BUCKETS,
             registry=r,
-        )
-        self._label = {"model_name": model_name}
-        # The series of this model, looked up once: `labels()` costs more than the update itself,
-        # and the token metrics are updated for every streamed token. Creating them here also
-        # exports them (as 0) before the first request.
-        lab = self._label
-        self._prompt_tokens_of = self._prompt_tokens.labels(**lab)
-        self._generation_tokens_of = self._generation_tokens.labels(**lab)
-        self._ttft_of = self._ttft.labels(**lab)
-        self._tpot_of = self._tpot.labels(**lab)
-        self._e2e_of = self._e2e.labels(**lab)
-        self._running_of = self._running.labels(**lab)
-        self._waiting_of = self._waiting.labels(**lab)
-        self._kv_usage_of = self._kv_usage.labels(**lab)
-        self._free_blocks_of = self._free_blocks.labels(**lab)
-        self._num_blocks_of = self._num_blocks.labels(**lab)
-        self._hit_rate_of = self._hit_rate.labels(**lab)
-        self._queries_of = self._queries.labels(**lab)
-        self._hits_of = self._hits.labels(**lab)
-        self._preemptions_of = self._preemptions.labels(**lab)
-        self._aborted_of = self._aborted.labels(**lab)
+        ).labels(**lab)
 
     def engine_stats(self, s: EngineStats) -> None:
         """Update the engine gauges from a stats snapshot."""
         lab = self._label
-        self._running_of.set(s.num_running)
-        self._waiting_of.set(s.num_waiting)
-        self._kv_usage_of.set(s.kv_cache_usage)
-        self._free_blocks_of.set(s.num_free_blocks)
-        self._num_blocks_of.set(s.num_blocks)
-        self._hit_rate_of.set(s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0)
-        self._queries_of.set(s.prefix_cache_queries)
-        self._hits_of.set(s.prefix_cache_hits)
-        self._preemptions_of.set(s.num_preemptions)
-        self._aborted_of.set(s.num_aborted)
+        self._running.set(s.num_running)
+        self._waiting.set(s.num_waiting)
+        self._kv_usage.set(s.kv_cache_usage)
+        self._free_blocks.set(s.num_free_blocks)
+        self._num_blocks.set(s.num_blocks)
+        self._hit_rate.set(s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0)
+        self._queries.set(s.prefix_cache_queries)
+        self._hits.set(s.prefix_cache_hits)
+        self._preemptions.set(s.num_preemptions)
+        self._aborted.set(s.num_aborted)
         if s.kv_connector:
             counters = s.kv_connector_counters
             for key, gauge in self._kv_counters.items():
@@ -205,20 +194,20 @@ class ServerMetrics:
                 self._kv_offload_hit_rate.labels(**lab, connector=s.kv_connector).set(rate)
 
     def first_token(self, ttft: float, num_prompt_tokens: int) -> None:
-        self._ttft_of.observe(ttft)
-        self._prompt_tokens_of.inc(num_prompt_tokens)
-        self._generation_tokens_of.inc(1)
+        self._ttft.observe(ttft)
+        self._prompt_tokens.inc(num_prompt_tokens)
+        self._generation_tokens.inc(1)
 
     def tokens(self, n: int, interval: float) -> None:
         """`n` more tokens arrived `interval` seconds after the previous ones."""
-        self._generation_tokens_of.inc(n)
+        self._generation_tokens.inc(n)
         per_token = interval / n
         for _ in range(n):
-            self._tpot_of.observe(per_token)
+            self._tpot.observe(per_token)
 
     def finished(self, finish_reason: str, e2e: float) -> None:
         self._success.labels(**self._label, finished_reason=finish_reason).inc()
-        self._e2e_of.observe(e2e)
+        self._e2e.observe(e2e)
 
     def render(self) -> bytes:
         """The text exposition format."""
