@@ -28,11 +28,11 @@ class CompletionRequest(SamplingFields):
         ok = (
             isinstance(value, str)
             or (isinstance(value, list) and value and all(isinstance(p, str) for p in value))
-            or (isinstance(value, list) and value and all(_is_token_id(t) for t in value))
+            or (isinstance(value, list) and value and _all_token_ids(value))
             or (
                 isinstance(value, list)
                 and value
-                and all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value)
+                and all(isinstance(p, list) and p and _all_token_ids(p) for p in value)
             )
         )
         if not ok:
@@ -60,5 +60,7 @@ class CompletionRequest(SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _all_token_ids(values: list[Any]) -> bool:
+    """Every item an int (JSON gives exact ints; a bool is not a token id). Prompts run to
+    thousands of ids: one set of item types, not a Python call per id."""
+    return set(map(type, values)) == {int}

@@ -63,7 +63,9 @@ class ServerContext:
     async def parse(self, request: Request, model: type[B]) -> B:
         """The request's JSON body as `model`: size-capped, parsed on a worker thread."""
         raw = await read_body(request, self.max_body_bytes)
-        return await self.work.run(model.model_validate_json, raw, what="parsing the request body")
+        return await self.work.run(
+            model.model_validate_json, raw, what="parsing the request body", interruptible=False
+        )
 
     async def check_structured_output(self, params: SamplingParams, param: str) -> None:
         """Bind a constrained request to the model's vocabulary and compile its grammar (on a

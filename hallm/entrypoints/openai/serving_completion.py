@@ -83,8 +83,15 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         ctx.check_text(text, "prompt")
     encoded = iter(
         await ctx.work.run(
-            encode_texts, ctx.tokenizer, texts, req.add_special_tokens, what="tokenizing the prompt"
+            encode_texts,
+            ctx.tokenizer,
+            texts,
+            req.add_special_tokens,
+            what="tokenizing the prompt",
+            interruptible=False,
         )
+        if texts
+        else ()
     )
     for prompt in prompts:
         if isinstance(prompt, str):
