@@ -40,8 +40,12 @@ def main() -> int:
 
     rng = random.Random(0)
     bodies = {
-        f"{args.prompt_tokens} token ids": {"prompt": [rng.randrange(150_000) for _ in range(args.prompt_tokens)]},
-        f"text of ~{args.prompt_tokens} tokens": {"prompt": " ".join("word" for _ in range(args.prompt_tokens))},
+        f"{args.prompt_tokens} token ids": {
+            "prompt": [rng.randrange(150_000) for _ in range(args.prompt_tokens)]
+        },
+        f"text of ~{args.prompt_tokens} tokens": {
+            "prompt": " ".join("word" for _ in range(args.prompt_tokens))
+        },
     }
     print(f"{'body':<28} {'plain us':>10} {'traced us':>10} {'traced/plain':>13}")
     for name, prompt in bodies.items():
