@@ -25,6 +25,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 _WORDS = (
     "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
     "from", "his", "her", "it", "an", "were", "are", "which", "this", "be", "or", "has", "had",
@@ -166,21 +168,24 @@ def make_payloads(cfg: ServeBenchConfig, model: str) -> list[dict[str, Any]]:
 _SSE_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-async def _sse_data(resp: Any) -> AsyncIterator[str]:
+async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The `data:` fields of an event stream. Split on the bytes SSE ends lines with (CR, LF,
     CRLF) only: a text decoder's line splitting also breaks at U+2028, U+0085 and the like, which
     JSON strings carry unescaped (generated text can hold them)."""
     pending = b""
-    async for chunk in resp.aiter_bytes():
+    async for chunk in chunks:
         *lines, pending = _SSE_LINE_END.split(pending + chunk)
         for line in lines:
             if line.startswith(b"data:"):
-                yield line[5:].strip().decode()
+                yield line[5:].strip()
     if pending.startswith(b"data:"):
-        yield pending[5:].strip().decode()
+        yield pending[5:].strip()
 
 
-async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> RequestResult:
+_decode_json = msgspec.json.Decoder().decode
+
+
+async def _one(session: Any, url: str, body: dict[str, Any], chat: bool) -> RequestResult:
     start = time.perf_counter()
     ttft = 0.0
     first_chunk: float | None = None
@@ -190,16 +195,16 @@ async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> Reque
     prompt_tokens = len(body.get("prompt", []))
     output_tokens: int | None = None
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                return RequestResult(False, 0, 0, 0.0, 0.0, [], f"HTTP {resp.status_code}: {text[:200]}")
-            async for data in _sse_data(resp):
-                if data == "[DONE]":
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                text = (await resp.read()).decode(errors="replace")
+                return RequestResult(False, 0, 0, 0.0, 0.0, [], f"HTTP {resp.status}: {text[:200]}")
+            async for data in _sse_data(resp.content.iter_any()):
+                if data == b"[DONE]":
                     break
                 if first_chunk is None:
                     first_chunk = time.perf_counter() - start
-                obj = json.loads(data)
+                obj = _decode_json(data)
                 if "error" in obj:
                     return RequestResult(False, 0, 0, 0.0, 0.0, [], str(obj["error"])[:200])
                 if obj.get("usage"):
@@ -226,23 +231,27 @@ async def _one(client: Any, url: str, body: dict[str, Any], chat: bool) -> Reque
 
 
 async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
-    """Warm up with one short request, then send every request and collect the metrics."""
-    import httpx
+    """Warm up with one short request, then send every request and collect the metrics.
+
+    aiohttp (C HTTP parser) rather than httpx: at a few hundred concurrent streams httpx's
+    per-chunk Python cost made the client, not the server, the limit (benchmarks/results/gpu.md)."""
+    import aiohttp
 
     base = cfg.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limit = cfg.max_concurrency or cfg.num_prompts
-    limits = httpx.Limits(max_connections=limit + 1, max_keepalive_connections=limit + 1)
-    async with httpx.AsyncClient(headers=headers, timeout=cfg.timeout, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=limit + 1)
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
         model = cfg.model
         if model is None:
-            resp = await client.get(f"{base}/models")
-            resp.raise_for_status()
-            model = resp.json()["data"][0]["id"]
+            async with session.get(f"{base}/models") as resp:
+                resp.raise_for_status()
+                model = (await resp.json())["data"][0]["id"]
         chat = cfg.endpoint == "chat"
         url = f"{base}/chat/completions" if chat else f"{base}/completions"
         payloads = make_payloads(cfg, model)
-        warm = await _one(client, url, {**payloads[0], "max_tokens": 2}, chat)
+        warm = await _one(session, url, {**payloads[0], "max_tokens": 2}, chat)
         if not warm.ok:
             raise RuntimeError(f"the warm-up request failed: {warm.error}")
 
@@ -251,7 +260,7 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
 
         async def limited(body: dict[str, Any]) -> RequestResult:
             async with semaphore:
-                return await _one(client, url, body, chat)
+                return await _one(session, url, body, chat)
 
         start = time.perf_counter()
         tasks = []

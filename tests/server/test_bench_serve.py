@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,28 +53,35 @@ def test_bench_serve_cli_poisson_chat(
     assert data["config"]["temperature"] == 0.7
 
 
-def _sse_client(chunks: list[dict[str, object]], delay_s: float, split: int | None = None) -> object:
-    """An httpx client whose server streams `chunks` as SSE, the first after `delay_s` (with
-    `split`, the whole body in pieces of that many bytes)."""
-    import httpx
+@contextlib.asynccontextmanager
+async def _sse_server(chunks: list[dict[str, object]], delay_s: float) -> AsyncIterator[tuple[Any, str]]:
+    """(an aiohttp session, a completions URL) whose server streams `chunks` as SSE, the first
+    after `delay_s`."""
+    import aiohttp
+    from aiohttp import web
 
-    class Stream(httpx.AsyncByteStream):
-        async def __aiter__(self):  # type: ignore[no-untyped-def]
-            await asyncio.sleep(delay_s)
-            events = [f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode() for obj in chunks]
-            events.append(b"data: [DONE]\n\n")
-            if split is None:
-                for event in events:
-                    yield event
-            else:
-                body = b"".join(events)
-                for i in range(0, len(body), split):
-                    yield body[i : i + split]
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(delay_s)
+        for obj in chunks:
+            await resp.write(f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, stream=Stream(), headers={"content-type": "text/event-stream"})
-
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield session, f"http://127.0.0.1:{port}/v1/completions"
+    finally:
+        await runner.cleanup()
 
 
 def test_bench_serve_request_without_text_is_timed_at_first_chunk() -> None:
@@ -83,11 +93,11 @@ def test_bench_serve_request_without_text_is_timed_at_first_chunk() -> None:
     usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}
 
     async def go() -> tuple[object, object]:
-        async with _sse_client([*empty, usage], 0.05) as client:  # type: ignore[attr-defined]
-            silent = await _one(client, "http://x/v1/completions", {"prompt": [1, 2, 3, 4]}, False)
+        async with _sse_server([*empty, usage], 0.05) as (session, url):
+            silent = await _one(session, url, {"prompt": [1, 2, 3, 4]}, False)
         texted = [{"choices": [{"index": 0, "text": "a"}]}, usage]
-        async with _sse_client(texted, 0.05) as client:  # type: ignore[attr-defined]
-            spoken = await _one(client, "http://x/v1/completions", {"prompt": [1, 2, 3, 4]}, False)
+        async with _sse_server(texted, 0.05) as (session, url):
+            spoken = await _one(session, url, {"prompt": [1, 2, 3, 4]}, False)
         return silent, spoken
 
     silent, spoken = asyncio.run(go())
@@ -116,17 +126,29 @@ def test_bench_serve_text_with_unicode_line_separators() -> None:
     """Generated text may hold U+2028, U+0085 or U+001C, which JSON strings carry unescaped (as
     the server's msgspec writes them): the client splits events on CR/LF only, in whatever pieces
     the bytes arrive."""
-    from hallm.benchmarks.serve import _one
+    from hallm.benchmarks.serve import _one, _sse_data
 
     texts = ["a\u2028b", "\x85", "c\x1cd\u2029", "\r"]
     chunks: list[dict[str, object]] = [{"choices": [{"index": 0, "text": t}]} for t in texts]
     chunks.append({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 4}})
+    events = [f"data: {json.dumps(obj, ensure_ascii=False)}\r\n\r\n".encode() for obj in chunks]
+    body = b"".join(events) + b"data: [DONE]"  # the last line without its end
 
-    async def go(split: int | None) -> object:
-        async with _sse_client(chunks, 0.0, split) as client:  # type: ignore[attr-defined]
-            return await _one(client, "http://x/v1/completions", {"prompt": [1, 2]}, False)
+    async def pieces(size: int) -> AsyncIterator[bytes]:
+        for i in range(0, len(body), size):
+            yield body[i : i + size]
 
-    for split in (None, 1, 7):
-        result = asyncio.run(go(split))
-        assert result.ok, result.error  # type: ignore[attr-defined]
-        assert result.output_tokens == 4 and len(result.itl) == 3  # type: ignore[attr-defined]
+    async def collect(size: int) -> list[bytes]:
+        return [data async for data in _sse_data(pieces(size))]
+
+    expected = [e.strip()[len(b"data: ") :] for e in events] + [b"[DONE]"]
+    for size in (1, 7, len(body)):
+        assert asyncio.run(collect(size)) == expected
+
+    async def go() -> object:
+        async with _sse_server(chunks, 0.0) as (session, url):
+            return await _one(session, url, {"prompt": [1, 2]}, False)
+
+    result = asyncio.run(go())
+    assert result.ok, result.error  # type: ignore[attr-defined]
+    assert result.output_tokens == 4 and len(result.itl) == 3  # type: ignore[attr-defined]

@@ -83,10 +83,10 @@ def _register_serve(sub: Any) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import asyncio
     import os
 
     from hallm.benchmarks.serve import ServeBenchConfig, run_benchmark
+    from hallm.entrypoints.event_loop import run_event_loop
 
     cfg = ServeBenchConfig(
         base_url=args.base_url,
@@ -103,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         api_key=args.api_key or os.environ.get("HALLM_API_KEY") or os.environ.get("OPENAI_API_KEY"),
     )
-    result = asyncio.run(run_benchmark(cfg))
+    result = run_event_loop(run_benchmark(cfg))
     print(result.report())
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -9,7 +9,6 @@ the exit code is 0.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import hmac
@@ -23,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hallm.entrypoints.event_loop import run_event_loop
 from hallm.entrypoints.openai.chat_request import ChatCompletionRequest
 from hallm.entrypoints.openai.chat_template import check_template_request, encode_chat
 from hallm.entrypoints.openai.completion_request import CompletionRequest
@@ -284,18 +284,7 @@ def run_server(engine_args: Any, options: ServeOptions) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        _run_event_loop(serve(engine_args, options, started))
+        run_event_loop(serve(engine_args, options, started))
     except KeyboardInterrupt:
         logger.info("interrupted")
     return 0
-
-
-def _run_event_loop(main: Any) -> None:
-    """Run `main` on uvloop where it is installed (a dependency off Windows): the streaming path's
-    per-chunk socket writes and task switches cost less there than on asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
