@@ -31,7 +31,7 @@ from hallm.core.sampling_metadata import (
     draws_inverse_cdf,
     seeded_row_draw,
 )
-from hallm.core.structured_output import apply_token_bitmask
+from hallm.core.structured_output import BitmaskStaging, apply_token_bitmask
 
 __all__ = [
     "LogprobsTensors",
@@ -63,10 +63,15 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token per row. Stateless; one instance serves every step.
+    """Samples one token per row. One instance serves every step; it keeps no per-request state,
+    only the host buffers grammar masks are staged in (pinned with `pin_memory`, so that their
+    copy to the device does not wait for the host).
 
     The caller's logits are never modified (the first in-place stage works on a copy).
     """
+
+    def __init__(self, pin_memory: bool = False) -> None:
+        self._mask_staging = BitmaskStaging(pin_memory)
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [N, V] (any float dtype; processed in float32), rows in `meta`'s order."""
@@ -100,7 +105,7 @@ class Sampler:
         if meta.grammar_rows:
             if not owned:
                 logits = logits.clone()
-            rows, mask = meta.grammar_mask(logits.device)
+            rows, mask = meta.grammar_mask(logits.device, self._mask_staging)
             logits = apply_token_bitmask(logits, rows, mask)
 
         sampled = self.sample(logits, meta)

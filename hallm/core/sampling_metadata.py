@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hallm.core.sampling_params import SamplingParams
-from hallm.core.structured_output import GrammarMatcher, grammar_bitmask
+from hallm.core.structured_output import BitmaskStaging, GrammarMatcher, grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +162,17 @@ class SamplingMetadata:
     grammar_states: list[RequestSamplingState] = dataclasses.field(default_factory=list)
     _grammar_row_index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
-    def grammar_mask(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(rows [M] long, or None when every row has a grammar; bitmask [M, W] int32), on `device`."""
+    def grammar_mask(
+        self, device: torch.device, staging: BitmaskStaging | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(rows [M] long, or None when every row has a grammar; bitmask [M, W] int32), on `device`;
+        the host side written into `staging` when given."""
         matchers = [s.grammar for s in self.grammar_states]
         mask = grammar_bitmask(
             [m for m in matchers if m is not None],
             [s.output_token_ids for s in self.grammar_states],
             [s.eos_token_ids for s in self.grammar_states],
+            staging,
         )
         rows = None
         if len(self.grammar_rows) != self.num_reqs:

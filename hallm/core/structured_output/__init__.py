@@ -1,6 +1,11 @@
 """Structured output: constrain a request's tokens to a JSON schema, regex, choice or grammar."""
 
-from hallm.core.structured_output.bitmask import GrammarMatcher, apply_token_bitmask, grammar_bitmask
+from hallm.core.structured_output.bitmask import (
+    BitmaskStaging,
+    GrammarMatcher,
+    apply_token_bitmask,
+    grammar_bitmask,
+)
 from hallm.core.structured_output.grammar import (
     StructuredOutputError,
     bind,
@@ -10,6 +15,7 @@ from hallm.core.structured_output.grammar import (
 from hallm.core.structured_output.params import StructuredOutputsParams
 
 __all__ = [
+    "BitmaskStaging",
     "GrammarMatcher",
     "StructuredOutputError",
     "StructuredOutputsParams",

@@ -8,6 +8,7 @@ preemption replays its output once and goes on where it was.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -44,40 +45,81 @@ class GrammarMatcher:
         """Stopped or failed: only EOS may follow (`fill` writes that mask itself)."""
         return bool(self.matcher.is_stopped() or self.matcher.is_error())
 
-    def fill(self, row: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
-        """Write the allowed tokens into `row` (a contiguous int32 CPU tensor of words)."""
+    def fill_ptr(self, address: int, num_words: int, eos_token_ids: frozenset[int]) -> None:
+        """Write the allowed tokens into the `num_words` int32 words (>= self.num_words) of host
+        memory at `address`; words past this grammar's vocabulary are zeroed."""
+        nbytes = num_words * 4
         if self.done:
             # Stopped: the grammar is complete, only EOS may follow. An error cannot happen with
             # masked sampling; if it does, end the request rather than emit junk.
             if self.matcher.is_error() and not self._warned:
                 logger.warning("grammar matcher failed (%s); ending the request", self.matcher.get_error())
                 self._warned = True
-            row.zero_()
-            as_bytes = row.view(torch.uint8)  # little-endian words: token t is bit t % 8 of byte t // 8
-            for t in eos_token_ids:
-                if t < as_bytes.numel() * 8:
-                    as_bytes[t // 8] |= 1 << (t % 8)
+            row = (ctypes.c_uint8 * nbytes).from_address(address)
+            ctypes.memset(address, 0, nbytes)
+            for t in eos_token_ids:  # little-endian words: token t is bit t % 8 of byte t // 8
+                if t < nbytes * 8:
+                    row[t // 8] |= 1 << (t % 8)
             return
-        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+        own = self.num_words * 4
+        self.matcher.unsafe_compute_mask_ptr(address, own)
+        if nbytes > own:
+            ctypes.memset(address + own, 0, nbytes - own)
+
+    def fill(self, row: torch.Tensor, eos_token_ids: frozenset[int]) -> None:
+        """Write the allowed tokens into `row` (a contiguous int32 CPU tensor of words)."""
+        self.fill_ptr(row.data_ptr(), row.numel(), eos_token_ids)
+
+
+class BitmaskStaging:
+    """Host buffers the step's masks are written into: two of them, used in turn, so that a
+    buffer is rewritten only after the device copy of the step before the previous one, which
+    the sampler's wait for the previous step's results has seen complete. Pinned where the
+    device copies from pinned memory asynchronously; they grow and are then kept."""
+
+    def __init__(self, pin_memory: bool = False) -> None:
+        self.pin_memory = pin_memory
+        self._buffers: list[torch.Tensor] = []
+        self._next = 0
+
+    def take(self, rows: int, words: int) -> torch.Tensor:
+        """A [rows, words] int32 CPU tensor (contents undefined)."""
+        if not self._buffers or self._buffers[0].numel() < rows * words:
+            size = max(rows * words, 2 * self._buffers[0].numel() if self._buffers else 0)
+            self._buffers = [
+                torch.empty(size, dtype=torch.int32, pin_memory=self.pin_memory) for _ in range(2)
+            ]
+        buf = self._buffers[self._next]
+        self._next ^= 1
+        return buf[: rows * words].view(rows, words)
 
 
 def grammar_bitmask(
     matchers: Sequence[GrammarMatcher],
     outputs: Sequence[Sequence[int]],
     eos_token_ids: Sequence[frozenset[int]],
+    staging: BitmaskStaging | None = None,
 ) -> torch.Tensor:
-    """[M, W] int32 (CPU) allowed-token bits of M constrained rows, after catching up each matcher.
+    """[M, W] int32 (CPU) allowed-token bits of M constrained rows, after catching up each matcher;
+    written into `staging`'s next buffer when given.
 
-    Row by row on the calling thread (~8 us a row for a JSON schema over a 49k vocabulary).
-    llguidance's thread pool computes a batch's rows faster in isolation, but inside the engine
-    its threads compete with the step's own host work and the whole step gets slower
-    (benchmarks/structured_output.py; numbers in benchmarks/results/gpu.md)."""
+    Row by row on the calling thread, each row written by address (~2 us of Python a row around
+    llguidance's own work). llguidance's thread pool computes a batch's rows faster in isolation,
+    but inside the engine its threads compete with the step's own host work and the whole step
+    gets slower (benchmarks/structured_output.py; numbers in benchmarks/results/gpu.md)."""
     words = max(m.num_words for m in matchers)
-    mask = torch.zeros((len(matchers), words), dtype=torch.int32)
+    if staging is None:
+        mask = torch.empty((len(matchers), words), dtype=torch.int32)
+    else:
+        mask = staging.take(len(matchers), words)
+    base, stride = mask.data_ptr(), words * 4
     for i, (matcher, output, eos) in enumerate(zip(matchers, outputs, eos_token_ids, strict=True)):
         matcher.catch_up(output)
-        matcher.fill(mask[i, : matcher.num_words], eos)
+        matcher.fill_ptr(base + i * stride, words, eos)
     return mask
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_token_bitmask(
@@ -88,13 +130,15 @@ def apply_token_bitmask(
     Tokens beyond 32*W are disallowed."""
     m, words = bitmask.shape
     vocab = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(m, words * 32).bool()  # [M, 32W]
+    shifts = _SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    banned = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(m, words * 32) == 0  # [M, 32W]
     if words * 32 >= vocab:
-        allowed = allowed[:, :vocab]
+        banned = banned[:, :vocab]
     else:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - words * 32), value=False)
+        banned = torch.nn.functional.pad(banned, (0, vocab - words * 32), value=True)
     if rows is None:
-        return logits.masked_fill_(~allowed, _NEG_INF)
-    sub = logits.index_select(0, rows).masked_fill_(~allowed, _NEG_INF)
+        return logits.masked_fill_(banned, _NEG_INF)
+    sub = logits.index_select(0, rows).masked_fill_(banned, _NEG_INF)
     return logits.index_copy_(0, rows, sub)
