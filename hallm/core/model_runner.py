@@ -28,12 +28,14 @@ import torch
 from hallm.core.attention_selector import select_attention_backend
 from hallm.core.config import EngineConfig
 from hallm.core.input_batch import CachedRequestState, StepBuffers
+from hallm.core.kv_connectors.worker_side import finish_kv_step, start_worker_connector
 from hallm.core.layers.attention import Attention
 from hallm.core.outputs import ModelRunnerOutput
-from hallm.core.sampler import RequestSamplingState, Sampler, SamplingMetadata, compute_prompt_logprobs
+from hallm.core.prompt_logprobs import add_prompt_logprobs
+from hallm.core.sampler import RequestSamplingState, Sampler, SamplingMetadata
 from hallm.core.scheduler_output import SchedulerOutput
 from hallm.core.step_handle import InFlightSteps, StepHandle
-from hallm.platforms import AttentionBackend, AttentionSpec, KVConnector, KVConnectorRole, Platform
+from hallm.platforms import AttentionBackend, AttentionSpec, KVConnector, Platform
 from hallm.platforms.forward_context import ForwardContext, set_forward_context
 from hallm.platforms.graphs import StepGraphRunner, StepInputBuffers
 
@@ -149,16 +151,7 @@ class ModelRunner:
     def start_kv_connector(self) -> None:
         """Build the connector's worker side and hand it the real KV cache (once, after
         `init_kv_cache`; the profiling run's throwaway cache never reaches it)."""
-        from hallm.core.kv_connectors import create_connector
-
-        self.kv_connector = create_connector(self.config, KVConnectorRole.WORKER)
-        if self.kv_connector is None:
-            return
-        from hallm.core.distributed.parallel_state import tp_rank
-
-        self.kv_connector.pin_host_memory = self.platform.capabilities().pinned_host_memory
-        self.kv_connector.tp_rank = tp_rank()
-        self.kv_connector.register_kv_caches(self.kv_cache_by_layer())
+        self.kv_connector = start_worker_connector(self.config, self.platform, self.kv_cache_by_layer())
 
     def stop_kv_connector(self) -> None:
         """Release the worker side's threads, sockets and host buffers."""
@@ -286,7 +279,7 @@ class ModelRunner:
         if step.total_num_scheduled_tokens == 0:
             output = ModelRunnerOutput(sampled_token_ids={})
             if connector is not None:
-                self._finish_kv_step(connector, step, None, output)
+                finish_kv_step(connector, self.kv_cache_by_layer(), step, None, output)
             return StepHandle.done(output)
         b = self.buffers
         req_ids = list(step.num_scheduled_tokens)
@@ -348,30 +341,14 @@ class ModelRunner:
 
         handle = StepHandle(self.in_flight)
         if connector is not None:
-            self._finish_kv_step(connector, step, layout, handle.output)
-        self._prompt_logprobs(states, step, layout, hidden, handle)
+            finish_kv_step(connector, self.kv_cache_by_layer(), step, layout, handle.output)
+        add_prompt_logprobs(self.model, states, step, layout, hidden, handle)
         if sample_rows:
             self._sample(states, sample_rows, layout, hidden, handle)
         for state in states:
             state.num_computed_tokens += step.num_scheduled_tokens[state.req_id]
         self.in_flight.launched(handle)
         return handle
-
-    def _finish_kv_step(
-        self, connector: KVConnector, step: SchedulerOutput, layout: Any, output: ModelRunnerOutput
-    ) -> None:
-        """After the forward: wait for the loads, save every layer, report what happened."""
-        caches = self.kv_cache_by_layer()
-        for name in caches:
-            connector.wait_layer_load(name)
-        if layout is not None:
-            for name, cache in caches.items():
-                connector.save_layer(name, cache, layout)
-        connector.wait_save()
-        failed = connector.failed_loads()
-        output.kv_loaded = {r for r in step.kv_load_req_ids if r not in failed}
-        output.kv_finished_sending = connector.finished()[0]
-        output.kv_connector_stats = connector.take_stats()
 
     def _to_device_long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -430,30 +407,3 @@ class ModelRunner:
             st.add_pending(handle, j)
         handle.sample_states = row_states
         handle.lp_slot = lp_slot
-
-    def _prompt_logprobs(
-        self,
-        states: list[CachedRequestState],
-        step: SchedulerOutput,
-        layout: Any,
-        hidden: torch.Tensor,
-        handle: StepHandle,
-    ) -> None:
-        for i, st in enumerate(states):
-            k = st.params.prompt_logprobs
-            c = st.num_computed_tokens
-            if k is None or c >= st.num_prompt_tokens:
-                continue
-            n = step.num_scheduled_tokens[st.req_id]
-            # Position p's logits predict token p+1; the prompt's first token has no logprob.
-            end = min(c + n, st.num_prompt_tokens - 1)
-            start = int(layout.query_start_loc[i])
-            if end <= c:
-                handle.output.prompt_logprobs[st.req_id] = ([], [], [])
-                continue
-            logits = self.model.compute_logits(hidden[start : start + (end - c)])
-            targets = torch.from_numpy(st.token_ids[c + 1 : end + 1]).to(hidden.device, non_blocking=True)
-            lp = compute_prompt_logprobs(logits, targets, k)
-            handle.prompt_slots.append(
-                (st.req_id, handle.add_host(lp.token_ids, lp.logprobs, lp.sampled_rank))
-            )
