@@ -193,3 +193,19 @@ def test_batched_masks_equal_row_by_row(tiny_model_dir: Any) -> None:
     eos_only = torch.zeros(batched.shape[1], dtype=torch.int32)
     eos_only.view(torch.uint8)[tok.eos_token_id // 8] = 1 << (tok.eos_token_id % 8)
     assert torch.equal(batched[3], eos_only), "a finished grammar allows EOS only"
+    # Staged: the reused host buffers hold the previous steps' bits (here all ones); every word of
+    # each row is rewritten, both buffers in turn, and a row wider than its grammar's vocabulary
+    # gets zeros past it.
+    from hallm.core.structured_output import BitmaskStaging
+
+    staging = BitmaskStaging()
+    for _ in range(2):
+        staging.take(len(specs), batched.shape[1]).fill_(-1)
+    for _ in range(3):
+        staged = grammar_bitmask([GrammarMatcher(s) for s in specs], outputs, eos, staging)
+        assert torch.equal(staged, batched)
+    wide = torch.full((batched.shape[1] + 3,), -1, dtype=torch.int32)
+    matcher = GrammarMatcher(specs[0])
+    matcher.catch_up(outputs[0])
+    matcher.fill_ptr(wide.data_ptr(), wide.numel(), eos[0])
+    assert torch.equal(wide[: batched.shape[1]], batched[0]) and not wide[batched.shape[1] :].any()
