@@ -20,6 +20,7 @@ device value back (no sync) until the caller copies the result.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -233,10 +234,17 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
 
 
 def _seeded_rows(
-    out: torch.Tensor, generators: dict[int, torch.Generator], vocab: int, inverse_cdf: bool
+    out: torch.Tensor,
+    generators: dict[int, torch.Generator],
+    vocab: int,
+    inverse_cdf: bool,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
+    """Each seeded row of `out` from its own generator's draw (`transform`ed in place first)."""
     for row, gen in generators.items():
         draw = seeded_row_draw(gen, vocab, inverse_cdf)
+        if transform is not None:
+            draw = transform(draw)
         if _same_device(gen.device, out.device):
             out[row] = draw
         else:  # a device without its own generators: drawn on the generator's device
@@ -295,13 +303,14 @@ def _search(cdf: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """argmax(probs / E), E ~ Exp(1) i.i.d., drawn as -log(1 - U), U ~ U[0, 1)."""
+    """argmax(probs / E), E ~ Exp(1) i.i.d.: unseeded rows from the device's `exponential_` (one
+    pass over [N, V]), a seeded row as -log(1 - U) from its own uniforms U ~ U[0, 1) (the draw
+    every device makes alike)."""
     n, vocab = probs.shape
     noise = torch.empty_like(probs)  # [N, V]
     if len(generators) < n:
-        noise.uniform_()
-    _seeded_rows(noise, generators, vocab, inverse_cdf=False)
-    noise = torch.log1p(noise.neg_(), out=noise).neg_()  # -log(1 - U) ~ Exp(1)
+        noise.exponential_()
+    _seeded_rows(noise, generators, vocab, False, lambda u: torch.log1p(u.neg_(), out=u).neg_())
     # An exact 0 draw would turn a masked token (p=0) into 0/0 = NaN, which argmax would pick.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return probs.div_(noise).argmax(dim=-1)

@@ -26,6 +26,8 @@
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
 # structured-profile  benchmarks/structured_output.py at batch 8/32/64, then a torch profile of a plain
 #           and a JSON-schema run at batch 64
+# sampler   benchmarks/gpu_sampler.py: the sampler's device time on G2's logits (192 x 128256, temperature
+#           0.6), the exponential race's noise in one pass vs the four it took before
 # structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, row by row vs
 #           llguidance's thread pool, in isolation
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
@@ -115,6 +117,7 @@ for step in $STEPS; do
     greedy-new) run greedy-new $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py -k "moe or mixtral or olmoe or longrope or gpt_oss" ;;
     sinks) run sinks $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py -k sinks ;;
     structured-profile) run structured-profile $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 --batch 8 32 64 --profile ;;
+    sampler) run sampler $PY benchmarks/gpu_sampler.py ;;
     structured-masks) run structured-masks $PY benchmarks/structured_masks.py --tokenizer .gpu-models/smollm2-135m --batch 1 8 32 64 ;;
     structured) run structured $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 ;;
     kv-ttft) $PY -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.gpu_common import write_model_dir; write_model_dir('llama-3.1-8b', Path('/tmp/hallm-llama8b'))"
