@@ -20,7 +20,6 @@ device value back (no sync) until the caller copies the result.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 
@@ -234,21 +233,14 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
 
 
 def _seeded_rows(
-    out: torch.Tensor,
-    generators: dict[int, torch.Generator],
-    vocab: int,
-    inverse_cdf: bool,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    out: torch.Tensor, generators: dict[int, torch.Generator], vocab: int, inverse_cdf: bool
 ) -> None:
-    """Each seeded row of `out` from its own generator's draw (`transform`ed in place first)."""
+    """Each seeded row of `out` from its own generator (one launch a row on its device)."""
     for row, gen in generators.items():
-        draw = seeded_row_draw(gen, vocab, inverse_cdf)
-        if transform is not None:
-            draw = transform(draw)
         if _same_device(gen.device, out.device):
-            out[row] = draw
+            seeded_row_draw(gen, vocab, inverse_cdf, out=out[row])
         else:  # a device without its own generators: drawn on the generator's device
-            out[row].copy_(draw)
+            out[row].copy_(seeded_row_draw(gen, vocab, inverse_cdf))
 
 
 def _inverse_cdf_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
@@ -303,14 +295,13 @@ def _search(cdf: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """argmax(probs / E), E ~ Exp(1) i.i.d.: unseeded rows from the device's `exponential_` (one
-    pass over [N, V]), a seeded row as -log(1 - U) from its own uniforms U ~ U[0, 1) (the draw
-    every device makes alike)."""
+    """argmax(probs / E), E ~ Exp(1) i.i.d. from `exponential_`: one pass over [N, V] for the
+    unseeded rows (the device's default generator), one launch per seeded row (its own)."""
     n, vocab = probs.shape
     noise = torch.empty_like(probs)  # [N, V]
     if len(generators) < n:
         noise.exponential_()
-    _seeded_rows(noise, generators, vocab, False, lambda u: torch.log1p(u.neg_(), out=u).neg_())
+    _seeded_rows(noise, generators, vocab, inverse_cdf=False)
     # An exact 0 draw would turn a masked token (p=0) into 0/0 = NaN, which argmax would pick.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return probs.div_(noise).argmax(dim=-1)

@@ -28,12 +28,18 @@ def draws_inverse_cdf(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu"
 
 
-def seeded_row_draw(generator: torch.Generator, vocab_size: int, inverse_cdf: bool) -> torch.Tensor:
-    """The uniforms a seeded row draws from its generator for one token, on the generator's device:
-    one float64 for the inverse CDF, [vocab_size] float32 for the exponential race."""
+def seeded_row_draw(
+    generator: torch.Generator, vocab_size: int, inverse_cdf: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What a seeded row draws from its generator for one token, on the generator's device: one
+    float64 uniform for the inverse CDF, [vocab_size] float32 Exp(1) noise for the exponential
+    race; into `out` (a tensor of that shape and dtype on the generator's device) when given."""
+    if out is None:
+        dtype = torch.float64 if inverse_cdf else torch.float32
+        out = torch.empty(1 if inverse_cdf else vocab_size, dtype=dtype, device=generator.device)
     if inverse_cdf:
-        return torch.rand(1, dtype=torch.float64, generator=generator, device=generator.device)
-    return torch.empty(vocab_size, dtype=torch.float32, device=generator.device).uniform_(generator=generator)
+        return out.uniform_(generator=generator)
+    return out.exponential_(generator=generator)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
