@@ -16,9 +16,10 @@ re-use no KV.
                latency of one request alone (TTFT, TPOT, ITL)
 
 During the timed saturation runs the CPU time of the server's processes is read from /proc (Linux):
-the API process (HTTP, detokenization, SSE), the engine process and the `bench serve` client, as a
-share of one core over the runs' wall time. A process near 100% of a core is what limits the
-served throughput.
+the API process (HTTP, detokenization, SSE) and the engine process, and the `bench serve` client's
+own CPU over its timed part, each as a share of one core over the runs' timed duration (the
+server's share includes the one warm-up request each run sends first). A process near 100% of a
+core is what limits the served throughput.
 
 The model directory's tokenizer covers the model's vocabulary (gpu_common.covering_tokenizer),
 so every sampled id streams text: a request with no text would have no ITL and a TTFT taken at
@@ -58,15 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_common import append_jsonl, environment, model_config, write_model_dir
 
 CLI = [sys.executable, "-m", "hallm.entrypoints.cli"]
-
-
-def _waited_children_cpu() -> float:
-    """User + system CPU seconds of this process's finished children (the `bench serve` clients;
-    the server, still running, is not among them)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -261,8 +253,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         cpu_s = {"api": 0.0, "engine": 0.0, "client": 0.0}
         timed_wall_s = 0.0
         for i in range(args.num_iters_warmup + args.num_iters):
-            before, start = _server_cpu(server.pid), time.perf_counter()
-            before["client"] = _waited_children_cpu()
+            before = _server_cpu(server.pid)
             result_json = tmp / f"saturation-{i}.json"
             cmd = [*bench, "--num-prompts", str(args.num_prompts), "--seed", str(i)]
             cmd += ["--output-json", str(result_json)]
@@ -273,10 +264,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             if i >= args.num_iters_warmup:
                 saturation.append(_latency(result))
                 after = _server_cpu(server.pid)
-                after["client"] = _waited_children_cpu()
-                timed_wall_s += time.perf_counter() - start
-                for key in cpu_s:
+                timed_wall_s += result["duration_s"]
+                for key in ("api", "engine"):
                     cpu_s[key] += after.get(key, 0.0) - before.get(key, 0.0)
+                cpu_s["client"] += result.get("client_cpu_s", 0.0)
         c1_json = tmp / "c1.json"
         cmd = [*bench, "--num-prompts", str(args.concurrency_1_prompts), "--max-concurrency", "1"]
         cmd += ["--seed", "1000", "--output-json", str(c1_json)]

@@ -84,6 +84,9 @@ class ServeBenchResult:
     itl_ms: dict[str, float]
     errors: list[str]
     no_text_requests: int = 0
+    #: This client's own CPU seconds over the timed part: near `duration_s` (one core), the
+    #: client rather than the server may be what limits the measured throughput.
+    client_cpu_s: float = 0.0
 
     def report(self) -> str:
         c = self.config
@@ -101,6 +104,7 @@ class ServeBenchResult:
             f"{'Request throughput (req/s):':<40}{self.request_throughput:.2f}",
             f"{'Output token throughput (tok/s):':<40}{self.output_throughput:.2f}",
             f"{'Total token throughput (tok/s):':<40}{self.total_token_throughput:.2f}",
+            f"{'Client CPU (% of one core):':<40}{100 * self.client_cpu_s / max(self.duration_s, 1e-9):.0f}",
         ]
         if self.no_text_requests:
             lines.append(f"{'Requests with no text (TTFT at 1st chunk):':<40}{self.no_text_requests}")
@@ -262,7 +266,7 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
             async with semaphore:
                 return await _one(session, url, body, chat)
 
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         tasks = []
         for body in payloads:
             tasks.append(asyncio.create_task(limited(body)))
@@ -270,6 +274,7 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
                 await asyncio.sleep(rng.expovariate(cfg.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        client_cpu = time.process_time() - start_cpu
 
     ok = [r for r in results if r.ok]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
@@ -292,4 +297,5 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
         itl_ms=_stats([x for r in ok for x in r.itl]),
         errors=[r.error for r in results if r.error],
         no_text_requests=sum(r.no_text for r in ok),
+        client_cpu_s=client_cpu,
     )
