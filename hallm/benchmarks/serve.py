@@ -245,8 +245,14 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limit = cfg.max_concurrency or cfg.num_prompts
     connector = aiohttp.TCPConnector(limit=limit + 1)
-    timeout = aiohttp.ClientTimeout(total=cfg.timeout)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+    # Per connect and per read, as before: a long generation is no error while chunks keep coming.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout, sock_read=cfg.timeout)
+    async with aiohttp.ClientSession(
+        headers=headers,
+        timeout=timeout,
+        connector=connector,
+        trust_env=True,  # HTTP(S)_PROXY, NO_PROXY
+    ) as session:
         model = cfg.model
         if model is None:
             async with session.get(f"{base}/models") as resp:
