@@ -18,8 +18,9 @@ re-use no KV.
 During the timed saturation runs the CPU time of the server's processes is read from /proc (Linux):
 the API process (HTTP, detokenization, SSE) and the engine process, and the `bench serve` client's
 own CPU over its timed part, each as a share of one core over the runs' timed duration (the
-server's share includes the one warm-up request each run sends first). A process near 100% of a
-core is what limits the served throughput.
+server's share includes the one warm-up request each run sends first). The API process or the
+client near 100% of a core limits the served throughput; the engine process's share also counts
+its waits for the GPU, which spin on CUDA, so near 100% there shows no host limit by itself.
 
 The model directory's tokenizer covers the model's vocabulary (gpu_common.covering_tokenizer),
 so every sampled id streams text: a request with no text would have no ITL and a TTFT taken at
