@@ -20,6 +20,7 @@ from hallm.core.model_loader import load_model
 from hallm.core.model_runner import step_seed
 from hallm.core.models.llama import LlamaForCausalLM
 from hallm.core.outputs import ModelRunnerOutput
+from hallm.core.prompt_logprobs import PromptLogprobSpan, prompt_logprob_spans
 from hallm.core.sampler import RequestSamplingState, Sampler, SamplingMetadata, compute_prompt_logprobs
 from hallm.core.scheduler_output import SchedulerOutput
 
@@ -28,6 +29,7 @@ __all__ = [
     "EngineConfig",
     "LlamaForCausalLM",
     "ModelRunnerOutput",
+    "PromptLogprobSpan",
     "RequestSamplingState",
     "Sampler",
     "SamplingMetadata",
@@ -35,5 +37,6 @@ __all__ = [
     "StepBuffers",
     "compute_prompt_logprobs",
     "load_model",
+    "prompt_logprob_spans",
     "step_seed",
 ]

@@ -31,6 +31,7 @@ from hallm.worker_api import (
     SchedulerOutput,
     StepBuffers,
     compute_prompt_logprobs,
+    prompt_logprob_spans,
     step_seed,
 )
 from hallm_tpu.attention import ATTENTION_IMPLS, CHUNK_BLOCKS, DEFAULT_ATTENTION, padded_table_width
@@ -339,24 +340,15 @@ class TpuWorker:
         """Prompt logprobs of the positions computed this step, from the final hidden states
         (copied to the host only when some request asks) and the host output projection."""
         host_hidden: torch.Tensor | None = None
-        for i, st in enumerate(states):
-            k = st.params.prompt_logprobs
-            c = st.num_computed_tokens
-            if k is None or c >= st.num_prompt_tokens:
-                continue
-            n = step.num_scheduled_tokens[st.req_id]
-            # Position p's logits predict token p+1; the prompt's first token has no logprob.
-            end = min(c + n, st.num_prompt_tokens - 1)
-            if end <= c:
-                output.prompt_logprobs[st.req_id] = ([], [], [])
+        for span in prompt_logprob_spans(states, step, layout):
+            if not span.num:
+                output.prompt_logprobs[span.req_id] = ([], [], [])
                 continue
             if host_hidden is None:
                 host_hidden = torch.from_numpy(np.array(hidden, dtype=np.float32))  # writable copy
-            start = int(layout.query_start_loc[i])
-            logits = host_hidden[start : start + (end - c)] @ self.lm_head.T
-            targets = torch.from_numpy(st.token_ids[c + 1 : end + 1])
-            lp = compute_prompt_logprobs(logits, targets, k)
-            output.prompt_logprobs[st.req_id] = (
+            logits = host_hidden[span.start : span.start + span.num] @ self.lm_head.T
+            lp = compute_prompt_logprobs(logits, torch.from_numpy(span.targets), span.k)
+            output.prompt_logprobs[span.req_id] = (
                 lp.token_ids.tolist(),
                 lp.logprobs.tolist(),
                 lp.sampled_rank.tolist(),
