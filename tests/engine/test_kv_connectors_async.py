@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from hallm.entrypoints.llm import LLM
+from tests.engine.test_kv_connector_p2p import p2p
 from tests.engine.test_kv_connectors import (
     BLOCK_SIZE,
     PROMPTS,
@@ -27,7 +28,6 @@ from tests.engine.test_kv_connectors import (
     kv_stats,
     loadable_tokens,
     make_llm,
-    p2p,
     storage,
 )
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from hallm.core.kv_cache.hashing import extend_block_hashes
+from tests.engine.test_kv_connector_p2p import check_p2p_push
 from tests.engine.test_kv_connectors import (
     BLOCK_SIZE,
     OFFLOAD,
     PROMPTS,
     check_offload_round_trip,
-    check_p2p_push,
     check_prefill_then_decode,
     engine_of,
     generate,
