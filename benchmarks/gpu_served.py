@@ -26,6 +26,11 @@ The model directory's tokenizer covers the model's vocabulary (gpu_common.coveri
 so every sampled id streams text: a request with no text would have no ITL and a TTFT taken at
 its first chunk (counted as `no_text_requests`; this script fails if any).
 
+With `--timeline` both paths run at `--log-level debug`, whose per-request and per-step lines
+(`LLMEngine`'s, stamped with one host clock) give the engine's step timeline of the last offline
+run and of the last saturation run: when requests arrived, how full the steps were, how long
+prompt and decode steps took (`benchmarks/step_timeline.py`; a line costs microseconds).
+
 The JSON (one line appended to OUT/served.jsonl, and OUT/served-MODEL.json) holds every command
 run (their temporary model directory is removed at the end: this script re-creates it), the
 three results, served/offline output tokens/s at saturation, and the c=1 TPOT. The
@@ -58,6 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_common import append_jsonl, environment, model_config, write_model_dir
+from benchmarks.step_timeline import last_run, parse, summarize, table
 
 CLI = [sys.executable, "-m", "hallm.entrypoints.cli"]
 
@@ -192,6 +198,12 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds each phase (subprocess) may take")
     p.add_argument("--out", default="benchmarks/results/raw")
+    p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="run both paths at --log-level debug and compare the engine's step timelines of the last "
+        "offline and the last saturation run (benchmarks/step_timeline.py)",
+    )
     args = p.parse_args()
     if min(args.num_prompts, args.concurrency_1_prompts, args.num_iters, args.input_len) < 1:
         p.error("--num-prompts, --concurrency-1-prompts, --num-iters and --input-len must be >= 1")
@@ -228,8 +240,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     )
 
     commands: dict[str, Any] = {"script": shlex.join([sys.executable, *sys.argv])}
+    cli = [*CLI, "--log-level", "debug"] if args.timeline else CLI
     offline_json = tmp / "offline.json"
-    offline_cmd = [*CLI, "bench", "throughput", *engine, *sizes, "--num-prompts", str(args.num_prompts)]
+    offline_cmd = [*cli, "bench", "throughput", *engine, *sizes, "--num-prompts", str(args.num_prompts)]
     offline_cmd += ["--num-iters", str(args.num_iters), "--num-iters-warmup", str(args.num_iters_warmup)]
     offline_cmd += ["--output-json", str(offline_json)]
     commands["offline"] = shlex.join(offline_cmd)
@@ -242,13 +255,15 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    serve_cmd = [*CLI, "serve", *engine, "--host", "127.0.0.1", "--port", str(port)]
+    serve_cmd = [*cli, "serve", *engine, "--host", "127.0.0.1", "--port", str(port)]
     serve_cmd += ["--served-model-name", args.model, "--disable-uvicorn-access-log"]
     commands["serve"] = shlex.join(serve_cmd)
     bench = [*CLI, "bench", "serve", "--base-url", f"{url}/v1", *sizes, "--vocab-size", str(vocab)]
     bench += ["--temperature", "1.0"]
     saturation: list[dict[str, Any]] = []
-    server = start_server(serve_cmd, url, out / f"{name}-server.log", args.timeout)
+    server_log = out / f"{name}-server.log"
+    last_run_log = (0, 0)  # the server log's bytes written during the last saturation run
+    server = start_server(serve_cmd, url, server_log, args.timeout)
     try:
         commands["saturation"] = []
         cpu_s = {"api": 0.0, "engine": 0.0, "client": 0.0}
@@ -259,7 +274,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             cmd = [*bench, "--num-prompts", str(args.num_prompts), "--seed", str(i)]
             cmd += ["--output-json", str(result_json)]
             commands["saturation"].append(shlex.join(cmd))
+            log_start = server_log.stat().st_size
             run_phase(f"saturation {i}", cmd, out / f"{name}-saturation-{i}.log", args.timeout)
+            last_run_log = (log_start, server_log.stat().st_size)
             result = json.loads(result_json.read_text())
             _check(f"saturation {i}", result, args.num_prompts)
             if i >= args.num_iters_warmup:
@@ -323,6 +340,15 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         / offline_total_tok_s,
         "concurrency_1_tpot_ms": c1["tpot_ms"],
     }
+    if args.timeline:
+        with open(server_log, "rb") as f:
+            f.seek(last_run_log[0])
+            served_text = f.read(last_run_log[1] - last_run_log[0]).decode(errors="replace")
+        offline_text = (out / f"{name}-offline.log").read_text(errors="replace")
+        record["timeline"] = {
+            "offline": summarize(last_run(parse(offline_text), args.num_prompts)),
+            "served": summarize(last_run(parse(served_text), args.num_prompts)),
+        }
     append_jsonl(out / "served.jsonl", record)
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
 
@@ -345,6 +371,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             f"  server CPU during the timed saturation runs: API process {share['api']:.0%} of a core, "
             f"engine process {share['engine']:.0%}, benchmark client {share.get('client', 0.0):.0%}"
         )
+    if args.timeline:
+        print("\nengine step timeline of the last offline and the last saturation run (debug log):")
+        print(table(record["timeline"]))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -316,6 +317,8 @@ class LLMEngine:
         self.output_processor.add(request_id, text, children)
         for child in children:
             self.scheduler.add_request(child)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("add t=%.6f id=%s prompt=%d", time.perf_counter(), request_id, len(token_ids))
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         limits = AdmissionLimits(
@@ -351,6 +354,7 @@ class LLMEngine:
         if self.async_scheduling:
             return self._step_async(final_only)
         step = self.scheduler.schedule()
+        self._trace(step)
         if step.is_empty:
             if self.scheduler.has_unfinished_requests() and not step.finished_req_ids:
                 raise RuntimeError("scheduler made no progress with requests pending (KV pool too small?)")
@@ -368,6 +372,7 @@ class LLMEngine:
 
     def _step_async(self, final_only: bool) -> list[RequestOutput]:
         step = self.scheduler.schedule()
+        self._trace(step)
         previous, self._in_flight = self._in_flight, None
         if not step.is_empty or step.finished_req_ids:
             handle = self.executor.execute_async(step)
@@ -385,6 +390,23 @@ class LLMEngine:
             (last_step, last_handle), self._in_flight = self._in_flight, None
             outputs += self._process(last_step, last_handle.get(), final_only)
         return outputs
+
+    def _trace(self, step: SchedulerOutput) -> None:
+        """One debug line per scheduled step (`hallm --log-level debug`): when it was scheduled
+        (`time.perf_counter`, one clock for every process on a Linux host), its tokens, those of
+        rows with more than one (prompt chunks), its rows and the requests still waiting.
+        `benchmarks/step_timeline.py` turns these lines into a timeline."""
+        if not logger.isEnabledFor(logging.DEBUG) or step.is_empty:
+            return
+        counts = step.num_scheduled_tokens.values()
+        logger.debug(
+            "step t=%.6f tokens=%d prompt=%d rows=%d waiting=%d",
+            time.perf_counter(),
+            step.total_num_scheduled_tokens,
+            sum(n for n in counts if n > 1),
+            len(counts),
+            self.scheduler.num_waiting,
+        )
 
     def get_stats(self) -> dict[str, Any]:
         kv = self.scheduler.kv

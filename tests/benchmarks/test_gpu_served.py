@@ -39,10 +39,12 @@ def _processes_mentioning(needle: str) -> list[int]:
 
 def test_gpu_served_cpu_tiny(tmp_path: Path) -> None:
     """Both paths run on the same model and workload, every served request streams text, the
-    latencies are real, and no server or engine process outlives the script."""
+    latencies are real, each path's step timeline is read from its debug log, and no server or
+    engine process outlives the script."""
     cmd = [sys.executable, "benchmarks/gpu_served.py", "--model", "tiny", "--device", "cpu"]
     cmd += ["--num-prompts", "8", "--input-len", "32", "--output-len", "8", "--concurrency-1-prompts", "3"]
     cmd += ["--num-iters", "1", "--num-iters-warmup", "0", "--timeout", "120", "--out", str(tmp_path)]
+    cmd += ["--timeline"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,6 +55,10 @@ def test_gpu_served_cpu_tiny(tmp_path: Path) -> None:
     sat, c1 = rec["saturation"]["median_run"], rec["concurrency_1"]
     assert (sat["completed"], sat["failed"], sat["no_text_requests"]) == (8, 0, 0)
     assert (c1["completed"], c1["failed"], c1["no_text_requests"]) == (3, 0, 0)
+    for path in ("offline", "served"):  # the engine's step timeline of each path's last run
+        tl = rec["timeline"][path]
+        assert tl["requests"] == 8 and tl["prompt_steps"] >= 1, tl
+        assert tl["decode_steps"] >= 6 and tl["decode_rows_p50"] >= 1, tl  # 8 tokens each
     for run in (sat, c1):
         assert run["output_tok_s"] > 0
         assert 0 < run["ttft_ms"]["p50"] <= run["ttft_ms"]["p99"]
