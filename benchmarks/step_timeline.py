@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import re
 import statistics
 from typing import Any
@@ -62,7 +63,7 @@ def summarize(tl: Timeline) -> dict[str, Any]:
         raise ValueError("the timeline needs added requests and at least two steps")
     t0 = tl.adds[0]
     steps = tl.steps
-    periods = [b.t - a.t for a, b in zip(steps, steps[1:], strict=False)]
+    periods = [b.t - a.t for a, b in itertools.pairwise(steps)]
     timed = steps[:-1]  # the last step has no successor to end its period
     prompt = [(s, p) for s, p in zip(timed, periods, strict=True) if s.prompt]
     decode = [(s, p) for s, p in zip(timed, periods, strict=True) if not s.prompt]
