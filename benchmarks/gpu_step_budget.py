@@ -89,6 +89,21 @@ def measure(args: argparse.Namespace, budget: int) -> dict[str, Any]:
         "output_tok_s": args.num_prompts * args.output_len / statistics.median(runs),
         "host_wait_share": statistics.median(w / r for w, r in zip(waits, runs, strict=True)),
     }
+    if args.host_profile:
+        import cProfile
+        import io
+        import pstats
+
+        prof_host = cProfile.Profile()
+        prof_host.enable()
+        llm.generate(prompts, params, use_tqdm=False)
+        sync()
+        prof_host.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(prof_host, stream=text)
+        stats.sort_stats("tottime").print_stats(35)
+        stats.sort_stats("cumulative").print_stats(45)
+        out["host_profile"] = text.getvalue()
     if args.device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -120,6 +135,7 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-iters", type=int, default=3)
     p.add_argument("--top", type=int, default=8, help="kernels listed per budget")
+    p.add_argument("--host-profile", action="store_true", help="also cProfile one run of each budget")
     p.add_argument("--out", default="benchmarks/results/raw")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: one budget
     args = p.parse_args()
@@ -152,6 +168,9 @@ def main() -> int:
             print(f"\nbudget {r['budget']}: kernels of the profiled run ({r['profiled_wall_s']:.2f} s), ms")
             for name, ms in r["top_kernels_ms"].items():
                 print(f"{ms:9.1f}  {name}")
+    for r in results:
+        if "host_profile" in r:
+            print(f"\nbudget {r['budget']}: cProfile of one run\n{r.pop('host_profile')}")
     record = {"benchmark": "step-budget", "model": args.model, "env": environment(), "results": results}
     append_jsonl(Path(args.out) / "step-budget.jsonl", record)
     return 0

@@ -112,7 +112,7 @@ class EngineArgs:
                 f"max_model_len {max_model_len} exceeds the model's context length {limit} "
                 f"(max_position_embeddings in its config); pass --max-model-len <= {limit}"
             )
-        max_batched = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
+        max_batched = self.max_num_batched_tokens or platform.default_max_num_batched_tokens(max_model_len)
         kv_transfer = parse_kv_transfer_config(self.kv_transfer_config)
         async_scheduling = (
             caps.async_scheduling if self.async_scheduling is None else bool(self.async_scheduling)

@@ -53,7 +53,7 @@ from hallm.platforms.platform import DTYPE_NAMES, Capabilities, Platform, Probe
 
 #: The plugin API version ("MAJOR.MINOR"). A plugin whose `Platform.api_version` has another
 #: major version is refused at load; a newer minor version than the core's gets a warning.
-API_VERSION = "1.5"
+API_VERSION = "1.6"
 
 __all__ = [
     "API_VERSION",

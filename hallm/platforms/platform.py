@@ -182,6 +182,15 @@ class Platform(ABC):
         """
         return False
 
+    def default_max_num_batched_tokens(self, max_model_len: int) -> int:
+        """The step budget (`max_num_batched_tokens`) when the user sets none. Each step pays a
+        fixed host cost (prompt steps run eagerly: a launch per op per layer), so a device whose
+        eager launches are slow wants fewer, larger steps; a device that computes on the host (a
+        CPU) gains nothing from them and holds larger activations. Default: `max_model_len`,
+        kept within [2048, 8192].
+        """
+        return max(2048, min(max_model_len, 8192))
+
     def default_kv_cache_bytes(self) -> int | None:
         """The KV pool's cap in bytes when the user sets none (`kv_cache_memory_bytes`), or None
         to fill the memory left under `gpu_memory_utilization`. A device whose memory is shared

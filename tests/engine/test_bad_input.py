@@ -66,6 +66,8 @@ BAD_REQUESTS: dict[str, tuple[Any, SamplingParams | None, str]] = {
     "out-of-vocab id": ({"prompt_token_ids": [5, VOCAB, 6]}, None, "prompt_token_ids"),
     "negative id": ({"prompt_token_ids": [5, -1]}, None, "prompt_token_ids"),
     "not a token id": ({"prompt_token_ids": [5, "x"]}, None, "prompt_token_ids"),
+    "a bool id": ({"prompt_token_ids": [5, True]}, None, "prompt_token_ids"),
+    "a float id": ({"prompt_token_ids": [5, 6.0]}, None, "prompt_token_ids"),
     "no prompt in dict": ({"text": "hi"}, None, "prompt_token_ids"),
     "out-of-vocab logit_bias": (GOOD_PROMPT, SamplingParams(logit_bias={VOCAB + 3: 1.0}), "logit_bias"),
     "out-of-vocab stop_token_ids": (GOOD_PROMPT, SamplingParams(stop_token_ids=[5, VOCAB]), "stop_token_ids"),

@@ -33,6 +33,7 @@
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
 #           conformance kit's KV connector round trips on the GPU (bit-exact blocks)
 # step-budget  benchmarks/gpu_step_budget.py: offline Qwen2.5-0.5B, 256 x 1024/128, by max_num_batched_tokens (host wait, GPU busy share, top kernels)
+# step-budget-host  the same at budget 2048 with a cProfile of one run
 # host-overhead  benchmarks/host_overhead.py: the engine's host time per decode step by phase (tiny model, batch 1/32/256)
 # served    benchmarks/gpu_served.py: offline (`hallm bench throughput`) vs served (`hallm serve` +
 #           `hallm bench serve`) at saturation and at concurrency 1, 1024 in / 128 out, Qwen2.5-0.5B
@@ -119,6 +120,7 @@ for step in $STEPS; do
     sinks) run sinks $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py -k sinks ;;
     structured-profile) run structured-profile $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 --batch 8 32 64 --profile ;;
     sampler) run sampler $PY benchmarks/gpu_sampler.py ;;
+    step-budget-host) run step-budget-host $PY benchmarks/gpu_step_budget.py --out "$RES" --model qwen2.5-0.5b --budgets 2048 --num-iters 1 --host-profile ;;
     step-budget) run step-budget $PY benchmarks/gpu_step_budget.py --out "$RES" --model qwen2.5-0.5b --budgets 2048,8192,16384 ;;
     structured-masks) run structured-masks $PY benchmarks/structured_masks.py --tokenizer .gpu-models/smollm2-135m --batch 1 8 32 64 ;;
     structured) run structured $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 ;;

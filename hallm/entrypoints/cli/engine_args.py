@@ -21,7 +21,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default: 256)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget of one step (default: the device's; cuda 8192, cpu max-model-len within [2048, 8192])",
+    )
     g.add_argument(
         "--gpu-memory-utilization",
         type=float,
