@@ -45,6 +45,7 @@ on success, error or interrupt.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -92,6 +93,63 @@ def _server_cpu(server_pid: int) -> dict[str, float]:
         return {}
     engine = max(children.values(), default=0.0)
     return {"api": api, "engine": engine}
+
+
+def _py_spy_binary() -> str:
+    for d in [*os.environ.get("PATH", "").split(os.pathsep), *(os.path.join(p, "bin") for p in sys.path)]:
+        path = os.path.join(d, "py-spy")
+        if d and os.access(path, os.X_OK):
+            return path
+    raise PhaseError("--py-spy: no py-spy executable on PATH or in a sys.path bin/ (pip install py-spy)")
+
+
+def _start_py_spy(server_pid: int, tmp: Path) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
+    """py-spy recording the API process and the engine process (its busiest child), raw format."""
+    exe = _py_spy_binary()
+    children = {c: _cpu_seconds(c) for c in _children(server_pid)}
+    pids = {"api": server_pid, "engine": max(children, key=lambda c: children[c])}
+    spies = {}
+    for name, pid in pids.items():
+        raw = tmp / f"pyspy-{name}.raw"
+        cmd = [exe, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw"]
+        cmd += ["--output", str(raw)]
+        spies[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
+    time.sleep(1.0)  # attached before the run starts
+    return spies
+
+
+def _stop_py_spy(spies: dict[str, tuple[subprocess.Popen[bytes], Path]], out: Path) -> None:
+    """Stop the recorders (SIGINT: py-spy writes what it has) and summarize each to OUT."""
+    for name, (proc, raw) in spies.items():
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if raw.exists():
+            (out / f"pyspy-{name}.txt").write_text(summarize_py_spy(raw.read_text()))
+        else:
+            print(f"[py-spy] no samples of the {name} process (ptrace not permitted?)", flush=True)
+
+
+def summarize_py_spy(raw: str, top: int = 40) -> str:
+    """Functions by share of samples from py-spy's raw (collapsed-stack) output: self time, then
+    inclusive time."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for f in set(frames):
+            incl[f] += int(count)
+    lines = [f"{total} samples", "self:"]
+    lines += [f"{c / total:7.1%}  {f}" for f, c in own.most_common(top)]
+    lines.append("inclusive:")
+    lines += [f"{c / total:7.1%}  {f}" for f, c in incl.most_common(top)]
+    return "\n".join(lines) + "\n"
 
 
 class PhaseError(RuntimeError):
@@ -204,6 +262,12 @@ def main() -> int:
         help="run both paths at --log-level debug and compare the engine's step timelines of the last "
         "offline and the last saturation run (benchmarks/step_timeline.py)",
     )
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the API and engine processes with py-spy during the last saturation run "
+        "(OUT/pyspy-api.txt, OUT/pyspy-engine.txt: functions by share of samples)",
+    )
     args = p.parse_args()
     if min(args.num_prompts, args.concurrency_1_prompts, args.num_iters, args.input_len) < 1:
         p.error("--num-prompts, --concurrency-1-prompts, --num-iters and --input-len must be >= 1")
@@ -275,7 +339,12 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             cmd += ["--output-json", str(result_json)]
             commands["saturation"].append(shlex.join(cmd))
             log_start = server_log.stat().st_size
-            run_phase(f"saturation {i}", cmd, out / f"{name}-saturation-{i}.log", args.timeout)
+            last = i == args.num_iters_warmup + args.num_iters - 1
+            spies = _start_py_spy(server.pid, tmp) if args.py_spy and last else {}
+            try:
+                run_phase(f"saturation {i}", cmd, out / f"{name}-saturation-{i}.log", args.timeout)
+            finally:
+                _stop_py_spy(spies, out)
             last_run_log = (log_start, server_log.stat().st_size)
             result = json.loads(result_json.read_text())
             _check(f"saturation {i}", result, args.num_prompts)

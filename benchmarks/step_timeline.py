@@ -88,6 +88,11 @@ def summarize(tl: Timeline) -> dict[str, Any]:
         "decode_period_ms_p50": 1e3 * statistics.median(p for _, p in decode) if decode else 0.0,
         "decode_rows_p50": statistics.median(s.rows for s, _ in decode) if decode else 0,
         "longest_gap_ms": 1e3 * max(periods),
+        # (s after the first arrival, period ms, tokens, rows) of the five longest steps
+        "longest_steps": [
+            (s.t - t0, 1e3 * p, s.tokens, s.rows)
+            for s, p in sorted(zip(timed, periods, strict=True), key=lambda sp: -sp[1])[:5]
+        ],
     }
 
 
@@ -116,6 +121,12 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'':42s}" + "".join(f"{n:>12s}" for n in names)]
     for key, label, fmt in _ROWS:
         lines.append(f"{label:42s}" + "".join(f"{fmt.format(summaries[n][key]):>12s}" for n in names))
+    for n in names:
+        steps = ", ".join(
+            f"{ms:.1f} ms at {t:.3f} s ({tok} tokens, {rows} rows)"
+            for t, ms, tok, rows in summaries[n]["longest_steps"]
+        )
+        lines.append(f"longest steps, {n}: {steps}")
     return "\n".join(lines)
 
 
