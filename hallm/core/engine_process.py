@@ -87,6 +87,7 @@ def run_engine_process(
     import zmq
 
     from hallm.core.engine import LLMEngine
+    from hallm.core.startup_heap import freeze_startup_heap
 
     parent_pid = os.getppid()
     try:
@@ -123,6 +124,7 @@ def run_engine_process(
                 max_model_len=config.model.max_model_len,
                 stats=engine_stats(engine),
             )
+            freeze_startup_heap()
             outbox.send(encoder.encode(ready))
             code = EngineLoop(engine, inbox, outbox, parent_pid).run()
     except Exception as exc:
