@@ -3,9 +3,9 @@
 A process that hallm owns for its whole life (the engine process, the API process of `hallm
 serve`) holds hundreds of thousands of long-lived objects once started: imported modules, the
 model and its layers, the tokenizer, the KV block pool. Every full (oldest-generation) collection
-walks all of them; under load one such pass stalled the engine process for ~0.1 s between two
-decode steps (benchmarks/results/gpu.md, run 20). `gc.freeze()` after start-up moves them into the
-permanent generation, which collections skip; objects made later are collected as before.
+walks all of them, and under load such a pass lands between two engine steps as a stall.
+`gc.freeze()` after start-up moves them into the permanent generation, which collections skip;
+objects made later are collected as before.
 
 Not for the offline `LLM`: it lives in the user's process, whose heap is the user's.
 """

@@ -127,7 +127,7 @@ for step in $STEPS; do
     kv-ttft) $PY -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.gpu_common import write_model_dir; write_model_dir('llama-3.1-8b', Path('/tmp/hallm-llama8b'))"
              run kv-ttft $PY benchmarks/kv_connector_ttft.py --device cuda --model /tmp/hallm-llama8b --load-format dummy --dtype bfloat16 --prefix-len 4096 --repeats 3 --enforce-eager ;;
     mp-1gpu-greedy) run mp-1gpu-greedy $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_tp_gpu.py -k one_rank ;;
-    served-qwen) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 256 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240 --timeline --py-spy ;;
+    served-qwen) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240 --timeline --py-spy ;;
     mp-1gpu) run mp-1gpu-greedy $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_tp_gpu.py -k one_rank
              run mp-1gpu-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm --num-iters 1 --distributed-executor-backend mp
              run uni-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm --num-iters 1 ;;

@@ -139,9 +139,9 @@ class CudaPlatform(TorchCudaRuntime, Platform):
 
     def default_max_num_batched_tokens(self, max_model_len: int) -> int:
         """8192 tokens a step whatever the context length: a prompt step runs eagerly, a Triton or
-        cuBLAS launch per op per layer (~15 ms of host time a step for Qwen2.5-0.5B), so 2048-token
-        steps leave an H100 idle three quarters of the time (256 x 1024-token prompts: 6.9k output
-        tok/s at 2048, 33.6k at 8192, 31.2k at 16384; benchmarks/gpu_step_budget.py)."""
+        cuBLAS launch per op per layer, so its host time is large and mostly fixed; with small
+        steps the GPU waits for the host (the measured budgets: benchmarks/gpu_step_budget.py,
+        benchmarks/results/gpu.md)."""
         return 8192
 
     def update_config(self, config: Any) -> None:
