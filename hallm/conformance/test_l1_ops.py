@@ -1,4 +1,5 @@
-"""L1 op table: every entry of `Platform.op_table()` against its reference in hallm.ops.reference_ops.
+"""L1 op table: every entry of `Platform.op_table()` against its reference in hallm.ops.reference_ops
+(`temperature_sample`, which draws at random, against the distribution it must draw from).
 
 Each entry the platform provides runs on random inputs on the device, in every dtype the
 platform declares, and must match the reference computed from the same inputs in float32. An
@@ -146,3 +147,65 @@ def test_op_matches_its_reference(target: Target, op: str, dtype: str) -> None:
             got = fn(hidden[:n], weights[:n], ids, big13, w2, **gpt_oss)
             scale = want.abs().max()
             _close(f"fused_moe gpt-oss (biases, clamped SwiGLU) {label}", got / scale, want / scale, dtype)
+
+
+@pytest.mark.hallm_group("L1 op table")
+@pytest.mark.hallm_requires("available")
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+def test_temperature_sample_draws_from_the_tempered_softmax(target: Target, dtype: str) -> None:
+    """`temperature_sample`: over a vocabulary of 20,000 tokens, greedy rows (temperature 0)
+    take the first index of their maximum (ties far apart, across a 4096 boundary, at the last
+    token) and a random row beside them draws only its unmasked tokens; the same seed draws the
+    same tokens; over 160 rows of one distribution the frequencies are within 0.1 total
+    variation of softmax(logits / T)."""
+    import torch
+
+    fn = _entry(target, "temperature_sample", dtype)
+    dev = target.platform().device(0)
+    dt = getattr(torch, dtype)
+    vocab = 20000
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(5))
+    logits[0, [5, 19000]] = 9.0
+    logits[1, [4095, 4096]] = 9.0
+    logits[2, vocab - 1] = 9.0
+    live = [3, 8191, vocab - 1]
+    logits[3] = float("-inf")
+    logits[3, live] = torch.tensor([0.0, 0.3, 0.6])
+    temperature = torch.tensor([0.0, 0.0, 0.0, 1.0], device=dev)
+    x = logits.to(dt).to(dev)
+    got = fn(x, temperature, 99)
+    if got.dtype != torch.int64 or tuple(got.shape) != (4,):
+        pytest.fail(
+            f"temperature_sample returned {got.dtype} {tuple(got.shape)}; want int64 (4,)", pytrace=False
+        )
+    got = got.cpu().tolist()
+    if got[:3] != [5, 4095, vocab - 1]:
+        pytest.fail(
+            f"greedy rows drew {got[:3]}; the first index of each maximum is [5, 4095, {vocab - 1}]",
+            pytrace=False,
+        )
+    if got[3] not in live:
+        pytest.fail(f"a random row drew token {got[3]}, whose logit is -inf (live: {live})", pytrace=False)
+    if fn(x, temperature, 99).cpu().tolist() != got:
+        pytest.fail("the same logits, temperatures and seed drew different tokens", pytrace=False)
+
+    rows, t = 160, 0.6
+    row = torch.full((64,), float("-inf"))
+    ids = torch.tensor([2, 33, 63])
+    row[ids] = torch.tensor([0.0, 0.6, 1.2])
+    row = row.to(dt)
+    drawn = fn(row.repeat(rows, 1).to(dev), torch.full((rows,), t, device=dev), 77).cpu()
+    counts = torch.bincount(drawn, minlength=64).float()
+    if counts.sum() != counts[ids].sum():
+        pytest.fail(
+            f"tokens with logit -inf were drawn: {sorted(set(drawn.tolist()) - set(ids.tolist()))}",
+            pytrace=False,
+        )
+    want = torch.softmax(row[ids].float() / t, dim=0)
+    tv = 0.5 * float((counts[ids] / rows - want).abs().sum())
+    if tv > 0.1:
+        pytest.fail(
+            f"frequencies {(counts[ids] / rows).tolist()} vs softmax(logits / T) {want.tolist()}: "
+            f"total variation {tv:.3f} > 0.1",
+            pytrace=False,
+        )

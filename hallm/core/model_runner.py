@@ -72,7 +72,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.kv_connector: KVConnector | None = None
         # Pinned staging only where it makes the copy to the device asynchronous.
-        self.sampler = Sampler(pin_memory=device.type != "cpu" and platform.capabilities().pinned_host_memory)
+        self.sampler = Sampler(
+            pin_memory=device.type != "cpu" and platform.capabilities().pinned_host_memory,
+            temperature_sample=platform.op_table().temperature_sample,
+        )
         self.in_flight = InFlightSteps(device, platform)  # launched steps not yet resolved
         self._meta_cache: tuple[list[CachedRequestState], SamplingMetadata] | None = None
         # Which request's block-table row each batch row of the host buffer holds, and how many

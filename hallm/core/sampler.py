@@ -1,4 +1,4 @@
-"""The Sampler: logits [N, V] -> one token per row (+ logprobs), pure torch, any device.
+"""The Sampler: logits [N, V] -> one token per row (+ logprobs), in torch on any device.
 
 Pipeline, in vLLM's order:
   1. raw logprobs = log_softmax(logits)            (only when some row asks for logprobs)
@@ -8,7 +8,9 @@ Pipeline, in vLLM's order:
   4. random rows: temperature -> min_p -> top-k/top-p -> softmax -> exponential race
   5. gather the sampled token's logprob, rank and the top-k from the raw logprobs
 
-Random sampling is exact either way it is drawn: on accelerators by the exponential race
+A platform may draw the rows of a step that only use temperature with its own one-pass kernel
+(`OpTable.temperature_sample`); every other step runs the torch code here. Random sampling is
+exact either way it is drawn: on accelerators by the exponential race
 (argmax(p / E), E ~ Exponential(1) i.i.d.: elementwise, no scan), on the CPU by inverse CDF (one
 uniform per row against the row's cumulative sum; there, drawing [N, V] uniforms cost more than
 the rest of the sampler). Each seeded row draws from its own generator, so a seeded request's
@@ -20,6 +22,7 @@ device value back (no sync) until the caller copies the result.
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import torch
 
@@ -32,6 +35,7 @@ from hallm.core.sampling_metadata import (
     seeded_row_draw,
 )
 from hallm.core.structured_output import BitmaskStaging, apply_token_bitmask
+from hallm.platforms.ops import TemperatureSampleOp
 
 __all__ = [
     "LogprobsTensors",
@@ -70,8 +74,14 @@ class Sampler:
     The caller's logits are never modified (the first in-place stage works on a copy).
     """
 
-    def __init__(self, pin_memory: bool = False) -> None:
+    def __init__(
+        self, pin_memory: bool = False, temperature_sample: TemperatureSampleOp | None = None
+    ) -> None:
         self._mask_staging = BitmaskStaging(pin_memory)
+        # The platform's one-pass sampler for temperature-only rows (`OpTable.temperature_sample`),
+        # seeded afresh each step from a stream that follows torch's seed (`Platform.manual_seed`).
+        self._temperature_sample = temperature_sample
+        self._seeds = random.Random(torch.initial_seed())
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [N, V] (any float dtype; processed in float32), rows in `meta`'s order."""
@@ -83,19 +93,34 @@ class Sampler:
             raise ValueError(
                 f"logits vocab dimension {logits.shape[1]} != SamplingMetadata.vocab_size {meta.vocab_size}"
             )
-        if (
-            meta.all_greedy
-            and meta.max_num_logprobs is None
-            and meta.logit_bias is None
+        processed = not (
+            meta.logit_bias is None
             and meta.min_tokens_mask is None
             and meta.no_penalties
             and not meta.grammar_rows
-        ):
+        )
+        if meta.all_greedy and meta.max_num_logprobs is None and not processed:
             # Nothing changes the logits: argmax in their own dtype (the float32 copy that the
             # general path makes is exact, so the pick is the same) saves a pass over [N, V].
             return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         raw_logprobs = compute_logprobs(logits) if meta.max_num_logprobs is not None else None
+        if processed:
+            logits = self._process(logits, meta)
+        if self._races(meta):
+            # Unprocessed logits go in their own dtype: the op reads them once, in float32.
+            sampled = self._race(logits, meta)
+        else:
+            sampled = self.sample(logits.to(torch.float32), meta)
 
+        logprobs = None
+        if raw_logprobs is not None:
+            assert meta.max_num_logprobs is not None
+            logprobs = gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _process(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Logit bias, min_tokens, penalties and grammar masks: [N, V] -> [N, V] float32 (a
+        new tensor: the caller's logits are never modified)."""
         owned = logits.dtype != torch.float32  # a dtype conversion makes a private copy
         logits = logits.to(torch.float32)
         logits, owned = apply_logit_bias(logits, meta, owned)
@@ -107,14 +132,27 @@ class Sampler:
                 logits = logits.clone()
             rows, mask = meta.grammar_mask(logits.device, self._mask_staging)
             logits = apply_token_bitmask(logits, rows, mask)
+        return logits
 
-        sampled = self.sample(logits, meta)
+    def _races(self, meta: SamplingMetadata) -> bool:
+        """Whether this step's rows go to the platform's `temperature_sample`: some row samples,
+        none truncates the distribution (top-k, top-p, min-p), and none is seeded (a seeded row
+        draws from its own generator, so that its tokens do not depend on the batch)."""
+        return (
+            self._temperature_sample is not None
+            and not meta.all_greedy
+            and meta.no_top_k
+            and meta.no_top_p
+            and meta.no_min_p
+            and not meta.generators
+        )
 
-        logprobs = None
-        if raw_logprobs is not None:
-            assert meta.max_num_logprobs is not None
-            logprobs = gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled)
-        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+    def _race(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        assert self._temperature_sample is not None and meta.temperature is not None
+        temperature = meta.temperature  # 1.0 on greedy rows; the op takes 0 there
+        if meta.is_greedy is not None:
+            temperature = temperature.masked_fill(meta.is_greedy, 0.0)
+        return self._temperature_sample(logits, temperature, self._seeds.getrandbits(31))
 
     def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """[N, V] float32 processed logits -> [N] long token ids (greedy and random rows mixed)."""

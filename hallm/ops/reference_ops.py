@@ -136,6 +136,19 @@ def softmax_topk(
     return weights, ids
 
 
+def temperature_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
+    """See `hallm.platforms.ops.TemperatureSampleOp`: the Gumbel-max form of the exponential
+    race, argmax(logits / T - log E) with E ~ Exp(1) from a CPU generator seeded with `seed`
+    (so the draw does not depend on the device); greedy rows (T = 0) add no noise."""
+    x = logits.float()
+    greedy = (temperature == 0).unsqueeze(1)  # [N, 1]
+    scale = torch.where(greedy, 1.0, temperature.unsqueeze(1).float())
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.empty(x.shape, dtype=torch.float32).exponential_(generator=gen)
+    gumbel = noise.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().to(x.device)
+    return torch.where(greedy, x, x / scale + gumbel).argmax(dim=-1)
+
+
 def llama_decoder_stack(
     stack: DecoderStackWeights, ops: OpTable | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -47,13 +47,14 @@ from hallm.platforms.ops import (
     OpTable,
     PagedAttentionLayer,
     SiluGLU,
+    TemperatureSampleOp,
 )
 from hallm.platforms.paths import cache_root
 from hallm.platforms.platform import DTYPE_NAMES, Capabilities, Platform, Probe
 
 #: The plugin API version ("MAJOR.MINOR"). A plugin whose `Platform.api_version` has another
 #: major version is refused at load; a newer minor version than the core's gets a warning.
-API_VERSION = "1.6"
+API_VERSION = "1.7"
 
 __all__ = [
     "API_VERSION",
@@ -64,6 +65,7 @@ __all__ = [
     "FusedMoEOp",
     "MoEActivation",
     "SiluGLU",
+    "TemperatureSampleOp",
     "DecoderLayerWeights",
     "DecoderStackKernel",
     "DecoderStackWeights",

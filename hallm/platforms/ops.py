@@ -7,7 +7,8 @@ which every entry must match (the conformance kit checks each entry a platform p
 it). Nothing is recognized by class name and no module is swapped after the model is built: a
 device accelerates a model only through this table, its attention backends and its worker.
 Models on the generic transformers path do not use the table; they run as transformers wrote
-them.
+them. One entry is the sampler's rather than a layer's: `temperature_sample`, which the core's
+Sampler calls (left None, the sampler runs its own torch code).
 
 Entries are plain callables. Elementwise entries are called on every step. Entries that own
 per-layer state (packed weights, scratch buffers) are factories: the layer calls them once,
@@ -43,6 +44,18 @@ RotaryOp = Callable[["Tensor", "Tensor", "Tensor", "Tensor", float], "tuple[Tens
 
 #: silu_and_mul(x [T, 2I]) -> silu(x[:, :I]) * x[:, I:]  [T, I]: the gated MLP's activation.
 SiluAndMulOp = Callable[["Tensor"], "Tensor"]
+
+#: temperature_sample(logits [N, V] any float dtype, temperature float32 [N], seed int in
+#: [0, 2^31)) -> [N] int64: one token per row drawn from softmax(logits / temperature); a row
+#: whose temperature is 0 takes its argmax (the first index of the largest logit), exactly. A
+#: -inf logit is never drawn. The draw is a function of (logits, temperature, seed): the same
+#: seed gives the same tokens, and the sampler passes a fresh seed every step. The sampler calls
+#: it for the rows of a step when no row uses top-k, top-p, min-p or a per-request seed (those
+#: keep the sampler's own torch path), with the logits as the model produced them or after the
+#: sampler's logit processing (bias, penalties, grammar masks) in float32. One pass over the
+#: logits replaces the chain of full-vocabulary passes the torch path makes (scale, softmax,
+#: noise, divide, argmax).
+TemperatureSampleOp = Callable[["Tensor", "Tensor", int], "Tensor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +223,7 @@ class OpTable:
     linear: LinearOp | None = None
     llama_decoder_stack: DecoderStackOp | None = None
     fused_moe: FusedMoEOp | None = None
+    temperature_sample: TemperatureSampleOp | None = None
 
     def provided(self) -> list[str]:
         """The names of the entries this table sets."""

@@ -35,7 +35,7 @@ def test_kit_passes_on_in_tree_plugins(kit: KitRunner, name: str) -> None:
 
 
 def test_kit_passes_on_rocm_kernels_in_the_interpreter(kit: KitRunner) -> None:
-    """hallm-rocm's platform, op table (fused MoE included) and attention backend, launching for
+    """hallm-rocm's platform, op table (fused MoE and the one-pass sampler included) and attention backend, launching for
     an MI300X (gfx942, 64-wide wavefronts), run L0-L3 in Triton's interpreter: every kernel
     result the kit checks (the whole-engine cases in float32, L3 on the llama: conftest.py)."""
     run = kit.get("rocminterp")
@@ -46,6 +46,8 @@ def test_kit_passes_on_rocm_kernels_in_the_interpreter(kit: KitRunner) -> None:
     # the Triton fused MoE (the op table's fused_moe) against the reference over routing patterns
     moe = run.tests("pass", "test_l1_ops.py::test_op_matches_its_reference[fused_moe-")
     assert {t["dtype"] for t in moe} == {"float32", "bfloat16"}, run.explain()
+    race = run.tests("pass", "test_l1_ops.py::test_temperature_sample_draws_from_the_tempered_softmax")
+    assert {t["dtype"] for t in race} == {"float32", "bfloat16"}, run.explain()
     l3 = run.tests("pass", "test_l3_end_to_end.py::test_greedy_matches_cpu")
     assert [t["test_id"].split("[")[1] for t in l3] == ["llama-float32]"], run.explain()
     assert "gfx942" in run.report["device_name"]

@@ -265,6 +265,44 @@ def variants(
     out.extend(
         moe_compile.compile_variants(fused_moe.jit_kernels(), tuple(_SIG_DTYPE[d] for d in dtypes), target)
     )
+    out.extend(_sampling_variants(tuple(dtypes), target))
+    return out
+
+
+def _sampling_variants(dtypes: tuple[torch.dtype, ...], target: TritonTarget) -> list[CompileVariant]:
+    from hallm.ops.triton import sampling
+
+    k = sampling.jit_kernels()
+    out: list[CompileVariant] = [
+        (
+            "race-reduce",
+            k.reduce,
+            {"score_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*i64", "num_parts": "i32"},
+            {"PARTS": sampling.MAX_PARTS},
+            {"num_warps": 1},
+        )
+    ]
+    for dtype in dtypes:
+        t = _SIG_DTYPE[dtype]
+        out.append(
+            (
+                f"race-parts-{t}",
+                k.parts,
+                {
+                    "logits_ptr": f"*{t}",
+                    "temperature_ptr": "*fp32",
+                    "score_ptr": "*fp32",
+                    "index_ptr": "*i64",
+                    "row_stride": "i32",
+                    "vocab": "i32",
+                    "span": "i32",
+                    "num_parts": "i32",
+                    "seed": "i32",
+                },
+                {"BLOCK": sampling.BLOCK},
+                {"num_warps": target.warps(sampling.BLOCK // 4 // 4)},
+            )
+        )
     return out
 
 
@@ -368,6 +406,9 @@ CI_SUBSET = (
     "moe-gate-up-bf16-m64-bias-swiglu",
     "moe-down-bf16-m64-bias-swiglu",
     "moe-gate-up-fp32-m16",
+    "race-parts-bf16",
+    "race-parts-fp32",
+    "race-reduce",
 )
 
 
