@@ -5,8 +5,8 @@ compiled inside the first user requests, which then pay seconds of latency. The 
 when its platform asks for it (`Platform.warm_up_at_start`), a few requests that reach every
 kind of step the scheduler makes: a prefill chunk of the full token budget, short prefills
 whose lengths are and are not multiples of 16 (Triton specialises integer arguments on that),
-decode steps at a batch of several requests, and the sampler's greedy and random (top-k/top-p)
-paths. Decode graphs are captured before this, so their kernels are already built.
+decode steps at a batch of several requests, and the sampler's greedy, top-k/top-p,
+temperature-only and penalized paths. Decode graphs are captured before this, so their kernels are already built.
 """
 
 from __future__ import annotations
@@ -50,17 +50,27 @@ def warm_up(engine: LLMEngine) -> float:
     sampled = SamplingParams(
         temperature=1.0, top_k=20, top_p=0.9, max_tokens=_DECODE_STEPS, ignore_eos=True, detokenize=False
     )
+    # Steps whose rows use temperature alone go to the platform's one-pass sampler, given the
+    # model's logits as they are or, after a penalty, in float32: each is a kernel of its own,
+    # and a step samples one way for all its rows, so each runs in a batch of its own.
+    plain = SamplingParams(temperature=1.0, max_tokens=_DECODE_STEPS, ignore_eos=True, detokenize=False)
+    penalized = SamplingParams(
+        temperature=1.0, repetition_penalty=1.1, max_tokens=_DECODE_STEPS, ignore_eos=True, detokenize=False
+    )
+    batches = [[(prompt, params) for prompt in prompts for params in (greedy, sampled)]]
+    batches += [[(prompts[-1], plain)], [(prompts[-1], penalized)]]
     start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        for j, params in enumerate((greedy, sampled)):
-            engine.add_request(f"hallm-warmup-{i}-{j}", {"prompt_token_ids": prompt}, params)
-    while engine.has_unfinished_requests():
-        engine.step()
+    for b, batch in enumerate(batches):
+        for i, (prompt, params) in enumerate(batch):
+            engine.add_request(f"hallm-warmup-{b}-{i}", {"prompt_token_ids": prompt}, params)
+        while engine.has_unfinished_requests():
+            engine.step()
     engine.reset_prefix_cache()
     elapsed = time.perf_counter() - start
     logger.info(
-        "warm-up: %d dummy requests (prefills of %s tokens, greedy and sampled decode) in %.2f s",
-        2 * len(prompts),
+        "warm-up: %d dummy requests (prefills of %s tokens; greedy, top-k/top-p, temperature-only "
+        "and penalized decode) in %.2f s",
+        sum(len(batch) for batch in batches),
         "/".join(str(len(p)) for p in prompts),
         elapsed,
     )

@@ -4,15 +4,18 @@ and the same outputs as an engine that did not warm up."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from hallm.core.sampling_params import SamplingParams
 from hallm.core.warmup import warm_up_prompts
 from hallm.entrypoints.llm import LLM
+from hallm.ops import reference_ops
 
 
 def test_warm_up_prompts_cover_a_full_chunk_and_both_divisibilities() -> None:
@@ -35,9 +38,24 @@ def test_engine_warms_up_when_the_platform_asks(
     cold = [o.outputs[0].token_ids for o in LLM(model, **kwargs).generate(prompts, params, use_tqdm=False)]
 
     monkeypatch.setattr(CpuPlatform, "warm_up_at_start", lambda self: True)
+    # A platform with a one-pass temperature sampler: the warm-up reaches it as the model's
+    # logits and as penalized float32 logits, one decode request each.
+    drawn: list[torch.Tensor] = []
+
+    def temperature_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
+        drawn.append(logits)
+        return reference_ops.temperature_sample(logits, temperature, seed)
+
+    table = CpuPlatform.op_table
+    monkeypatch.setattr(
+        CpuPlatform,
+        "op_table",
+        lambda self: dataclasses.replace(table(self), temperature_sample=temperature_sample),
+    )
     with caplog.at_level(logging.INFO, logger="hallm.engine"):
         llm = LLM(model, **kwargs)
-    assert any("warm-up: 6 dummy requests" in r.getMessage() for r in caplog.records)
+    assert any("warm-up: 8 dummy requests" in r.getMessage() for r in caplog.records)
+    assert len(drawn) == 6  # 3 tokens each of the temperature-only and the penalized request
     engine = llm.engine
     stats = engine.get_stats()
     assert not engine.has_unfinished_requests() and not engine.output_processor.parents
