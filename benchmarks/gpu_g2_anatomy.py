@@ -41,6 +41,8 @@ from benchmarks.gpu_common import (
     weight_bytes_read,
     write_model_dir,
 )
+from benchmarks.variants import VARIANTS
+from benchmarks.variants import apply as apply_variant
 
 
 def gemm_rate(m: int = 8192, k: int = 4096, n: int = 14336) -> float:
@@ -149,7 +151,12 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--device", default="cuda", help="cpu: only to check the script's plumbing")
     p.add_argument("--out", default="benchmarks/results/raw")
+    p.add_argument(
+        "--variant", default="shipped", choices=sorted(VARIANTS), help="an engine variant, for an A/B"
+    )
     args = p.parse_args()
+    if args.device == "cuda":
+        apply_variant(args.variant)
 
     import torch
 
@@ -220,6 +227,7 @@ def main() -> None:
     record: dict[str, Any] = {
         "benchmark": "g2-anatomy",
         "model": args.model,
+        "variant": args.variant,
         "env": environment() if on_gpu else {},
         "copy_bw_gbps": bw / 1e9,
         "gemm_tflops": rate / 1e12,
@@ -241,7 +249,7 @@ def main() -> None:
     append_jsonl(Path(args.out) / "g2_anatomy.jsonl", record)
     print(
         f"{args.model}: {args.num_seqs} requests {args.input_len}/{args.output_len}, max_num_seqs "
-        f"{args.max_num_seqs}, temperature {args.temperature}, async scheduling {async_on}"
+        f"{args.max_num_seqs}, temperature {args.temperature}, async scheduling {async_on}, variant {args.variant}"
     )
     print(f"copy BW {bw / 1e9:.0f} GB/s, bf16 GEMM {rate / 1e12:.0f} TFLOP/s (measured here)")
     print(

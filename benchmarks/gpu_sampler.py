@@ -1,10 +1,10 @@
-"""The sampler's device time on G2's decode step: Llama-3.1-8B logits [192, 128256] bf16,
-temperature 0.6, no top-k/top-p, unseeded, as `Sampler.__call__` runs it, against the same call
-with the exponential race's noise drawn the way it used to be (uniform_, then -log(1 - U) in
-three more passes over [N, V]), built here. Medians of `--iters` CUDA-event timings, variants
-interleaved.
+"""The sampler's device time with the platform's one-pass `temperature_sample` (the shipped
+CUDA op table) against the sampler's torch path on the same logits, in the same process:
+Llama-3.1-8B's vocabulary (128256), bf16 logits, temperature 0.6, unseeded, at several batch
+sizes (192 is G2's decode step); and at batch 192 with a repetition penalty (the op then reads
+the processed float32 logits). Medians of `--iters` CUDA-event timings, variants interleaved.
 
-    python benchmarks/gpu_sampler.py [--rows 192] [--vocab 128256] [--iters 50]
+    python benchmarks/gpu_sampler.py [--rows 1 32 192 512] [--vocab 128256] [--iters 50]
 """
 
 from __future__ import annotations
@@ -14,19 +14,10 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _four_pass_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    noise = torch.empty_like(probs)
-    noise.uniform_()
-    noise = torch.log1p(noise.neg_(), out=noise).neg_()
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return probs.div_(noise).argmax(dim=-1)
 
 
 def time_ms(fn: Callable[[], object], iters: int) -> list[float]:
@@ -43,44 +34,44 @@ def time_ms(fn: Callable[[], object], iters: int) -> list[float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=192)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 32, 192, 512])
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--iters", type=int, default=50)
     args = p.parse_args()
 
-    from hallm.core import sampler as sampler_module
+    from hallm_cuda.platform import CudaPlatform
+
     from hallm.core.sampler import Sampler
     from hallm.core.sampling_metadata import RequestSamplingState, SamplingMetadata
     from hallm.core.sampling_params import SamplingParams
 
     device = torch.device("cuda")
-    logits = torch.randn(args.rows, args.vocab, device=device).to(torch.bfloat16)
-    states = [
-        RequestSamplingState(SamplingParams(temperature=0.6), [1], device=device) for _ in range(args.rows)
-    ]
-    meta = SamplingMetadata.build(states, args.vocab, device)
-    sampler = Sampler()
-
-    def library() -> object:
-        return sampler(logits, meta)
-
-    def four_pass() -> object:
-        with mock.patch.object(sampler_module, "_exponential_race", _four_pass_race):
-            return sampler(logits, meta)
-
-    for fn in (library, four_pass):
-        time_ms(fn, 5)
-    runs: dict[str, list[float]] = {"library": [], "four-pass noise": []}
-    for _ in range(args.iters):
-        runs["library"] += time_ms(library, 1)
-        runs["four-pass noise"] += time_ms(four_pass, 1)
-    print(
-        f"sampler on [{args.rows}, {args.vocab}] bf16 logits, temperature 0.6, {torch.cuda.get_device_name()}"
-    )
-    base = statistics.median(runs["four-pass noise"])
-    for name, times in runs.items():
-        med = statistics.median(times)
-        print(f"  {name:<16} {med:7.3f} ms (min {min(times):.3f}, max {max(times):.3f})  {base / med:.2f}x")
+    op = CudaPlatform().op_table().temperature_sample
+    samplers = {"one-pass op": Sampler(temperature_sample=op), "torch path": Sampler()}
+    print(f"sampler on [rows, {args.vocab}] bf16 logits, temperature 0.6, {torch.cuda.get_device_name()}")
+    cases = [(rows, SamplingParams(temperature=0.6)) for rows in args.rows]
+    cases.append((192, SamplingParams(temperature=0.6, repetition_penalty=1.1)))
+    for rows, params in cases:
+        logits = torch.randn(rows, args.vocab, device=device).to(torch.bfloat16)
+        states = [
+            RequestSamplingState(params, [1, 2, 3], output_token_ids=[4], device=device) for _ in range(rows)
+        ]
+        meta = SamplingMetadata.build(states, args.vocab, device)
+        fns = {name: (lambda s=s, x=logits, m=meta: s(x, m)) for name, s in samplers.items()}
+        for fn in fns.values():
+            time_ms(fn, 5)
+        runs: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(args.iters):
+            for name, fn in fns.items():
+                runs[name] += time_ms(fn, 1)
+        label = f"batch {rows}" + (", repetition penalty" if params.repetition_penalty != 1.0 else "")
+        base = statistics.median(runs["torch path"])
+        print(f"{label}:")
+        for name, times in runs.items():
+            med = statistics.median(times)
+            print(
+                f"  {name:<12} {med:7.3f} ms (min {min(times):.3f}, max {max(times):.3f})  {base / med:.2f}x"
+            )
     return 0
 
 

@@ -18,6 +18,7 @@ VARIANTS: dict[str, str] = {
     "no-skinny": "cuBLAS for every projection (no skinny GEMM, so no fused decoder stack either)",
     "reference-ops": "every op-table entry the pure-torch reference",
     "no-pdl": "Triton kernels launched without programmatic dependent launch",
+    "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
 }
 
 
@@ -43,6 +44,7 @@ def apply(name: str) -> None:
         "no-decoder-stack": lambda t: dataclasses.replace(t, llama_decoder_stack=None),
         "no-skinny": lambda t: dataclasses.replace(t, linear=None, llama_decoder_stack=None),
         "reference-ops": lambda t: OpTable(),
+        "no-temperature-sample": lambda t: dataclasses.replace(t, temperature_sample=None),
     }
     shipped_table = CudaPlatform.op_table
 

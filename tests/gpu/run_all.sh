@@ -26,8 +26,10 @@
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
 # structured-profile  benchmarks/structured_output.py at batch 8/32/64, then a torch profile of a plain
 #           and a JSON-schema run at batch 64
-# sampler   benchmarks/gpu_sampler.py: the sampler's device time on G2's logits (192 x 128256, temperature
-#           0.6), the exponential race's noise in one pass vs the four it took before
+# sampler   tests/gpu/test_sampling_gpu.py and the kit's temperature_sample check (the one-pass sampler on
+#           the GPU), then benchmarks/gpu_sampler.py: the sampler's device time on Llama-3's vocabulary
+#           (batch 1/32/192/512, temperature 0.6) with the one-pass op vs the torch path
+# g2-anatomy-ab  g2-anatomy with the sampler's torch path (variant no-temperature-sample), to pair with g2-anatomy
 # structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, row by row vs
 #           llguidance's thread pool, in isolation
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
@@ -119,7 +121,11 @@ for step in $STEPS; do
     greedy-new) run greedy-new $PY -m pytest -q -n 3 -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py -k "moe or mixtral or olmoe or longrope or gpt_oss" ;;
     sinks) run sinks $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_triton_gpu.py -k sinks ;;
     structured-profile) run structured-profile $PY benchmarks/structured_output.py --device cuda --model .gpu-models/smollm2-135m --load-format dummy --dtype bfloat16 --rounds 3 --batch 8 32 64 --profile ;;
-    sampler) run sampler $PY benchmarks/gpu_sampler.py ;;
+    sampler) run sampler-test $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_sampling_gpu.py
+             run sampler-conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device \
+               --report "$RES/sampler-conformance-cuda.json" -- -k temperature_sample
+             run sampler $PY benchmarks/gpu_sampler.py ;;
+    g2-anatomy-ab) run g2-anatomy-torch-sampler $PY benchmarks/gpu_g2_anatomy.py --out "$RES" --max-num-batched-tokens 8192 --variant no-temperature-sample ;;
     step-budget-host) run step-budget-host $PY benchmarks/gpu_step_budget.py --out "$RES" --model qwen2.5-0.5b --budgets 2048 --num-iters 1 --host-profile ;;
     step-budget) run step-budget $PY benchmarks/gpu_step_budget.py --out "$RES" --model qwen2.5-0.5b --budgets 2048,8192,16384 ;;
     structured-masks) run structured-masks $PY benchmarks/structured_masks.py --tokenizer .gpu-models/smollm2-135m --batch 1 8 32 64 ;;
