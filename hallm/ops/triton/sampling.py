@@ -58,12 +58,21 @@ def _race_parts_kernel(  # type: ignore[no-untyped-def]
         # One Philox call gives four uniforms per counter: counter i of this block feeds token
         # i of each quarter. Counters are unique per (row, block, i).
         counter = (row * blocks_per_row + start // BLOCK) * QUARTER + lane
-        uniforms = tl.rand4x(seed, counter)
+        u0, u1, u2, u3 = tl.rand4x(seed, counter)
         for q in tl.static_range(4):
+            # (a compile-time choice: older Triton cannot index a tuple in a static loop)
+            if q == 0:
+                u = u0
+            elif q == 1:
+                u = u1
+            elif q == 2:
+                u = u2
+            else:
+                u = u3
             cols = start + q * QUARTER + lane
             x = tl.load(base + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32)
             # u < 1, so the noise is finite or -inf (u == 0): never NaN, and -inf stays -inf.
-            gumbel = -tl.log(-tl.log(uniforms[q]))
+            gumbel = -tl.log(-tl.log(u))
             score = tl.where(greedy, x, x * inv_t + gumbel)
             top, at = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
             better = top > best  # strict: an earlier block keeps a tie
