@@ -54,11 +54,14 @@ def _resolve(path: str) -> Any:
         return None
 
 
-def instrument(totals: dict[str, float]) -> Callable[[], None]:
-    """Wrap the phases' methods; returns a function that restores them."""
+def instrument_phases(
+    phases: tuple[tuple[str, str, str], ...], totals: dict[str, float]
+) -> Callable[[], None]:
+    """Wrap the phases' methods (phase, class path, method) to add their time to `totals`;
+    returns a function that restores them."""
     restore = []
     active = [0]
-    for phase, cls_path, method in PHASES:
+    for phase, cls_path, method in phases:
         cls = _resolve(cls_path)
         if cls is None:
             continue
@@ -107,7 +110,7 @@ def measure(llm: Any, batch: int, steps: int, device: str) -> dict[str, float]:
     synchronize()
     admit = time.perf_counter() - t0
     totals: dict[str, float] = collections.defaultdict(float)
-    undo = instrument(totals)
+    undo = instrument_phases(PHASES, totals)
     try:
         synchronize()
         t0 = time.perf_counter()

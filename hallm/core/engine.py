@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from hallm.core.config import EngineConfig
 from hallm.core.engine_args import EngineArgs
-from hallm.core.output_processor import OutputProcessor
+from hallm.core.engine_protocol import RequestDelta
+from hallm.core.output_processor import OutputProcessor, ParentState
 from hallm.core.outputs import RequestOutput
 from hallm.core.request import Request, RequestStatus
 from hallm.core.sampling_params import SamplingParams
@@ -27,6 +28,7 @@ from hallm.platforms.registry import platform_from_choice
 logger = logging.getLogger("hallm.engine")
 
 PromptType = str | Sequence[int] | dict[str, Any]
+T = TypeVar("T")
 
 
 class InvalidRequestError(HallmError, ValueError):
@@ -357,8 +359,18 @@ class LLMEngine:
         tokens are the same; a request that stops on a token (EOS, stop token or string) may
         have been scheduled once more, and that step's token for it is dropped.
         """
+        processor = self.output_processor
+        return self._step(processor.finished_outputs if final_only else processor.outputs)
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """`step()`, reporting only what each request gained since the previous call (new token
+        ids, their logprobs, the finish reason), without building whole outputs: what the
+        serving engine process sends. Requests must have n=1."""
+        return self._step(self.output_processor.deltas)
+
+    def _step(self, render: Callable[[list[ParentState]], list[T]]) -> list[T]:
         if self.async_scheduling:
-            return self._step_async(final_only)
+            return self._step_async(render)
         step = self.scheduler.schedule()
         self._trace(step)
         if step.is_empty:
@@ -367,16 +379,18 @@ class LLMEngine:
             self.executor.execute(step)  # lets the workers drop finished requests
             return []
         output = self.executor.execute(step)
-        return self._process(step, output, final_only)
+        return self._process(step, output, render)
 
-    def _process(self, step: SchedulerOutput, output: Any, final_only: bool = False) -> list[RequestOutput]:
+    def _process(
+        self, step: SchedulerOutput, output: Any, render: Callable[[list[ParentState]], list[T]]
+    ) -> list[T]:
         touched = self.scheduler.update(step, output)
-        outputs, stopped = self.output_processor.process(touched, output, step, final_only)
+        changed, stopped = self.output_processor.process(touched, output, step)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        return outputs
+        return render(changed)
 
-    def _step_async(self, final_only: bool) -> list[RequestOutput]:
+    def _step_async(self, render: Callable[[list[ParentState]], list[T]]) -> list[T]:
         step = self.scheduler.schedule()
         self._trace(step)
         previous, self._in_flight = self._in_flight, None
@@ -389,12 +403,12 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests pending (KV pool too small?)")
             return []
         prev_step, prev_handle = previous
-        outputs = self._process(prev_step, prev_handle.get(), final_only)
+        outputs = self._process(prev_step, prev_handle.get(), render)
         if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
             # Every request it ran has finished since (on a token it could not know of yet):
             # finish it now, so that an idle engine holds no step.
             (last_step, last_handle), self._in_flight = self._in_flight, None
-            outputs += self._process(last_step, last_handle.get(), final_only)
+            outputs += self._process(last_step, last_handle.get(), render)
         return outputs
 
     def _trace(self, step: SchedulerOutput) -> None:

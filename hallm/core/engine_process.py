@@ -37,7 +37,6 @@ from hallm.core.engine_protocol import (
     Shutdown,
     StartupFailed,
     StepOutputs,
-    TokenLogprobs,
     make_encoder,
     request_decoder,
 )
@@ -175,7 +174,7 @@ class EngineLoop:
         self.parent_pid = parent_pid
         self.encoder = make_encoder()
         self.decoder = request_decoder()
-        self.num_sent: dict[str, int] = {}  # request id -> output tokens sent so far
+        self.live: set[str] = set()  # ids of the requests queued and not yet finished
         self.num_aborted = 0
         self.stopping = False
 
@@ -212,7 +211,7 @@ class EngineLoop:
             if not self.engine.has_unfinished_requests():
                 continue
             try:
-                outputs = self.engine.step()
+                message = self.step_message()
             except Exception as exc:
                 logger.exception("engine step failed")
                 self._send(EngineFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
@@ -221,8 +220,16 @@ class EngineLoop:
                 except Exception:
                     logger.exception("shutting down after the failed step")
                 return 1
-            last_stats = engine_stats(self.engine, self.num_aborted)
-            self._send(StepOutputs([self._delta(o) for o in outputs], last_stats))
+            last_stats = message.stats
+            self._send(message)
+
+    def step_message(self) -> StepOutputs:
+        """Run one engine step; the message that reports it to the API process."""
+        deltas = self.engine.step_deltas()
+        for delta in deltas:
+            if delta.finish_reason is not None:
+                self.live.discard(delta.request_id)
+        return StepOutputs(deltas, engine_stats(self.engine, self.num_aborted))
 
     def _send(self, message: Any) -> None:
         import zmq
@@ -255,7 +262,8 @@ class EngineLoop:
         if aborts:
             self.engine.abort_request(aborts)
             for rid in aborts:
-                if self.num_sent.pop(rid, None) is not None:
+                if rid in self.live:
+                    self.live.discard(rid)
                     self.num_aborted += 1
 
     def _refuse_undecodable(self, raw: Any, exc: Exception) -> None:
@@ -279,6 +287,9 @@ class EngineLoop:
         self._send(StepOutputs([RequestDelta(request_id, [], finish_reason="abort", error=error)], stats))
 
     def _add(self, msg: AddRequest) -> None:
+        if msg.params.n != 1:  # the API process queues each of n samples as a request of its own
+            self._refuse(msg.request_id, f"the engine process takes one sequence per request (n=1), got n={msg.params.n}")
+            return
         try:
             self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
         except Exception as exc:  # refused: tell the API process, keep serving the others
@@ -286,46 +297,10 @@ class EngineLoop:
                 msg.request_id, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
             )
             return
-        self.num_sent[msg.request_id] = 0
-
-    def _delta(self, out: Any) -> RequestDelta:
-        seq = out.outputs[0]
-        start = self.num_sent.get(out.request_id, 0)
-        logprobs = None
-        if seq.logprobs is not None:
-            logprobs = [
-                TokenLogprobs(
-                    list(pos), [lp.logprob for lp in pos.values()], [lp.rank for lp in pos.values()]
-                )
-                for pos in seq.logprobs[start:]
-            ]
-        prompt_logprobs = None
-        if out.prompt_logprobs is not None and start == 0 and (seq.token_ids or out.finished):
-            # The prompt is scored before the first token is sampled: send it once, complete.
-            prompt_logprobs = [
-                None
-                if pos is None
-                else TokenLogprobs(
-                    list(pos), [lp.logprob for lp in pos.values()], [lp.rank for lp in pos.values()]
-                )
-                for pos in out.prompt_logprobs
-            ]
-        if out.finished:
-            self.num_sent.pop(out.request_id, None)
-        else:
-            self.num_sent[out.request_id] = len(seq.token_ids)
-        return RequestDelta(
-            request_id=out.request_id,
-            token_ids=seq.token_ids[start:],
-            logprobs=logprobs,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            num_cached_tokens=out.num_cached_tokens,
-            prompt_logprobs=prompt_logprobs,
-        )
+        self.live.add(msg.request_id)
 
     def _shutdown(self) -> None:
-        if self.num_sent:
-            self.engine.abort_request(list(self.num_sent))
-            self.num_sent.clear()
+        if self.live:
+            self.engine.abort_request(list(self.live))
+            self.live.clear()
         self.engine.shutdown()

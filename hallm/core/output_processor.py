@@ -1,6 +1,9 @@
 """Turns sampled tokens into user-facing outputs: detokenization, stop strings, logprobs.
 
-Runs in the engine's process after each step (later in the API process, off the engine loop).
+Runs in the engine's process after each step. `process` updates the sequences a step touched;
+the caller then renders the parents that changed: as `RequestOutput`s (the whole state so far,
+vLLM's shape; `outputs`, `finished_outputs`) or as `RequestDelta`s (only what is new since the
+previous delta: what the serving engine process sends, with text work left to the API process).
 A request with `n` > 1 is one parent with `n` child sequences; its RequestOutput lists all `n`.
 """
 
@@ -10,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from hallm.core.detokenizer import IncrementalDetokenizer, decode_logprob_token
+from hallm.core.engine_protocol import RequestDelta, TokenLogprobs
 from hallm.core.outputs import CompletionOutput, Logprob, ModelRunnerOutput, PositionLogprobs, RequestOutput
 from hallm.core.request import Request, RequestStatus
 from hallm.core.scheduler_output import SchedulerOutput
@@ -24,6 +28,9 @@ class SequenceState:
     cumulative_logprob: float | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    #: Output tokens (and their logprobs) already rendered as deltas.
+    num_reported: int = 0
+    prompt_logprobs_reported: bool = False
 
 
 @dataclasses.dataclass
@@ -81,14 +88,13 @@ class OutputProcessor:
         touched: list[Request],
         output: ModelRunnerOutput,
         step: SchedulerOutput | None = None,
-        final_only: bool = False,
-    ) -> tuple[list[RequestOutput], list[str]]:
-        """Update the touched sequences; return (outputs of changed parents, ids stopped by a stop string).
+    ) -> tuple[list[ParentState], list[str]]:
+        """Update the touched sequences; return (the changed parents, ids stopped by a stop string).
 
         `step` is the scheduled step `output` belongs to; it places prompt logprobs (with async
         scheduling a request's progress may already count the next step). Without it they are
-        placed by the request's progress. `final_only`: outputs of finished parents only (the
-        offline API reads nothing else; building the others costs a copy of every token list).
+        placed by the request's progress. Render the changed parents with `outputs`,
+        `finished_outputs` or `deltas`: each releases the parents that finished.
         """
         changed: dict[str, ParentState] = {}
         stopped: list[str] = []
@@ -144,9 +150,63 @@ class OutputProcessor:
                 seq.stop_reason = request.stop_reason
             if seq.finish_reason is not None and seq.detokenizer is not None:
                 seq.detokenizer.flush()  # releases the text held back for stop strings
-        if final_only:
-            return [self._make_output(p) for p in changed.values() if p.finished], stopped
-        return [self._make_output(p) for p in changed.values()], stopped
+        return list(changed.values()), stopped
+
+    def outputs(self, changed: list[ParentState]) -> list[RequestOutput]:
+        """The whole state of every changed parent."""
+        return [self._make_output(p) for p in changed]
+
+    def finished_outputs(self, changed: list[ParentState]) -> list[RequestOutput]:
+        """The outputs of the parents that finished (the offline API reads nothing else; building
+        the others costs a copy of every token list)."""
+        return [self._make_output(p) for p in changed if p.finished]
+
+    def deltas(self, changed: list[ParentState]) -> list[RequestDelta]:
+        """What each changed request gained since its previous delta: new token ids (and their
+        logprobs), the prompt's logprobs once they are complete, the finish reason at the end.
+        A request with nothing new (a prompt chunk) has no delta. One sequence per request (the
+        serving engine process queues each of `n` samples as a request of its own)."""
+        deltas: list[RequestDelta] = []
+        for parent in changed:
+            if len(parent.children) != 1:
+                raise ValueError(
+                    f"request {parent.request_id!r} has {len(parent.children)} sequences; deltas are"
+                    " rendered for requests with n=1 (queue each sample as a request of its own)"
+                )
+            seq = parent.children[0]
+            tokens = seq.request.output_token_ids
+            start = seq.num_reported
+            finished = seq.finish_reason is not None
+            prompt_logprobs = None
+            if (
+                parent.prompt_logprobs is not None
+                and not seq.prompt_logprobs_reported
+                and (tokens or finished)
+            ):
+                # The prompt is scored before the first token is sampled: sent once, complete.
+                seq.prompt_logprobs_reported = True
+                prompt_logprobs = [
+                    None if pos is None else _token_logprobs(pos) for pos in parent.prompt_logprobs
+                ]
+            if len(tokens) == start and not finished and prompt_logprobs is None:
+                continue
+            seq.num_reported = len(tokens)
+            deltas.append(
+                RequestDelta(
+                    request_id=parent.request_id,
+                    token_ids=tokens[start:],
+                    logprobs=None
+                    if seq.logprobs is None
+                    else [_token_logprobs(p) for p in seq.logprobs[start:]],
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    num_cached_tokens=max(0, seq.request.num_cached_tokens),
+                    prompt_logprobs=prompt_logprobs,
+                )
+            )
+            if finished:
+                self._release(parent)
+        return deltas
 
     def finish_aborted(self, request_ids: list[str]) -> list[RequestOutput]:
         outs = []
@@ -186,9 +246,7 @@ class OutputProcessor:
         ]
         finished = parent.finished
         if finished:
-            del self.parents[parent.request_id]
-            for seq in parent.children:
-                self.child_to_parent.pop(seq.request.request_id, None)
+            self._release(parent)
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
@@ -198,6 +256,16 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=max(0, parent.children[0].request.num_cached_tokens),
         )
+
+    def _release(self, parent: ParentState) -> None:
+        self.parents.pop(parent.request_id, None)
+        for seq in parent.children:
+            self.child_to_parent.pop(seq.request.request_id, None)
+
+
+def _token_logprobs(pos: PositionLogprobs) -> TokenLogprobs:
+    # `_position_logprobs` ranks every entry, so no rank is None here.
+    return TokenLogprobs(list(pos), [lp.logprob for lp in pos.values()], [lp.rank or 0 for lp in pos.values()])
 
 
 def _text(seq: SequenceState) -> str:
