@@ -288,7 +288,10 @@ class EngineLoop:
 
     def _add(self, msg: AddRequest) -> None:
         if msg.params.n != 1:  # the API process queues each of n samples as a request of its own
-            self._refuse(msg.request_id, f"the engine process takes one sequence per request (n=1), got n={msg.params.n}")
+            self._refuse(
+                msg.request_id,
+                f"the engine process takes one sequence per request (n=1), got n={msg.params.n}",
+            )
             return
         try:
             self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)

@@ -265,7 +265,9 @@ class OutputProcessor:
 
 def _token_logprobs(pos: PositionLogprobs) -> TokenLogprobs:
     # `_position_logprobs` ranks every entry, so no rank is None here.
-    return TokenLogprobs(list(pos), [lp.logprob for lp in pos.values()], [lp.rank or 0 for lp in pos.values()])
+    return TokenLogprobs(
+        list(pos), [lp.logprob for lp in pos.values()], [lp.rank or 0 for lp in pos.values()]
+    )
 
 
 def _text(seq: SequenceState) -> str:
