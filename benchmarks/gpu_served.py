@@ -273,6 +273,11 @@ def main() -> int:
         p.error("--num-prompts, --concurrency-1-prompts, --num-iters and --input-len must be >= 1")
     if args.output_len < 2:
         p.error("--output-len must be >= 2 (TPOT needs two output tokens)")
+    if args.py_spy:
+        try:
+            _py_spy_binary()  # before any phase runs, not after the offline and served ones
+        except PhaseError as exc:
+            p.error(str(exc))
 
     # SIGTERM (e.g. a runner's timeout) unwinds through the finally that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -43,8 +43,9 @@
 # profile-engine  the same with --engine: whole engine decode steps split into graph, outside-graph and idle GPU time (Qwen at batch 1 and 32, Llama-3.1-8B at batch 1)
 #
 # Logs and JSON go to $HALLM_GPU_RESULTS, else $OUT (the device tool's folder), else
-# benchmarks/results/raw. Wheels in .whl/ (e.g. the transformers version CI pins) are installed
-# to /tmp/site first; hallm and hallm-cuda are installed editable without dependencies.
+# benchmarks/results/raw. Wheels in .whl/ (built by tests/gpu/wheelhouse.sh: the server stack,
+# the transformers version CI pins, httptools, uvloop, aiohttp, py-spy) are installed to
+# /tmp/site first; hallm and hallm-cuda are installed editable without dependencies.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

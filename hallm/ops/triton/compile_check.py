@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import triton
 
-from hallm.ops.triton import fused_moe, moe_compile, skinny_gemm, skinny_launch
+from hallm.ops.triton import fused_moe, moe_compile, sampling, skinny_gemm, skinny_launch
 from hallm.ops.triton.attention import jit_kernels
 from hallm.ops.triton.launch_config import SPLIT_KV_SEGMENTS, attention_constexprs, head_pad, kernel_config
 from hallm.ops.triton.skinny_launch import CompileVariant
@@ -265,44 +265,7 @@ def variants(
     out.extend(
         moe_compile.compile_variants(fused_moe.jit_kernels(), tuple(_SIG_DTYPE[d] for d in dtypes), target)
     )
-    out.extend(_sampling_variants(tuple(dtypes), target))
-    return out
-
-
-def _sampling_variants(dtypes: tuple[torch.dtype, ...], target: TritonTarget) -> list[CompileVariant]:
-    from hallm.ops.triton import sampling
-
-    k = sampling.jit_kernels()
-    out: list[CompileVariant] = [
-        (
-            "race-reduce",
-            k.reduce,
-            {"score_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*i64", "num_parts": "i32"},
-            {"PARTS": sampling.MAX_PARTS},
-            {"num_warps": 1},
-        )
-    ]
-    for dtype in dtypes:
-        t = _SIG_DTYPE[dtype]
-        out.append(
-            (
-                f"race-parts-{t}",
-                k.parts,
-                {
-                    "logits_ptr": f"*{t}",
-                    "temperature_ptr": "*fp32",
-                    "score_ptr": "*fp32",
-                    "index_ptr": "*i64",
-                    "row_stride": "i32",
-                    "vocab": "i32",
-                    "span": "i32",
-                    "num_parts": "i32",
-                    "seed": "i32",
-                },
-                {"BLOCK": sampling.BLOCK},
-                {"num_warps": target.warps(sampling.BLOCK // 4 // 4)},
-            )
-        )
+    out.extend(sampling.compile_variants(tuple(_SIG_DTYPE[d] for d in dtypes), target))
     return out
 
 

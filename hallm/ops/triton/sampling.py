@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from hallm.ops.triton.runtime import decorate, interpreting
+from hallm.ops.triton.skinny_launch import CompileVariant
 from hallm.ops.triton.target import GENERIC, TritonTarget
 
 BLOCK = 4096  # tokens a program reads per iteration (four sub-blocks of one Philox call each)
@@ -157,4 +158,41 @@ def temperature_sample(
     )
     if parts > 1:
         kernels.reduce[(rows,)](score, index, out, parts, PARTS=MAX_PARTS, num_warps=1)
+    return out
+
+
+def compile_variants(sig_dtypes: tuple[str, ...], target: TritonTarget) -> list[CompileVariant]:
+    """Both kernels for `compile_check`, the parts kernel for logits of each dtype named as in a
+    Triton signature ("bf16", "fp16", "fp32"), with the launch parameters used on `target`."""
+    k = jit_kernels()
+    out: list[CompileVariant] = [
+        (
+            "race-reduce",
+            k.reduce,
+            {"score_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*i64", "num_parts": "i32"},
+            {"PARTS": MAX_PARTS},
+            {"num_warps": 1},
+        )
+    ]
+    for t in sig_dtypes:
+        signature = {
+            "logits_ptr": f"*{t}",
+            "temperature_ptr": "*fp32",
+            "score_ptr": "*fp32",
+            "index_ptr": "*i64",
+            "row_stride": "i32",
+            "vocab": "i32",
+            "span": "i32",
+            "num_parts": "i32",
+            "seed": "i32",
+        }
+        out.append(
+            (
+                f"race-parts-{t}",
+                k.parts,
+                signature,
+                {"BLOCK": BLOCK},
+                {"num_warps": target.warps(min(256, BLOCK // 16))},
+            )
+        )
     return out
