@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_common import append_jsonl, environment, model_config, write_model_dir
 from benchmarks.step_timeline import last_run, parse, summarize, table
+from benchmarks.variants import SERVER_VARIANTS
 
 CLI = [sys.executable, "-m", "hallm.entrypoints.cli"]
 
@@ -263,6 +264,12 @@ def main() -> int:
         "offline and the last saturation run (benchmarks/step_timeline.py)",
     )
     p.add_argument(
+        "--server-variant",
+        default="shipped",
+        choices=sorted(SERVER_VARIANTS),
+        help="run `hallm serve` as this variant of benchmarks/variants.py (an A/B of the API process)",
+    )
+    p.add_argument(
         "--py-spy",
         action="store_true",
         help="sample the API and engine processes with py-spy during the last saturation run "
@@ -294,7 +301,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     vocab = int(model_config(args.model).vocab_size)
     model_dir = write_model_dir(args.model, tmp / "model", cover_vocab=True)
-    name = f"served-{args.model}"
+    name = f"served-{args.model}" + ("" if args.server_variant == "shipped" else f"-{args.server_variant}")
     engine = [str(model_dir), "--device", args.device, "--load-format", "dummy", "--seed", "0"]
     engine += ["--dtype", "bfloat16" if args.device == "cuda" else "float32"]
     engine += ["--max-model-len", str(args.input_len + args.output_len)]
@@ -324,7 +331,15 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    serve_cmd = [*cli, "serve", *engine, "--host", "127.0.0.1", "--port", str(port)]
+    server_cli = cli
+    if args.server_variant != "shipped":
+        server_cli = [
+            sys.executable,
+            str(Path(__file__).with_name("variants.py")),
+            args.server_variant,
+            *cli[3:],
+        ]
+    serve_cmd = [*server_cli, "serve", *engine, "--host", "127.0.0.1", "--port", str(port)]
     serve_cmd += ["--served-model-name", args.model, "--disable-uvicorn-access-log"]
     commands["serve"] = shlex.join(serve_cmd)
     bench = [*CLI, "bench", "serve", "--base-url", f"{url}/v1", *sizes, "--vocab-size", str(vocab)]
@@ -392,6 +407,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             "num_iters_warmup": args.num_iters_warmup,
         },
         "commands": commands,
+        "server_variant": args.server_variant,
         "env": environment(),
         "offline": {
             "output_tok_s": offline_tok_s,
@@ -434,7 +450,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
     lo, hi = record["offline"]["output_tok_s_min_max"]
     slo, shi = record["saturation"]["output_tok_s_min_max"]
-    print(f"\n{args.model} on {args.device} (output tokens/s; median of {args.num_iters}, min-max):")
+    print(
+        f"\n{args.model} on {args.device}, server {args.server_variant} "
+        f"(output tokens/s; median of {args.num_iters}, min-max):"
+    )
     print(f"  offline     {offline_tok_s:10.1f}  ({lo:.1f}-{hi:.1f})")
     print(f"  saturation  {served_tok_s:10.1f}  ({slo:.1f}-{shi:.1f})  {lat(median_run)}")
     print(f"  c=1         {c1['output_tok_s']:10.1f}  {lat(c1)}")

@@ -1,8 +1,10 @@
-"""Engine variants a GPU benchmark builds explicitly, for an A/B against the shipped engine.
+"""Engine and server variants a GPU benchmark builds explicitly, for an A/B against the shipped ones.
 
 The library has no switches for these: a variant here replaces what the CUDA platform gives the
 engine (its op table, its Triton launch target) in the benchmark's own process, before the
-engine is built. `apply(name)` is called once, first thing, in a worker process.
+engine is built. `apply(name)` is called once, first thing, in a worker process. A server
+variant (`SERVER_VARIANTS`, `apply_server`) changes the API process of `hallm serve`; run the
+server through `python benchmarks/variants.py NAME [hallm arguments]`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,23 @@ VARIANTS: dict[str, str] = {
     "no-pdl": "Triton kernels launched without programmatic dependent launch",
     "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
 }
+
+
+#: name -> what it changes in the API process of `hallm serve`.
+SERVER_VARIANTS: dict[str, str] = {
+    "shipped": "the server as released",
+    "offloaded-parse": "every request body parsed on the worker pool (no inline parse of small bodies)",
+}
+
+
+def apply_server(name: str) -> None:
+    """Make this process's `hallm serve` the server variant `name`."""
+    if name not in SERVER_VARIANTS:
+        raise SystemExit(f"unknown server variant {name!r}; known: {', '.join(SERVER_VARIANTS)}")
+    if name == "offloaded-parse":
+        from hallm.entrypoints.openai import serving
+
+        serving.INLINE_PARSE_BYTES = -1
 
 
 def apply(name: str) -> None:
@@ -52,3 +71,12 @@ def apply(name: str) -> None:
         return edits[name](shipped_table(self))
 
     CudaPlatform.op_table = op_table  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    import sys
+
+    from hallm.entrypoints.cli import main
+
+    apply_server(sys.argv[1])
+    raise SystemExit(main(sys.argv[2:]))

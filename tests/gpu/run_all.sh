@@ -30,6 +30,8 @@
 #           the GPU), then benchmarks/gpu_sampler.py: the sampler's device time on Llama-3's vocabulary
 #           (batch 1/32/192/512, temperature 0.6) with the one-pass op vs the torch path
 # g2-anatomy-ab  g2-anatomy with the sampler's torch path (variant no-temperature-sample), to pair with g2-anatomy
+# served-parse-ab  served-qwen (no py-spy) with every request body parsed on the worker pool (server
+#           variant offloaded-parse), then as shipped (small bodies parsed on the event loop)
 # structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, row by row vs
 #           llguidance's thread pool, in isolation
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
@@ -134,6 +136,9 @@ for step in $STEPS; do
     kv-ttft) $PY -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from benchmarks.gpu_common import write_model_dir; write_model_dir('llama-3.1-8b', Path('/tmp/hallm-llama8b'))"
              run kv-ttft $PY benchmarks/kv_connector_ttft.py --device cuda --model /tmp/hallm-llama8b --load-format dummy --dtype bfloat16 --prefix-len 4096 --repeats 3 --enforce-eager ;;
     mp-1gpu-greedy) run mp-1gpu-greedy $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_tp_gpu.py -k one_rank ;;
+    served-parse-ab) for v in offloaded-parse shipped; do
+                       run served-qwen-$v $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 8 --num-iters 3 --timeout 240 --timeline --server-variant $v
+                     done ;;
     served-qwen) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240 --timeline --py-spy ;;
     mp-1gpu) run mp-1gpu-greedy $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_tp_gpu.py -k one_rank
              run mp-1gpu-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm --num-iters 1 --distributed-executor-backend mp
