@@ -33,8 +33,8 @@ B = TypeVar("B", bound=BaseModel)
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 #: Bodies up to this size are parsed on the event loop (a 1,024-token prompt is ~6 KB: tens of
 #: microseconds), larger ones on a worker thread. A worker thread must win the GIL back from a
-#: busy event loop, which waits up to the interpreter's switch interval (5 ms) per job: at a burst
-#: of requests that wait, not the parsing, would set how fast requests are taken in.
+#: busy event loop, which takes up to the interpreter's switch interval (5 ms) each time: under
+#: load a small body's parse would wait far longer for the GIL than it takes.
 INLINE_PARSE_BYTES = 64 * 2**10
 
 #: Logprobs that JSON cannot carry (-inf) are sent as this, as vLLM does.
