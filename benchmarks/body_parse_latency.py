@@ -63,14 +63,21 @@ def main() -> None:
     p.add_argument("--busy-tasks", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    body = {"model": "m", "prompt": list(range(100, 100 + args.prompt_len)), "max_tokens": 128, "stream": True}
+    body = {
+        "model": "m",
+        "prompt": list(range(100, 100 + args.prompt_len)),
+        "max_tokens": 128,
+        "stream": True,
+    }
     raw = json.dumps(body).encode()
     print(
         f"{args.requests} parses of a {len(raw)}-byte body, event loop busy with {args.busy_tasks} tasks "
         f"(switch interval {sys.getswitchinterval() * 1e3:.0f} ms); median of {args.rounds} rounds"
     )
     for offload in (True, False):
-        rows = [asyncio.run(measure(raw, args.requests, offload, args.busy_tasks)) for _ in range(args.rounds)]
+        rows = [
+            asyncio.run(measure(raw, args.requests, offload, args.busy_tasks)) for _ in range(args.rounds)
+        ]
         p50 = statistics.median(statistics.median(lat) for lat, _ in rows) * 1e3
         p90 = statistics.median(statistics.quantiles(lat, n=10)[-1] for lat, _ in rows) * 1e3
         rate = statistics.median(r for _, r in rows)

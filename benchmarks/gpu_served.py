@@ -45,7 +45,6 @@ on success, error or interrupt.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -64,93 +63,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_common import append_jsonl, environment, model_config, write_model_dir
+from benchmarks.server_processes import py_spy_binary, server_cpu, start_py_spy, stop_py_spy
 from benchmarks.step_timeline import last_run, parse, summarize, table
 from benchmarks.variants import SERVER_VARIANTS
 
 CLI = [sys.executable, "-m", "hallm.entrypoints.cli"]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` (its threads included), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _server_cpu(server_pid: int) -> dict[str, float]:
-    """CPU seconds of the API process and of its busiest child (the engine process); empty where
-    /proc cannot say."""
-    try:
-        children = {c: _cpu_seconds(c) for c in _children(server_pid)}
-        api = _cpu_seconds(server_pid)
-    except (OSError, ValueError, IndexError):
-        return {}
-    engine = max(children.values(), default=0.0)
-    return {"api": api, "engine": engine}
-
-
-def _py_spy_binary() -> str:
-    for d in [*os.environ.get("PATH", "").split(os.pathsep), *(os.path.join(p, "bin") for p in sys.path)]:
-        path = os.path.join(d, "py-spy")
-        if d and os.access(path, os.X_OK):
-            return path
-    raise PhaseError("--py-spy: no py-spy executable on PATH or in a sys.path bin/ (pip install py-spy)")
-
-
-def _start_py_spy(server_pid: int, tmp: Path) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
-    """py-spy recording the API process and the engine process (its busiest child), raw format."""
-    exe = _py_spy_binary()
-    children = {c: _cpu_seconds(c) for c in _children(server_pid)}
-    pids = {"api": server_pid, "engine": max(children, key=lambda c: children[c])}
-    spies = {}
-    for name, pid in pids.items():
-        raw = tmp / f"pyspy-{name}.raw"
-        cmd = [exe, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw"]
-        cmd += ["--output", str(raw)]
-        spies[name] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
-    time.sleep(1.0)  # attached before the run starts
-    return spies
-
-
-def _stop_py_spy(spies: dict[str, tuple[subprocess.Popen[bytes], Path]], out: Path) -> None:
-    """Stop the recorders (SIGINT: py-spy writes what it has) and summarize each to OUT."""
-    for name, (proc, raw) in spies.items():
-        proc.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        if raw.exists():
-            (out / f"pyspy-{name}.txt").write_text(summarize_py_spy(raw.read_text()))
-        else:
-            print(f"[py-spy] no samples of the {name} process (ptrace not permitted?)", flush=True)
-
-
-def summarize_py_spy(raw: str, top: int = 40) -> str:
-    """Functions by share of samples from py-spy's raw (collapsed-stack) output: self time, then
-    inclusive time."""
-    own: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        total += int(count)
-        own[frames[-1]] += int(count)
-        for f in set(frames):
-            incl[f] += int(count)
-    lines = [f"{total} samples", "self:"]
-    lines += [f"{c / total:7.1%}  {f}" for f, c in own.most_common(top)]
-    lines.append("inclusive:")
-    lines += [f"{c / total:7.1%}  {f}" for f, c in incl.most_common(top)]
-    return "\n".join(lines) + "\n"
 
 
 class PhaseError(RuntimeError):
@@ -282,9 +199,9 @@ def main() -> int:
         p.error("--output-len must be >= 2 (TPOT needs two output tokens)")
     if args.py_spy:
         try:
-            _py_spy_binary()  # before any phase runs, not after the offline and served ones
-        except PhaseError as exc:
-            p.error(str(exc))
+            py_spy_binary()  # before any phase runs, not after the offline and served ones
+        except FileNotFoundError as exc:
+            p.error(f"--py-spy: {exc}")
 
     # SIGTERM (e.g. a runner's timeout) unwinds through the finally that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -353,24 +270,24 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         cpu_s = {"api": 0.0, "engine": 0.0, "client": 0.0}
         timed_wall_s = 0.0
         for i in range(args.num_iters_warmup + args.num_iters):
-            before = _server_cpu(server.pid)
+            before = server_cpu(server.pid)
             result_json = tmp / f"saturation-{i}.json"
             cmd = [*bench, "--num-prompts", str(args.num_prompts), "--seed", str(i)]
             cmd += ["--output-json", str(result_json)]
             commands["saturation"].append(shlex.join(cmd))
             log_start = server_log.stat().st_size
             last = i == args.num_iters_warmup + args.num_iters - 1
-            spies = _start_py_spy(server.pid, tmp) if args.py_spy and last else {}
+            spies = start_py_spy(server.pid, tmp) if args.py_spy and last else {}
             try:
                 run_phase(f"saturation {i}", cmd, out / f"{name}-saturation-{i}.log", args.timeout)
             finally:
-                _stop_py_spy(spies, out)
+                stop_py_spy(spies, out)
             last_run_log = (log_start, server_log.stat().st_size)
             result = json.loads(result_json.read_text())
             _check(f"saturation {i}", result, args.num_prompts)
             if i >= args.num_iters_warmup:
                 saturation.append(_latency(result))
-                after = _server_cpu(server.pid)
+                after = server_cpu(server.pid)
                 timed_wall_s += result["duration_s"]
                 for key in ("api", "engine"):
                     cpu_s[key] += after.get(key, 0.0) - before.get(key, 0.0)
