@@ -42,7 +42,7 @@ typecheck: setup
 	$(VENV)/bin/mypy hallm/platforms hallm/core hallm/ops
 
 unit: setup
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra --durations=25
 
 test: lint typecheck unit
 
