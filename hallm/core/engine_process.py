@@ -45,6 +45,12 @@ logger = logging.getLogger("hallm.engine_process")
 
 #: How long the idle loop sleeps in poll (ms) before checking that its parent is still alive.
 _IDLE_POLL_MS = 500
+#: While requests run, the most messages taken from the inbox between two steps. With async
+#: scheduling the device runs the step in flight while the loop takes requests in (~0.1-0.3 ms
+#: each: decoding a prompt's ids, validating, queueing), so a bounded batch overlaps the device's
+#: work; draining a burst of hundreds at once left the device idle for as long (a step takes at
+#: most ~8 prompts of 1,024 tokens, so the rest would only wait in the scheduler instead).
+MAX_MESSAGES_PER_STEP = 64
 #: After SIGTERM, the longest the engine process keeps serving before it aborts what is left.
 TERM_GRACE_S = 60.0
 #: Set by the SIGTERM handler: when the grace period ends (time.monotonic()).
@@ -193,7 +199,7 @@ class EngineLoop:
                     self._send(StepOutputs([], stats))
                     last_stats = stats
             if poller.poll(0 if busy else _IDLE_POLL_MS):
-                self._drain()
+                self._drain(MAX_MESSAGES_PER_STEP if busy else None)
             if self.stopping:
                 self._shutdown()
                 return 0
@@ -239,11 +245,14 @@ class EngineLoop:
         except zmq.Again:  # no API process connected any more (unbounded queue otherwise)
             self.stopping = True
 
-    def _drain(self) -> None:
+    def _drain(self, limit: int | None = None) -> None:
+        """Take what the inbox holds (at most `limit` messages), in order: add, abort, stop."""
         import zmq
 
         aborts: list[str] = []
-        while True:
+        taken = 0
+        while limit is None or taken < limit:
+            taken += 1
             try:
                 raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:

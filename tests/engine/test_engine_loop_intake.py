@@ -1,0 +1,114 @@
+"""The serving engine process's loop takes requests in bounded batches while it is busy (so its
+intake overlaps the device's step instead of stalling it), in order, losing none: over real ZMQ
+sockets, every request of a burst finishes with its tokens."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from hallm.core.engine import LLMEngine
+from hallm.core.engine_args import EngineArgs
+from hallm.core.engine_process import MAX_MESSAGES_PER_STEP, EngineLoop, TokenIdsOnly
+from hallm.core.engine_protocol import (
+    AbortRequests,
+    AddRequest,
+    Shutdown,
+    StepOutputs,
+    make_encoder,
+    output_decoder,
+)
+from hallm.core.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Callable[[str], Path]) -> str:
+    return str(tiny_model_dir("llama"))
+
+
+def make_engine(model_dir: str) -> LLMEngine:
+    args = EngineArgs(
+        model=model_dir, device="cpu", dtype="float32", seed=0, max_model_len=64, max_num_seqs=256
+    )
+    return LLMEngine(args.create_engine_config(), TokenIdsOnly([1]))
+
+
+def params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+
+
+class Frame:
+    def __init__(self, data: bytes) -> None:
+        self.buffer = data
+
+
+class Inbox:
+    """The loop's PULL socket, holding queued messages."""
+
+    def __init__(self, messages: list[Any]) -> None:
+        encoder = make_encoder()
+        self.queued = [encoder.encode(m) for m in messages]
+
+    def recv(self, flags: int = 0, copy: bool = True) -> Frame:
+        if not self.queued:
+            raise zmq.Again()
+        return Frame(self.queued.pop(0))
+
+
+def test_a_busy_loop_takes_a_bounded_batch_in_order(model_dir: str) -> None:
+    n = MAX_MESSAGES_PER_STEP + 36
+    messages: list[Any] = [AddRequest(f"r{i}", [5 + i % 50, 6, 7], params(2)) for i in range(n)]
+    messages.append(AbortRequests([f"r{n - 1}"]))  # after its request: applied with it, in order
+    loop = EngineLoop(make_engine(model_dir), inbox=Inbox(messages), outbox=None, parent_pid=0)
+    loop._drain(MAX_MESSAGES_PER_STEP)
+    assert loop.live == {f"r{i}" for i in range(MAX_MESSAGES_PER_STEP)}
+    loop._drain(MAX_MESSAGES_PER_STEP)
+    assert loop.live == {f"r{i}" for i in range(n - 1)} and loop.num_aborted == 1
+    assert loop.engine.scheduler.num_waiting == n - 1
+
+
+def test_a_burst_over_real_sockets_all_finishes(model_dir: str) -> None:
+    ctx = zmq.Context()
+    requests, inbox = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    inbox.bind("inproc://requests")
+    requests.connect("inproc://requests")
+    outbox, outputs = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    outputs.bind("inproc://outputs")
+    outbox.connect("inproc://outputs")
+    loop = EngineLoop(make_engine(model_dir), inbox, outbox, parent_pid=os.getppid())
+    encoder, decoder = make_encoder(), output_decoder()
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(loop.run()), daemon=True)
+    thread.start()
+    try:
+        # one long request keeps the loop busy while the burst arrives
+        requests.send(encoder.encode(AddRequest("long", [9, 10, 11], params(40))))
+        burst = 3 * MAX_MESSAGES_PER_STEP
+        for i in range(burst):
+            requests.send(encoder.encode(AddRequest(f"b{i}", [5 + i % 50, 6, 7, 8], params(3))))
+        tokens: dict[str, list[int]] = {}
+        finished: dict[str, str] = {}
+        while len(finished) < burst + 1:
+            assert outputs.poll(60_000), "the engine loop stopped answering"
+            msg = decoder.decode(outputs.recv())
+            assert isinstance(msg, StepOutputs)
+            for d in msg.outputs:
+                assert d.error is None, d.error
+                tokens.setdefault(d.request_id, []).extend(d.token_ids)
+                if d.finish_reason is not None:
+                    finished[d.request_id] = d.finish_reason
+        assert finished == {"long": "length", **{f"b{i}": "length" for i in range(burst)}}
+        assert len(tokens["long"]) == 40 and all(len(tokens[f"b{i}"]) == 3 for i in range(burst))
+    finally:
+        requests.send(encoder.encode(Shutdown()))
+        thread.join(60)
+        for sock in (requests, inbox, outbox, outputs):
+            sock.close(linger=0)
+        ctx.term()
+    assert codes == [0]
