@@ -41,6 +41,8 @@ PHASES = (
     ("logits + sampling", "hallm.core.model_runner.ModelRunner", "_sample"),
     ("resolve", "hallm.core.step_handle.StepHandle", "_finish"),
     ("output processing", "hallm.core.output_processor.OutputProcessor", "process"),
+    ("output processing", "hallm.core.output_processor.OutputProcessor", "outputs"),
+    ("output processing", "hallm.core.output_processor.OutputProcessor", "finished_outputs"),
 )
 
 

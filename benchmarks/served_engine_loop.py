@@ -33,6 +33,7 @@ from benchmarks.host_overhead import instrument_phases
 
 PHASES = (
     ("output processing", "hallm.core.output_processor.OutputProcessor", "process"),
+    ("output processing", "hallm.core.output_processor.OutputProcessor", "finished_outputs"),
     ("deltas", "hallm.core.output_processor.OutputProcessor", "deltas"),
     ("stats", "hallm.core.engine_process", "engine_stats"),
 )
@@ -93,7 +94,7 @@ def run_once(engine: Any, batch: int, steps: int, served: bool, tag: str) -> dic
     finally:
         undo()
     wall = time.perf_counter() - t0
-    row = {phase: totals[phase] * 1e6 / n for phase in [*(p for p, _, _ in PHASES), "encode"]}
+    row = {phase: totals[phase] * 1e6 / n for phase in dict.fromkeys([*(p for p, _, _ in PHASES), "encode"])}
     row["step (wall)"] = wall * 1e6 / n
     return row
 

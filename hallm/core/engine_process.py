@@ -45,7 +45,7 @@ logger = logging.getLogger("hallm.engine_process")
 
 #: How long the idle loop sleeps in poll (ms) before checking that its parent is still alive.
 _IDLE_POLL_MS = 500
-#: While requests run, the most messages taken from the inbox between two steps. With async
+#: The most messages taken from the inbox between two steps. With async
 #: scheduling the device runs the step in flight while the loop takes requests in (~0.1-0.3 ms
 #: each: decoding a prompt's ids, validating, queueing), so a bounded batch overlaps the device's
 #: work; draining a burst of hundreds at once left the device idle for as long (a step takes at
@@ -199,13 +199,14 @@ class EngineLoop:
                     self._send(StepOutputs([], stats))
                     last_stats = stats
             if poller.poll(0 if busy else _IDLE_POLL_MS):
-                self._drain(MAX_MESSAGES_PER_STEP if busy else None)
+                self._drain(MAX_MESSAGES_PER_STEP)  # what is left makes the next poll return at once
             if self.stopping:
                 self._shutdown()
                 return 0
             deadline = _terminate_deadline
             if deadline is not None and (
-                not self.engine.has_unfinished_requests() or time.monotonic() > deadline
+                (not self.engine.has_unfinished_requests() and not poller.poll(0))
+                or time.monotonic() > deadline
             ):
                 logger.info("SIGTERM: the engine process exits")
                 self._shutdown()

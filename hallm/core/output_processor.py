@@ -166,13 +166,14 @@ class OutputProcessor:
         logprobs), the prompt's logprobs once they are complete, the finish reason at the end.
         A request with nothing new (a prompt chunk) has no delta. One sequence per request (the
         serving engine process queues each of `n` samples as a request of its own)."""
-        deltas: list[RequestDelta] = []
-        for parent in changed:
+        for parent in changed:  # before anything is rendered (and released)
             if len(parent.children) != 1:
                 raise ValueError(
                     f"request {parent.request_id!r} has {len(parent.children)} sequences; deltas are"
                     " rendered for requests with n=1 (queue each sample as a request of its own)"
                 )
+        deltas: list[RequestDelta] = []
+        for parent in changed:
             seq = parent.children[0]
             tokens = seq.request.output_token_ids
             start = seq.num_reported

@@ -1,6 +1,6 @@
-"""The serving engine process's loop takes requests in bounded batches while it is busy (so its
-intake overlaps the device's step instead of stalling it), in order, losing none: over real ZMQ
-sockets, every request of a burst finishes with its tokens."""
+"""The serving engine process's loop takes requests in bounded batches (so its intake is spread
+over steps, overlapping the device's, instead of stalling it), in order, losing none: over real
+ZMQ sockets, every request of a burst finishes with its tokens."""
 
 from __future__ import annotations
 
@@ -73,6 +73,24 @@ def test_a_busy_loop_takes_a_bounded_batch_in_order(model_dir: str) -> None:
     assert loop.engine.scheduler.num_waiting == n - 1
 
 
+class CountingLoop(EngineLoop):
+    """Records how many requests each drain of the inbox added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.added = 0
+        self.added_per_drain: list[int] = []
+
+    def _add(self, msg: AddRequest) -> None:
+        self.added += 1
+        super()._add(msg)
+
+    def _drain(self, limit: int | None = None) -> None:
+        before = self.added
+        super()._drain(limit)
+        self.added_per_drain.append(self.added - before)
+
+
 def test_a_burst_over_real_sockets_all_finishes(model_dir: str) -> None:
     ctx = zmq.Context()
     requests, inbox = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
@@ -81,7 +99,7 @@ def test_a_burst_over_real_sockets_all_finishes(model_dir: str) -> None:
     outbox, outputs = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     outputs.bind("inproc://outputs")
     outbox.connect("inproc://outputs")
-    loop = EngineLoop(make_engine(model_dir), inbox, outbox, parent_pid=os.getppid())
+    loop = CountingLoop(make_engine(model_dir), inbox, outbox, parent_pid=os.getppid())
     encoder, decoder = make_encoder(), output_decoder()
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(loop.run()), daemon=True)
@@ -105,6 +123,9 @@ def test_a_burst_over_real_sockets_all_finishes(model_dir: str) -> None:
                     finished[d.request_id] = d.finish_reason
         assert finished == {"long": "length", **{f"b{i}": "length" for i in range(burst)}}
         assert len(tokens["long"]) == 40 and all(len(tokens[f"b{i}"]) == 3 for i in range(burst))
+        # the burst came in batches of at most the cap, not all at once
+        assert sum(loop.added_per_drain) == burst + 1
+        assert max(loop.added_per_drain) <= MAX_MESSAGES_PER_STEP
     finally:
         requests.send(encoder.encode(Shutdown()))
         thread.join(60)

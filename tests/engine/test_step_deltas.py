@@ -40,17 +40,39 @@ def make_engine(model_dir: str, async_scheduling: bool) -> LLMEngine:
     return LLMEngine(args.create_engine_config(), TokenIdsOnly([EOS]))
 
 
-def workload() -> list[tuple[str, list[int], SamplingParams]]:
+def prompt(i: int) -> list[int]:
+    return [(7 * i + 13 * j) % 400 + 3 for j in range(5 + 3 * i)]
+
+
+@pytest.fixture(scope="module")
+def stop_token(model_dir: str) -> int:
+    """The 4th greedy token of prompt(0): a stop token that ends that request within 4 tokens."""
+    engine = make_engine(model_dir, async_scheduling=False)
+    engine.add_request(
+        "probe", prompt(0), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, detokenize=False)
+    )
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step(final_only=True)
+    return outs[0].outputs[0].token_ids[3]
+
+
+def workload(stop: int) -> list[tuple[str, list[int], SamplingParams]]:
     params = [
-        SamplingParams(temperature=0.0, max_tokens=12, detokenize=False),  # may stop on EOS
+        # stops early on a token (with logprobs and prompt logprobs), before later requests end
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=12,
+            stop_token_ids=[stop],
+            logprobs=1,
+            prompt_logprobs=1,
+            detokenize=False,
+        ),
         SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=2, detokenize=False),
         SamplingParams(temperature=0.8, seed=3, max_tokens=10, prompt_logprobs=1, detokenize=False),
         SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[300, 301], detokenize=False),
     ]
-    return [
-        (f"r{i}", [(7 * i + 13 * j) % 400 + 3 for j in range(5 + 3 * i)], params[i % len(params)])
-        for i in range(8)
-    ]
+    return [(f"r{i}", prompt(i), params[i % len(params)]) for i in range(8)]
 
 
 def logprob_rows(positions: Any) -> list[Any]:
@@ -62,25 +84,26 @@ def delta_rows(entries: Any) -> list[Any]:
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_deltas_add_up_to_the_whole_outputs(model_dir: str, async_scheduling: bool) -> None:
+def test_deltas_add_up_to_the_whole_outputs(model_dir: str, stop_token: int, async_scheduling: bool) -> None:
     oracle = make_engine(model_dir, async_scheduling)
-    for rid, ids, params in workload():
+    for rid, ids, params in workload(stop_token):
         oracle.add_request(rid, ids, params)
     final = {}
     while oracle.has_unfinished_requests():
         final.update({o.request_id: o for o in oracle.step(final_only=True)})
 
     engine = make_engine(model_dir, async_scheduling)
-    for rid, ids, params in workload():
+    for rid, ids, params in workload(stop_token):
         engine.add_request(rid, ids, params)
-    deltas: dict[str, list[RequestDelta]] = {rid: [] for rid, _, _ in workload()}
+    deltas: dict[str, list[RequestDelta]] = {rid: [] for rid, _, _ in workload(stop_token)}
     while engine.has_unfinished_requests():
         for d in engine.step_deltas():
             deltas[d.request_id].append(d)
     assert engine.scheduler.num_preemptions > 0  # the pool is small enough to preempt
     assert not engine.output_processor.parents  # finished requests are released
 
-    for rid, ids, params in workload():
+    assert final["r0"].outputs[0].finish_reason == "stop" and len(final["r0"].outputs[0].token_ids) <= 4
+    for rid, ids, params in workload(stop_token):
         want = final[rid].outputs[0]
         got = deltas[rid]
         assert [t for d in got for t in d.token_ids] == want.token_ids, rid
