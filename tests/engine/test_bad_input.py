@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from hallm.core.engine import InvalidRequestError
+from hallm.core.admission import InvalidRequestError
 from hallm.core.outputs import RequestOutput
 from hallm.core.sampling_params import SamplingParams
 from hallm.entrypoints.llm import LLM

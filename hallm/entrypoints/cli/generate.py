@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hallm.core.engine import InvalidRequestError
+    from hallm.core.admission import InvalidRequestError
     from hallm.core.sampling_params import SamplingParams
     from hallm.entrypoints.llm import LLM
     from hallm.platforms import ConfigError

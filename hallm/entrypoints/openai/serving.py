@@ -15,7 +15,12 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from hallm.core.engine import AdmissionLimits, InvalidRequestError, check_admission, check_structured_output
+from hallm.core.admission import (
+    AdmissionLimits,
+    InvalidRequestError,
+    check_admission,
+    check_structured_output,
+)
 from hallm.core.sampling_params import SamplingParams
 from hallm.core.structured_output import register_tokenizer
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineDeadError, EngineRequestError
