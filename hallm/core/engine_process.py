@@ -45,11 +45,11 @@ logger = logging.getLogger("hallm.engine_process")
 
 #: How long the idle loop sleeps in poll (ms) before checking that its parent is still alive.
 _IDLE_POLL_MS = 500
-#: The most messages taken from the inbox between two steps. With async
-#: scheduling the device runs the step in flight while the loop takes requests in (~0.1-0.3 ms
-#: each: decoding a prompt's ids, validating, queueing), so a bounded batch overlaps the device's
-#: work; draining a burst of hundreds at once left the device idle for as long (a step takes at
-#: most ~8 prompts of 1,024 tokens, so the rest would only wait in the scheduler instead).
+#: The most messages taken from the inbox between two steps. Taking a request in (decoding its
+#: ids, validating, queueing) costs host time; with async scheduling the device runs the step in
+#: flight meanwhile, so a bounded batch overlaps its work, where a whole burst at once would leave
+#: it idle. A step admits only what its token budget holds, so the rest would only wait in the
+#: scheduler anyway.
 MAX_MESSAGES_PER_STEP = 64
 #: After SIGTERM, the longest the engine process keeps serving before it aborts what is left.
 TERM_GRACE_S = 60.0
