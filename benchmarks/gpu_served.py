@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_common import append_jsonl, environment, model_config, write_model_dir
 from benchmarks.server_processes import py_spy_binary, server_cpu, start_py_spy, stop_py_spy
 from benchmarks.step_timeline import last_run, parse, summarize, table
-from benchmarks.variants import SERVER_VARIANTS
+from benchmarks.variants import SERVER_VARIANTS, VARIANTS
 
 CLI = [sys.executable, "-m", "hallm.entrypoints.cli"]
 
@@ -187,6 +187,13 @@ def main() -> int:
         help="run `hallm serve` as this variant of benchmarks/variants.py (an A/B of the API process)",
     )
     p.add_argument(
+        "--engine-variant",
+        default="shipped",
+        choices=sorted(VARIANTS),
+        help="run the offline benchmark and `hallm serve` with this engine variant of "
+        "benchmarks/variants.py (an A/B of the engine, both paths)",
+    )
+    p.add_argument(
         "--py-spy",
         action="store_true",
         help="sample the API and engine processes with py-spy during the last saturation run "
@@ -197,6 +204,8 @@ def main() -> int:
         p.error("--num-prompts, --concurrency-1-prompts, --num-iters and --input-len must be >= 1")
     if args.output_len < 2:
         p.error("--output-len must be >= 2 (TPOT needs two output tokens)")
+    if "shipped" not in (args.server_variant, args.engine_variant):
+        p.error("--server-variant and --engine-variant: give one of them (an A/B changes one thing)")
     if args.py_spy:
         try:
             py_spy_binary()  # before any phase runs, not after the offline and served ones
@@ -218,7 +227,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     vocab = int(model_config(args.model).vocab_size)
     model_dir = write_model_dir(args.model, tmp / "model", cover_vocab=True)
-    name = f"served-{args.model}" + ("" if args.server_variant == "shipped" else f"-{args.server_variant}")
+    variant = args.engine_variant if args.engine_variant != "shipped" else args.server_variant
+    name = f"served-{args.model}" + ("" if variant == "shipped" else f"-{variant}")
     engine = [str(model_dir), "--device", args.device, "--load-format", "dummy", "--seed", "0"]
     engine += ["--dtype", "bfloat16" if args.device == "cuda" else "float32"]
     engine += ["--max-model-len", str(args.input_len + args.output_len)]
@@ -234,6 +244,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
     commands: dict[str, Any] = {"script": shlex.join([sys.executable, *sys.argv])}
     cli = [*CLI, "--log-level", "debug"] if args.timeline else CLI
+    if args.engine_variant != "shipped":
+        cli = [sys.executable, str(Path(__file__).with_name("variants.py")), args.engine_variant, *cli[3:]]
     offline_json = tmp / "offline.json"
     offline_cmd = [*cli, "bench", "throughput", *engine, *sizes, "--num-prompts", str(args.num_prompts)]
     offline_cmd += ["--num-iters", str(args.num_iters), "--num-iters-warmup", str(args.num_iters_warmup)]
@@ -325,6 +337,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         },
         "commands": commands,
         "server_variant": args.server_variant,
+        "engine_variant": args.engine_variant,
         "env": environment(),
         "offline": {
             "output_tok_s": offline_tok_s,
@@ -368,7 +381,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     lo, hi = record["offline"]["output_tok_s_min_max"]
     slo, shi = record["saturation"]["output_tok_s_min_max"]
     print(
-        f"\n{args.model} on {args.device}, server {args.server_variant} "
+        f"\n{args.model} on {args.device}, server {args.server_variant}, engine {args.engine_variant} "
         f"(output tokens/s; median of {args.num_iters}, min-max):"
     )
     print(f"  offline     {offline_tok_s:10.1f}  ({lo:.1f}-{hi:.1f})")

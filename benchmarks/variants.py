@@ -3,8 +3,11 @@
 The library has no switches for these: a variant here replaces what the CUDA platform gives the
 engine (its op table, its Triton launch target) in the benchmark's own process, before the
 engine is built. `apply(name)` is called once, first thing, in a worker process. A server
-variant (`SERVER_VARIANTS`, `apply_server`) changes the API process of `hallm serve`; run the
-server through `python benchmarks/variants.py NAME [hallm arguments]`.
+variant (`SERVER_VARIANTS`, `apply_server`) changes the API process of `hallm serve`.
+
+`python benchmarks/variants.py NAME [hallm arguments]` runs the hallm CLI as a variant of either
+kind. An engine variant also reaches the engine processes the CLI spawns: a spawned child runs
+this file again as `__mp_main__`, and applies the variant named in `CHILD_VARIANT_ENV`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from typing import Any
+
+#: Set by this file's entry point for the processes the CLI spawns; nothing else reads it.
+CHILD_VARIANT_ENV = "HALLM_BENCHMARK_ENGINE_VARIANT"
 
 #: name -> what it changes, for --help and the results' "variant" field.
 VARIANTS: dict[str, str] = {
@@ -21,6 +27,7 @@ VARIANTS: dict[str, str] = {
     "reference-ops": "every op-table entry the pure-torch reference",
     "no-pdl": "Triton kernels launched without programmatic dependent launch",
     "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
+    "decode-graphs-only": "CUDA graphs of decode steps only (steps with prompt tokens run eagerly)",
 }
 
 
@@ -51,6 +58,11 @@ def apply(name: str) -> None:
 
     from hallm.platforms.ops import OpTable
 
+    if name == "decode-graphs-only":
+        from hallm.ops.torch_graphs import capture_decode_graphs
+
+        CudaPlatform.step_graphs = lambda self, target: capture_decode_graphs(target)  # type: ignore[method-assign]
+        return
     if name == "no-pdl":
         shipped_target = CudaPlatform.triton_target
 
@@ -74,9 +86,20 @@ def apply(name: str) -> None:
 
 
 if __name__ == "__main__":
+    import os
     import sys
 
     from hallm.entrypoints.cli import main
 
-    apply_server(sys.argv[1])
+    variant = sys.argv[1] if len(sys.argv) > 1 else ""
+    if variant in SERVER_VARIANTS:
+        apply_server(variant)
+    else:
+        apply(variant)
+        os.environ[CHILD_VARIANT_ENV] = variant
     raise SystemExit(main(sys.argv[2:]))
+elif __name__ == "__mp_main__":
+    import os
+
+    if os.environ.get(CHILD_VARIANT_ENV):
+        apply(os.environ[CHILD_VARIANT_ENV])

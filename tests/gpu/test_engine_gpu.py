@@ -1,11 +1,11 @@
-"""hallm's engine on the GPU (CUDA platform, Triton attention, decode CUDA graphs) against HF
+"""hallm's engine on the GPU (CUDA platform, Triton attention, CUDA graphs) against HF
 transformers on the same weights on the same GPU (tests/gpu/run_all.sh; skipped without a GPU).
 
 Greedy tokens are checked by teacher forcing: HF runs once over prompt + hallm's tokens, and
 every token hallm chose must be HF's argmax at that position, up to a tie tolerance (random
 weights give near-flat distributions; float32 1e-3, bf16 wider). hallm's reported logprob of each
 token is compared with HF's too. Tiny models of every native arch run in float32, eager and with
-CUDA graphs (gpt-oss: attention sinks in the Triton kernel, its experts in the Triton fused
+CUDA graphs of decode steps and of steps with prompt tokens (gpt-oss: attention sinks in the Triton kernel, its experts in the Triton fused
 MoE); a Qwen2.5-0.5B-shaped random model runs in bf16. Tiny MoE models (Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE) go through the Triton fused MoE op, a long-RoPE model through per-request
 rope factors.
@@ -50,6 +50,21 @@ def _runner(llm):  # type: ignore[no-untyped-def]
     executor = getattr(llm.engine, "executor", None)
     worker = getattr(executor, "worker", None)
     return getattr(worker, "runner", None)
+
+
+def _count_mixed_replays(runner) -> list[int]:  # type: ignore[no-untyped-def]
+    """[n]: how many steps with prompt tokens replayed a mixed graph from here on."""
+    count = [0]
+    mixed = getattr(getattr(runner, "graphs", None), "mixed", None)
+    if mixed is not None:
+        replay = mixed.replay
+
+        def counted(*args):  # type: ignore[no-untyped-def]
+            count[0] += 1
+            return replay(*args)
+
+        mixed.replay = counted
+    return count
 
 
 def _generate(llm, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], list[float]]]:  # type: ignore[no-untyped-def]
@@ -140,15 +155,18 @@ def test_tiny_float32_greedy_matches_hf(
     # generating keeps its short-factor keys in hallm; HF would recompute them: see
     # tests/models/test_longrope_vs_hf.py, which checks that case against HF's generate).
     prompts = _prompts(13, 512, 17 if "longrope" in arch else 5, 120, seed=1)
+    mixed_replays = _count_mixed_replays(runner)
     outputs = _generate(llm, prompts, 40)
     outputs += _generate(llm, prompts[:1], 40)
     summary = _check_against_hf(hf, prompts + prompts[:1], outputs)
     summary["graphs"] = graphs_on
+    summary["mixed_graph_replays"] = mixed_replays[0]
     _record(f"tiny-{arch}-fp32-{'eager' if eager else 'graphs'}", summary)
     _free(llm)
     _assert_within(summary, tie_tol=1e-3, lp_tol=1e-3)
     if not eager and arch not in GENERIC_ARCHS:
-        assert graphs_on, "decode CUDA graphs were not captured"
+        assert graphs_on, "CUDA graphs were not captured"
+        assert mixed_replays[0] > 0, "no step with prompt tokens replayed a mixed CUDA graph"
 
 
 def _qwen_05b_dir(tmp: Path) -> Path:
@@ -192,11 +210,14 @@ def test_qwen_05b_shaped_bf16_greedy_matches_hf(tmp_path: Path) -> None:
     )
     runner = _runner(llm)
     prompts = _prompts(8, 151936, 20, 600, seed=2)
+    mixed_replays = _count_mixed_replays(runner)
     outputs = _generate(llm, prompts, 32)
     # bf16: hallm and HF round differently (fused qkv, Triton vs SDPA), so near-ties may flip.
     summary = _check_against_hf(hf, prompts, outputs)
     summary["graphs"] = runner is not None and runner.graphs is not None
+    summary["mixed_graph_replays"] = mixed_replays[0]
     _record("qwen2.5-0.5b-shaped-bf16", summary)
     _free(llm)
     _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
-    assert summary["graphs"], "decode CUDA graphs were not captured"
+    assert summary["graphs"], "CUDA graphs were not captured"
+    assert mixed_replays[0] > 0, "no step with prompt tokens replayed a mixed CUDA graph"

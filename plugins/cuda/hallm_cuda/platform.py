@@ -187,7 +187,8 @@ class CudaPlatform(TorchCudaRuntime, Platform):
         return True
 
     def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
-        """CUDA graphs of decode steps for padded batch sizes (see `hallm.ops.torch_graphs`)."""
-        from hallm.ops.torch_graphs import capture_decode_graphs
+        """CUDA graphs of decode steps by padded batch size and of steps with prompt tokens by
+        padded token count, up to `MAX_MIXED_CAPTURE_TOKENS` (see `hallm.ops.torch_graphs`)."""
+        from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
 
-        return capture_decode_graphs(target)
+        return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))

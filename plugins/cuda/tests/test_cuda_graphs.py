@@ -1,5 +1,6 @@
-"""The decode-graph runner (hallm.ops.torch_graphs, which CudaPlatform.step_graphs returns) without
-a GPU: what it captures, how a replay of a smaller batch pads the buffers, and that a failing capture is an error naming its cause.
+"""The step-graph runner (hallm.ops.torch_graphs, which CudaPlatform.step_graphs returns) without
+a GPU: what it captures, how a replay of a smaller decode batch or of a step with prompt tokens
+pads the buffers, and that a failing capture is an error naming its cause.
 
 A stand-in graph replays by running the captured forward again over the same persistent buffers,
 which is what a CUDA graph's replay does; the real capture runs in tests/gpu on the GPU machine.
@@ -7,6 +8,7 @@ which is what a CUDA graph's replay does; the real capture runs in tests/gpu on 
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from hallm.ops.torch_graphs import DecodeGraphs, capture_decode_graphs, capture_sizes
+from hallm.ops.torch_graphs import (
+    DecodeGraphs,
+    MixedGraphs,
+    StepGraphs,
+    capture_decode_graphs,
+    capture_sizes,
+    mixed_capture_sizes,
+)
 from hallm.platforms.graphs import StepInputBuffers
 
 MAX_REQS, MAX_BLOCKS = 8, 4
@@ -48,9 +57,8 @@ class Target:
         return (input_ids * 1000 + positions * 10 + t.seq_lens + t.block_tables[:, 0] * 100).float()
 
 
-class RerunGraphs(DecodeGraphs):
-    def _new_pool(self) -> None:
-        return None
+class Rerun:
+    """Replays by running the captured forward again over the same buffers."""
 
     def _synchronize(self) -> None:
         pass
@@ -64,6 +72,14 @@ class RerunGraphs(DecodeGraphs):
 
         self.graphs[size] = SimpleNamespace(replay=replay)
         self.outputs[size] = out
+
+
+class RerunGraphs(Rerun, DecodeGraphs):
+    pass
+
+
+class RerunMixed(Rerun, MixedGraphs):
+    pass
 
 
 def test_a_replay_of_a_smaller_batch_equals_the_eager_forward() -> None:
@@ -115,3 +131,97 @@ def test_capture_sizes() -> None:
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and sizes == sorted(set(sizes))
     assert capture_sizes(10_000)[-1] == 512
     assert np.all(np.diff(capture_sizes(512)) > 0)
+
+
+class MixedTarget(Target):
+    """A forward that reads per-request lengths through the query ranges, as attention does, and
+    records the slots a step would write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[list[int]] = []
+
+    def forward(self, layout: Any, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = layout.tensors
+        qsl = t.query_start_loc
+        token = torch.arange(input_ids.numel(), dtype=qsl.dtype)
+        req = torch.searchsorted(qsl[1:], token, right=True)  # == num_reqs: a token of no request
+        owned = req < t.seq_lens.numel()
+        seq = torch.where(owned, t.seq_lens[req.clamp(max=t.seq_lens.numel() - 1)], -1)
+        self.written.append(t.slot_mapping[t.slot_mapping >= 0].tolist())
+        return (input_ids * 1000 + positions * 10 + seq * 100000 + req).float()
+
+
+def _fill(b: Any, query_lens: list[int], ctx: list[int]) -> tuple[int, int]:
+    n, t = len(query_lens), sum(query_lens)
+    qsl = np.concatenate([[0], np.cumsum(query_lens)])
+    b.query_start_loc[: n + 1] = torch.from_numpy(qsl.astype(np.int32))
+    b.seq_lens[:n] = torch.tensor(np.add(query_lens, ctx), dtype=torch.int32)
+    pos = np.concatenate([np.arange(c, c + q) for q, c in zip(query_lens, ctx, strict=True)])
+    b.positions[:t] = torch.from_numpy(pos)
+    b.input_ids[:t] = torch.arange(1, t + 1)
+    b.slot_mapping[:t] = torch.from_numpy(pos + 16)
+    return n, t
+
+
+def test_a_mixed_step_replays_the_smallest_token_graph_with_empty_padding_requests() -> None:
+    target = MixedTarget()
+    graphs = RerunMixed(target, [16, 32, 64])
+    assert graphs.outputs.keys() == {16, 32, 64}
+    b = target.inputs
+    for query_lens, ctx in (([20, 1, 9], [0, 33, 4]), ([5, 1, 4], [2, 7, 0])):  # 30 -> 32, 10 -> 16
+        n, t = _fill(b, query_lens, ctx)
+        layout = SimpleNamespace(num_reqs=n, num_tokens=t, num_prefill_reqs=2)
+        assert graphs.can_replay(layout)
+        with torch.inference_mode():
+            got = graphs.replay(layout, b.input_ids[:t], b.positions[:t]).clone()
+        size = 32 if t > 16 else 16
+        # the eager forward of the same step, over exactly its requests and tokens
+        exact = SimpleNamespace(
+            tensors=SimpleNamespace(
+                query_start_loc=b.query_start_loc[: n + 1],
+                seq_lens=b.seq_lens[:n],
+                slot_mapping=b.slot_mapping[:t],
+            )
+        )
+        want = target.forward(exact, b.input_ids[:t], b.positions[:t])
+        assert torch.equal(got, want)
+        # padding requests are empty at t; padding tokens are written nowhere
+        assert b.query_start_loc[n + 1 : MAX_REQS + 1].tolist() == [t] * (MAX_REQS - n)
+        assert b.slot_mapping[t:size].tolist() == [-1] * (size - t)
+        assert target.written[-1] == target.written[-2] == b.slot_mapping[:t].tolist()
+    assert not graphs.can_replay(SimpleNamespace(num_reqs=2, num_tokens=65, num_prefill_reqs=1))
+    assert not graphs.can_replay(SimpleNamespace(num_reqs=MAX_REQS + 1, num_tokens=20, num_prefill_reqs=1))
+
+
+def test_step_graphs_replay_decode_graphs_for_decode_steps_and_mixed_graphs_for_prompts() -> None:
+    target = MixedTarget()
+    mixed = RerunMixed(target, [16, 32])
+    decode = RerunGraphs(target, [1, 2, 4, 8])
+    graphs = StepGraphs(decode, mixed)
+    assert graphs._for(SimpleNamespace(num_reqs=3, num_tokens=3, num_prefill_reqs=0)) is decode
+    assert graphs._for(SimpleNamespace(num_reqs=3, num_tokens=9, num_prefill_reqs=1)) is mixed
+    assert not graphs.can_replay(SimpleNamespace(num_reqs=3, num_tokens=40, num_prefill_reqs=1))
+    assert not StepGraphs(decode).can_replay(SimpleNamespace(num_reqs=3, num_tokens=9, num_prefill_reqs=1))
+    # a decode replay after a mixed one (shared buffers) still pads its own rows
+    b = target.inputs
+    n, t = _fill(b, [1, 1, 1], [4, 8, 2])
+    with torch.inference_mode():
+        got = graphs.replay(
+            SimpleNamespace(num_reqs=n, num_tokens=t, num_prefill_reqs=0), b.input_ids[:t], b.positions[:t]
+        )
+    assert got.shape == (3,) and b.query_start_loc[:5].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="no graph captured for a step of 3 requests, 40 tokens"):
+        graphs.replay(
+            SimpleNamespace(num_reqs=3, num_tokens=40, num_prefill_reqs=1), b.input_ids, b.positions
+        )
+
+
+def test_mixed_capture_sizes() -> None:
+    assert mixed_capture_sizes(64) == [16, 32, 64]
+    assert mixed_capture_sizes(100) == [16, 32, 64, 100]
+    sizes = mixed_capture_sizes(8192)
+    assert sizes[-1] == 2048 and sizes == sorted(set(sizes))
+    # from 1024 tokens on a step pads by at most a quarter
+    large = [s for s in sizes if s >= 1024]
+    assert all(b / a <= 1.25 for a, b in itertools.pairwise(large))
