@@ -234,3 +234,40 @@ def test_backend_end_to_end() -> None:
     out = torch.full_like(batch.query, float("nan"))
     backend.forward(batch.query, batch.key, batch.value, batch.kv_cache, metadata, out)
     _check(out, batch, 0.3, torch.float32)
+
+
+def test_a_mixed_graphs_padded_launch_writes_the_real_rows_alone_and_equal() -> None:
+    """The launch a mixed-step CUDA graph bakes in (hallm.ops.torch_graphs.MixedGraphs): every
+    request row of the buffers, rows past the step's requests empty (query range [t, t), stale
+    lengths and tables), tokens past t owned by no request, and the largest bounds as host
+    values. The step's rows equal the exact launch's, bit for bit; no other row is written."""
+    from hallm.ops.triton import write_kv
+
+    batch = _batch(MIXED, (4, 2), 16, 4, num_padding_tokens=5, seed=11)
+    t = batch.layout.tensors
+    assert t is not None
+    n, num_real = batch.layout.num_reqs, batch.num_real_tokens
+    write_kv(batch.key, batch.value, batch.kv_cache, t.slot_mapping)
+    exact = _run_launch(batch, t.query_start_loc, t.seq_lens, t.block_tables, batch.layout.max_query_len)
+    rows = n + 6
+    qsl = torch.full((rows + 1,), num_real, dtype=torch.int32)
+    qsl[: n + 1] = t.query_start_loc
+    seq_lens = torch.full((rows,), 57, dtype=torch.int32)  # stale: an empty request reads none
+    seq_lens[:n] = t.seq_lens
+    tables = torch.randint(1, batch.kv_cache.shape[1], (rows, t.block_tables.shape[1]), dtype=torch.int32)
+    tables[:n] = t.block_tables
+    padded = _run_launch(batch, qsl, seq_lens, tables, batch.query.shape[0])
+    assert torch.equal(padded[:num_real], exact[:num_real])
+    assert (padded[num_real:] == SENTINEL).all(), "a token of no request was written"
+
+
+def _run_launch(batch, qsl, seq_lens, tables, max_query_len) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    from hallm.ops.triton import paged_attention
+
+    out = torch.full_like(batch.query, SENTINEL)
+    return paged_attention(
+        batch.query, batch.kv_cache, qsl, seq_lens, tables, max_query_len=max_query_len, scale=0.25, out=out
+    )
+
+
+SENTINEL = 1234.5  # no attention output is this
