@@ -316,7 +316,7 @@ def step_worker(
         tk = min(run(1 + decode_tokens) for _ in range(2))
         step_ms = (tk - t1) / decode_tokens * 1e3
         replay_ms = None
-        graphs = runner.graphs
+        graphs = runner.graphs.decode if runner.graphs is not None else None
         if graphs is not None and batch <= graphs.max_size:
             g = graphs.graphs[int(graphs.bucket[batch])]
             start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -58,7 +58,7 @@ def profile_batch(llm: Any, batch: int, ctx: int) -> dict[str, Any]:
     # the first pass alone the last step held only the stragglers, and a direct replay of the
     # larger graph read the stale rows of an earlier prefill step (an illegal memory access).
     llm.generate(prompts, replace(params, max_tokens=2), use_tqdm=False)
-    graphs = runner.graphs
+    graphs = runner.graphs.decode if runner.graphs is not None else None
     if graphs is None or batch > graphs.max_size:
         raise RuntimeError(f"no decode graph for batch {batch}")
     g = graphs.graphs[int(graphs.bucket[batch])]
@@ -314,7 +314,7 @@ def launch_costs(llm: Any, batch: int) -> dict[str, float]:
     import torch
 
     runner = llm.engine.executor.worker.runner
-    graphs = runner.graphs
+    graphs = runner.graphs.decode
     g = graphs.graphs[int(graphs.bucket[batch])]
     other = graphs.graphs[int(graphs.bucket[max(1, batch // 2)])] if batch > 1 else graphs.graphs[2]
     hidden = graphs.outputs[int(graphs.bucket[batch])][:batch]
