@@ -55,10 +55,10 @@ def capture_sizes(max_reqs: int) -> list[int]:
 
 
 def mixed_capture_sizes(max_tokens: int) -> list[int]:
-    """Token counts 16, 32, 64, 128, 256, then every 128 up to 1024 and every 256 up to 2048;
-    capped at max_tokens (included). Padding costs GPU work only where a step is large enough to
-    be GPU-bound: from 1024 tokens on a step pads by at most a quarter."""
-    sizes = [16, 32, 64, 128, 256, *range(384, 1025, 128), *range(1280, MAX_MIXED_CAPTURE_TOKENS + 1, 256)]
+    """Token counts 16, 32, 64, 128, 256, then every 64 up to 2048; capped at max_tokens
+    (included). Padding costs GPU work where a step is GPU-bound (a large model's steps of a few
+    hundred tokens already are): past 256 tokens a step pads by at most 63 tokens."""
+    sizes = [16, 32, 64, 128, 256, *range(320, MAX_MIXED_CAPTURE_TOKENS + 1, 64)]
     return _capped(sizes, min(max_tokens, MAX_MIXED_CAPTURE_TOKENS))
 
 
@@ -179,18 +179,23 @@ class _PaddedGraphs:
 
     def _capture(self, size: int, pool: Any) -> None:
         layout, input_ids, positions = self._layout(size)
+        forward = self._forward
         # Warm up on a side stream (compiles the Triton kernels, creates cuBLAS workspaces).
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.target.forward(layout, input_ids, positions)
+                forward(layout, input_ids, positions)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            hidden = self.target.forward(layout, input_ids, positions)
+            hidden = forward(layout, input_ids, positions)
         self.graphs[size] = graph
         self.outputs[size] = hidden
+
+    def _forward(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What a graph captures: the target's forward -> hidden [num_tokens, hidden_size]."""
+        return self.target.forward(layout, input_ids, positions)
 
     def can_replay(self, layout: BatchLayout) -> bool:
         raise NotImplementedError
@@ -268,6 +273,9 @@ class MixedGraphs(_PaddedGraphs):
 
     def __init__(self, target: StepGraphTarget, sizes: list[int], pool: Any = None) -> None:
         self.max_reqs = target.max_num_reqs
+        # Every mixed graph copies its hidden states into this one buffer, so the many graphs
+        # keep one [T, hidden_size] output alive, not one each (set by the first capture).
+        self.hidden: torch.Tensor | None = None
         super().__init__(target, [s for s in sizes if s <= target.max_num_tokens], pool)
 
     def _prepare(self) -> None:
@@ -284,6 +292,14 @@ class MixedGraphs(_PaddedGraphs):
         b.slot_mapping[: self.max_size].fill_(-1)
         b.input_ids[: self.max_size].fill_(0)
         b.positions[: self.max_size].fill_(0)
+
+    def _forward(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.target.forward(layout, input_ids, positions)
+        if self.hidden is None:  # the largest size, captured first
+            self.hidden = torch.empty_like(hidden)
+        out = self.hidden[: hidden.shape[0]]
+        out.copy_(hidden)
+        return out
 
     def _layout(self, size: int) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
         b, r = self.buffers, self.max_reqs

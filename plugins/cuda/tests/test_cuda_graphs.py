@@ -65,10 +65,10 @@ class Rerun:
 
     def _capture(self, size: int, pool: Any) -> None:
         layout, ids, pos = self._layout(size)
-        out = self.target.forward(layout, ids, pos)
+        out = self._forward(layout, ids, pos)  # type: ignore[attr-defined]
 
         def replay() -> None:
-            out.copy_(self.target.forward(layout, ids, pos))
+            out.copy_(self._forward(layout, ids, pos))  # type: ignore[attr-defined]
 
         self.graphs[size] = SimpleNamespace(replay=replay)
         self.outputs[size] = out
@@ -168,6 +168,8 @@ def test_a_mixed_step_replays_the_smallest_token_graph_with_empty_padding_reques
     target = MixedTarget()
     graphs = RerunMixed(target, [16, 32, 64])
     assert graphs.outputs.keys() == {16, 32, 64}
+    # one output buffer for every mixed graph
+    assert all(o.data_ptr() == graphs.outputs[64].data_ptr() for o in graphs.outputs.values())
     b = target.inputs
     for query_lens, ctx in (([20, 1, 9], [0, 33, 4]), ([5, 1, 4], [2, 7, 0])):  # 30 -> 32, 10 -> 16
         n, t = _fill(b, query_lens, ctx)
@@ -222,6 +224,6 @@ def test_mixed_capture_sizes() -> None:
     assert mixed_capture_sizes(100) == [16, 32, 64, 100]
     sizes = mixed_capture_sizes(8192)
     assert sizes[-1] == 2048 and sizes == sorted(set(sizes))
-    # from 1024 tokens on a step pads by at most a quarter
-    large = [s for s in sizes if s >= 1024]
-    assert all(b / a <= 1.25 for a, b in itertools.pairwise(large))
+    # past 256 tokens a step pads by at most 63 tokens
+    large = [s for s in sizes if s >= 256]
+    assert all(b - a == 64 for a, b in itertools.pairwise(large))
