@@ -6,7 +6,9 @@ when its platform asks for it (`Platform.warm_up_at_start`), a few requests that
 kind of step the scheduler makes: a prefill chunk of the full token budget, short prefills
 whose lengths are and are not multiples of 16 (Triton specialises integer arguments on that),
 decode steps at a batch of several requests, and the sampler's greedy, top-k/top-p,
-temperature-only and penalized paths. Decode graphs are captured before this, so their kernels are already built.
+temperature-only and penalized paths. Step graphs are captured before this, so their kernels are
+already built; where short steps replay graphs, a step is eager only past the largest graph, so
+a full chunk also runs a token short, alone (the other divisibility class of the eager kernels).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def warm_up(engine: LLMEngine) -> float:
         temperature=1.0, repetition_penalty=1.1, max_tokens=_DECODE_STEPS, ignore_eos=True, detokenize=False
     )
     batches = [[(prompt, params) for prompt in prompts for params in (greedy, sampled)]]
+    if len(prompts[0]) - 1 > len(prompts[-1]):
+        token = prompts[0][0]
+        other = token - 1 if token > 0 else 1  # another token: no prefix-cache hit on the full chunk
+        batches.append([([other] * (len(prompts[0]) - 1), greedy)])
     batches += [[(prompts[-1], plain)], [(prompts[-1], penalized)]]
     start = time.perf_counter()
     for b, batch in enumerate(batches):
@@ -71,7 +77,7 @@ def warm_up(engine: LLMEngine) -> float:
         "warm-up: %d dummy requests (prefills of %s tokens; greedy, top-k/top-p, temperature-only "
         "and penalized decode) in %.2f s",
         sum(len(batch) for batch in batches),
-        "/".join(str(len(p)) for p in prompts),
+        "/".join(sorted({str(len(p)) for batch in batches for p, _ in batch}, key=int, reverse=True)),
         elapsed,
     )
     return elapsed

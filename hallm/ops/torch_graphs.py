@@ -18,14 +18,18 @@ so a replay picks up whatever the runner copied there for the step:
   query range is [t, t)), tokens t..T-1 belong to no request and have slot -1. Larger steps
   keep the GPU busy longer than their launches take and run eagerly.
 
+The graphs' memory pool (about the activations of the largest mixed step) comes out of what
+`gpu_memory_utilization` leaves outside the KV cache; a mixed capture that fails (out of memory,
+say) is logged and prompt steps run eagerly.
+
 Padding rows' outputs are garbage that nothing reads: every operation of the model is row-wise
 except attention, which is per request. A captured step bakes the attention metadata's host
 values in: graph-safe backends take lengths from the device tensors and the host values only as
 bounds, and a mixed graph is captured with the largest bounds (every query up to T tokens).
 
 Only backends that declare `graph_safe = True` (no host reads in forward) are captured; otherwise the
-engine stays eager and says why in the log. A capture that fails is an error that names the
-cause (and `--enforce-eager`, which runs without graphs).
+engine stays eager and says why in the log. A decode capture that fails is an error that names
+the cause (and `--enforce-eager`, which runs without graphs).
 """
 
 from __future__ import annotations
@@ -85,9 +89,21 @@ def capture_step_graphs(
         logger.info("step graphs off: the model runner has no device input buffers")
         return None
     max_reqs = min(target.max_num_reqs, target.max_num_tokens)
+    pool = _new_pool()
+    mixed = None
+    if mixed_sizes:
+        try:
+            mixed = MixedGraphs(target, mixed_sizes, pool)
+        except Exception as exc:  # e.g. out of memory: prompt steps stay eager, as before
+            logger.warning(
+                "capturing the graphs of steps with prompt tokens failed (%s: %s); those steps run "
+                "eagerly. A lower --gpu-memory-utilization leaves their graphs room.",
+                type(exc).__name__,
+                exc,
+            )
+            _release()
+            pool = _new_pool()
     try:
-        pool = _new_pool()
-        mixed = MixedGraphs(target, mixed_sizes, pool) if mixed_sizes else None
         decode = DecodeGraphs(target, sizes or capture_sizes(max_reqs), pool)
     except Exception as exc:
         raise RuntimeError(
@@ -104,6 +120,15 @@ def capture_decode_graphs(target: StepGraphTarget, sizes: list[int] | None = Non
 
 def _new_pool() -> Any:
     return torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+
+
+def _release() -> None:
+    """Give a failed capture's memory back (its graphs and pool are unreferenced by now)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class StepGraphs:

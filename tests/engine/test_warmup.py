@@ -52,9 +52,23 @@ def test_engine_warms_up_when_the_platform_asks(
         "op_table",
         lambda self: dataclasses.replace(table(self), temperature_sample=temperature_sample),
     )
+    from hallm.core.model_runner import ModelRunner
+
+    step_tokens: list[int] = []
+    forward = ModelRunner.forward
+
+    def counted(self, layout, input_ids, positions):  # type: ignore[no-untyped-def]
+        step_tokens.append(layout.num_tokens)
+        return forward(self, layout, input_ids, positions)
+
+    monkeypatch.setattr(ModelRunner, "forward", counted)
     with caplog.at_level(logging.INFO, logger="hallm.engine"):
         llm = LLM(model, **kwargs)
-    assert any("warm-up: 8 dummy requests" in r.getMessage() for r in caplog.records)
+    assert 59 in step_tokens  # the full chunk a token short ran whole (no prefix-cache hit)
+    # 3 prompts x 2 samplings, the longest a token short alone, temperature-only, penalized
+    assert any(
+        "warm-up: 9 dummy requests (prefills of 60/59/17/16 tokens" in r.getMessage() for r in caplog.records
+    )
     assert len(drawn) == 6  # 3 tokens each of the temperature-only and the penalized request
     engine = llm.engine
     stats = engine.get_stats()

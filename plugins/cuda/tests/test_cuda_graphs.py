@@ -227,3 +227,21 @@ def test_mixed_capture_sizes() -> None:
     # past 256 tokens a step pads by at most 63 tokens
     large = [s for s in sizes if s >= 256]
     assert all(b - a == 64 for a, b in itertools.pairwise(large))
+
+
+def test_a_failing_mixed_capture_leaves_decode_graphs_and_eager_prompt_steps(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hallm.ops.torch_graphs as graphs_mod
+
+    class OutOfMemoryMixed(RerunMixed):
+        def _capture(self, size: int, pool: Any) -> None:
+            raise torch.cuda.OutOfMemoryError("no memory left for a 64-token step")
+
+    monkeypatch.setattr(graphs_mod, "DecodeGraphs", RerunGraphs)
+    monkeypatch.setattr(graphs_mod, "MixedGraphs", OutOfMemoryMixed)
+    with caplog.at_level("WARNING", logger="hallm.ops.graphs"):
+        graphs = graphs_mod.capture_step_graphs(MixedTarget(), [1, 2], mixed_sizes=[16, 64])
+    assert graphs is not None and graphs.mixed is None and graphs.decode.sizes == [1, 2]
+    assert "OutOfMemoryError: no memory left for a 64-token step" in caplog.text
+    assert not graphs.can_replay(SimpleNamespace(num_reqs=2, num_tokens=9, num_prefill_reqs=1))
