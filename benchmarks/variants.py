@@ -27,7 +27,7 @@ VARIANTS: dict[str, str] = {
     "reference-ops": "every op-table entry the pure-torch reference",
     "no-pdl": "Triton kernels launched without programmatic dependent launch",
     "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
-    "decode-graphs-only": "CUDA graphs of decode steps only (steps with prompt tokens run eagerly)",
+    "mixed-graphs": "CUDA graphs of steps with prompt tokens too (16-2048 tokens), not of decode steps alone",
 }
 
 
@@ -58,10 +58,13 @@ def apply(name: str) -> None:
 
     from hallm.platforms.ops import OpTable
 
-    if name == "decode-graphs-only":
-        from hallm.ops.torch_graphs import capture_decode_graphs
+    if name == "mixed-graphs":
+        from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
 
-        CudaPlatform.step_graphs = lambda self, target: capture_decode_graphs(target)  # type: ignore[method-assign]
+        def mixed(self: Any, target: Any) -> Any:
+            return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))
+
+        CudaPlatform.step_graphs = mixed  # type: ignore[method-assign]
         return
     if name == "no-pdl":
         shipped_target = CudaPlatform.triton_target

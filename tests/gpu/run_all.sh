@@ -32,8 +32,8 @@
 # g2-anatomy-ab  g2-anatomy with the sampler's torch path (variant no-temperature-sample), to pair with g2-anatomy
 # served-parse-ab  served-qwen (no py-spy) with every request body parsed on the worker pool (server
 #           variant offloaded-parse), then as shipped (small bodies parsed on the event loop)
-# mixed-graphs-ab  served-qwen (no py-spy) with the engine's steps with prompt tokens run eagerly
-#           (engine variant decode-graphs-only), then as shipped (CUDA graphs of those steps too)
+# mixed-graphs-ab  served-qwen (no py-spy) as shipped (steps with prompt tokens run eagerly), then
+#           with CUDA graphs of those steps too (engine variant mixed-graphs)
 # structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, row by row vs
 #           llguidance's thread pool, in isolation
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
@@ -141,7 +141,7 @@ for step in $STEPS; do
     served-parse-ab) for v in offloaded-parse shipped; do
                        run served-qwen-$v $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 8 --num-iters 3 --timeout 240 --timeline --server-variant $v
                      done ;;
-    mixed-graphs-ab) for v in decode-graphs-only shipped; do
+    mixed-graphs-ab) for v in shipped mixed-graphs; do
                        run served-qwen-$v $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 8 --num-iters 3 --timeout 240 --timeline --engine-variant $v
                      done ;;
     served-qwen) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240 --timeline --py-spy ;;

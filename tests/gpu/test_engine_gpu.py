@@ -5,7 +5,8 @@ Greedy tokens are checked by teacher forcing: HF runs once over prompt + hallm's
 every token hallm chose must be HF's argmax at that position, up to a tie tolerance (random
 weights give near-flat distributions; float32 1e-3, bf16 wider). hallm's reported logprob of each
 token is compared with HF's too. Tiny models of every native arch run in float32, eager and with
-CUDA graphs of decode steps and of steps with prompt tokens (gpt-oss: attention sinks in the Triton kernel, its experts in the Triton fused
+decode CUDA graphs, and with graphs of the steps with prompt tokens too (`mixed`, which
+hallm-cuda does not capture by default yet) (gpt-oss: attention sinks in the Triton kernel, its experts in the Triton fused
 MoE); a Qwen2.5-0.5B-shaped random model runs in bf16. Tiny MoE models (Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE) go through the Triton fused MoE op, a long-RoPE model through per-request
 rope factors.
@@ -50,6 +51,19 @@ def _runner(llm):  # type: ignore[no-untyped-def]
     executor = getattr(llm.engine, "executor", None)
     worker = getattr(executor, "worker", None)
     return getattr(worker, "runner", None)
+
+
+def _capture_mixed_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this process's CUDA platform capture graphs of steps with prompt tokens too (as
+    benchmarks/variants.py `mixed-graphs` does)."""
+    from hallm_cuda.platform import CudaPlatform
+
+    from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
+
+    def step_graphs(self, target):  # type: ignore[no-untyped-def]
+        return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))
+
+    monkeypatch.setattr(CudaPlatform, "step_graphs", step_graphs)
 
 
 def _count_mixed_replays(runner) -> list[int]:  # type: ignore[no-untyped-def]
@@ -126,15 +140,18 @@ def _free(llm) -> None:  # type: ignore[no-untyped-def]
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+@pytest.mark.parametrize("mode", ["graphs", "mixed", "eager"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_float32_greedy_matches_hf(
-    tiny_model_dir: Callable[[str], Path], arch: str, eager: bool
+    tiny_model_dir: Callable[[str], Path], arch: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     from hallm.entrypoints.llm import LLM
 
+    eager = mode == "eager"
+    if mode == "mixed":
+        _capture_mixed_graphs(monkeypatch)
     path = tiny_model_dir(arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     llm = LLM(
@@ -161,11 +178,12 @@ def test_tiny_float32_greedy_matches_hf(
     summary = _check_against_hf(hf, prompts + prompts[:1], outputs)
     summary["graphs"] = graphs_on
     summary["mixed_graph_replays"] = mixed_replays[0]
-    _record(f"tiny-{arch}-fp32-{'eager' if eager else 'graphs'}", summary)
+    _record(f"tiny-{arch}-fp32-{mode}", summary)
     _free(llm)
     _assert_within(summary, tie_tol=1e-3, lp_tol=1e-3)
     if not eager and arch not in GENERIC_ARCHS:
         assert graphs_on, "CUDA graphs were not captured"
+    if mode == "mixed" and arch not in GENERIC_ARCHS:
         assert mixed_replays[0] > 0, "no step with prompt tokens replayed a mixed CUDA graph"
 
 
@@ -198,10 +216,16 @@ def _qwen_05b_dir(tmp: Path) -> Path:
     return tmp
 
 
-def test_qwen_05b_shaped_bf16_greedy_matches_hf(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["graphs", "mixed"])
+def test_qwen_05b_shaped_bf16_greedy_matches_hf(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from hallm.entrypoints.llm import LLM
+
+    if mode == "mixed":
+        _capture_mixed_graphs(monkeypatch)
 
     path = _qwen_05b_dir(tmp_path / "qwen05b")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
@@ -216,8 +240,9 @@ def test_qwen_05b_shaped_bf16_greedy_matches_hf(tmp_path: Path) -> None:
     summary = _check_against_hf(hf, prompts, outputs)
     summary["graphs"] = runner is not None and runner.graphs is not None
     summary["mixed_graph_replays"] = mixed_replays[0]
-    _record("qwen2.5-0.5b-shaped-bf16", summary)
+    _record(f"qwen2.5-0.5b-shaped-bf16-{mode}", summary)
     _free(llm)
     _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
     assert summary["graphs"], "CUDA graphs were not captured"
-    assert mixed_replays[0] > 0, "no step with prompt tokens replayed a mixed CUDA graph"
+    if mode == "mixed":
+        assert mixed_replays[0] > 0, "no step with prompt tokens replayed a mixed CUDA graph"

@@ -187,8 +187,11 @@ class CudaPlatform(TorchCudaRuntime, Platform):
         return True
 
     def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
-        """CUDA graphs of decode steps by padded batch size and of steps with prompt tokens by
-        padded token count, up to `MAX_MIXED_CAPTURE_TOKENS` (see `hallm.ops.torch_graphs`)."""
-        from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
+        """CUDA graphs of decode steps by padded batch size (see `hallm.ops.torch_graphs`).
 
-        return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))
+        Steps with prompt tokens run eagerly: the runner's mixed graphs (`mixed_sizes`) are
+        verified on CPU stand-ins and Triton's interpreter only, and turn on here once a GPU run
+        has checked them against HF and measured them (benchmarks/variants.py `mixed-graphs`)."""
+        from hallm.ops.torch_graphs import capture_step_graphs
+
+        return capture_step_graphs(target)
