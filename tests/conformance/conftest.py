@@ -12,8 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,11 +155,12 @@ test_l1_faults.py::test_gqa_head_mapping[*-8q8kv]      WRONG: MHA passes, so thi
 class KitRunner:
     """Starts every run of RUNS on first use; `get(name)` waits for one."""
 
-    def __init__(self, site: Path, workdir: Path) -> None:
+    def __init__(self, site: Path, workdir: Path, default_jobs: int = 3) -> None:
         self.site, self.workdir = site, workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.futures: dict[str, concurrent.futures.Future[KitRun]] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=int(os.environ.get("HALLM_KIT_JOBS", "3"))
+            max_workers=int(os.environ.get("HALLM_KIT_JOBS", str(default_jobs)))
         )
 
     def _env(self) -> dict[str, str]:
@@ -194,20 +197,51 @@ class KitRunner:
         data = json.loads(report.read_text()) if report.exists() else {}
         return KitRun(name, proc.returncode, proc.stdout + proc.stderr, data)
 
-    def get(self, name: str) -> KitRun:
+    def start(self) -> None:
+        """Submit every run (once), slowest first, so the pool stays busy to the end."""
         if not self.futures:
-            # Slowest first, so the pool stays busy to the end.
             for run in sorted(
                 RUNS, key=lambda n: n not in ("rocminterp", "cpu", "template", "escaped", "fakegood")
             ):
                 self.futures[run] = self.pool.submit(self._run, run)
+
+    def get(self, name: str) -> KitRun:
+        self.start()
         return self.futures[name].result()
 
 
+#: The session's runner, made when collection ends (see pytest_collection_modifyitems).
+_RUNNER: list[KitRunner] = []
+
+
+def _new_runner(default_jobs: int) -> KitRunner:
+    root = Path(tempfile.mkdtemp(prefix="hallm-kit-"))
+    (root / "site").mkdir()
+    return KitRunner(build_site(root / "site"), root / "runs", default_jobs)
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """The kit's tests run last, and its runs start as soon as collection ends: they are
+    subprocesses (the rocm interpreter run alone takes minutes), so they go on beside the rest of
+    the suite, which mostly keeps one core busy, instead of the suite waiting for them."""
+    kit_items = [item for item in items if "kit" in getattr(item, "fixturenames", ())]
+    if not kit_items:
+        return
+    chosen = set(kit_items)
+    items[:] = [item for item in items if item not in chosen] + kit_items
+    if not _RUNNER:
+        _RUNNER.append(_new_runner(default_jobs=2))
+        _RUNNER[0].start()
+
+
 @pytest.fixture(scope="session")
-def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KitRunner]:
+def kit() -> Iterator[KitRunner]:
     """The session's kit runs over the real (cpu, template) and fake plugins."""
-    site = build_site(tmp_path_factory.mktemp("kit_site"))
-    runner = KitRunner(site, tmp_path_factory.mktemp("kit_runs"))
+    if not _RUNNER:  # collected some other way: the runs start on first use
+        _RUNNER.append(_new_runner(default_jobs=3))
+    runner = _RUNNER[0]
     yield runner
     runner.pool.shutdown(wait=True, cancel_futures=True)
+    shutil.rmtree(runner.workdir.parent, ignore_errors=True)
