@@ -16,9 +16,9 @@ re-use no KV.
                latency of one request alone (TTFT, TPOT, ITL)
 
 During the timed saturation runs the CPU time of the server's processes is read from /proc (Linux):
-the API process (HTTP, detokenization, SSE) and the engine process, and the `bench serve` client's
-own CPU over its timed part, each as a share of one core over the runs' timed duration (the
-server's share includes the one warm-up request each run sends first). The API process or the
+the API process (HTTP, detokenization, SSE) and the engine process, each as a share of one core
+over the whole `bench serve` runs (their start-up and the one warm-up request each sends first
+included), and the client's own CPU as a share of one core over its timed part. The API process or the
 client near 100% of a core limits the served throughput; the engine process's share also counts
 its waits for the GPU, which spin on CUDA, so near 100% there shows no host limit by itself.
 
@@ -280,8 +280,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     try:
         commands["saturation"] = []
         cpu_s = {"api": 0.0, "engine": 0.0, "client": 0.0}
-        timed_wall_s = 0.0
+        timed_wall_s = 0.0  # the client's timed parts
+        phase_wall_s = 0.0  # the runs whole, over which the server's CPU is read
         for i in range(args.num_iters_warmup + args.num_iters):
+            phase_start = time.perf_counter()
             before = server_cpu(server.pid)
             result_json = tmp / f"saturation-{i}.json"
             cmd = [*bench, "--num-prompts", str(args.num_prompts), "--seed", str(i)]
@@ -300,6 +302,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             if i >= args.num_iters_warmup:
                 saturation.append(_latency(result))
                 after = server_cpu(server.pid)
+                phase_wall_s += time.perf_counter() - phase_start
                 timed_wall_s += result["duration_s"]
                 for key in ("api", "engine"):
                     cpu_s[key] += after.get(key, 0.0) - before.get(key, 0.0)
@@ -354,7 +357,13 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         },
         "concurrency_1": c1,
         # Share of one core over the timed saturation runs (bench serve's start-up included).
-        "saturation_cpu_share": {k: v / timed_wall_s for k, v in cpu_s.items()} if timed_wall_s else {},
+        "saturation_cpu_share": {
+            "api": cpu_s["api"] / phase_wall_s,
+            "engine": cpu_s["engine"] / phase_wall_s,
+            "client": cpu_s["client"] / timed_wall_s,
+        }
+        if timed_wall_s and phase_wall_s
+        else {},
         "served_over_offline_output_tok_s": served_tok_s / offline_tok_s,
         "served_over_offline_total_tok_s": statistics.median(r["total_tok_s"] for r in saturation)
         / offline_total_tok_s,
