@@ -184,6 +184,24 @@ class LLMEngine:
         if request_id in self.output_processor.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
+        self._queue(request_id, text, token_ids, params, arrival_time)
+
+    def add_token_ids(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
+        """`add_request` for ids whose every item is known to be an int (a decoded
+        `engine_protocol.AddRequest`, whose schema refuses anything else): no per-id type check,
+        the admission checks still run. Raises InvalidRequestError for bad input."""
+        if request_id in self.output_processor.parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self._queue(request_id, None, token_ids, params, None)
+
+    def _queue(
+        self,
+        request_id: str,
+        text: str | None,
+        token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None,
+    ) -> None:
         self._validate(token_ids, params, "prompt" if text is not None else "prompt_token_ids")
         children = []
         for i in range(params.n):

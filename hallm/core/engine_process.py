@@ -304,7 +304,7 @@ class EngineLoop:
             )
             return
         try:
-            self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+            self.engine.add_token_ids(msg.request_id, msg.prompt_token_ids, msg.params)
         except Exception as exc:  # refused: tell the API process, keep serving the others
             self._refuse(
                 msg.request_id, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"

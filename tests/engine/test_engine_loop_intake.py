@@ -133,3 +133,37 @@ def test_a_burst_over_real_sockets_all_finishes(model_dir: str) -> None:
             sock.close(linger=0)
         ctx.term()
     assert codes == [0]
+
+
+class RefusalLoop(EngineLoop):
+    """Records the loop's refusals instead of sending them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused: dict[str, str] = {}
+
+    def _refuse(self, request_id: str, error: str) -> None:
+        self.refused[request_id] = error
+
+
+def test_the_loop_admits_decoded_ids_and_refuses_what_the_model_cannot_take(model_dir: str) -> None:
+    """A decoded AddRequest holds ints only (its schema refuses a bool or a float): the loop takes
+    its ids without a per-id type check, and the admission checks still refuse ids outside the
+    vocabulary, an empty prompt and a reused request id, each by name, keeping the good ones."""
+    engine = make_engine(model_dir)
+    vocab = int(engine.config.model.hf_config.vocab_size)
+    messages = [
+        AddRequest("good", [5, 6, 7], params(2)),
+        AddRequest("past-vocab", [5, vocab], params(2)),
+        AddRequest("negative", [-1, 5], params(2)),
+        AddRequest("empty", [], params(2)),
+        AddRequest("good", [8, 9], params(2)),
+    ]
+    loop = RefusalLoop(engine, inbox=Inbox(messages), outbox=None, parent_pid=0)
+    loop._drain()
+    assert loop.live == {"good"} and engine.scheduler.num_waiting == 1
+    assert set(loop.refused) == {"past-vocab", "negative", "empty", "good"}
+    assert f"token id {vocab}, outside the vocabulary" in loop.refused["past-vocab"]
+    assert "prompt_token_ids has token id -1" in loop.refused["negative"]
+    assert "prompt_token_ids is empty" in loop.refused["empty"]
+    assert "'good' is already in use" in loop.refused["good"]
