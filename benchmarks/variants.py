@@ -28,6 +28,7 @@ VARIANTS: dict[str, str] = {
     "no-pdl": "Triton kernels launched without programmatic dependent launch",
     "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
     "mixed-graphs": "CUDA graphs of steps with prompt tokens too (16-2048 tokens), not of decode steps alone",
+    "interpreter-gc": "server processes keep the interpreter's young-collection threshold (700), any device",
 }
 
 
@@ -49,10 +50,16 @@ def apply_server(name: str) -> None:
 
 
 def apply(name: str) -> None:
-    """Make the CUDA platform of this process give the engine variant `name`."""
+    """Make this process's engine the variant `name` (through the CUDA platform, but for
+    `interpreter-gc`)."""
     if name not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     if name == "shipped":
+        return
+    if name == "interpreter-gc":
+        from hallm.core import server_gc
+
+        server_gc.YOUNG_THRESHOLD = 700
         return
     from hallm_cuda.platform import CudaPlatform
 

@@ -92,7 +92,7 @@ def run_engine_process(
     import zmq
 
     from hallm.core.engine import LLMEngine
-    from hallm.core.startup_heap import freeze_startup_heap
+    from hallm.core.server_gc import prepare_server_gc
 
     parent_pid = os.getppid()
     try:
@@ -129,7 +129,7 @@ def run_engine_process(
                 max_model_len=config.model.max_model_len,
                 stats=engine_stats(engine),
             )
-            freeze_startup_heap()
+            prepare_server_gc()
             outbox.send(encoder.encode(ready))
             code = EngineLoop(engine, inbox, outbox, parent_pid).run()
     except Exception as exc:

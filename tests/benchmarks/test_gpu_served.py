@@ -55,7 +55,7 @@ def test_gpu_served_cpu_tiny(tmp_path: Path) -> None:
     sat, c1 = rec["saturation"]["median_run"], rec["concurrency_1"]
     assert (sat["completed"], sat["failed"], sat["no_text_requests"]) == (8, 0, 0)
     assert (c1["completed"], c1["failed"], c1["no_text_requests"]) == (3, 0, 0)
-    # the API process and the engine process froze their start-up heaps (hallm.core.startup_heap)
+    # the API process and the engine process froze their start-up heaps (hallm.core.server_gc)
     server_log = (tmp_path / "served-tiny-server.log").read_text()
     assert server_log.count("start-up objects out of the cycle collector") == 2, server_log[-3000:]
     for path in ("offline", "served"):  # the engine's step timeline of each path's last run

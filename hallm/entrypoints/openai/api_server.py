@@ -208,7 +208,7 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
     import uvicorn
 
     from hallm.core.model_loader import load_tokenizer
-    from hallm.core.startup_heap import freeze_startup_heap
+    from hallm.core.server_gc import prepare_server_gc
 
     client = AsyncEngineClient(logging.getLogger("hallm").level)
     client.spawn()  # it imports the engine while this process resolves the device and the model
@@ -254,7 +254,7 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             lifespan="off",
         )
         server = uvicorn.Server(uv_config)
-        freeze_startup_heap()
+        prepare_server_gc()
         if on_started is not None:
             on_started()
         logger.info(
