@@ -27,7 +27,7 @@ VARIANTS: dict[str, str] = {
     "reference-ops": "every op-table entry the pure-torch reference",
     "no-pdl": "Triton kernels launched without programmatic dependent launch",
     "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
-    "mixed-graphs": "CUDA graphs of steps with prompt tokens too (16-2048 tokens), not of decode steps alone",
+    "decode-graphs": "CUDA graphs of decode steps alone (steps with prompt tokens run eagerly)",
     "interpreter-gc": "server processes keep the interpreter's young-collection threshold (700), any device",
 }
 
@@ -65,13 +65,13 @@ def apply(name: str) -> None:
 
     from hallm.platforms.ops import OpTable
 
-    if name == "mixed-graphs":
-        from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
+    if name == "decode-graphs":
+        from hallm.ops.torch_graphs import capture_step_graphs
 
-        def mixed(self: Any, target: Any) -> Any:
-            return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))
+        def decode_only(self: Any, target: Any) -> Any:
+            return capture_step_graphs(target)
 
-        CudaPlatform.step_graphs = mixed  # type: ignore[method-assign]
+        CudaPlatform.step_graphs = decode_only  # type: ignore[method-assign]
         return
     if name == "no-pdl":
         shipped_target = CudaPlatform.triton_target

@@ -32,8 +32,8 @@
 # g2-anatomy-ab  g2-anatomy with the sampler's torch path (variant no-temperature-sample), to pair with g2-anatomy
 # served-parse-ab  served-qwen (no py-spy) with every request body parsed on the worker pool (server
 #           variant offloaded-parse), then as shipped (small bodies parsed on the event loop)
-# mixed-graphs-ab  served-qwen (no py-spy) as shipped (steps with prompt tokens run eagerly), then
-#           with CUDA graphs of those steps too (engine variant mixed-graphs)
+# mixed-graphs-ab  served-qwen (no py-spy) with CUDA graphs of decode steps alone (engine variant
+#           decode-graphs: steps with prompt tokens run eagerly), then as shipped (graphs of both)
 # server-gc-ab  served-qwen (no py-spy) with both server processes on the interpreter's young-collection
 #           threshold (engine variant interpreter-gc), then as shipped (hallm.core.server_gc)
 # structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, row by row vs
@@ -143,7 +143,7 @@ for step in $STEPS; do
     served-parse-ab) for v in offloaded-parse shipped; do
                        run served-qwen-$v $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 8 --num-iters 3 --timeout 240 --timeline --server-variant $v
                      done ;;
-    mixed-graphs-ab) for v in shipped mixed-graphs; do
+    mixed-graphs-ab) for v in decode-graphs shipped; do
                        run served-qwen-$v $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 8 --num-iters 3 --timeout 240 --timeline --engine-variant $v
                      done ;;
     server-gc-ab) for v in interpreter-gc shipped; do

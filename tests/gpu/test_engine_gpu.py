@@ -4,10 +4,11 @@ transformers on the same weights on the same GPU (tests/gpu/run_all.sh; skipped 
 Greedy tokens are checked by teacher forcing: HF runs once over prompt + hallm's tokens, and
 every token hallm chose must be HF's argmax at that position, up to a tie tolerance (random
 weights give near-flat distributions; float32 1e-3, bf16 wider). hallm's reported logprob of each
-token is compared with HF's too. Tiny models of every native arch run in float32, eager and with
-decode CUDA graphs, and with graphs of the steps with prompt tokens too (`mixed`, which
-hallm-cuda does not capture by default yet) (gpt-oss: attention sinks in the Triton kernel, its experts in the Triton fused
-MoE); a Qwen2.5-0.5B-shaped random model runs in bf16. Tiny MoE models (Mixtral, Qwen2-MoE,
+token is compared with HF's too. Tiny models of every native arch run in float32, eager, with
+hallm-cuda's CUDA graphs (`graphs`: decode steps and steps with prompt tokens), and with decode
+graphs alone (`decode-graphs`, benchmarks/variants.py's A/B) (gpt-oss: attention sinks in the
+Triton kernel, its experts in the Triton fused MoE); a Qwen2.5-0.5B-shaped random model runs in
+bf16. Tiny MoE models (Mixtral, Qwen2-MoE,
 Qwen3-MoE, OLMoE) go through the Triton fused MoE op, a long-RoPE model through per-request
 rope factors.
 """
@@ -53,15 +54,15 @@ def _runner(llm):  # type: ignore[no-untyped-def]
     return getattr(worker, "runner", None)
 
 
-def _capture_mixed_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make this process's CUDA platform capture graphs of steps with prompt tokens too (as
-    benchmarks/variants.py `mixed-graphs` does)."""
+def _capture_decode_graphs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this process's CUDA platform capture graphs of decode steps alone (as
+    benchmarks/variants.py `decode-graphs` does)."""
     from hallm_cuda.platform import CudaPlatform
 
-    from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
+    from hallm.ops.torch_graphs import capture_step_graphs
 
     def step_graphs(self, target):  # type: ignore[no-untyped-def]
-        return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))
+        return capture_step_graphs(target)
 
     monkeypatch.setattr(CudaPlatform, "step_graphs", step_graphs)
 
@@ -140,7 +141,7 @@ def _free(llm) -> None:  # type: ignore[no-untyped-def]
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("mode", ["graphs", "mixed", "eager"])
+@pytest.mark.parametrize("mode", ["graphs", "decode-graphs", "eager"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_float32_greedy_matches_hf(
     tiny_model_dir: Callable[[str], Path], arch: str, mode: str, monkeypatch: pytest.MonkeyPatch
@@ -150,8 +151,8 @@ def test_tiny_float32_greedy_matches_hf(
     from hallm.entrypoints.llm import LLM
 
     eager = mode == "eager"
-    if mode == "mixed":
-        _capture_mixed_graphs(monkeypatch)
+    if mode == "decode-graphs":
+        _capture_decode_graphs_only(monkeypatch)
     path = tiny_model_dir(arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     llm = LLM(
@@ -183,7 +184,7 @@ def test_tiny_float32_greedy_matches_hf(
     _assert_within(summary, tie_tol=1e-3, lp_tol=1e-3)
     if not eager and arch not in GENERIC_ARCHS:
         assert graphs_on, "CUDA graphs were not captured"
-    if mode == "mixed" and arch not in GENERIC_ARCHS:
+    if mode == "graphs" and arch not in GENERIC_ARCHS:
         assert mixed_replays[0] > 0, "no step with prompt tokens replayed a mixed CUDA graph"
 
 
@@ -216,7 +217,7 @@ def _qwen_05b_dir(tmp: Path) -> Path:
     return tmp
 
 
-@pytest.mark.parametrize("mode", ["graphs", "mixed"])
+@pytest.mark.parametrize("mode", ["graphs", "decode-graphs"])
 def test_qwen_05b_shaped_bf16_greedy_matches_hf(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,8 +225,8 @@ def test_qwen_05b_shaped_bf16_greedy_matches_hf(
 
     from hallm.entrypoints.llm import LLM
 
-    if mode == "mixed":
-        _capture_mixed_graphs(monkeypatch)
+    if mode == "decode-graphs":
+        _capture_decode_graphs_only(monkeypatch)
 
     path = _qwen_05b_dir(tmp_path / "qwen05b")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
@@ -244,5 +245,5 @@ def test_qwen_05b_shaped_bf16_greedy_matches_hf(
     _free(llm)
     _assert_within(summary, tie_tol=0.15, lp_tol=0.15)
     assert summary["graphs"], "CUDA graphs were not captured"
-    if mode == "mixed":
+    if mode == "graphs":
         assert mixed_replays[0] > 0, "no step with prompt tokens replayed a mixed CUDA graph"

@@ -187,11 +187,13 @@ class CudaPlatform(TorchCudaRuntime, Platform):
         return True
 
     def step_graphs(self, target: StepGraphTarget) -> StepGraphRunner | None:
-        """CUDA graphs of decode steps by padded batch size (see `hallm.ops.torch_graphs`).
+        """CUDA graphs of decode steps by padded batch size, and of steps with prompt tokens by
+        padded token count up to 2,048 (see `hallm.ops.torch_graphs`).
 
-        Steps with prompt tokens run eagerly: the runner's mixed graphs (`mixed_sizes`) are
-        verified on CPU stand-ins and Triton's interpreter only, and turn on here once a GPU run
-        has checked them against HF and measured them (benchmarks/variants.py `mixed-graphs`)."""
-        from hallm.ops.torch_graphs import capture_step_graphs
+        A prompt step run eagerly is host-bound on small models (one launch per op and layer);
+        graphed, a lone 1,024-token prefill of Qwen2.5-0.5B took its time to first token from
+        18.2 to 6.5 ms on an H100 at equal served throughput (benchmarks/results/gpu.md run 22;
+        the A/B is benchmarks/variants.py `decode-graphs`)."""
+        from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
 
-        return capture_step_graphs(target)
+        return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))
