@@ -4,11 +4,23 @@ Engine gauges (running/waiting sequences, KV-cache usage and free blocks, prefix
 come from the stats the engine process sends with every step and whenever it goes idle; latency
 histograms and token counters are recorded in the API process as outputs arrive. Each server has
 its own registry, so several servers (tests) can live in one process.
+
+The token counters and latency histograms are updated for every streamed chunk of every request
+(hundreds of thousands of times a second at saturation), so they are plain Python numbers
+(`LocalHistogram`, `StreamCounters`) that a collector turns into Prometheus families when
+`/metrics` is scraped: prometheus_client's own take a lock per update and a histogram observes one
+value at a time, where a chunk of n tokens is n observations of one inter-token time. Everything
+here is written and read on the server's event loop thread alone.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+import math
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from hallm.core.engine_protocol import EngineStats
 
@@ -90,6 +102,55 @@ KV_CONNECTOR_COUNTERS = {
 }
 
 
+class LocalHistogram:
+    """Prometheus histogram counts without a lock; `observe(value, n)` adds n observations of
+    `value` at once. Bucket bounds are upper bounds, inclusive, as Prometheus' `le`."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    def family(self, name: str, doc: str, label: str) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=["model_name"])
+        buckets, cumulative = [], 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
+        family.add_metric([label], buckets, sum_value=self.sum)
+        return family
+
+
+class StreamCounters:
+    """The per-chunk token metrics of one server, exported by `collect()` at scrape time."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = LocalHistogram(_TTFT_BUCKETS)
+        self.tpot = LocalHistogram(_TPOT_BUCKETS)
+        self.e2e = LocalHistogram(_E2E_BUCKETS)
+
+    def collect(self) -> Iterator[Metric]:
+        label = self.model_name
+        prompt = CounterMetricFamily("hallm:prompt_tokens", "Prompt tokens prefilled.", labels=["model_name"])
+        prompt.add_metric([label], self.prompt_tokens)
+        generated = CounterMetricFamily("hallm:generation_tokens", "Tokens generated.", labels=["model_name"])
+        generated.add_metric([label], self.generation_tokens)
+        yield prompt
+        yield generated
+        yield self.ttft.family("hallm:time_to_first_token_seconds", "Time to first token.", label)
+        yield self.tpot.family(
+            "hallm:time_per_output_token_seconds", "Time between output tokens (inter-token latency).", label
+        )
+        yield self.e2e.family("hallm:e2e_request_latency_seconds", "End-to-end latency of a sequence.", label)
+
+
 class ServerMetrics:
     """The server's metrics; `model_name` is the `model_name` label of every series."""
 
@@ -137,39 +198,14 @@ class ServerMetrics:
             kv_labels,
             registry=r,
         )
-        self._prompt_tokens = Counter(
-            "hallm:prompt_tokens", "Prompt tokens prefilled.", labels, registry=r
-        ).labels(**lab)
-        self._generation_tokens = Counter(
-            "hallm:generation_tokens", "Tokens generated.", labels, registry=r
-        ).labels(**lab)
         self._success = Counter(
             "hallm:request_success",
             "Sequences finished, by finish reason.",
             [*labels, "finished_reason"],
             registry=r,
         )
-        self._ttft = Histogram(
-            "hallm:time_to_first_token_seconds",
-            "Time to first token.",
-            labels,
-            buckets=_TTFT_BUCKETS,
-            registry=r,
-        ).labels(**lab)
-        self._tpot = Histogram(
-            "hallm:time_per_output_token_seconds",
-            "Time between output tokens (inter-token latency).",
-            labels,
-            buckets=_TPOT_BUCKETS,
-            registry=r,
-        ).labels(**lab)
-        self._e2e = Histogram(
-            "hallm:e2e_request_latency_seconds",
-            "End-to-end latency of a sequence.",
-            labels,
-            buckets=_E2E_BUCKETS,
-            registry=r,
-        ).labels(**lab)
+        self.stream = StreamCounters(model_name)
+        r.register(self.stream)
 
     def engine_stats(self, s: EngineStats) -> None:
         """Update the engine gauges from a stats snapshot."""
@@ -194,20 +230,20 @@ class ServerMetrics:
                 self._kv_offload_hit_rate.labels(**lab, connector=s.kv_connector).set(rate)
 
     def first_token(self, ttft: float, num_prompt_tokens: int) -> None:
-        self._ttft.observe(ttft)
-        self._prompt_tokens.inc(num_prompt_tokens)
-        self._generation_tokens.inc(1)
+        stream = self.stream
+        stream.ttft.observe(ttft)
+        stream.prompt_tokens += num_prompt_tokens
+        stream.generation_tokens += 1
 
     def tokens(self, n: int, interval: float) -> None:
-        """`n` more tokens arrived `interval` seconds after the previous ones."""
-        self._generation_tokens.inc(n)
-        per_token = interval / n
-        for _ in range(n):
-            self._tpot.observe(per_token)
+        """`n` more tokens arrived `interval` seconds after the previous ones (each of them
+        counts as one inter-token time of interval / n)."""
+        self.stream.generation_tokens += n
+        self.stream.tpot.observe(interval / n, n)
 
     def finished(self, finish_reason: str, e2e: float) -> None:
         self._success.labels(**self._label, finished_reason=finish_reason).inc()
-        self._e2e.observe(e2e)
+        self.stream.e2e.observe(e2e)
 
     def render(self) -> bytes:
         """The text exposition format."""
