@@ -208,7 +208,7 @@ def one_run(args: argparse.Namespace, tmp: Path, variant: str, seed: int, spy: b
     """Start the server (variant `variant`) with a fresh stand-in, run the burst, stop it; the
     run's numbers (the stand-in reports its arrivals when it is shut down)."""
     from benchmarks.gpu_common import model_config
-    from benchmarks.gpu_served import _free_port, _stop_group, start_server
+    from benchmarks.gpu_served import _free_port, _log_tail, _stop_group, start_server
     from benchmarks.server_processes import cpu_seconds, start_py_spy, stop_py_spy
 
     vocab = int(model_config("qwen2.5-0.5b").vocab_size)
@@ -247,6 +247,11 @@ def one_run(args: argparse.Namespace, tmp: Path, variant: str, seed: int, spy: b
     gc_stats = json.loads(gc_path.read_text())
     standin = json.loads(stats_path.read_text())
     arrivals = standin["arrivals"][1:]  # the first is the client's warm-up request
+    if len(arrivals) != args.num_prompts:
+        raise SystemExit(
+            f"the stand-in engine received {len(arrivals)} of {args.num_prompts} requests; the "
+            f"server's log ends:\n{_log_tail(tmp / f'server-{seed}.log')}"
+        )
     return {
         "requests_arrived": len(arrivals),
         "api_cpu_us": 1e6 * api_cpu / args.num_prompts,

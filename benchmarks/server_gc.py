@@ -14,7 +14,7 @@ way the engine process does (`step_deltas`). Variants:
 
 Printed per variant (median over rounds): collections of each generation and their CPU time
 (`gc.callbacks`, thread CPU time), the slowest step and the steps' median wall time. The API
-process's side is `benchmarks/api_process.py --server-variant interpreter-gc`.
+process's side is `benchmarks/api_process.py --variants shipped,interpreter-gc`.
 """
 
 from __future__ import annotations

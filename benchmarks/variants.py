@@ -28,7 +28,7 @@ VARIANTS: dict[str, str] = {
     "no-pdl": "Triton kernels launched without programmatic dependent launch",
     "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
     "decode-graphs": "CUDA graphs of decode steps alone (steps with prompt tokens run eagerly)",
-    "interpreter-gc": "server processes keep the interpreter's young-collection threshold (700), any device",
+    "interpreter-gc": "server processes keep the interpreter's young-collection threshold, any device",
 }
 
 
@@ -57,9 +57,11 @@ def apply(name: str) -> None:
     if name == "shipped":
         return
     if name == "interpreter-gc":
+        import gc
+
         from hallm.core import server_gc
 
-        server_gc.YOUNG_THRESHOLD = 700
+        server_gc.YOUNG_THRESHOLD = gc.get_threshold()[0]  # this interpreter's, unchanged so far
         return
     from hallm_cuda.platform import CudaPlatform
 

@@ -175,7 +175,7 @@ class ModelRunner:
             self.graphs = None
             return
         if not self.model_graph_safe:
-            logger.info("decode graphs off: %s reads device values on the host", type(self.model).__name__)
+            logger.info("step graphs off: %s reads device values on the host", type(self.model).__name__)
             self.graphs = None
             return
         self.graphs = self.platform.step_graphs(self)

@@ -8,11 +8,11 @@ interpreter's default collector stall it under load:
 
 - A full (oldest-generation) collection walks every live object. `gc.freeze()` after start-up
   moves the start-up heap into the permanent generation, which collections skip.
-- The youngest generation is collected whenever allocations outnumber deallocations by 700. One
-  serving step allocates more than that before it frees it (a step's deltas and output objects,
-  the API process's chunks for a few hundred streams), so a young collection ran on nearly every
-  step and, while a burst of requests grew the heap, a full one every hundred young ones
-  (`benchmarks/server_gc.py`). `YOUNG_THRESHOLD` puts a step's transient objects under the
+- The youngest generation is collected whenever allocations outnumber deallocations by 700 (in
+  CPython before 3.14). One serving step allocates more than that before it frees it (a step's
+  deltas and output objects, the API process's chunks for a few hundred streams), so a young
+  collection ran on nearly every step and, while a burst of requests grew the heap, a full one
+  every hundred young ones (`benchmarks/server_gc.py`, `benchmarks/api_process.py`). `YOUNG_THRESHOLD` puts a step's transient objects under the
   trigger; unreachable cycles are still collected, after more allocations.
 
 Not for the offline `LLM`: it lives in the user's process, whose heap and collector are the user's.
@@ -25,7 +25,7 @@ import logging
 
 logger = logging.getLogger("hallm.server_gc")
 
-#: Net new container objects that trigger a young collection (the interpreter's default: 700).
+#: Net new container objects that trigger a young collection (CPython's default: 700 before 3.14).
 YOUNG_THRESHOLD = 50_000
 
 

@@ -95,6 +95,15 @@ def capture_step_graphs(
         try:
             mixed = MixedGraphs(target, mixed_sizes, pool)
         except Exception as exc:  # e.g. out of memory: prompt steps stay eager, as before
+            if _distributed():
+                # Every tensor-parallel rank must take the same path (graphed steps run T padded
+                # tokens through the collectives, eager ones t): one rank falling back alone
+                # would hang or corrupt the others' all-reduces.
+                raise RuntimeError(
+                    f"capturing the graphs of steps with prompt tokens failed on this rank "
+                    f"({type(exc).__name__}: {exc}). Lower --gpu-memory-utilization to leave them "
+                    "room, or run with --enforce-eager."
+                ) from exc
             logger.warning(
                 "capturing the graphs of steps with prompt tokens failed (%s: %s); those steps run "
                 "eagerly. A lower --gpu-memory-utilization leaves their graphs room.",
@@ -116,6 +125,15 @@ def capture_step_graphs(
 def capture_decode_graphs(target: StepGraphTarget, sizes: list[int] | None = None) -> StepGraphs | None:
     """Decode graphs only (`capture_step_graphs` without mixed graphs)."""
     return capture_step_graphs(target, sizes)
+
+
+def _distributed() -> bool:
+    """True in a process group of more than one rank (tensor parallelism)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
+    )
 
 
 def _new_pool() -> Any:

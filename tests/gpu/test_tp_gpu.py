@@ -1,7 +1,7 @@
 """Tensor parallelism on two GPUs (NCCL): TP=2 on the mp and ray executors against HF transformers
 on the same weights (tests/gpu/run_all.sh tp-greedy; skipped without two NVIDIA GPUs); and the mp
 executor's one-rank path on one GPU (a worker process, async scheduling across the process
-boundary, decode graphs in the worker).
+boundary, step graphs in the worker).
 
 The check is the single-GPU greedy test's (tests/gpu/test_engine_gpu.py): HF teacher-forces
 prompt + hallm's tokens once, and every token hallm chose must be HF's argmax up to the bf16 tie

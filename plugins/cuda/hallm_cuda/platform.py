@@ -61,7 +61,7 @@ def device_count() -> int:
 
 
 class CudaPlatform(TorchCudaRuntime, Platform):
-    """NVIDIA GPUs: bf16 (sm_80+), fp16, fp32; Triton paged attention; CUDA graphs for decode."""
+    """NVIDIA GPUs: bf16 (sm_80+), fp16, fp32; Triton paged attention; CUDA graphs of steps."""
 
     name: ClassVar[str] = "cuda"
     device_type: ClassVar[str] = "cuda"
@@ -138,9 +138,9 @@ class CudaPlatform(TorchCudaRuntime, Platform):
         return self._backends
 
     def default_max_num_batched_tokens(self, max_model_len: int) -> int:
-        """8192 tokens a step whatever the context length: a prompt step runs eagerly, a Triton or
-        cuBLAS launch per op per layer, so its host time is large and mostly fixed; with small
-        steps the GPU waits for the host (the measured budgets: benchmarks/gpu_step_budget.py,
+        """8192 tokens a step whatever the context length: a prompt step past the largest graph
+        (2,048 tokens) runs eagerly, a Triton or cuBLAS launch per op per layer, so its host time
+        is large and mostly fixed; with small steps the GPU waits for the host (the measured budgets: benchmarks/gpu_step_budget.py,
         benchmarks/results/gpu.md)."""
         return 8192
 

@@ -245,3 +245,19 @@ def test_a_failing_mixed_capture_leaves_decode_graphs_and_eager_prompt_steps(
     assert graphs is not None and graphs.mixed is None and graphs.decode.sizes == [1, 2]
     assert "OutOfMemoryError: no memory left for a 64-token step" in caplog.text
     assert not graphs.can_replay(SimpleNamespace(num_reqs=2, num_tokens=9, num_prefill_reqs=1))
+
+
+def test_a_failing_mixed_capture_under_tensor_parallelism_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks must agree: one rank falling back to eager prompt steps alone would run t tokens
+    through the all-reduces where the others run T."""
+    import hallm.ops.torch_graphs as graphs_mod
+
+    class OutOfMemoryMixed(RerunMixed):
+        def _capture(self, size: int, pool: Any) -> None:
+            raise torch.cuda.OutOfMemoryError("no memory left for a 64-token step")
+
+    monkeypatch.setattr(graphs_mod, "DecodeGraphs", RerunGraphs)
+    monkeypatch.setattr(graphs_mod, "MixedGraphs", OutOfMemoryMixed)
+    monkeypatch.setattr(graphs_mod, "_distributed", lambda: True)
+    with pytest.raises(RuntimeError, match=r"on this rank.*OutOfMemoryError.*--gpu-memory-utilization"):
+        graphs_mod.capture_step_graphs(MixedTarget(), [1, 2], mixed_sizes=[16, 64])
