@@ -16,6 +16,7 @@ output length; for /v1/chat/completions random common words (about one token eac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -190,10 +191,36 @@ _decode_json = msgspec.json.Decoder().decode
 _JSON = {"Content-Type": "application/json"}
 
 
+def env_route(url: str, api_key: str | None) -> dict[str, Any]:
+    """The proxy (HTTP(S)_PROXY, NO_PROXY) and ~/.netrc credentials aiohttp's `trust_env` would
+    use for `url`, looked up once, as keyword arguments of `session.post`.
+
+    With `trust_env` aiohttp reads the environment and parses ~/.netrc again for every request,
+    twice on a worker thread; under a burst of a thousand requests those hops through the thread
+    pool made the client, not the server, what paced the requests' arrival."""
+    from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
+    from yarl import URL
+
+    target = URL(url)
+    route: dict[str, Any] = {}
+    with contextlib.suppress(LookupError):
+        route["proxy"], route["proxy_auth"] = get_env_proxy_for_url(target)
+    if api_key is None and target.host is not None:  # an Authorization header excludes `auth`
+        with contextlib.suppress(LookupError):
+            route["auth"] = basicauth_from_netrc(netrc_from_env(), target.host)
+    return route
+
+
 async def _one(
-    session: Any, url: str, body: dict[str, Any], chat: bool, raw: bytes | None = None
+    session: Any,
+    url: str,
+    body: dict[str, Any],
+    chat: bool,
+    raw: bytes | None = None,
+    route: dict[str, Any] | None = None,
 ) -> RequestResult:
-    """One streamed request; `raw` is `body` encoded beforehand (else aiohttp encodes it here)."""
+    """One streamed request; `raw` is `body` encoded beforehand (else aiohttp encodes it here);
+    `route` from `env_route`."""
     start = time.perf_counter()
     ttft = 0.0
     first_chunk: float | None = None
@@ -203,7 +230,12 @@ async def _one(
     prompt_tokens = len(body.get("prompt", []))
     output_tokens: int | None = None
     try:
-        post = session.post(url, json=body) if raw is None else session.post(url, data=raw, headers=_JSON)
+        route = route or {}
+        post = (
+            session.post(url, json=body, **route)
+            if raw is None
+            else session.post(url, data=raw, headers=_JSON, **route)
+        )
         async with post as resp:
             if resp.status != 200:
                 text = (await resp.read()).decode(errors="replace")
@@ -256,17 +288,18 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
         headers=headers,
         timeout=timeout,
         connector=connector,
-        trust_env=True,  # HTTP(S)_PROXY, NO_PROXY
+        trust_env=False,  # the environment's proxy and netrc are looked up once: env_route
     ) as session:
+        route = env_route(base, cfg.api_key or None)
         model = cfg.model
         if model is None:
-            async with session.get(f"{base}/models") as resp:
+            async with session.get(f"{base}/models", **route) as resp:
                 resp.raise_for_status()
                 model = (await resp.json())["data"][0]["id"]
         chat = cfg.endpoint == "chat"
         url = f"{base}/chat/completions" if chat else f"{base}/completions"
         payloads = make_payloads(cfg, model)
-        warm = await _one(session, url, {**payloads[0], "max_tokens": 2}, chat)
+        warm = await _one(session, url, {**payloads[0], "max_tokens": 2}, chat, route=route)
         if not warm.ok:
             raise RuntimeError(f"the warm-up request failed: {warm.error}")
 
@@ -275,7 +308,7 @@ async def run_benchmark(cfg: ServeBenchConfig) -> ServeBenchResult:
 
         async def limited(body: dict[str, Any], raw: bytes) -> RequestResult:
             async with semaphore:
-                return await _one(session, url, body, chat, raw)
+                return await _one(session, url, body, chat, raw, route)
 
         # Encoded before the clock starts: the client's JSON work is not the server's.
         raws = [msgspec.json.encode(body) for body in payloads]

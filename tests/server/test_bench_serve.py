@@ -152,3 +152,31 @@ def test_bench_serve_text_with_unicode_line_separators() -> None:
     result = asyncio.run(go())
     assert result.ok, result.error  # type: ignore[attr-defined]
     assert result.output_tokens == 4 and len(result.itl) == 3  # type: ignore[attr-defined]
+
+
+def test_env_route_reads_proxy_and_netrc_once_as_trust_env_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client looks up the environment's proxy and ~/.netrc once (aiohttp's `trust_env` did
+    it on a worker thread for every request); the decisions are trust_env's."""
+    from hallm.benchmarks.serve import env_route
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine bench.example login alice password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+
+    assert env_route("http://other.example:8000/v1", None) == {}
+    route = env_route("http://bench.example:8000/v1", None)
+    assert (route["auth"].login, route["auth"].password) == ("alice", "s3cret")
+    assert "auth" not in env_route("http://bench.example:8000/v1", "key")  # the API key's header wins
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    route = env_route("http://other.example:8000/v1", None)
+    assert str(route["proxy"]) == "http://proxy.example:3128" and route["proxy_auth"] is None
+    monkeypatch.setenv("NO_PROXY", "other.example")
+    assert "proxy" not in env_route("http://other.example:8000/v1", None)
