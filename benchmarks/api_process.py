@@ -150,32 +150,27 @@ def count_gc(path: str) -> None:
     import gc
 
     import hallm.core.server_gc as server_gc
+    from benchmarks.server_gc import Collections
 
-    counts, cpu_s, started = [0, 0, 0], [0.0, 0.0, 0.0], [0.0]
+    collections = Collections()
     prepare = server_gc.prepare_server_gc
-    serving = [False]
 
     def prepare_then_count() -> int:
         frozen = prepare()
-        serving[0] = True
+        gc.callbacks.append(collections)
         return frozen
 
     server_gc.prepare_server_gc = prepare_then_count
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if not serving[0]:
-            return
-        if phase == "start":
-            started[0] = time.thread_time()
-        else:
-            counts[info["generation"]] += 1
-            cpu_s[info["generation"]] += time.thread_time() - started[0]
-
     def write() -> None:
+        record = {
+            "collections": collections.counts,
+            "cpu_s": collections.cpu_s,
+            "threshold": gc.get_threshold(),
+        }
         with open(path, "w") as f:
-            json.dump({"collections": counts, "cpu_s": cpu_s, "threshold": gc.get_threshold()}, f)
+            json.dump(record, f)
 
-    gc.callbacks.append(on_gc)
     atexit.register(write)
 
 

@@ -24,6 +24,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,11 +32,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 VARIANTS = ("interpreter", "shipped")
 
 
+class Collections:
+    """A `gc.callbacks` entry: this process's cycle collections and their thread CPU time, by
+    generation."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.cpu_s = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            self.counts[info["generation"]] += 1
+            self.cpu_s[info["generation"]] += time.thread_time() - self._started
+
+
 def child(variant: str, requests: int, prompt_tokens: int, steps: int) -> dict[str, object]:
     import gc
     import random
     import tempfile
-    import time
 
     from benchmarks.gpu_common import write_model_dir
     from hallm.core.engine import LLMEngine
@@ -62,16 +79,8 @@ def child(variant: str, requests: int, prompt_tokens: int, steps: int) -> dict[s
     else:
         gc.collect()
         gc.freeze()
-    counts, cpu_s, started = [0, 0, 0], [0.0, 0.0, 0.0], [0.0]
-
-    def on_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[0] = time.thread_time()
-        else:
-            counts[info["generation"]] += 1
-            cpu_s[info["generation"]] += time.thread_time() - started[0]
-
-    gc.callbacks.append(on_gc)
+    collections = Collections()
+    gc.callbacks.append(collections)
     params = SamplingParams(temperature=1.0, max_tokens=128, ignore_eos=True, detokenize=False)
     for i, prompt in enumerate(prompts):
         engine.add_token_ids(f"r{i}", prompt, params)
@@ -83,10 +92,10 @@ def child(variant: str, requests: int, prompt_tokens: int, steps: int) -> dict[s
         start = time.perf_counter()
         engine.step_deltas()
         step_s.append(time.perf_counter() - start)
-    gc.callbacks.remove(on_gc)
+    gc.callbacks.remove(collections)
     return {
-        "collections": counts,
-        "gc_cpu_ms": [round(1000 * s, 1) for s in cpu_s],
+        "collections": collections.counts,
+        "gc_cpu_ms": [round(1000 * s, 1) for s in collections.cpu_s],
         "max_step_ms": 1000 * max(step_s),
         "median_step_ms": 1000 * statistics.median(step_s),
         "steps": len(step_s),

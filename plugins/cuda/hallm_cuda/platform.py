@@ -190,10 +190,10 @@ class CudaPlatform(TorchCudaRuntime, Platform):
         """CUDA graphs of decode steps by padded batch size, and of steps with prompt tokens by
         padded token count up to 2,048 (see `hallm.ops.torch_graphs`).
 
-        A prompt step run eagerly is host-bound on small models (one launch per op and layer);
-        graphed, a lone 1,024-token prefill of Qwen2.5-0.5B took its time to first token from
-        18.2 to 6.5 ms on an H100 at equal served throughput (benchmarks/results/gpu.md run 22;
-        the A/B is benchmarks/variants.py `decode-graphs`)."""
+        A prompt step run eagerly is host-bound on small models (one launch per op and layer), so
+        graphing it shortens a lone request's time to first token; saturated prompt steps are
+        past the largest graph and run eagerly either way. The A/B is benchmarks/variants.py
+        `decode-graphs`; its numbers are in benchmarks/results/gpu.md."""
         from hallm.ops.torch_graphs import capture_step_graphs, mixed_capture_sizes
 
         return capture_step_graphs(target, mixed_sizes=mixed_capture_sizes(target.max_num_tokens))
