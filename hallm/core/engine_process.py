@@ -2,8 +2,11 @@
 
 The API process builds the `EngineConfig` once (so the device is resolved there) and starts
 `run_engine_process` in a spawned child, which builds an `LLMEngine` from that plain data and
-never probes a device again. The two talk over two ZMQ PUSH/PULL sockets with the msgspec
-messages of `hallm.core.engine_protocol`.
+never probes a device again. The two talk over ZMQ PUSH/PULL sockets with the msgspec messages
+of `hallm.core.engine_protocol`. With several API server processes (`--api-server-count`) every
+one of them has its own pair: the engine's one inbox is connected to each of their request
+sockets (ZMQ queues them fairly), and it has one outbox per API server. A request's deltas go to
+the API server that sent it (`AddRequest.client`); stats, readiness and failures go to all.
 
 The child does no text work at all: it receives token ids and sends, after every step, the new
 token ids (and logprobs) of each request it touched, plus the engine's stats. Tokenization, chat
@@ -74,8 +77,8 @@ class TokenIdsOnly:
 
 def run_engine_process(
     config_conn: Any,
-    input_address: str,
-    output_address: str,
+    input_addresses: Sequence[str],
+    output_addresses: Sequence[str],
     log_level: int = logging.INFO,
 ) -> None:
     """Entry point of the engine process (the target of a spawned `multiprocessing.Process`).
@@ -83,6 +86,7 @@ def run_engine_process(
     The process starts importing the engine (torch, transformers, ...) at once, while the API
     process builds the config; it then receives `(config, eos_token_ids)` on `config_conn` (a
     multiprocessing pipe from its parent; `None` means "exit") and builds the engine.
+    `input_addresses[i]` / `output_addresses[i]` are API server i's request and output sockets.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the API process, which stops us
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -105,19 +109,29 @@ def run_engine_process(
     config, eos_token_ids = received
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
-    inbox.connect(input_address)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.LINGER, 2000)
-    outbox.setsockopt(zmq.SNDHWM, 0)
-    outbox.connect(output_address)
+    for address in input_addresses:
+        inbox.connect(address)
+    outboxes = []
+    for address in output_addresses:
+        outbox = ctx.socket(zmq.PUSH)
+        outbox.setsockopt(zmq.LINGER, 2000)
+        outbox.setsockopt(zmq.SNDHWM, 0)
+        outbox.connect(address)
+        outboxes.append(outbox)
     encoder = make_encoder()
+
+    def send_all(message: Any) -> None:
+        data = encoder.encode(message)
+        for outbox in outboxes:
+            outbox.send(data)
+
     code = 1
     try:
         try:
             engine = LLMEngine(config, TokenIdsOnly(eos_token_ids))
         except Exception as exc:
             logger.exception("the engine failed to start")
-            outbox.send(encoder.encode(StartupFailed(f"{type(exc).__name__}: {exc}")))
+            send_all(StartupFailed(f"{type(exc).__name__}: {exc}"))
             engine = None
         if engine is not None:
             kv = engine.scheduler.kv
@@ -130,14 +144,15 @@ def run_engine_process(
                 stats=engine_stats(engine),
             )
             prepare_server_gc()
-            outbox.send(encoder.encode(ready))
-            code = EngineLoop(engine, inbox, outbox, parent_pid).run()
+            send_all(ready)
+            code = EngineLoop(engine, inbox, outboxes, parent_pid).run()
     except Exception as exc:
         logger.exception("the engine process failed")
-        outbox.send(encoder.encode(EngineFailed(f"{type(exc).__name__}: {exc}")))
+        send_all(EngineFailed(f"{type(exc).__name__}: {exc}"))
     finally:
         inbox.close(linger=0)
-        outbox.close()
+        for outbox in outboxes:
+            outbox.close()
         ctx.term()
     sys.exit(code)
 
@@ -171,16 +186,21 @@ def engine_stats(engine: Any, num_aborted: int = 0) -> EngineStats:
 
 
 class EngineLoop:
-    """Drain the inbox, run a step, send what changed; block on the inbox only when idle."""
+    """Drain the inbox, run a step, send what changed; block on the inbox only when idle.
 
-    def __init__(self, engine: Any, inbox: Any, outbox: Any, parent_pid: int) -> None:
+    `outboxes[i]` is API server i's output socket; with one, every message goes there whole.
+    """
+
+    def __init__(self, engine: Any, inbox: Any, outboxes: Sequence[Any], parent_pid: int) -> None:
         self.engine = engine
         self.inbox = inbox
-        self.outbox = outbox
+        self.outboxes = list(outboxes)
         self.parent_pid = parent_pid
         self.encoder = make_encoder()
         self.decoder = request_decoder()
         self.live: set[str] = set()  # ids of the requests queued and not yet finished
+        #: request id -> the API server that sent it, with several of them
+        self.owner: dict[str, int] = {}
         self.num_aborted = 0
         self.stopping = False
 
@@ -196,7 +216,7 @@ class EngineLoop:
             if not busy:
                 stats = engine_stats(self.engine, self.num_aborted)
                 if stats != last_stats:  # e.g. blocks freed by aborts: report them while idle
-                    self._send(StepOutputs([], stats))
+                    self._send_all(StepOutputs([], stats))
                     last_stats = stats
             if poller.poll(0 if busy else _IDLE_POLL_MS):
                 self._drain(MAX_MESSAGES_PER_STEP)  # what is left makes the next poll return at once
@@ -221,14 +241,14 @@ class EngineLoop:
                 message = self.step_message()
             except Exception as exc:
                 logger.exception("engine step failed")
-                self._send(EngineFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
+                self._send_all(EngineFailed(f"engine step failed: {type(exc).__name__}: {exc}"))
                 try:  # stop the workers now (tensor-parallel ranks, Ray actors), not at exit
                     self.engine.shutdown()
                 except Exception:
                     logger.exception("shutting down after the failed step")
                 return 1
             last_stats = message.stats
-            self._send(message)
+            self._send_outputs(message)
 
     def step_message(self) -> StepOutputs:
         """Run one engine step; the message that reports it to the API process."""
@@ -238,12 +258,31 @@ class EngineLoop:
                 self.live.discard(delta.request_id)
         return StepOutputs(deltas, engine_stats(self.engine, self.num_aborted))
 
-    def _send(self, message: Any) -> None:
+    def _send_outputs(self, message: StepOutputs) -> None:
+        """A step's deltas, each to the API server that owns its request, the stats to all."""
+        if len(self.outboxes) == 1:
+            self._send(0, message)
+            return
+        routed: list[list[RequestDelta]] = [[] for _ in self.outboxes]
+        owner = self.owner
+        for delta in message.outputs:
+            client = owner.get(delta.request_id, 0)
+            if delta.finish_reason is not None:
+                owner.pop(delta.request_id, None)
+            routed[client].append(delta)
+        for client, deltas in enumerate(routed):
+            self._send(client, StepOutputs(deltas, message.stats))
+
+    def _send_all(self, message: Any) -> None:
+        for client in range(len(self.outboxes)):
+            self._send(client, message)
+
+    def _send(self, client: int, message: Any) -> None:
         import zmq
 
         try:
-            self.outbox.send(self.encoder.encode(message), zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # no API process connected any more (unbounded queue otherwise)
+            self.outboxes[client].send(self.encoder.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # an API server is gone (unbounded queue otherwise): the server stops
             self.stopping = True
 
     def _drain(self, limit: int | None = None) -> None:
@@ -272,6 +311,7 @@ class EngineLoop:
         if aborts:
             self.engine.abort_request(aborts)
             for rid in aborts:
+                self.owner.pop(rid, None)
                 if rid in self.live:
                     self.live.discard(rid)
                     self.num_aborted += 1
@@ -290,30 +330,46 @@ class EngineLoop:
             and fields[0] == "AddRequest"
             and isinstance(fields[1], str)
         ):
-            self._refuse(fields[1], f"the engine could not decode the request: {exc}")
+            # Which API server sent it is not known: all are told (the others ignore the id).
+            self._refuse(fields[1], f"the engine could not decode the request: {exc}", None)
 
-    def _refuse(self, request_id: str, error: str) -> None:
+    def _refuse(self, request_id: str, error: str, client: int | None) -> None:
         stats = engine_stats(self.engine, self.num_aborted)
-        self._send(StepOutputs([RequestDelta(request_id, [], finish_reason="abort", error=error)], stats))
+        message = StepOutputs([RequestDelta(request_id, [], finish_reason="abort", error=error)], stats)
+        if client is None:
+            self._send_all(message)
+        elif 0 <= client < len(self.outboxes):
+            self._send(client, message)
 
     def _add(self, msg: AddRequest) -> None:
+        if not 0 <= msg.client < len(self.outboxes):  # a bug in an API process: nowhere to answer
+            logger.error(
+                "request %r names API server %d of %d", msg.request_id, msg.client, len(self.outboxes)
+            )
+            return
         if msg.params.n != 1:  # the API process queues each of n samples as a request of its own
             self._refuse(
                 msg.request_id,
                 f"the engine process takes one sequence per request (n=1), got n={msg.params.n}",
+                msg.client,
             )
             return
         try:
             self.engine.add_token_ids(msg.request_id, msg.prompt_token_ids, msg.params)
         except Exception as exc:  # refused: tell the API process, keep serving the others
             self._refuse(
-                msg.request_id, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                msg.request_id,
+                str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}",
+                msg.client,
             )
             return
         self.live.add(msg.request_id)
+        if len(self.outboxes) > 1:
+            self.owner[msg.request_id] = msg.client
 
     def _shutdown(self) -> None:
         if self.live:
             self.engine.abort_request(list(self.live))
             self.live.clear()
+            self.owner.clear()
         self.engine.shutdown()

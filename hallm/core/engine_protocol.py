@@ -19,11 +19,13 @@ from hallm.core.sampling_params import SamplingParams
 
 
 class AddRequest(msgspec.Struct, tag=True, array_like=True):
-    """Queue one sequence (n=1): prompt token ids and the engine-side sampling parameters."""
+    """Queue one sequence (n=1): prompt token ids and the engine-side sampling parameters;
+    `client` is the index of the API server that sends it (its outputs go back there)."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    client: int = 0
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):

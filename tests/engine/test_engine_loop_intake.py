@@ -65,7 +65,7 @@ def test_a_busy_loop_takes_a_bounded_batch_in_order(model_dir: str) -> None:
     n = MAX_MESSAGES_PER_STEP + 36
     messages: list[Any] = [AddRequest(f"r{i}", [5 + i % 50, 6, 7], params(2)) for i in range(n)]
     messages.append(AbortRequests([f"r{n - 1}"]))  # after its request: applied with it, in order
-    loop = EngineLoop(make_engine(model_dir), inbox=Inbox(messages), outbox=None, parent_pid=0)
+    loop = EngineLoop(make_engine(model_dir), inbox=Inbox(messages), outboxes=[None], parent_pid=0)
     loop._drain(MAX_MESSAGES_PER_STEP)
     assert loop.live == {f"r{i}" for i in range(MAX_MESSAGES_PER_STEP)}
     loop._drain(MAX_MESSAGES_PER_STEP)
@@ -99,7 +99,7 @@ def test_a_burst_over_real_sockets_all_finishes(model_dir: str) -> None:
     outbox, outputs = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     outputs.bind("inproc://outputs")
     outbox.connect("inproc://outputs")
-    loop = CountingLoop(make_engine(model_dir), inbox, outbox, parent_pid=os.getppid())
+    loop = CountingLoop(make_engine(model_dir), inbox, [outbox], parent_pid=os.getppid())
     encoder, decoder = make_encoder(), output_decoder()
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(loop.run()), daemon=True)
@@ -142,7 +142,7 @@ class RefusalLoop(EngineLoop):
         super().__init__(*args, **kwargs)
         self.refused: dict[str, str] = {}
 
-    def _refuse(self, request_id: str, error: str) -> None:
+    def _refuse(self, request_id: str, error: str, client: int | None) -> None:
         self.refused[request_id] = error
 
 
@@ -159,7 +159,7 @@ def test_the_loop_admits_decoded_ids_and_refuses_what_the_model_cannot_take(mode
         AddRequest("empty", [], params(2)),
         AddRequest("good", [8, 9], params(2)),
     ]
-    loop = RefusalLoop(engine, inbox=Inbox(messages), outbox=None, parent_pid=0)
+    loop = RefusalLoop(engine, inbox=Inbox(messages), outboxes=[None], parent_pid=0)
     loop._drain()
     assert loop.live == {"good"} and engine.scheduler.num_waiting == 1
     assert set(loop.refused) == {"past-vocab", "negative", "empty", "good"}
@@ -167,3 +167,54 @@ def test_the_loop_admits_decoded_ids_and_refuses_what_the_model_cannot_take(mode
     assert "prompt_token_ids has token id -1" in loop.refused["negative"]
     assert "prompt_token_ids is empty" in loop.refused["empty"]
     assert "'good' is already in use" in loop.refused["good"]
+
+
+class Outbox:
+    """One API server's output socket, keeping the decoded messages."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, data: Any, flags: int = 0, copy: bool = True) -> None:
+        self.sent.append(output_decoder().decode(data))
+
+    def tokens(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for message in self.sent:
+            for delta in message.outputs:
+                out.setdefault(delta.request_id, []).extend(delta.token_ids)
+        return out
+
+
+def test_with_several_api_servers_each_gets_its_own_requests_and_every_step_s_stats(model_dir: str) -> None:
+    """A request's deltas (and a refusal) go back to the API server that sent it; every API
+    server gets the stats of every step; an aborted request's owner is forgotten."""
+    messages: list[Any] = [
+        AddRequest("a0", [5, 6, 7], params(3), client=0),
+        AddRequest("b0", [8, 9], params(2), client=1),
+        AddRequest("b1", [10, 11, 12], params(3), client=1),
+        AddRequest("b-bad", [5, 100_000], params(2), client=1),  # outside the vocabulary: refused
+        AddRequest("c-nowhere", [5, 6], params(2), client=2),  # no such API server: dropped
+        AddRequest("a-aborted", [5, 6, 7, 8], params(50), client=0),
+    ]
+    outboxes = [Outbox(), Outbox()]
+    loop = EngineLoop(make_engine(model_dir), inbox=Inbox(messages), outboxes=outboxes, parent_pid=0)
+    loop._drain()
+    assert loop.live == {"a0", "b0", "b1", "a-aborted"}
+    assert loop.owner == {"a0": 0, "b0": 1, "b1": 1, "a-aborted": 0}
+    (refusal,) = outboxes[1].sent
+    assert refusal.outputs[0].request_id == "b-bad" and refusal.outputs[0].error
+    outboxes[1].sent.clear()
+    loop.inbox = Inbox([AbortRequests(["a-aborted"])])
+    loop._drain()
+    assert "a-aborted" not in loop.owner
+    steps = 0
+    while loop.engine.has_unfinished_requests():
+        loop._send_outputs(loop.step_message())
+        steps += 1
+    assert outboxes[0].tokens().keys() == {"a0"} and len(outboxes[0].tokens()["a0"]) == 3
+    assert outboxes[1].tokens().keys() == {"b0", "b1"}
+    assert [len(outboxes[1].tokens()[r]) for r in ("b0", "b1")] == [2, 3]
+    assert len(outboxes[0].sent) == len(outboxes[1].sent) == steps  # stats with every step, to both
+    assert all(isinstance(m, StepOutputs) for m in outboxes[0].sent + outboxes[1].sent)
+    assert loop.owner == {} and loop.live == set()

@@ -143,7 +143,9 @@ class Outbox:
 
 def test_the_engine_loop_refuses_n_above_one_and_serves_the_rest(model_dir: str) -> None:
     outbox = Outbox()
-    loop = EngineLoop(make_engine(model_dir, async_scheduling=False), inbox=None, outbox=outbox, parent_pid=0)
+    loop = EngineLoop(
+        make_engine(model_dir, async_scheduling=False), inbox=None, outboxes=[outbox], parent_pid=0
+    )
     loop._add(AddRequest("pair", [5, 6, 7], SamplingParams(n=2, max_tokens=2, detokenize=False)))
     loop._add(AddRequest("one", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)))
     (refusal,) = outbox.sent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hallm.entrypoints.cli.common import positive_float
+from hallm.entrypoints.cli.common import positive_float, positive_int
 from hallm.entrypoints.cli.engine_args import add_engine_args, engine_args_from
 from hallm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
@@ -71,6 +71,15 @@ def register(subparsers: Any) -> None:
         help="time limit on parsing, chat-template rendering and tokenizing one request; past it: 408 "
         "(default: 10)",
     )
+    g.add_argument(
+        "--api-server-count",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="HTTP server processes sharing the port and the engine (default: 1). A small model at "
+        "high request rates can be limited by one process's parsing, detokenizing and streaming; more "
+        "processes spread that work over more cores",
+    )
     p.set_defaults(handler=run)
 
 
@@ -93,5 +102,6 @@ def run(args: argparse.Namespace) -> int:
         max_request_body_bytes=args.max_request_body_bytes,
         request_work_timeout=args.request_work_timeout,
         tool_call_parser=args.tool_call_parser,
+        api_server_count=args.api_server_count,
     )
     return run_server(engine_args_from(args), options)

@@ -64,6 +64,8 @@ class ServeOptions:
     request_work_timeout: float = 10.0
     #: The model's tool-call format (a name in TOOL_PARSERS); None refuses tool_choice "auto".
     tool_call_parser: str | None = None
+    #: HTTP server processes sharing the listening socket and the engine (--api-server-count).
+    api_server_count: int = 1
 
 
 class ApiKeyMiddleware:
@@ -203,70 +205,112 @@ def eos_token_ids(tokenizer: Any, hf_config: Any) -> list[int]:
     return sorted(ids)
 
 
-async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None) -> None:
-    """Start the engine process and serve HTTP until uvicorn is told to stop."""
+def server_context(
+    client: AsyncEngineClient, config: Any, tokenizer: Any, options: ServeOptions, metrics: ServerMetrics
+) -> ServerContext:
+    """What every handler of one API server process shares."""
+    hf_config = config.model.hf_config
+    return ServerContext(
+        client=client,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        model_name=served_model_name(config),
+        model_root=config.model.model,
+        max_model_len=config.model.max_model_len,
+        vocab_size=int(hf_config.vocab_size),
+        created=int(time.time()),
+        work=WorkerPool(timeout_s=options.request_work_timeout),
+        tokenizer_source=config.model.tokenizer or config.model.model,
+        tool_parser=None if options.tool_call_parser is None else TOOL_PARSERS[options.tool_call_parser](),
+        trust_request_chat_template=options.trust_request_chat_template,
+        max_body_bytes=options.max_request_body_bytes,
+        max_prompt_chars=config.model.max_model_len * max_chars_per_token(tokenizer),
+    )
+
+
+def served_model_name(config: Any) -> str:
+    return str(config.model.served_model_name or os.path.basename(config.model.model))
+
+
+def uvicorn_config(app: Any, options: ServeOptions) -> Any:
+    """uvicorn's settings for one API server process."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=logging.getLevelName(max(logging.getLogger("hallm").level, logging.INFO)).lower(),
+        access_log=options.access_log,
+        timeout_graceful_shutdown=int(options.shutdown_timeout),
+        lifespan="off",
+    )
+
+
+def api_key_of(options: ServeOptions) -> str | None:
+    return options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV) or None
+
+
+async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None) -> int:
+    """Start the engine process (and the other API server processes) and serve HTTP until uvicorn
+    is told to stop; 1 if another API server process died meanwhile, else 0."""
     import uvicorn
 
     from hallm.core.model_loader import load_tokenizer
     from hallm.core.server_gc import prepare_server_gc
+    from hallm.entrypoints.openai.api_workers import ApiWorkers, publish_metrics_periodically
+    from hallm.entrypoints.openai.metrics import MetricsShare
 
+    count = options.api_server_count
     client = AsyncEngineClient(logging.getLogger("hallm").level)
-    client.spawn()  # it imports the engine while this process resolves the device and the model
+    client.spawn(count)  # it imports the engine while this process resolves the device and the model
+    workers: ApiWorkers | None = None
     try:
         config = engine_args.create_engine_config()  # resolves the device, once, in this process
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
-    except BaseException:
-        await client.shutdown()
-        raise
-    hf_config = config.model.hf_config
-    name = config.model.served_model_name or os.path.basename(config.model.model)
-    metrics = ServerMetrics(name)
-    client.on_stats = metrics.engine_stats
-    try:
-        await client.start(config, eos_token_ids(tokenizer, hf_config))
-        ctx = ServerContext(
-            client=client,
-            tokenizer=tokenizer,
-            metrics=metrics,
-            model_name=name,
-            model_root=config.model.model,
-            max_model_len=config.model.max_model_len,
-            vocab_size=int(hf_config.vocab_size),
-            created=int(time.time()),
-            work=WorkerPool(timeout_s=options.request_work_timeout),
-            tokenizer_source=config.model.tokenizer or config.model.model,
-            tool_parser=None
-            if options.tool_call_parser is None
-            else TOOL_PARSERS[options.tool_call_parser](),
-            trust_request_chat_template=options.trust_request_chat_template,
-            max_body_bytes=options.max_request_body_bytes,
-            max_prompt_chars=config.model.max_model_len * max_chars_per_token(tokenizer),
-        )
-        api_key = options.api_key if options.api_key is not None else os.environ.get(API_KEY_ENV) or None
-        app = create_app(ctx, api_key)
-        uv_config = uvicorn.Config(
-            app,
-            host=options.host,
-            port=options.port,
-            log_level=logging.getLevelName(max(logging.getLogger("hallm").level, logging.INFO)).lower(),
-            access_log=options.access_log,
-            timeout_graceful_shutdown=int(options.shutdown_timeout),
-            lifespan="off",
-        )
+        name = served_model_name(config)
+        share = None if count == 1 else MetricsShare(str(client.tmpdir), 0, count)
+        metrics = ServerMetrics(name, share=share)
+        client.on_stats = metrics.engine_stats
+        eos = eos_token_ids(tokenizer, config.model.hf_config)
+        uv_config = uvicorn_config(None, options)
+        sockets = None
+        if count > 1:
+            # One listening socket, bound here, accepted on by every API server process.
+            sockets = [uv_config.bind_socket()]
+            workers = ApiWorkers(client, config, options, sockets[0])
+            workers.spawn()  # they load the tokenizer while the engine loads the model
+        await client.start(config, eos)
+        if workers is not None:
+            await workers.wait_ready()
+        ctx = server_context(client, config, tokenizer, options, metrics)
+        api_key = api_key_of(options)
+        uv_config.app = create_app(ctx, api_key)
         server = uvicorn.Server(uv_config)
+        if workers is not None:
+            workers.watch(server)
         prepare_server_gc()
         if on_started is not None:
             on_started()
         logger.info(
-            "serving %s on http://%s:%d/v1 (engine pid %s)%s",
+            "serving %s on http://%s:%d/v1 (engine pid %s%s)%s",
             name,
             options.host,
             options.port,
             client.pid,
+            f", {count} API server processes" if count > 1 else "",
             ", API key required" if api_key else "",
         )
-        await server.serve()
+        publisher = publish_metrics_periodically(metrics) if share is not None else None
+        try:
+            await server.serve(sockets=sockets)
+        finally:
+            if publisher is not None:
+                publisher.cancel()
+        return 1 if workers is not None and workers.failed else 0
     finally:
+        if workers is not None:
+            await workers.stop(options.shutdown_timeout + 5.0)
         await client.shutdown()
 
 
@@ -286,7 +330,7 @@ def run_server(engine_args: Any, options: ServeOptions) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        run_event_loop(serve(engine_args, options, started))
+        return run_event_loop(serve(engine_args, options, started))
     except KeyboardInterrupt:
         logger.info("interrupted")
     return 0

@@ -10,6 +10,10 @@ Transport: two ZMQ PUSH/PULL sockets over `ipc://` in a private temporary direct
 0700). Requests go out on a plain socket (a send never waits, so it is safe from `finally`
 blocks), outputs come back on an asyncio socket read by one task that routes each delta to its
 request's queue. The engine process's death is noticed at once through its sentinel.
+
+With several API server processes, the first spawns the engine (`spawn(num_api_servers=N)`) and
+the others `attach` to it with the socket pair `spawn` made for them (`api_addresses`); they
+notice the engine's death through a pidfd (Linux) instead of a sentinel.
 """
 
 from __future__ import annotations
@@ -66,6 +70,12 @@ class AsyncEngineClient:
 
     def __init__(self, log_level: int = logging.INFO) -> None:
         self.log_level = log_level
+        #: This API server's index among the server's API processes (0 spawns the engine).
+        self.index = 0
+        #: (requests, outputs) address of every API server's socket pair, after `spawn`.
+        self.api_addresses: list[tuple[str, str]] = []
+        self._engine_pid: int | None = None
+        self._pidfd: int | None = None
         self.ready: Ready | None = None
         self.stats: EngineStats | None = None
         self.on_stats: Callable[[EngineStats], None] | None = None
@@ -88,23 +98,63 @@ class AsyncEngineClient:
     @property
     def is_alive(self) -> bool:
         """True while the engine process runs and has not reported a failure."""
-        return self.error is None and self._process is not None and self._process.is_alive()
+        if self.error is not None:
+            return False
+        if self._process is not None:
+            return bool(self._process.is_alive())
+        return self._engine_pid is not None  # attached: until the engine's pidfd fires
 
     @property
     def pid(self) -> int | None:
         return None if self._process is None else int(self._process.pid)
 
-    def spawn(self) -> None:
+    @property
+    def tmpdir(self) -> str | None:
+        """The private directory of the sockets (mode 0700), removed at shutdown by the spawner."""
+        return self._tmpdir
+
+    def spawn(self, num_api_servers: int = 1) -> None:
         """Start the engine process early: it imports the engine while this process builds the
-        config (call `start` next, from a running event loop)."""
-        import zmq
-        import zmq.asyncio
+        config (call `start` next, from a running event loop). With `num_api_servers` > 1 the
+        engine also listens to API servers 1.. that `attach` to `api_addresses[i]` later."""
 
         from hallm.core.engine_process import run_engine_process
 
         self._tmpdir = tempfile.mkdtemp(prefix="hallm-")  # mode 0700: only this user can connect
-        requests_addr = f"ipc://{os.path.join(self._tmpdir, 'requests')}"
-        outputs_addr = f"ipc://{os.path.join(self._tmpdir, 'outputs')}"
+        self.api_addresses = [
+            (
+                f"ipc://{os.path.join(self._tmpdir, f'requests-{i}')}",
+                f"ipc://{os.path.join(self._tmpdir, f'outputs-{i}')}",
+            )
+            for i in range(num_api_servers)
+        ]
+        self._bind(*self.api_addresses[0])
+        mp = multiprocessing.get_context("spawn")
+        self._config_conn, child_conn = mp.Pipe()
+        self._process = mp.Process(
+            target=run_engine_process,
+            args=(
+                child_conn,
+                [a for a, _ in self.api_addresses],
+                [b for _, b in self.api_addresses],
+                self.log_level,
+            ),
+            name="hallm-engine",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        logger.info("engine process started (pid %d)", self._process.pid)
+
+    def attach(self, index: int, requests_addr: str, outputs_addr: str) -> None:
+        """Be API server `index` of an engine another process spawned (call `start` next)."""
+        self.index = index
+        self._bind(requests_addr, outputs_addr)
+
+    def _bind(self, requests_addr: str, outputs_addr: str) -> None:
+        import zmq
+        import zmq.asyncio
+
         self._sync_ctx = zmq.Context()
         self._requests = self._sync_ctx.socket(zmq.PUSH)
         self._requests.setsockopt(zmq.SNDHWM, 0)
@@ -115,30 +165,20 @@ class AsyncEngineClient:
         self._outputs.setsockopt(zmq.RCVHWM, 0)
         self._outputs.bind(outputs_addr)
 
-        mp = multiprocessing.get_context("spawn")
-        self._config_conn, child_conn = mp.Pipe()
-        self._process = mp.Process(
-            target=run_engine_process,
-            args=(child_conn, requests_addr, outputs_addr, self.log_level),
-            name="hallm-engine",
-            daemon=True,
-        )
-        self._process.start()
-        child_conn.close()
-        logger.info("engine process started (pid %d)", self._process.pid)
-
     async def start(self, config: Any, eos_token_ids: list[int], timeout: float = 1800.0) -> None:
         """Hand the engine process its config (built here, the device resolved here) and wait until
-        it has loaded the model and sized its KV cache. Raises EngineStartError with its reason."""
-        if self._process is None:
+        it has loaded the model and sized its KV cache. Raises EngineStartError with its reason.
+        An attached client (`attach`) passes no config: it waits for the engine's `Ready`."""
+        if self._process is None and self._requests is None:
             self.spawn()
-        with contextlib.suppress(OSError):  # if it died already, that is reported below
-            self._config_conn.send((config, list(eos_token_ids)))
-        self._config_conn.close()
-        self._config_conn = None
+        if self._config_conn is not None:
+            with contextlib.suppress(OSError):  # if it died already, that is reported below
+                self._config_conn.send((config, list(eos_token_ids)))
+            self._config_conn.close()
+            self._config_conn = None
         deadline = time.monotonic() + timeout
         while True:
-            if not self._process.is_alive():
+            if self._process is not None and not self._process.is_alive():
                 raise EngineStartError(f"the engine process exited with code {self._process.exitcode}")
             if time.monotonic() > deadline:
                 raise EngineStartError(f"the engine did not start within {timeout:.0f} s")
@@ -156,12 +196,34 @@ class AsyncEngineClient:
         # Sends never block (a dead peer must not hang us), so wait until the engine's inbox is
         # connected before the first request: a harmless message goes through once it is.
         while not self._send(AbortRequests([])):
-            if not self._process.is_alive() or time.monotonic() > deadline:
+            if (self._process is not None and not self._process.is_alive()) or time.monotonic() > deadline:
                 raise EngineStartError("the engine process did not connect to the API process")
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
-        loop.add_reader(self._process.sentinel, self._on_process_exit)
+        if self._process is not None:
+            loop.add_reader(self._process.sentinel, self._on_process_exit)
+        else:
+            self._watch_engine(self.ready.pid)
         self._reader = asyncio.create_task(self._read_outputs(), name="hallm-engine-outputs")
+
+    def _watch_engine(self, pid: int) -> None:
+        """Notice the death of an engine process this one did not spawn (no sentinel): a pidfd
+        becomes readable when it exits."""
+        self._engine_pid = pid
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError) as exc:  # not Linux >= 5.3: the spawner stops us instead
+            logger.warning("cannot watch the engine process (pid %d): %s", pid, exc)
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_engine_exit)
+
+    def _on_engine_exit(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+        if not self._closing:
+            logger.error("the engine process (pid %s) died", self._engine_pid)
+            self._fail(f"the engine process (pid {self._engine_pid}) died")
+        self._engine_pid = None
 
     async def shutdown(self, timeout: float = 15.0) -> None:
         """Stop the engine process (politely, then by force) and release the sockets."""
@@ -171,6 +233,11 @@ class AsyncEngineClient:
                 self._config_conn.send(None)
             self._config_conn.close()
             self._config_conn = None
+        if self._pidfd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
         if self._process is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._process.sentinel)
@@ -212,7 +279,7 @@ class AsyncEngineClient:
         self._queues[request_id] = queue
         finished = False
         try:
-            if not self._send(AddRequest(request_id, prompt_token_ids, params)):
+            if not self._send(AddRequest(request_id, prompt_token_ids, params, self.index)):
                 finished = True
                 raise EngineDeadError("the engine process is not connected")
             while not finished:

@@ -2,8 +2,8 @@
 
 Engine gauges (running/waiting sequences, KV-cache usage and free blocks, prefix-cache hit rate)
 come from the stats the engine process sends with every step and whenever it goes idle; latency
-histograms and token counters are recorded in the API process as outputs arrive. Each server has
-its own registry, so several servers (tests) can live in one process.
+histograms, token counters and finished sequences are recorded in the API process as outputs
+arrive. Each server has its own registry, so several servers (tests) can live in one process.
 
 The token counters and latency histograms are updated for every streamed chunk of every request
 (hundreds of thousands of times a second at saturation), so they are plain Python numbers
@@ -11,15 +11,29 @@ The token counters and latency histograms are updated for every streamed chunk o
 `/metrics` is scraped: prometheus_client's own take a lock per update and a histogram observes one
 value at a time, where a chunk of n tokens is n observations of one inter-token time. Everything
 here is written and read on the server's event loop thread alone.
+
+Several API server processes may share one listening socket and one engine (`MetricsShare`). A
+scrape lands on any one of them, so the request-side numbers it exports are the sum over all of
+them; the engine gauges need no sum, every process receives the same engine stats. Each process
+publishes a `StreamSnapshot` of its own numbers to a file of a shared private directory (about
+once a second, and when scraped) and adds up the others' latest files at scrape time. Files keep
+the hot path free of locks and shared memory, and a process that dies leaves its last numbers in
+place, so the sums never go backwards; each file is replaced whole with `os.replace`, so a reader
+sees an older or a newer snapshot, never a half-written one.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
+import os
+import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import msgspec
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from hallm.core.engine_protocol import EngineStats
@@ -116,45 +130,247 @@ class LocalHistogram:
         self.sum += value * n
 
     def family(self, name: str, doc: str, label: str) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(name, doc, labels=["model_name"])
-        buckets, cumulative = [], 0
-        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
-        family.add_metric([label], buckets, sum_value=self.sum)
-        return family
+        return _histogram_family(name, doc, label, self.bounds, self.counts, self.sum)
+
+
+def _histogram_family(
+    name: str, doc: str, label: str, bounds: tuple[float, ...], counts: list[int], total: float
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=["model_name"])
+    buckets, cumulative = [], 0
+    for bound, count in zip((*bounds, math.inf), counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
+    family.add_metric([label], buckets, sum_value=total)
+    return family
+
+
+class StreamSnapshot(msgspec.Struct, array_like=True):
+    """The request-side numbers of one API server process, totals since it started: what
+    `MetricsShare` passes between processes. Histograms are their per-bucket counts (not
+    cumulative, +Inf last) and the sum of their observations; `success_created` is when each
+    finish reason was first counted (the counter's `_created` sample)."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    ttft_counts: list[int]
+    ttft_sum: float
+    tpot_counts: list[int]
+    tpot_sum: float
+    e2e_counts: list[int]
+    e2e_sum: float
+    success: dict[str, int]
+    success_created: dict[str, float]
+
+    def fits(self) -> bool:
+        """Whether its histograms have the bucket counts of this module's bounds."""
+        return (
+            len(self.ttft_counts) == len(_TTFT_BUCKETS) + 1
+            and len(self.tpot_counts) == len(_TPOT_BUCKETS) + 1
+            and len(self.e2e_counts) == len(_E2E_BUCKETS) + 1
+        )
+
+    def add(self, other: StreamSnapshot) -> None:
+        """Add `other`'s numbers to these (in place)."""
+        self.prompt_tokens += other.prompt_tokens
+        self.generation_tokens += other.generation_tokens
+        for mine, theirs in (
+            (self.ttft_counts, other.ttft_counts),
+            (self.tpot_counts, other.tpot_counts),
+            (self.e2e_counts, other.e2e_counts),
+        ):
+            for i, count in enumerate(theirs):
+                mine[i] += count
+        self.ttft_sum += other.ttft_sum
+        self.tpot_sum += other.tpot_sum
+        self.e2e_sum += other.e2e_sum
+        for reason, count in other.success.items():
+            self.success[reason] = self.success.get(reason, 0) + count
+        for reason, created in other.success_created.items():
+            self.success_created[reason] = min(created, self.success_created.get(reason, created))
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(StreamSnapshot)
+
+
+class MetricsShare:
+    """The request-side metrics of `count` API server processes that serve one engine: process
+    `index` publishes its snapshot to its own file of `directory` (private to the server, created
+    and removed by it) and reads the others'."""
+
+    def __init__(self, directory: str, index: int, count: int) -> None:
+        if not 0 <= index < count:
+            raise ValueError(f"index {index} is not in [0, {count})")
+        self.directory = directory
+        self.index = index
+        self.count = count
+        self._path = self._path_of(index)
+        # one writer per index, so a fixed temporary name cannot clash
+        self._tmp_path = os.path.join(directory, f".{index}.tmp")
+
+    def _path_of(self, index: int) -> str:
+        return os.path.join(self.directory, f"{index}.msgpack")
+
+    def publish(self, snapshot: bytes) -> None:
+        """Make `snapshot` this process' latest, atomically: readers see the previous one or this."""
+        try:
+            with open(self._tmp_path, "wb") as f:
+                f.write(snapshot)
+            os.replace(self._tmp_path, self._path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp_path)
+            raise
+
+    def read_others(self) -> list[bytes]:
+        """The latest snapshot of every other process that has published one."""
+        out = []
+        for index in range(self.count):
+            if index == self.index:
+                continue
+            try:
+                with open(self._path_of(index), "rb") as f:
+                    out.append(f.read())
+            except FileNotFoundError:  # not published yet
+                continue
+        return out
 
 
 class StreamCounters:
-    """The per-chunk token metrics of one server, exported by `collect()` at scrape time."""
+    """The per-chunk token metrics and the finished sequences of one server, exported by
+    `collect()` at scrape time; with a `share`, summed with the other processes' snapshots."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, share: MetricsShare | None = None) -> None:
         self.model_name = model_name
+        self.share = share
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft = LocalHistogram(_TTFT_BUCKETS)
         self.tpot = LocalHistogram(_TPOT_BUCKETS)
         self.e2e = LocalHistogram(_E2E_BUCKETS)
+        # in the order the reasons first finished, as prometheus_client exports a counter's children
+        self.success: dict[str, int] = {}
+        self.success_created: dict[str, float] = {}
+
+    def finished(self, finish_reason: str, e2e: float) -> None:
+        success = self.success
+        if finish_reason in success:
+            success[finish_reason] += 1
+        else:
+            success[finish_reason] = 1
+            self.success_created[finish_reason] = time.time()
+        self.e2e.observe(e2e)
+
+    def snapshot(self) -> StreamSnapshot:
+        """These numbers now (copies: the snapshot does not follow later updates)."""
+        return StreamSnapshot(
+            self.prompt_tokens,
+            self.generation_tokens,
+            list(self.ttft.counts),
+            self.ttft.sum,
+            list(self.tpot.counts),
+            self.tpot.sum,
+            list(self.e2e.counts),
+            self.e2e.sum,
+            dict(self.success),
+            dict(self.success_created),
+        )
+
+    def publish(self) -> StreamSnapshot:
+        """Publish this process' snapshot to the share (there must be one) and return it."""
+        assert self.share is not None
+        snapshot = self.snapshot()
+        self.share.publish(_snapshot_encoder.encode(snapshot))
+        return snapshot
 
     def collect(self) -> Iterator[Metric]:
+        if self.share is None:
+            yield from self._families(
+                self.prompt_tokens,
+                self.generation_tokens,
+                (self.ttft.counts, self.ttft.sum),
+                (self.tpot.counts, self.tpot.sum),
+                (self.e2e.counts, self.e2e.sum),
+                self.success,
+                self.success_created,
+            )
+            return
+        # publishing first keeps what this scrape shows and what the others see consistent
+        total = self.publish()
+        for data in self.share.read_others():
+            try:
+                other = _snapshot_decoder.decode(data)
+            except msgspec.DecodeError:  # not a snapshot of this build: nothing to add
+                continue
+            if other.fits():
+                total.add(other)
+        yield from self._families(
+            total.prompt_tokens,
+            total.generation_tokens,
+            (total.ttft_counts, total.ttft_sum),
+            (total.tpot_counts, total.tpot_sum),
+            (total.e2e_counts, total.e2e_sum),
+            total.success,
+            total.success_created,
+        )
+
+    def _families(
+        self,
+        prompt_tokens: int,
+        generation_tokens: int,
+        ttft: tuple[list[int], float],
+        tpot: tuple[list[int], float],
+        e2e: tuple[list[int], float],
+        success: dict[str, int],
+        success_created: dict[str, float],
+    ) -> Iterator[Metric]:
         label = self.model_name
+        # Exported as prometheus_client's labelled Counter would be (the same family, samples and
+        # `_created` switch); it comes first, where such a Counter registered before this
+        # collector would.
+        finished = CounterMetricFamily(
+            "hallm:request_success",
+            "Sequences finished, by finish reason.",
+            labels=["model_name", "finished_reason"],
+        )
+        use_created = getattr(_prometheus_metrics, "_use_created", True)
+        for reason, count in success.items():
+            created = success_created.get(reason) if use_created else None
+            finished.add_metric([label, reason], count, created=created)
+        yield finished
         prompt = CounterMetricFamily("hallm:prompt_tokens", "Prompt tokens prefilled.", labels=["model_name"])
-        prompt.add_metric([label], self.prompt_tokens)
+        prompt.add_metric([label], prompt_tokens)
         generated = CounterMetricFamily("hallm:generation_tokens", "Tokens generated.", labels=["model_name"])
-        generated.add_metric([label], self.generation_tokens)
+        generated.add_metric([label], generation_tokens)
         yield prompt
         yield generated
-        yield self.ttft.family("hallm:time_to_first_token_seconds", "Time to first token.", label)
-        yield self.tpot.family(
-            "hallm:time_per_output_token_seconds", "Time between output tokens (inter-token latency).", label
+        yield _histogram_family(
+            "hallm:time_to_first_token_seconds", "Time to first token.", label, _TTFT_BUCKETS, *ttft
         )
-        yield self.e2e.family("hallm:e2e_request_latency_seconds", "End-to-end latency of a sequence.", label)
+        yield _histogram_family(
+            "hallm:time_per_output_token_seconds",
+            "Time between output tokens (inter-token latency).",
+            label,
+            _TPOT_BUCKETS,
+            *tpot,
+        )
+        yield _histogram_family(
+            "hallm:e2e_request_latency_seconds",
+            "End-to-end latency of a sequence.",
+            label,
+            _E2E_BUCKETS,
+            *e2e,
+        )
 
 
 class ServerMetrics:
-    """The server's metrics; `model_name` is the `model_name` label of every series."""
+    """The server's metrics; `model_name` is the `model_name` label of every series. With a
+    `share` (one of several API server processes), the request-side metrics exported are the sum
+    over the processes; `publish()` then needs calling now and then (about once a second, and at
+    shutdown) so that the others' scrapes stay current."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, share: MetricsShare | None = None) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self._label = lab = {"model_name": model_name}
@@ -198,13 +414,9 @@ class ServerMetrics:
             kv_labels,
             registry=r,
         )
-        self._success = Counter(
-            "hallm:request_success",
-            "Sequences finished, by finish reason.",
-            [*labels, "finished_reason"],
-            registry=r,
-        )
-        self.stream = StreamCounters(model_name)
+        # `hallm:request_success` is exported by the stream collector, from plain numbers that
+        # can be summed over processes.
+        self.stream = StreamCounters(model_name, share)
         r.register(self.stream)
 
     def engine_stats(self, s: EngineStats) -> None:
@@ -242,9 +454,14 @@ class ServerMetrics:
         self.stream.tpot.observe(interval / n, n)
 
     def finished(self, finish_reason: str, e2e: float) -> None:
-        self._success.labels(**self._label, finished_reason=finish_reason).inc()
-        self.stream.e2e.observe(e2e)
+        self.stream.finished(finish_reason, e2e)
+
+    def publish(self) -> None:
+        """Publish this process' request-side numbers to the other processes (nothing without a
+        share)."""
+        if self.stream.share is not None:
+            self.stream.publish()
 
     def render(self) -> bytes:
-        """The text exposition format."""
+        """The text exposition format (with a share, after publishing this process' numbers)."""
         return generate_latest(self.registry)

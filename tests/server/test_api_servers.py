@@ -1,0 +1,168 @@
+"""`hallm serve --api-server-count 2`: two API server processes accept on one port and share one
+engine. A request answered by either is the one server's answer (the shared single-process
+server is the oracle); /metrics scraped from either counts the requests of both; SIGTERM stops
+all of them with exit code 0; an API server process that dies stops the server with exit code 1."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.server.utils import MODEL_NAME, Server, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def api_processes(server: Server) -> list[psutil.Process]:
+    """The server's processes that accept on its port (the engine process does not)."""
+    root = psutil.Process(server.proc.pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.port for c in conns):
+            found.append(proc)
+    return found
+
+
+def owner(processes: list[psutil.Process], server: Server, conn: http.client.HTTPConnection) -> int | None:
+    """Index in `processes` of the one holding the server side of `conn`."""
+    assert conn.sock is not None
+    local_port = conn.sock.getsockname()[1]
+    for i, proc in enumerate(processes):
+        for c in proc.net_connections(kind="tcp"):
+            if c.laddr.port == server.port and c.raddr and c.raddr.port == local_port:
+                return i
+    return None
+
+
+def request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    conn.request(
+        method,
+        path,
+        body=None if body is None else json.dumps(body),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def connections_on_each(server: Server, processes: list[psutil.Process]) -> list[http.client.HTTPConnection]:
+    """Keep-alive connections until each API server process holds one: one per process."""
+    mine: dict[int, http.client.HTTPConnection] = {}
+    spare = []
+    for _ in range(200):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        status, _ = request(conn, "GET", "/health")
+        assert status == 200
+        (i,) = wait_until(
+            lambda conn=conn: (o,) if (o := owner(processes, server, conn)) is not None else None,
+            timeout=10,
+            interval=0.02,
+        )
+        if i in mine:
+            spare.append(conn)
+        else:
+            mine[i] = conn
+        if len(mine) == len(processes):
+            break
+    for conn in spare:
+        conn.close()
+    assert len(mine) == len(processes), "every new connection went to one API server process"
+    return [mine[i] for i in range(len(processes))]
+
+
+def completion(conn: http.client.HTTPConnection, prompt: str, stream: bool, headers: dict[str, str]) -> str:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "stream": stream}
+    status, raw = request(conn, "POST", "/v1/completions", body, headers)
+    assert status == 200, raw
+    if not stream:
+        return str(json.loads(raw)["choices"][0]["text"])
+    text = ""
+    for line in raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+
+def success_total(conn: http.client.HTTPConnection) -> float:
+    status, raw = request(conn, "GET", "/metrics")
+    assert status == 200
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in raw.decode().splitlines()
+        if line.startswith("hallm:request_success_total{")
+    )
+
+
+def test_two_api_servers_answer_like_one_and_count_together(
+    server_factory: Callable[..., Server], server: Server
+) -> None:
+    two = server_factory("--api-server-count", "2")
+    processes = api_processes(two)
+    assert len(processes) == 2, "expected the first process and one more accepting on the port"
+    assert processes[0].pid == two.proc.pid
+    conns = connections_on_each(two, processes)
+    oracle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    prompts = ["The quick brown fox", "Once upon a time"]
+    done = 0
+    for conn in conns:  # one connection held by each API server process
+        for prompt in prompts:
+            for stream in (False, True):
+                expected = completion(oracle, prompt, stream, server.headers)
+                assert completion(conn, prompt, stream, {}) == expected
+                done += 1
+    # Each process counts its own requests and reads the other's within about a second.
+    for conn in conns:
+        wait_until(lambda conn=conn: success_total(conn) == done, timeout=15, interval=0.2)
+    for conn in conns:
+        conn.close()
+    pids = [p.pid for p in psutil.Process(two.proc.pid).children(recursive=True)]
+    assert two.terminate(timeout=60) == 0
+    wait_until(
+        lambda: (
+            not any(
+                psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                for pid in pids
+            )
+        ),
+        timeout=30,
+    )
+
+
+def test_a_dead_api_server_process_stops_the_server(server_factory: Callable[..., Server]) -> None:
+    two = server_factory("--api-server-count", "2")
+    processes = api_processes(two)
+    assert len(processes) == 2
+    processes[1].send_signal(signal.SIGKILL)
+    assert wait_until(lambda: two.proc.poll() is not None, timeout=60)
+    assert two.proc.returncode == 1
+    assert "exited (code -9) while serving" in two.log()
+
+
+def test_api_server_count_must_be_positive(server_factory: Callable[..., Server]) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "hallm.entrypoints.cli", "serve", "--api-server-count", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "--api-server-count: expected a whole number >= 1, got '0'" in out.stderr
