@@ -3,7 +3,7 @@ to the engine, with the engine replaced by a stand-in of fixed speed.
 
     .venv/bin/python benchmarks/api_process.py [--num-prompts 1000] [--input-len 1024]
         [--output-len 128] [--step-ms 2.2] [--prompts-per-step 8] [--iters 3]
-        [--variants shipped,interpreter-gc] [--py-spy DIR]
+        [--variants shipped,interpreter-gc] [--api-server-counts 1,2] [--py-spy DIR]
 
 On a GPU the served/offline gap of a small model is the burst's arrival: 1,000 requests reach the
 engine over ~1 s through the API process (gpu.md, run 21), which meanwhile streams every running
@@ -16,10 +16,12 @@ token (a random id the covering tokenizer decodes to a word) until `--output-len
 not depend on the host, so what moves the numbers is the API process (and the client beside it,
 which on a small machine shares its cores).
 
-Each timed run starts a fresh server. Printed per run and as medians per variant (runs of the
-variants alternate, after one untimed run):
-  api_cpu_us     the API process's CPU time (from /proc) over the burst, per request
-  gc_*           its cycle collections once serving (young, full) and their CPU time
+Each timed run starts a fresh server. Printed per run and as medians per variant and number of
+API server processes (`--api-server-counts`; runs alternate, after one untimed run):
+  api_cpu_us     the API processes' CPU time (from /proc: the server's process tree less the
+                 stand-in's own) over the burst, per request
+  gc_*           the first API process's cycle collections once serving (young, full) and their
+                 CPU time
   arrival_s      first to last AddRequest received by the engine
   steps          steps the stand-in ran from the first arrival; `ideal` is the count with every
                  request there at once
@@ -27,12 +29,13 @@ variants alternate, after one untimed run):
 
 The model directory is Qwen2.5-0.5B's config with a tokenizer covering its vocabulary
 (gpu_common.write_model_dir); nothing is loaded but the tokenizer. `--py-spy DIR` records the
-API process and the stand-in during the last run (summaries DIR/pyspy-{api,engine}.txt).
+first API process and the stand-in during the last run (summaries DIR/pyspy-{api,engine}.txt).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -52,9 +55,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STANDIN_ENV = "HALLM_BENCHMARK_STANDIN_ENGINE"
 
 
-def standin_engine(config_conn: Any, input_address: str, output_address: str, log_level: int = 0) -> None:
+def standin_engine(
+    config_conn: Any, input_addresses: list[str], output_addresses: list[str], log_level: int = 0
+) -> None:
     """Target of the engine process in the server under test: `run_engine_process`'s protocol with
-    a fixed-speed engine instead of a model (settings from $HALLM_BENCHMARK_STANDIN_ENGINE)."""
+    a fixed-speed engine instead of a model (settings from $HALLM_BENCHMARK_STANDIN_ENGINE); each
+    request's tokens go back to the API server that sent it."""
     import signal
 
     import zmq
@@ -82,22 +88,27 @@ def standin_engine(config_conn: Any, input_address: str, output_address: str, lo
     config, _ = received
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
-    inbox.connect(input_address)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.SNDHWM, 0)
-    outbox.connect(output_address)
+    for address in input_addresses:
+        inbox.connect(address)
+    outboxes = []
+    for address in output_addresses:
+        outbox = ctx.socket(zmq.PUSH)
+        outbox.setsockopt(zmq.SNDHWM, 0)
+        outbox.connect(address)
+        outboxes.append(outbox)
     encoder, decoder = make_encoder(), request_decoder()
 
     def stats(running: int, waiting: int) -> EngineStats:
         return EngineStats(running, waiting, 0.0, 1 << 20, 1 << 20, 0, 0, 0)
 
-    outbox.send(
-        encoder.encode(Ready(os.getpid(), 1 << 20, 1 << 20, 16, config.model.max_model_len, stats(0, 0)))
-    )
+    ready = encoder.encode(Ready(os.getpid(), 1 << 20, 1 << 20, 16, config.model.max_model_len, stats(0, 0)))
+    for outbox in outboxes:
+        outbox.send(ready)
     rng = random.Random(0)
     words = [rng.randrange(259, vocab) for _ in range(4096)]  # ids past the specials and bytes
-    waiting: deque[tuple[str, int]] = deque()
-    running: dict[str, list[int]] = {}  # request id -> [tokens left]
+    waiting: deque[tuple[str, int, int]] = deque()  # (request id, max tokens, API server)
+    running: dict[str, list[int]] = {}  # request id -> [tokens left, API server]
+    cpu_at_first_arrival = 0.0
     arrivals: list[float] = []
     step_times: list[float] = []
     next_step = time.perf_counter()
@@ -105,18 +116,22 @@ def standin_engine(config_conn: Any, input_address: str, output_address: str, lo
         while inbox.poll(0):
             msg = decoder.decode(inbox.recv())
             if isinstance(msg, AddRequest):
+                if not arrivals:
+                    cpu_at_first_arrival = time.process_time()
                 arrivals.append(time.perf_counter())
-                waiting.append((msg.request_id, msg.params.max_tokens or 16))
+                waiting.append((msg.request_id, msg.params.max_tokens or 16, msg.client))
             elif isinstance(msg, AbortRequests):
                 gone = set(msg.request_ids)
                 for rid in gone & running.keys():
                     del running[rid]
                 waiting = deque(w for w in waiting if w[0] not in gone)
             elif isinstance(msg, Shutdown):
+                cpu_s = time.process_time() - cpu_at_first_arrival
                 with open(settings["stats_path"], "w") as f:
-                    json.dump({"arrivals": arrivals, "steps": step_times}, f)
+                    json.dump({"arrivals": arrivals, "steps": step_times, "cpu_s": cpu_s}, f)
                 inbox.close(linger=0)
-                outbox.close()
+                for outbox in outboxes:
+                    outbox.close()
                 ctx.term()
                 return
         now = time.perf_counter()
@@ -125,22 +140,24 @@ def standin_engine(config_conn: Any, input_address: str, output_address: str, lo
             continue
         next_step = max(next_step + step_s, now)
         for _ in range(min(per_step, max_seqs - len(running), len(waiting))):
-            rid, max_tokens = waiting.popleft()
-            running[rid] = [max_tokens]
+            rid, max_tokens, client = waiting.popleft()
+            running[rid] = [max_tokens, client]
         if not running:
             continue
         step_times.append(now)
         steps = len(step_times)
-        outputs = []
+        outputs: list[list[RequestDelta]] = [[] for _ in outboxes]
         for rid, left in list(running.items()):
             left[0] -= 1
             done = left[0] == 0
-            outputs.append(
+            outputs[left[1]].append(
                 RequestDelta(rid, [words[(steps + left[0]) % len(words)]], None, "length" if done else None)
             )
             if done:
                 del running[rid]
-        outbox.send(encoder.encode(StepOutputs(outputs, stats(len(running), len(waiting)))))
+        step_stats = stats(len(running), len(waiting))
+        for outbox, deltas in zip(outboxes, outputs, strict=True):
+            outbox.send(encoder.encode(StepOutputs(deltas, step_stats)))
 
 
 def count_gc(path: str) -> None:
@@ -199,12 +216,30 @@ def ideal_steps(num_prompts: int, output_len: int, per_step: int, max_seqs: int)
     return steps
 
 
-def one_run(args: argparse.Namespace, tmp: Path, variant: str, seed: int, spy: bool) -> dict[str, float]:
-    """Start the server (variant `variant`) with a fresh stand-in, run the burst, stop it; the
-    run's numbers (the stand-in reports its arrivals when it is shut down)."""
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process `pid` and all its descendants (the server's processes)."""
+    from benchmarks.server_processes import children, cpu_seconds
+
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+            todo += children(p)
+    return total
+
+
+def one_run(
+    args: argparse.Namespace, tmp: Path, config: tuple[str, int], seed: int, spy: bool
+) -> dict[str, float]:
+    """Start the server (`config`: a variant and the number of API server processes) with a fresh
+    stand-in, run the burst, stop it; the run's numbers (the stand-in reports its arrivals and its
+    own CPU time when it is shut down)."""
     from benchmarks.gpu_common import model_config
     from benchmarks.gpu_served import _free_port, _log_tail, _stop_group, start_server
-    from benchmarks.server_processes import cpu_seconds, start_py_spy, stop_py_spy
+    from benchmarks.server_processes import start_py_spy, stop_py_spy
+
+    variant, api_servers = config
 
     vocab = int(model_config("qwen2.5-0.5b").vocab_size)
     stats_path, gc_path = tmp / f"standin-{seed}.json", tmp / f"gc-{seed}.json"
@@ -223,6 +258,7 @@ def one_run(args: argparse.Namespace, tmp: Path, variant: str, seed: int, spy: b
     serve = [sys.executable, __file__, "serve-standin", str(tmp / "model"), "--device", "cpu"]
     serve += ["--max-model-len", str(args.input_len + args.output_len), "--port", str(port)]
     serve += ["--max-num-seqs", str(args.max_num_seqs), "--disable-uvicorn-access-log"]
+    serve += ["--api-server-count", str(api_servers)]
     bench = [sys.executable, "-m", "hallm.entrypoints.cli", "bench", "serve", "--base-url", f"{url}/v1"]
     bench += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     bench += ["--vocab-size", str(vocab), "--num-prompts", str(args.num_prompts), "--seed", str(seed)]
@@ -230,11 +266,11 @@ def one_run(args: argparse.Namespace, tmp: Path, variant: str, seed: int, spy: b
     server = start_server(serve, url, tmp / f"server-{seed}.log", 300)
     spies = start_py_spy(server.pid, tmp) if spy else {}
     try:
-        cpu0 = cpu_seconds(server.pid)
+        cpu0 = tree_cpu_seconds(server.pid)
         subprocess.run(
             [*bench, "--output-json", str(result_json)], check=True, stdout=subprocess.DEVNULL, timeout=600
         )
-        api_cpu = cpu_seconds(server.pid) - cpu0
+        api_cpu = tree_cpu_seconds(server.pid) - cpu0
     finally:
         stop_py_spy(spies, Path(args.py_spy or tmp))
         _stop_group(server, grace_s=30.0)
@@ -249,7 +285,7 @@ def one_run(args: argparse.Namespace, tmp: Path, variant: str, seed: int, spy: b
         )
     return {
         "requests_arrived": len(arrivals),
-        "api_cpu_us": 1e6 * api_cpu / args.num_prompts,
+        "api_cpu_us": 1e6 * (api_cpu - standin["cpu_s"]) / args.num_prompts,
         "arrival_s": arrivals[-1] - arrivals[0],
         "steps": sum(t >= arrivals[0] for t in standin["steps"]),
         "output_tok_s": result["output_throughput"],
@@ -279,6 +315,11 @@ def main() -> int:
         "change the API process (interpreter-gc); runs alternate between them",
     )
     p.add_argument(
+        "--api-server-counts",
+        default="1",
+        help="comma-separated numbers of API server processes (--api-server-count) to run each variant with",
+    )
+    p.add_argument(
         "--py-spy",
         default=None,
         help="record the server's processes in the last run; summaries to this folder",
@@ -299,17 +340,19 @@ def main() -> int:
     write_model_dir("qwen2.5-0.5b", tmp / "model", cover_vocab=True)
     ideal = ideal_steps(args.num_prompts, args.output_len, args.prompts_per_step, args.max_num_seqs)
     ideal_tok_s = args.num_prompts * args.output_len / (ideal * args.step_ms / 1000)
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    configs = [(v, int(n)) for v in variants for n in args.api_server_counts.split(",")]
+    names = {c: c[0] if c[1] == 1 else f"{c[0]}/api-x{c[1]}" for c in configs}
+    runs: dict[str, list[dict[str, float]]] = {names[c]: [] for c in configs}
     try:
-        one_run(args, tmp, variants[0], seed=0, spy=False)  # warm-up: file caches, imports
+        one_run(args, tmp, configs[0], seed=0, spy=False)  # warm-up: file caches, imports
         seed = 1
         for i in range(args.iters):
-            for v in variants:
-                last = i == args.iters - 1 and v == variants[-1]
-                run = one_run(args, tmp, v, seed, spy=bool(args.py_spy) and last)
+            for c in configs:
+                last = i == args.iters - 1 and c == configs[-1]
+                run = one_run(args, tmp, c, seed, spy=bool(args.py_spy) and last)
                 seed += 1
-                print(f"{v:15s} " + json.dumps({k: round(x, 3) for k, x in run.items()}), flush=True)
-                runs[v].append(run)
+                print(f"{names[c]:15s} " + json.dumps({k: round(x, 3) for k, x in run.items()}), flush=True)
+                runs[names[c]].append(run)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"ideal: {ideal} steps, {ideal_tok_s:.0f} output tok/s (every request there at once)")
@@ -318,7 +361,7 @@ def main() -> int:
         m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         medians[v] = m
         print(
-            f"{v:15s} median of {len(rs)}: API process {m['api_cpu_us']:.0f} us CPU a request, "
+            f"{v:15s} median of {len(rs)}: API processes {m['api_cpu_us']:.0f} us CPU a request, "
             f"collections {m['gc_young']:.0f} young / {m['gc_full']:.0f} full ({m['gc_cpu_ms']:.0f} ms CPU), "
             f"arrival {m['arrival_s']:.2f} s, {m['steps']:.0f} steps, {m['output_tok_s']:.0f} output tok/s "
             f"({m['output_tok_s'] / ideal_tok_s:.3f} of ideal), TTFT p50 {m['ttft_p50_ms']:.0f} ms, "

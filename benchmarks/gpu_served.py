@@ -16,7 +16,8 @@ re-use no KV.
                latency of one request alone (TTFT, TPOT, ITL)
 
 During the timed saturation runs the CPU time of the server's processes is read from /proc (Linux):
-the API process (HTTP, detokenization, SSE) and the engine process, each as a share of one core
+the API processes (HTTP, detokenization, SSE; all of them with `--api-server-count`) and the
+engine process, each as a share of one core
 over the whole `bench serve` runs (their start-up and the one warm-up request each sends first
 included), and the client's own CPU as a share of one core over its timed part. The API process or the
 client near 100% of a core limits the served throughput; the engine process's share also counts
@@ -63,7 +64,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_common import append_jsonl, environment, model_config, write_model_dir
-from benchmarks.server_processes import py_spy_binary, server_cpu, start_py_spy, stop_py_spy
+from benchmarks.server_processes import (
+    engine_pid_in_log,
+    py_spy_binary,
+    server_cpu,
+    start_py_spy,
+    stop_py_spy,
+)
 from benchmarks.step_timeline import last_run, parse, summarize, table
 from benchmarks.variants import SERVER_VARIANTS, VARIANTS
 
@@ -194,6 +201,12 @@ def main() -> int:
         "benchmarks/variants.py (an A/B of the engine, both paths)",
     )
     p.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        help="`hallm serve --api-server-count`: HTTP server processes sharing the port and the engine",
+    )
+    p.add_argument(
         "--py-spy",
         action="store_true",
         help="sample the API and engine processes with py-spy during the last saturation run "
@@ -229,6 +242,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     model_dir = write_model_dir(args.model, tmp / "model", cover_vocab=True)
     variant = args.engine_variant if args.engine_variant != "shipped" else args.server_variant
     name = f"served-{args.model}" + ("" if variant == "shipped" else f"-{variant}")
+    name += "" if args.api_server_count == 1 else f"-api{args.api_server_count}"
     engine = [str(model_dir), "--device", args.device, "--load-format", "dummy", "--seed", "0"]
     engine += ["--dtype", "bfloat16" if args.device == "cuda" else "float32"]
     engine += ["--max-model-len", str(args.input_len + args.output_len)]
@@ -270,6 +284,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         ]
     serve_cmd = [*server_cli, "serve", *engine, "--host", "127.0.0.1", "--port", str(port)]
     serve_cmd += ["--served-model-name", args.model, "--disable-uvicorn-access-log"]
+    serve_cmd += ["--api-server-count", str(args.api_server_count)]
     commands["serve"] = shlex.join(serve_cmd)
     bench = [*CLI, "bench", "serve", "--base-url", f"{url}/v1", *sizes, "--vocab-size", str(vocab)]
     bench += ["--temperature", "1.0"]
@@ -277,6 +292,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     server_log = out / f"{name}-server.log"
     last_run_log = (0, 0)  # the server log's bytes written during the last saturation run
     server = start_server(serve_cmd, url, server_log, args.timeout)
+    engine_pid = engine_pid_in_log(server_log)
     try:
         commands["saturation"] = []
         cpu_s = {"api": 0.0, "engine": 0.0, "client": 0.0}
@@ -284,14 +300,14 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         phase_wall_s = 0.0  # the runs whole, over which the server's CPU is read
         for i in range(args.num_iters_warmup + args.num_iters):
             phase_start = time.perf_counter()
-            before = server_cpu(server.pid)
+            before = server_cpu(server.pid, engine_pid)
             result_json = tmp / f"saturation-{i}.json"
             cmd = [*bench, "--num-prompts", str(args.num_prompts), "--seed", str(i)]
             cmd += ["--output-json", str(result_json)]
             commands["saturation"].append(shlex.join(cmd))
             log_start = server_log.stat().st_size
             last = i == args.num_iters_warmup + args.num_iters - 1
-            spies = start_py_spy(server.pid, tmp) if args.py_spy and last else {}
+            spies = start_py_spy(server.pid, tmp, engine_pid) if args.py_spy and last else {}
             try:
                 run_phase(f"saturation {i}", cmd, out / f"{name}-saturation-{i}.log", args.timeout)
             finally:
@@ -301,7 +317,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             _check(f"saturation {i}", result, args.num_prompts)
             if i >= args.num_iters_warmup:
                 saturation.append(_latency(result))
-                after = server_cpu(server.pid)
+                after = server_cpu(server.pid, engine_pid)
                 phase_wall_s += time.perf_counter() - phase_start
                 timed_wall_s += result["duration_s"]
                 for key in ("api", "engine"):
@@ -340,6 +356,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         },
         "commands": commands,
         "server_variant": args.server_variant,
+        "api_server_count": args.api_server_count,
         "engine_variant": args.engine_variant,
         "env": environment(),
         "offline": {
@@ -400,7 +417,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     share = record["saturation_cpu_share"]
     if share:
         print(
-            f"  server CPU during the timed saturation runs: API process {share['api']:.0%} of a core, "
+            f"  server CPU during the timed saturation runs: API processes {share['api']:.0%} of a core, "
             f"engine process {share['engine']:.0%}, benchmark client {share.get('client', 0.0):.0%}"
         )
     if args.timeline:

@@ -67,7 +67,7 @@ def run_once(engine: Any, batch: int, steps: int, served: bool, tag: str) -> dic
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, detokenize=False)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", [rng.randrange(100, 10000) for _ in range(128)], params)
-    loop = EngineLoop(engine, inbox=None, outbox=None, parent_pid=0)
+    loop = EngineLoop(engine, inbox=None, outboxes=[None], parent_pid=0)
     encoder = make_encoder()
     for i in range(batch):
         loop.live.add(f"{tag}-{i}")

@@ -27,16 +27,27 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def server_cpu(server_pid: int) -> dict[str, float]:
-    """CPU seconds of the API process and of its busiest child (the engine process); empty where
-    /proc cannot say."""
+def server_cpu(server_pid: int, engine_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds of the API processes (the server's process and its children other than the
+    engine process: `--api-server-count` > 1 runs more) and of the engine process (`engine_pid`,
+    else the busiest child); empty where /proc cannot say."""
     try:
         kids = {c: cpu_seconds(c) for c in children(server_pid)}
         api = cpu_seconds(server_pid)
     except (OSError, ValueError, IndexError):
         return {}
-    engine = max(kids.values(), default=0.0)
-    return {"api": api, "engine": engine}
+    if engine_pid is None or engine_pid not in kids:
+        engine_pid = max(kids, key=lambda c: kids[c], default=None)
+    engine = kids.pop(engine_pid, 0.0) if engine_pid is not None else 0.0
+    return {"api": api + sum(kids.values()), "engine": engine}
+
+
+def engine_pid_in_log(path: Path) -> int | None:
+    """The engine process's pid, from the server log's "engine process started (pid N)" line."""
+    import re
+
+    match = re.search(r"engine process started \(pid (\d+)\)", path.read_text(errors="replace"))
+    return int(match.group(1)) if match else None
 
 
 def py_spy_binary() -> str:
@@ -47,11 +58,16 @@ def py_spy_binary() -> str:
     raise FileNotFoundError("no py-spy executable on PATH or in a sys.path bin/ (pip install py-spy)")
 
 
-def start_py_spy(server_pid: int, tmp: Path) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
-    """py-spy recording the API process and the engine process (its busiest child), raw format."""
+def start_py_spy(
+    server_pid: int, tmp: Path, engine_pid: int | None = None
+) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
+    """py-spy recording the (first) API process and the engine process (`engine_pid`, else its
+    busiest child), raw format."""
     exe = py_spy_binary()
-    kids = {c: cpu_seconds(c) for c in children(server_pid)}
-    pids = {"api": server_pid, "engine": max(kids, key=lambda c: kids[c])}
+    if engine_pid is None:
+        kids = {c: cpu_seconds(c) for c in children(server_pid)}
+        engine_pid = max(kids, key=lambda c: kids[c])
+    pids = {"api": server_pid, "engine": engine_pid}
     spies = {}
     for name, pid in pids.items():
         raw = tmp / f"pyspy-{name}.raw"

@@ -36,6 +36,8 @@
 #           decode-graphs: steps with prompt tokens run eagerly), then as shipped (graphs of both)
 # server-gc-ab  served-qwen (no py-spy) with both server processes on the interpreter's young-collection
 #           threshold (engine variant interpreter-gc), then as shipped (hallm.core.server_gc)
+# api-servers-ab  served-qwen (no py-spy) with one API server process, then with two
+#           (`hallm serve --api-server-count 2`), same offline reference run before each
 # structured-masks  benchmarks/structured_masks.py: the host time of one step's masks, row by row vs
 #           llguidance's thread pool, in isolation
 # kv        tests/gpu/test_kv_connectors_gpu.py: the KV connectors under async scheduling vs HF, and the
@@ -149,6 +151,9 @@ for step in $STEPS; do
     server-gc-ab) for v in interpreter-gc shipped; do
                     run served-qwen-$v $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 8 --num-iters 3 --timeout 240 --timeline --engine-variant $v
                   done ;;
+    api-servers-ab) for n in 1 2; do
+                      run served-qwen-api$n $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 8 --num-iters 3 --timeout 240 --timeline --api-server-count $n
+                    done ;;
     served-qwen) run served-qwen $PY benchmarks/gpu_served.py --out "$RES" --model qwen2.5-0.5b --num-prompts 1000 --input-len 1024 --output-len 128 --concurrency-1-prompts 32 --num-iters 3 --timeout 240 --timeline --py-spy ;;
     mp-1gpu) run mp-1gpu-greedy $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_tp_gpu.py -k one_rank
              run mp-1gpu-g1 $PY benchmarks/gpu_g1.py --out "$RES" --model qwen2.5-0.5b --systems hallm --num-iters 1 --distributed-executor-backend mp
