@@ -282,7 +282,7 @@ class EngineLoop:
 
         try:
             self.outboxes[client].send(self.encoder.encode(message), zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # an API server is gone (unbounded queue otherwise): the server stops
+        except zmq.Again:  # cannot be queued (not expected without a high-water mark): stop, never block
             self.stopping = True
 
     def _drain(self, limit: int | None = None) -> None:

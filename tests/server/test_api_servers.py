@@ -1,14 +1,19 @@
 """`hallm serve --api-server-count 2`: two API server processes accept on one port and share one
 engine. A request answered by either is the one server's answer (the shared single-process
-server is the oracle); /metrics scraped from either counts the requests of both; SIGTERM stops
-all of them with exit code 0; an API server process that dies stops the server with exit code 1."""
+server is the oracle); /metrics scraped from either counts the requests of both; SIGTERM lets a
+stream in flight on the second process finish, then every process exits and the exit code is 0;
+Ctrl-C (SIGINT to every process, as a terminal sends it) does the same; an API server process
+that dies stops the server with exit code 1. Each time the server's private socket directory is
+removed and no process is left."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import signal
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -42,6 +47,24 @@ def owner(processes: list[psutil.Process], server: Server, conn: http.client.HTT
             if c.laddr.port == server.port and c.raddr and c.raddr.port == local_port:
                 return i
     return None
+
+
+def gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.Error:
+            pass
+    return True
+
+
+def socket_dir(pid: int) -> Path:
+    """The server's private directory of ZMQ sockets (where the API process binds its request socket)."""
+    for c in psutil.Process(pid).net_connections(kind="unix"):
+        if isinstance(c.laddr, str) and Path(c.laddr).name.startswith("requests-"):
+            return Path(c.laddr).parent
+    raise AssertionError(f"process {pid} has no hallm request socket")
 
 
 def request(
@@ -129,32 +152,60 @@ def test_two_api_servers_answer_like_one_and_count_together(
     # Each process counts its own requests and reads the other's within about a second.
     for conn in conns:
         wait_until(lambda conn=conn: success_total(conn) == done, timeout=15, interval=0.2)
-    for conn in conns:
-        conn.close()
-    pids = [p.pid for p in psutil.Process(two.proc.pid).children(recursive=True)]
-    assert two.terminate(timeout=60) == 0
-    wait_until(
-        lambda: (
-            not any(
-                psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                for pid in pids
-            )
-        ),
-        timeout=30,
+    # SIGTERM to the first process while a stream runs on the second: the stream completes.
+    streamed: list[str] = []
+    body = {"model": MODEL_NAME, "prompt": "Count", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    conns[1].request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
     )
+    response = conns[1].getresponse()
+    first = response.readline()
+    assert first.startswith(b"data: "), first
+    reader = threading.Thread(target=lambda: streamed.append(response.read().decode()), daemon=True)
+    reader.start()
+    pids = [p.pid for p in psutil.Process(two.proc.pid).children(recursive=True)]
+    directory = socket_dir(two.proc.pid)
+    assert two.terminate(timeout=60) == 0
+    reader.join(30)
+    assert streamed and streamed[0].rstrip().endswith("data: [DONE]"), streamed
+    tokens = [
+        json.loads(line[6:])
+        for line in (first.decode() + streamed[0]).splitlines()
+        if line.startswith("data: {")
+    ]
+    assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+    wait_until(lambda: gone(pids), timeout=30)
+    assert not directory.exists()
+
+
+def test_ctrl_c_stops_every_process_and_cleans_up(server_factory: Callable[..., Server]) -> None:
+    two = server_factory("--api-server-count", "2")
+    assert len(api_processes(two)) == 2
+    tree = [psutil.Process(two.proc.pid), *psutil.Process(two.proc.pid).children(recursive=True)]
+    directory = socket_dir(two.proc.pid)
+    for proc in tree:  # what a terminal's Ctrl-C does: SIGINT to the whole process group
+        proc.send_signal(signal.SIGINT)
+    assert two.proc.wait(60) == 0, two.log()
+    wait_until(lambda: gone([p.pid for p in tree]), timeout=30)
+    assert not directory.exists()
+    assert "killing it" not in two.log()  # the engine exited on its Shutdown, not by force
 
 
 def test_a_dead_api_server_process_stops_the_server(server_factory: Callable[..., Server]) -> None:
     two = server_factory("--api-server-count", "2")
     processes = api_processes(two)
     assert len(processes) == 2
+    pids = [p.pid for p in psutil.Process(two.proc.pid).children(recursive=True)]
+    directory = socket_dir(two.proc.pid)
     processes[1].send_signal(signal.SIGKILL)
     assert wait_until(lambda: two.proc.poll() is not None, timeout=60)
     assert two.proc.returncode == 1
     assert "exited (code -9) while serving" in two.log()
+    wait_until(lambda: gone(pids), timeout=30)
+    assert not directory.exists()
 
 
-def test_api_server_count_must_be_positive(server_factory: Callable[..., Server]) -> None:
+def test_api_server_count_must_be_positive() -> None:
     import subprocess
     import sys
 

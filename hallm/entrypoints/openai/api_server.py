@@ -14,7 +14,6 @@ import functools
 import hmac
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -39,6 +38,7 @@ from hallm.entrypoints.openai.serving import (
 )
 from hallm.entrypoints.openai.serving_chat import create_chat_completion
 from hallm.entrypoints.openai.serving_completion import create_completion
+from hallm.entrypoints.openai.stop_signals import StopSignals
 from hallm.entrypoints.openai.tokenize_request import DetokenizeRequest, TokenizeRequest
 from hallm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from hallm.version import __version__
@@ -253,12 +253,13 @@ def api_key_of(options: ServeOptions) -> str | None:
 
 async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None) -> int:
     """Start the engine process (and the other API server processes) and serve HTTP until uvicorn
-    is told to stop; 1 if another API server process died meanwhile, else 0."""
+    is told to stop; 1 if another API server process died meanwhile, else 0. `on_started(server)`
+    is called with the uvicorn server about to run."""
     import uvicorn
 
     from hallm.core.model_loader import load_tokenizer
     from hallm.core.server_gc import prepare_server_gc
-    from hallm.entrypoints.openai.api_workers import ApiWorkers, publish_metrics_periodically
+    from hallm.entrypoints.openai.api_workers import ApiWorkers, bind_sockets, publish_metrics_periodically
     from hallm.entrypoints.openai.metrics import MetricsShare
 
     count = options.api_server_count
@@ -276,9 +277,9 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
         uv_config = uvicorn_config(None, options)
         sockets = None
         if count > 1:
-            # One listening socket, bound here, accepted on by every API server process.
-            sockets = [uv_config.bind_socket()]
-            workers = ApiWorkers(client, config, options, sockets[0])
+            # The listening sockets, bound here, accepted on by every API server process.
+            sockets = bind_sockets(options.host, options.port)
+            workers = ApiWorkers(client, config, options, sockets)
             workers.spawn()  # they load the tokenizer while the engine loads the model
         await client.start(config, eos)
         if workers is not None:
@@ -291,7 +292,7 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             workers.watch(server)
         prepare_server_gc()
         if on_started is not None:
-            on_started()
+            on_started(server)
         logger.info(
             "serving %s on http://%s:%d/v1 (engine pid %s%s)%s",
             name,
@@ -309,28 +310,20 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
                 publisher.cancel()
         return 1 if workers is not None and workers.failed else 0
     finally:
-        if workers is not None:
-            await workers.stop(options.shutdown_timeout + 5.0)
-        await client.shutdown()
+        try:
+            if workers is not None:
+                await workers.stop(options.shutdown_timeout + 5.0)
+        finally:
+            await client.shutdown()
 
 
 def run_server(engine_args: Any, options: ServeOptions) -> int:
-    """Run `hallm serve`; return the exit code (0 after SIGTERM or SIGINT)."""
-    serving = False
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        # Before uvicorn takes over (engine starting), stop at once; once it ran, uvicorn re-raises
-        # the signal it handled after its graceful shutdown, which is then done: nothing to do.
-        if not serving:
-            raise KeyboardInterrupt
-
-    def started() -> None:
-        nonlocal serving
-        serving = True
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    """Run `hallm serve`; return the exit code (0 after SIGTERM or SIGINT, 1 if another API server
+    process died while serving)."""
+    signals = StopSignals()
+    signals.install()
     try:
-        return run_event_loop(serve(engine_args, options, started))
+        return run_event_loop(serve(engine_args, options, signals.serving))
     except KeyboardInterrupt:
         logger.info("interrupted")
     return 0

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from hallm.entrypoints.openai.engine_client import AsyncEngineClient, EngineStartError
+from hallm.platforms import ConfigError
 
 logger = logging.getLogger("hallm.serve")
 
@@ -47,43 +48,34 @@ class WorkerSpec:
     count: int
     requests_addr: str
     outputs_addr: str
+    engine_pid: int
     metrics_dir: str
     config: Any  # the EngineConfig the first process built (the device already resolved)
     options: Any  # ServeOptions
     log_level: int
 
 
-def run_api_worker(spec: WorkerSpec, sock: socket.socket, conn: Any) -> None:
+def run_api_worker(spec: WorkerSpec, sockets: list[socket.socket], conn: Any) -> None:
     """Entry point of API server process `spec.index` (a spawned `multiprocessing.Process`).
 
     `conn` is a pipe to the first process: "ready" or an error goes back on it, and its closing
     means the first process is gone."""
+    from hallm.entrypoints.event_loop import run_event_loop
+    from hallm.entrypoints.openai.stop_signals import StopSignals
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hallm").setLevel(spec.log_level)
-    serving = False
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        # Before uvicorn runs: stop at once. After its graceful shutdown uvicorn re-raises the
-        # signal it handled; the shutdown is then done.
-        if not serving:
-            raise KeyboardInterrupt
-
-    def started() -> None:
-        nonlocal serving
-        serving = True
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    from hallm.entrypoints.event_loop import run_event_loop
-
+    signals = StopSignals()
+    signals.install()
     try:
-        run_event_loop(_serve_worker(spec, sock, conn, started))
+        run_event_loop(_serve_worker(spec, sockets, conn, signals.serving))
     except KeyboardInterrupt:
         pass
     finally:
         conn.close()
 
 
-async def _serve_worker(spec: WorkerSpec, sock: socket.socket, conn: Any, on_started: Any) -> None:
+async def _serve_worker(spec: WorkerSpec, sockets: list[socket.socket], conn: Any, on_started: Any) -> None:
     import uvicorn
 
     from hallm.core.model_loader import load_tokenizer
@@ -98,22 +90,34 @@ async def _serve_worker(spec: WorkerSpec, sock: socket.socket, conn: Any, on_sta
     from hallm.entrypoints.openai.metrics import MetricsShare, ServerMetrics
 
     config, options = spec.config, spec.options
+    loop = asyncio.get_running_loop()
     client = AsyncEngineClient(spec.log_level)
-    client.attach(spec.index, spec.requests_addr, spec.outputs_addr)
     try:
+        starting = asyncio.current_task()
+        assert starting is not None
+
+        def parent_gone_while_starting() -> None:
+            loop.remove_reader(conn.fileno())
+            starting.cancel()
+
+        loop.add_reader(conn.fileno(), parent_gone_while_starting)
         try:
+            client.attach(spec.index, spec.requests_addr, spec.outputs_addr, spec.engine_pid)
             tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
             metrics = ServerMetrics(
                 served_model_name(config), share=MetricsShare(spec.metrics_dir, spec.index, spec.count)
             )
             client.on_stats = metrics.engine_stats
             await client.start(None, [])
+        except asyncio.CancelledError:
+            logger.error("API server %d: the first API server process is gone; exiting", spec.index)
+            return
         except Exception as exc:
             conn.send(f"{type(exc).__name__}: {exc}")
             return
+        loop.remove_reader(conn.fileno())
         ctx = server_context(client, config, tokenizer, options, metrics)
         server = uvicorn.Server(uvicorn_config(create_app(ctx, api_key_of(options)), options))
-        loop = asyncio.get_running_loop()
 
         def parent_gone() -> None:
             loop.remove_reader(conn.fileno())
@@ -122,15 +126,17 @@ async def _serve_worker(spec: WorkerSpec, sock: socket.socket, conn: Any, on_sta
 
         loop.add_reader(conn.fileno(), parent_gone)
         prepare_server_gc()
-        on_started()
+        on_started(server)
         conn.send("ready")
         publisher = publish_metrics_periodically(metrics)
         try:
-            await server.serve(sockets=[sock])
+            await server.serve(sockets=sockets)
         finally:
             publisher.cancel()
             metrics.publish()
     finally:
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(conn.fileno())
         await client.shutdown()
 
 
@@ -141,7 +147,10 @@ def publish_metrics_periodically(metrics: Any) -> asyncio.Task[None]:
     async def publish() -> None:
         while True:
             await asyncio.sleep(METRICS_PUBLISH_S)
-            metrics.publish()
+            try:
+                metrics.publish()
+            except OSError as exc:  # e.g. a full /tmp: the other processes' scrapes miss ours
+                logger.warning("could not publish this API server's metrics: %s", exc)
 
     return asyncio.get_running_loop().create_task(publish(), name="hallm-metrics-publish")
 
@@ -149,11 +158,13 @@ def publish_metrics_periodically(metrics: Any) -> asyncio.Task[None]:
 class ApiWorkers:
     """The first process's handle on API server processes 1..N-1: spawn, wait, watch, stop."""
 
-    def __init__(self, client: AsyncEngineClient, config: Any, options: Any, sock: socket.socket) -> None:
+    def __init__(
+        self, client: AsyncEngineClient, config: Any, options: Any, sockets: list[socket.socket]
+    ) -> None:
         self.client = client
         self.config = config
         self.options = options
-        self.sock = sock
+        self.sockets = sockets
         self.processes: list[Any] = []
         self.conns: list[Any] = []
         #: An API server process exited while serving (the first process then exits 1).
@@ -170,6 +181,7 @@ class ApiWorkers:
                 count=count,
                 requests_addr=requests_addr,
                 outputs_addr=outputs_addr,
+                engine_pid=int(self.client.pid or 0),
                 metrics_dir=str(self.client.tmpdir),
                 config=self.config,
                 options=self.options,
@@ -178,7 +190,7 @@ class ApiWorkers:
             parent_conn, child_conn = mp.Pipe()
             process = mp.Process(
                 target=run_api_worker,
-                args=(spec, self.sock, child_conn),
+                args=(spec, self.sockets, child_conn),
                 name=f"hallm-api-{index}",
                 daemon=True,
             )
@@ -189,22 +201,27 @@ class ApiWorkers:
         logger.info("started %d more API server processes", len(self.processes))
 
     async def wait_ready(self, timeout: float = WORKER_START_TIMEOUT_S) -> None:
-        """Until every API server process has attached to the engine; EngineStartError if one
-        failed or exited (with its reason) or the time ran out."""
+        """Until every API server process has attached to the engine; EngineStartError as soon as
+        one failed or exited (with its reason), or when the time runs out."""
         deadline = time.monotonic() + timeout
-        for index, (process, conn) in enumerate(zip(self.processes, self.conns, strict=True), start=1):
-            while not conn.poll():
-                if not process.is_alive():
+        pending = dict(enumerate(zip(self.processes, self.conns, strict=True), start=1))
+        while pending:
+            for index, (process, conn) in list(pending.items()):
+                if conn.poll():
+                    try:
+                        answer = conn.recv()
+                    except EOFError:
+                        answer = f"exited with code {process.exitcode}"
+                    if answer != "ready":
+                        raise EngineStartError(f"API server process {index} failed to start: {answer}")
+                    del pending[index]
+                elif not process.is_alive():
                     raise EngineStartError(f"API server process {index} exited with code {process.exitcode}")
-                if time.monotonic() > deadline:
-                    raise EngineStartError(f"API server process {index} did not start within {timeout:.0f} s")
-                await asyncio.sleep(0.05)
-            try:
-                answer = conn.recv()
-            except EOFError:
-                answer = f"exited with code {process.exitcode}"
-            if answer != "ready":
-                raise EngineStartError(f"API server process {index} failed to start: {answer}")
+            if pending and time.monotonic() > deadline:
+                raise EngineStartError(
+                    f"API server processes {sorted(pending)} did not start within {timeout:.0f} s"
+                )
+            await asyncio.sleep(0.05)
 
     def watch(self, server: Any) -> None:
         """From now on, the death of an API server process stops `server` (and so this one), and
@@ -259,4 +276,33 @@ class ApiWorkers:
                 process.join(5)
         for conn in self.conns:
             conn.close()
-        self.sock.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to (as asyncio's create_server binds
+    them), to be shared by all API server processes; not listening yet (connections are refused
+    until the servers start)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {host or '*'} port {port}: {exc.strerror}; choose another --port "
+                    "or stop what uses it"
+                ) from None
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import shutil
 import tempfile
 import time
@@ -146,9 +147,20 @@ class AsyncEngineClient:
         child_conn.close()
         logger.info("engine process started (pid %d)", self._process.pid)
 
-    def attach(self, index: int, requests_addr: str, outputs_addr: str) -> None:
-        """Be API server `index` of an engine another process spawned (call `start` next)."""
+    def attach(self, index: int, requests_addr: str, outputs_addr: str, engine_pid: int) -> None:
+        """Be API server `index` of the engine process `engine_pid` that another process spawned
+        (call `start` next). Its death is watched through a pidfd (Linux 5.3+)."""
         self.index = index
+        try:
+            self._pidfd = os.pidfd_open(engine_pid)
+        except ProcessLookupError:
+            raise EngineStartError(f"the engine process (pid {engine_pid}) is gone") from None
+        except (AttributeError, OSError) as exc:
+            raise EngineStartError(
+                f"cannot watch the engine process (pid {engine_pid}) from another API server process: "
+                f"{exc}; --api-server-count above 1 needs Linux 5.3 or later (pidfd_open)"
+            ) from None
+        self._engine_pid = engine_pid
         self._bind(requests_addr, outputs_addr)
 
     def _bind(self, requests_addr: str, outputs_addr: str) -> None:
@@ -180,6 +192,8 @@ class AsyncEngineClient:
         while True:
             if self._process is not None and not self._process.is_alive():
                 raise EngineStartError(f"the engine process exited with code {self._process.exitcode}")
+            if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+                raise EngineStartError(f"the engine process (pid {self._engine_pid}) exited")
             if time.monotonic() > deadline:
                 raise EngineStartError(f"the engine did not start within {timeout:.0f} s")
             try:
@@ -196,26 +210,17 @@ class AsyncEngineClient:
         # Sends never block (a dead peer must not hang us), so wait until the engine's inbox is
         # connected before the first request: a harmless message goes through once it is.
         while not self._send(AbortRequests([])):
-            if (self._process is not None and not self._process.is_alive()) or time.monotonic() > deadline:
+            gone = self._process is not None and not self._process.is_alive()
+            gone = gone or (self._pidfd is not None and bool(select.select([self._pidfd], [], [], 0)[0]))
+            if gone or time.monotonic() > deadline:
                 raise EngineStartError("the engine process did not connect to the API process")
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
         if self._process is not None:
             loop.add_reader(self._process.sentinel, self._on_process_exit)
-        else:
-            self._watch_engine(self.ready.pid)
+        elif self._pidfd is not None:  # attached: a pidfd becomes readable when the engine exits
+            loop.add_reader(self._pidfd, self._on_engine_exit)
         self._reader = asyncio.create_task(self._read_outputs(), name="hallm-engine-outputs")
-
-    def _watch_engine(self, pid: int) -> None:
-        """Notice the death of an engine process this one did not spawn (no sentinel): a pidfd
-        becomes readable when it exits."""
-        self._engine_pid = pid
-        try:
-            self._pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError) as exc:  # not Linux >= 5.3: the spawner stops us instead
-            logger.warning("cannot watch the engine process (pid %d): %s", pid, exc)
-            return
-        asyncio.get_running_loop().add_reader(self._pidfd, self._on_engine_exit)
 
     def _on_engine_exit(self) -> None:
         if self._pidfd is not None:
@@ -242,7 +247,8 @@ class AsyncEngineClient:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._process.sentinel)
             if self._process.is_alive():
-                self._send(Shutdown())
+                if not self._send(Shutdown()):  # its inbox is not connected yet (still importing)
+                    self._process.terminate()
                 await asyncio.get_running_loop().run_in_executor(None, self._process.join, timeout)
             if self._process.is_alive():
                 logger.warning("the engine process did not exit in %.0f s; killing it", timeout)
