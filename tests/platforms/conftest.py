@@ -237,20 +237,21 @@ def run_py() -> RunPy:
         site: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         full_env = {k: v for k, v in os.environ.items() if k not in ("HALLM_DEVICE", "FAKE_PROBE_LOG")}
-        # A cache of its own per run: hung probes are remembered there across processes.
-        full_env["HALLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="hallm-cache-")
         full_env["PYTHONPATH"] = os.pathsep.join([str(site), full_env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
         )
-        full_env.update(env or {})
-        return subprocess.run(
-            [sys.executable, *args],
-            capture_output=True,
-            text=True,
-            env=full_env,
-            timeout=timeout,
-            check=False,
-        )
+        # A cache of its own per run (hung probes are remembered there across processes), removed after.
+        with tempfile.TemporaryDirectory(prefix="hallm-cache-") as cache:
+            full_env["HALLM_CACHE_DIR"] = cache
+            full_env.update(env or {})
+            return subprocess.run(
+                [sys.executable, *args],
+                capture_output=True,
+                text=True,
+                env=full_env,
+                timeout=timeout,
+                check=False,
+            )
 
     return run
 
