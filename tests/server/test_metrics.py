@@ -20,9 +20,9 @@ from hallm.entrypoints.openai.metrics import (
     _TPOT_BUCKETS,
     _TTFT_BUCKETS,
     KV_CONNECTOR_COUNTERS,
-    MetricsShare,
     ServerMetrics,
 )
+from hallm.entrypoints.openai.metrics_share import MetricsShare
 
 
 def _samples(text: bytes, prefixes: tuple[str, ...]) -> dict[str, float]:

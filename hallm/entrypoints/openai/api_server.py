@@ -260,7 +260,7 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
     from hallm.core.model_loader import load_tokenizer
     from hallm.core.server_gc import prepare_server_gc
     from hallm.entrypoints.openai.api_workers import ApiWorkers, bind_sockets, publish_metrics_periodically
-    from hallm.entrypoints.openai.metrics import MetricsShare
+    from hallm.entrypoints.openai.metrics_share import MetricsShare
 
     count = options.api_server_count
     client = AsyncEngineClient(logging.getLogger("hallm").level)

@@ -87,7 +87,8 @@ async def _serve_worker(spec: WorkerSpec, sockets: list[socket.socket], conn: An
         server_context,
         uvicorn_config,
     )
-    from hallm.entrypoints.openai.metrics import MetricsShare, ServerMetrics
+    from hallm.entrypoints.openai.metrics import ServerMetrics
+    from hallm.entrypoints.openai.metrics_share import MetricsShare
 
     config, options = spec.config, spec.options
     loop = asyncio.get_running_loop()
