@@ -36,19 +36,24 @@ class Worker:
 
         budget = total * utilization - (memory in use after loading the model) - (the activation
         peak of a worst-case step, where the platform can measure it).
+
+        The worst-case step runs only where the platform measures peaks: elsewhere (the host's
+        memory on the CPU) it would measure nothing, and a full step of `max_num_batched_tokens`
+        prompt tokens is the slowest step a model takes on such a device, paid at every start.
         """
         assert self.runner is not None
         self.platform.empty_cache()
         self.platform.reset_peak_memory()
-        self.runner.profile_run()
-        gc.collect()
-        self.platform.empty_cache()
-        free, total = self.platform.memory_info(self.local_rank)
-        peak = self.platform.peak_memory_bytes()
-        allocated = self.platform.allocated_memory_bytes()
         activation_peak = 0
-        if peak is not None and allocated is not None:
-            activation_peak = max(0, peak - allocated)
+        if self.platform.peak_memory_bytes() is not None:
+            self.runner.profile_run()
+            gc.collect()
+            self.platform.empty_cache()
+            peak = self.platform.peak_memory_bytes()
+            allocated = self.platform.allocated_memory_bytes()
+            if peak is not None and allocated is not None:
+                activation_peak = max(0, peak - allocated)
+        free, total = self.platform.memory_info(self.local_rank)
         budget = int(total * self.config.cache.gpu_memory_utilization) - (total - free) - activation_peak
         logger.info(
             "memory: total %.2f GiB, in use %.2f GiB, activation peak %.2f GiB -> KV budget %.2f GiB",

@@ -162,7 +162,8 @@ class Platform(ABC):
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory allocated since the last `reset_peak_memory()`, if measurable.
 
-        Default: None (the engine then sizes the KV cache from `memory_info()` alone).
+        Default: None (the engine then sizes the KV cache from `memory_info()` alone, without
+        running a worst-case step to profile).
         """
         return None
 

@@ -60,3 +60,33 @@ def test_pool_stops_at_what_the_sequences_can_use(model_dir: str, caplog: pytest
     blocks, _, line = pool(model_dir, caplog, max_num_seqs=2)
     assert blocks == 2 * 64 // 4 + 1
     assert "--max-num-seqs x --max-model-len" in line
+
+
+def test_worst_case_step_runs_only_where_the_platform_measures_peaks(
+    model_dir: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host memory has no peak to measure, so the CPU sizes its pool without the profiling step
+    (a full step of prompt tokens, paid at every start); a platform that measures peaks runs it and keeps
+    the activation peak out of the KV budget."""
+    from hallm_cpu.platform import CpuPlatform
+
+    from hallm.core.model_runner import ModelRunner
+
+    calls: list[int] = []
+    profile_run = ModelRunner.profile_run
+
+    def counted(self: ModelRunner) -> None:
+        calls.append(1)
+        profile_run(self)
+
+    monkeypatch.setattr(ModelRunner, "profile_run", counted)
+    pool(model_dir, caplog, max_num_seqs=2)
+    assert calls == []
+
+    monkeypatch.setattr(CpuPlatform, "peak_memory_bytes", lambda self: 3 * 2**30)
+    monkeypatch.setattr(CpuPlatform, "allocated_memory_bytes", lambda self: 2**30)
+    with caplog.at_level(logging.INFO, logger="hallm.worker"):
+        LLM(model=model_dir, device="cpu", dtype="float32", block_size=4, max_model_len=64, max_num_seqs=2)
+    assert calls == [1]
+    memory = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory:"))
+    assert "activation peak 2.00 GiB" in memory, memory
