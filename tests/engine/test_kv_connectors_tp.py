@@ -52,10 +52,11 @@ def block_file(root: Path, prompt: list[int], index: int, rank: int) -> Path:
     return found
 
 
+# Synchronous mp (the default) runs the same producer/consumer round in
+# test_one_ranks_shard_broken_or_missing.
 @pytest.mark.parametrize(
     "engine",
     [
-        pytest.param({}, id="mp"),
         pytest.param({"async_scheduling": True}, id="mp-async"),
         pytest.param({"distributed_executor_backend": "ray"}, id="ray"),
     ],

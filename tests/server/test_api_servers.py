@@ -141,14 +141,17 @@ def test_two_api_servers_answer_like_one_and_count_together(
     assert processes[0].pid == two.proc.pid
     conns = connections_on_each(two, processes)
     oracle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    prompts = ["The quick brown fox", "Once upon a time"]
+    cases = [
+        (prompt, stream) for prompt in ("The quick brown fox", "Once upon a time") for stream in (False, True)
+    ]
+    expected = [completion(oracle, prompt, stream, server.headers) for prompt, stream in cases]
     done = 0
-    for conn in conns:  # one connection held by each API server process
-        for prompt in prompts:
-            for stream in (False, True):
-                expected = completion(oracle, prompt, stream, server.headers)
-                assert completion(conn, prompt, stream, {}) == expected
-                done += 1
+    # One connection held by each API server process, used in turn: none sits idle past the
+    # server's keep-alive timeout (a closed connection could not be pinned to its process again).
+    for (prompt, stream), want in zip(cases, expected, strict=True):
+        for conn in conns:
+            assert completion(conn, prompt, stream, {}) == want
+            done += 1
     # Each process counts its own requests and reads the other's within about a second.
     for conn in conns:
         wait_until(lambda conn=conn: success_total(conn) == done, timeout=15, interval=0.2)

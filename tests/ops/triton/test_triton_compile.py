@@ -1,5 +1,10 @@
-"""Every kernel code path compiles to a cubin for sm_80 and sm_90 (hallm-cuda) and to an hsaco
-for gfx90a and gfx942 (hallm-rocm, through Triton's HIP backend) without a GPU.
+"""Every kernel code path compiles to a cubin for sm_80 (hallm-cuda) and to an hsaco for gfx942
+(hallm-rocm, through Triton's HIP backend) without a GPU.
+
+One target per vendor: sm_80 has the smallest shared memory of the NVIDIA targets (99 KB per
+block, as sm_86/sm_89), and gfx942 (MI300) is the AMD target users run. sm_90 kernels are compiled and
+run by the GPU runs (`tests/gpu/run_all.sh kernels` on an H100/H200), gfx90a is left to
+`python -m hallm.ops.triton.compile_check gfx90a`: each target costs this suite ~35 s.
 
 Triton's full pipeline (down to ptxas, shipped in the triton wheel) runs in a subprocess with the
 interpreter off (this test session runs triton in interpreter mode; see conftest.py). A kernel
@@ -36,12 +41,12 @@ def _compile(*archs: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    return _compile("80", "90")
+    return _compile("80")
 
 
 @pytest.fixture(scope="module")
 def compiled_amd() -> list[dict]:
-    return _compile("gfx90a", "gfx942")
+    return _compile("gfx942")
 
 
 def _check(results: list[dict], arch: str) -> None:
@@ -54,14 +59,14 @@ def _check(results: list[dict], arch: str) -> None:
         assert 0 <= r["shared"] <= limit, f"{name}: {r['shared']} bytes of shared memory > {limit}"
 
 
-@pytest.mark.parametrize("arch", ["cuda:80", "cuda:90"])
+@pytest.mark.parametrize("arch", ["cuda:80"])
 def test_every_ci_variant_compiles(compiled: list[dict], arch: str) -> None:
     _check(compiled, arch)
 
 
-@pytest.mark.parametrize("arch", ["hip:gfx90a", "hip:gfx942"])
+@pytest.mark.parametrize("arch", ["hip:gfx942"])
 def test_every_ci_variant_compiles_for_amd(compiled_amd: list[dict], arch: str) -> None:
-    """The kernels hallm-rocm launches (the same variants, no PDL) lower for both AMD targets."""
+    """The kernels hallm-rocm launches (the same variants, no PDL) lower for MI300."""
     _check(compiled_amd, arch)
 
 
