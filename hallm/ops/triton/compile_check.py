@@ -405,28 +405,73 @@ def compile_variants(
     return results
 
 
-def main(argv: list[str]) -> None:
-    """python -m hallm.ops.triton.compile_check [--ci] [--json] [ARCH ...] (default 80 90).
+def _compile_group(arch: int | str, names: list[str]) -> list[dict[str, Any]]:
+    """One worker's share of a parallel compile check: `names`' variants for `arch`, as dicts."""
+    return [dataclasses.asdict(r) for r in compile_variants(arch, only=names)]
 
-    ARCH: an NVIDIA compute capability (80, 90) or an AMD architecture (gfx90a, gfx942)."""
+
+def compile_parallel(archs: list[int | str], ci: bool, jobs: int) -> list[dict[str, Any]]:
+    """Every variant (or the CI subset) for each of `archs`, compiled by `jobs` processes: Triton's
+    pipeline runs on one core, so the variants are dealt round-robin into `jobs` groups per
+    architecture. Results in each architecture's variant order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    groups = []
+    for arch in archs:
+        names = [v[0] for v in variants(target=compile_target(arch))]
+        if ci:
+            names = [n for n in names if n in CI_SUBSET]
+        groups += [(arch, names[i::jobs]) for i in range(min(jobs, len(names)))]
+    # spawn: a fresh interpreter per worker (a forked Triton/torch process is not safe to reuse)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_compile_group, *zip(*groups, strict=True)))
+    order = {(arch, v[0]): i for arch in archs for i, v in enumerate(variants(target=compile_target(arch)))}
+    rows = [row for part in parts for row in part]
+    return sorted(
+        rows, key=lambda r: (archs.index(_arch_of(r["target"])), order[_arch_of(r["target"]), r["name"]])
+    )
+
+
+def _arch_of(target: str) -> int | str:
+    """The architecture argument of a result's target ("cuda:90" -> 90, "hip:gfx942" -> "gfx942")."""
+    arch = target.split(":", 1)[1]
+    return arch if arch in AMD_ARCHS else int(arch)
+
+
+def main(argv: list[str]) -> None:
+    """python -m hallm.ops.triton.compile_check [--ci] [--json] [--jobs N] [ARCH ...] (default 80 90).
+
+    ARCH: an NVIDIA compute capability (80, 90) or an AMD architecture (gfx90a, gfx942).
+    --jobs N: compile in N processes (default 1)."""
     import json
     import time
 
     ci = "--ci" in argv
     as_json = "--json" in argv
-    archs = [a for a in argv if not a.startswith("--")] or ["80", "90"]
-    rows = []
-    for arch in archs:
-        start = time.perf_counter()
-        results = compile_variants(arch if arch in AMD_ARCHS else int(arch), only=CI_SUBSET if ci else None)
-        for r in results:
-            rows.append(dataclasses.asdict(r))
-            if not as_json:
-                print(f"{r.target:12} {r.name:50} shared={r.shared:6d}")
-        if not as_json:
-            print(f"{arch}: {time.perf_counter() - start:.1f} s")
+    jobs = 1
+    for a in argv:
+        if a.startswith("--jobs="):
+            jobs = int(a.split("=", 1)[1])
+    if jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {jobs}")
+    names = [a for a in argv if not a.startswith("--")] or ["80", "90"]
+    archs: list[int | str] = [a if a in AMD_ARCHS else int(a) for a in names]
+    start = time.perf_counter()
+    if jobs > 1:
+        rows = compile_parallel(archs, ci, jobs)
+    else:
+        rows = [
+            dataclasses.asdict(r)
+            for arch in archs
+            for r in compile_variants(arch, only=CI_SUBSET if ci else None)
+        ]
     if as_json:
         print(json.dumps(rows))
+        return
+    for r in rows:
+        print(f"{r['target']:12} {r['name']:50} shared={r['shared']:6d}")
+    print(f"{' '.join(names)}: {time.perf_counter() - start:.1f} s with {jobs} process(es)")
 
 
 if __name__ == "__main__":
