@@ -67,3 +67,28 @@ def test_cache_root_follows_the_environment(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv("HALLM_CACHE_DIR")
     assert gguf.cache_root() == Path.home() / ".cache" / "hallm"
     assert gguf.cache_root(tmp_path) == tmp_path
+
+
+def test_a_conversion_parses_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers reads the file for the config, the tokenizer and the tensors: one parse
+    serves them all (and hallm's metadata check), and gguf is itself again afterwards."""
+    import gguf as gguf_pkg
+
+    from tests.utils.tiny_gguf import write_tiny_gguf
+    from tests.utils.tiny_models import build_tiny_model
+
+    hf_dir = build_tiny_model("qwen3_moe", tmp_path / "hf")
+    model = write_tiny_gguf(hf_dir, tmp_path / "tiny.gguf")
+    reader_cls, name_map = gguf_pkg.GGUFReader, gguf_pkg.get_tensor_name_map
+    parsed: list[str] = []
+
+    class CountingReader(reader_cls):  # type: ignore[misc,valid-type]
+        def __init__(self, path: str, *args: object, **kwargs: object) -> None:
+            parsed.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf_pkg, "GGUFReader", CountingReader)
+    out = gguf.convert_gguf(model, tmp_path / "cache")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert parsed == [str(model)]
+    assert gguf_pkg.GGUFReader is CountingReader and gguf_pkg.get_tensor_name_map is name_map

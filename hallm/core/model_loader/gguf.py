@@ -2,7 +2,10 @@
 
 transformers' GGUF support parses the metadata into a config and a tokenizer, dequantizes the
 tensors with the `gguf` package and maps llama.cpp names to HF names (undoing llama.cpp's q/k
-permutation). That takes ~25 s for SmolLM2-135M on two cores, so the result is written as an HF
+permutation). transformers parses the file three times (config, tokenizer, tensors) and builds
+gguf's tensor-name map once per module of the model, two thirds of a conversion's time: within a
+conversion each file is parsed once and each name map built once (`_parsed_once`). It still takes
+~15 s for SmolLM2-135M on two cores, so the result is written as an HF
 directory (config.json, model.safetensors, tokenizer files, generation_config.json) under
 `<cache>/gguf/<key>`, key = hash of the file's real path, size and mtime and of the layout
 version of what is written; a changed file gets a new entry. The directory appears atomically
@@ -24,12 +27,15 @@ misshapen weights.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +85,36 @@ def convert_gguf(gguf_path: str | os.PathLike[str], cache_dir: str | os.PathLike
     return target
 
 
+@contextlib.contextmanager
+def _parsed_once() -> Iterator[None]:
+    """Within the block, `gguf.GGUFReader(path)` returns one reader per file and
+    `gguf.get_tensor_name_map` one map per (arch, blocks): transformers imports both from the
+    `gguf` package at each call and only reads them (readers are read-only memory maps)."""
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    gguf.GGUFReader = reader  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map  # type: ignore[misc]
+
+
 def _write_hf_dir(path: Path, out: Path) -> None:
+    with _parsed_once():
+        _convert(path, out)
+
+
+def _convert(path: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
