@@ -45,8 +45,9 @@ SHAPES = {
 L2_FLUSH_BYTES = 256 << 20
 
 
-def time_op(make_fn: Any, copies: int) -> float:
-    """Microseconds per call of make_fn(i)() averaged over `copies` distinct operands."""
+def time_op(make_fn: Any, copies: int, rep: int = 60) -> float:
+    """Microseconds per call of make_fn(i)() averaged over `copies` distinct operands, from CUDA
+    graph replays of about `rep` ms (the median of 10)."""
     import triton.testing
 
     fns = [make_fn(i) for i in range(copies)]
@@ -56,7 +57,7 @@ def time_op(make_fn: Any, copies: int) -> float:
             f()
 
     run()
-    return triton.testing.do_bench_cudagraph(run, rep=60, return_mode="median") * 1e3 / copies
+    return triton.testing.do_bench_cudagraph(run, rep=rep, return_mode="median") * 1e3 / copies
 
 
 def bench_shape(n: int, k: int, bias: bool, rows: int, configs: list[Any]) -> dict[str, Any]:

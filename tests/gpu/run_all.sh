@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run, in one command, from a fresh NVIDIA machine with torch + triton + transformers:
 #
-#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused moe profile profile-engine profile-host profile-launch host-overhead conformance served kv and those below (default:
+#   tests/gpu/run_all.sh [STEP ...]      STEPs: kernels greedy g4 g4-sweep g1 g1-hallm g1-llama g4-llama g4-steps g4-decoder g2 g2-long linear linear-fused linear-decode moe profile profile-engine profile-host profile-launch host-overhead conformance served kv and those below (default:
 #                                        kernels greedy g4 g1)
 #
 # kernels   tests/gpu/test_triton_gpu.py: every Triton kernel variant compiled and run against
@@ -21,6 +21,9 @@
 # moe       tests/gpu/test_fused_moe_gpu.py and benchmarks/gpu_moe.py: the Triton fused MoE against the
 #           reference, then Qwen3-30B-A3B's MoE layer at decode batch 1/32/128 vs its bytes floor and the reference
 # linear-fused  the fused decoder stack's qkv launch (norm prologue, rotary epilogue) vs the kernels it replaces (--fused)
+# linear-decode  tests/gpu/test_decode_gemm_gpu.py, then benchmarks/gpu_decode_gemm.py: the decode-batch
+#           GEMM (hallm.ops.triton.decode_gemm) vs cuBLAS on both models' qkv/o/gate_up/down at 128/192/256 rows,
+#           shipped configuration and a tile/split sweep at 192 rows (~4 minutes on an H100)
 # profile   benchmarks/gpu_step_profile.py: the kernels of Qwen2.5-0.5B's decode-graph replay at batch 1 and 32
 # profile-host  cProfile of 64 decode steps of Qwen2.5-0.5B at batch 1 and 32, and the host's graph-launch cost with PDL on and off
 # profile-launch  the host cost of a decode step's CUDA calls (graph launches, copies, lm_head, argmax) at batch 1/16/32, and without PDL
@@ -115,6 +118,8 @@ for step in $STEPS; do
     moe) run moe-test $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fused_moe_gpu.py
          run moe $PY benchmarks/gpu_moe.py --out "$RES" ;;
     linear-fused) run linear-fused $PY benchmarks/gpu_linear.py --out "$RES" --fused --rows 1,16 ;;
+    linear-decode) run linear-decode-test $PY -m pytest -q -p no:cacheprovider -rf tests/gpu/test_decode_gemm_gpu.py
+                   run linear-decode $PY benchmarks/gpu_decode_gemm.py --out "$RES" ;;
     profile) run profile $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 ;;
     profile-engine) run profile-engine-qwen $PY benchmarks/gpu_step_profile.py --out "$RES" --model qwen2.5-0.5b --batches 1,32 --engine
                     run profile-engine-llama $PY benchmarks/gpu_step_profile.py --out "$RES" --model llama-3.1-8b --batches 1 --engine ;;

@@ -14,6 +14,9 @@ their attention backends; nothing imports it at plugin load). Kernels:
 
 - `skinny_gemm.skinny_linear`: a linear layer over few rows (decode steps), with an optional
   RMSNorm prologue and rotary epilogue; streams the weight once for all rows.
+- `decode_gemm.decode_linear`: a linear layer over a decode batch of 17-256 rows (each weight
+  tile loaded once for every 64-row chunk; split-K or stream-K where column blocks leave SMs
+  idle). Measured against cuBLAS by `benchmarks/gpu_decode_gemm.py`; no op table uses it yet.
 - `fused_moe.fused_moe`: a mixture-of-experts MLP as two grouped GEMMs over the step's
   (token, expert) pairs sorted by expert (`moe_align`): gate/up with SiLU-and-mul, then down
   scaled by the routing weight; only the chosen experts' weights are read.
@@ -25,7 +28,7 @@ the launch beyond the number of requests and tokens), so a decode step can be ca
 CUDA graph and replayed with new lengths and block tables.
 
 `hallm.ops.triton.compile_check` compiles every kernel variant for a GPU target without a GPU
-(CI's guard that the kernels build for sm_80/sm_90).
+(CI's guard that the kernels build for sm_80 and gfx942).
 """
 
 from __future__ import annotations
