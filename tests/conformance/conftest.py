@@ -225,14 +225,16 @@ def pytest_collection_modifyitems(
 ) -> None:
     """The kit's tests run last, and its runs start as soon as collection ends: they are
     subprocesses (the rocm interpreter run alone takes minutes), so they go on beside the rest of
-    the suite, which mostly keeps one core busy, instead of the suite waiting for them."""
+    the suite, which mostly keeps one core busy, instead of the suite waiting for them. One run
+    at a time: two beside the suite oversubscribe a 2-core host, and its multi-process tests (TP
+    ranks, Ray, servers) then ran up to 4x slower than alone."""
     kit_items = [item for item in items if "kit" in getattr(item, "fixturenames", ())]
     if not kit_items:
         return
     chosen = set(kit_items)
     items[:] = [item for item in items if item not in chosen] + kit_items
     if not _RUNNER:
-        _RUNNER.append(_new_runner(default_jobs=2))
+        _RUNNER.append(_new_runner(default_jobs=1))
         _RUNNER[0].start()
 
 
