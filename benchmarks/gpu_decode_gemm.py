@@ -46,19 +46,10 @@ Job = tuple[int, int, bool, int, Any, Any]  # N, K, bias, rows, DecodeGemmConfig
 
 
 def device_target() -> Any:
-    """This GPU as a Triton launch target: its SMs, shared memory per block (opt-in), PDL on sm_90+."""
-    import torch
-    import triton
+    """This GPU as hallm-cuda describes it to its launches: SMs, opt-in shared memory, PDL."""
+    from hallm_cuda.platform import CudaPlatform
 
-    from hallm.ops.triton.target import TritonTarget
-
-    dev = torch.cuda.current_device()
-    props = triton.runtime.driver.active.utils.get_device_properties(dev)
-    return TritonTarget(
-        num_sms=props["multiprocessor_count"],
-        pdl=torch.cuda.get_device_capability(dev)[0] >= 9,
-        shared_memory_bytes=props["max_shared_mem"],
-    )
+    return CudaPlatform().triton_target()
 
 
 def decode_label(cfg: Any) -> str:

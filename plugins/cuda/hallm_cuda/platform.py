@@ -165,14 +165,20 @@ class CudaPlatform(TorchCudaRuntime, Platform):
     # ---- engine hooks -----------------------------------------------------------------------
 
     def triton_target(self) -> TritonTarget:
-        """Device 0's SM count, and programmatic dependent launch from sm_90 on."""
+        """Device 0's SM count, the shared memory a block may opt in to (227 KB on an H100),
+        and programmatic dependent launch from sm_90 on."""
         if self._target is None:
             import torch
 
-            from hallm.ops.triton.target import TritonTarget
+            from hallm.ops.triton.target import NVIDIA_SHARED_MEMORY, TritonTarget
 
-            sms = int(torch.cuda.get_device_properties(0).multi_processor_count)
-            self._target = TritonTarget(num_sms=sms, pdl=self.compute_capability(0) >= PDL_MIN_CAPABILITY)
+            props = torch.cuda.get_device_properties(0)
+            shared = int(getattr(props, "shared_memory_per_block_optin", 0)) or NVIDIA_SHARED_MEMORY
+            self._target = TritonTarget(
+                num_sms=int(props.multi_processor_count),
+                pdl=self.compute_capability(0) >= PDL_MIN_CAPABILITY,
+                shared_memory_bytes=shared,
+            )
         return self._target
 
     def op_table(self) -> OpTable:

@@ -196,3 +196,24 @@ def test_attention_backends_are_the_triton_backend_for_this_gpu(monkeypatch: pyt
         num_heads=8, num_kv_heads=8, head_size=128, scale=0.1, dtype="float32", sliding_window=64
     )
     assert backend.validate(spec) == []
+
+
+def test_triton_target_is_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SMs and opt-in shared memory from the device's properties (an H100's here), PDL from
+    sm_90; a torch without the opt-in field gives the smallest NVIDIA block's limit."""
+    import types
+
+    import torch
+
+    from hallm.ops.triton.target import NVIDIA_SHARED_MEMORY
+
+    h100 = types.SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: h100)
+    monkeypatch.setattr(CudaPlatform, "compute_capability", lambda self, index=0: (9, 0))
+    target = CudaPlatform().triton_target()
+    assert (target.num_sms, target.shared_memory_bytes, target.pdl) == (132, 232448, True)
+    a100 = types.SimpleNamespace(multi_processor_count=108)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: a100)
+    monkeypatch.setattr(CudaPlatform, "compute_capability", lambda self, index=0: (8, 0))
+    target = CudaPlatform().triton_target()
+    assert (target.num_sms, target.shared_memory_bytes, target.pdl) == (108, NVIDIA_SHARED_MEMORY, False)
