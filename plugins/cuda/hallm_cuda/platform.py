@@ -165,8 +165,8 @@ class CudaPlatform(TorchCudaRuntime, Platform):
     # ---- engine hooks -----------------------------------------------------------------------
 
     def triton_target(self) -> TritonTarget:
-        """Device 0's SM count, the shared memory a block may opt in to (227 KB on an H100),
-        and programmatic dependent launch from sm_90 on."""
+        """Device 0's SM count, the shared memory a block may opt in to (what pipelined kernels
+        size their stages from), and programmatic dependent launch from sm_90 on."""
         if self._target is None:
             import torch
 
