@@ -29,6 +29,8 @@ VARIANTS: dict[str, str] = {
     "no-temperature-sample": "the sampler's torch path for every step (no one-pass temperature sampler)",
     "decode-graphs": "CUDA graphs of decode steps alone (steps with prompt tokens run eagerly)",
     "interpreter-gc": "server processes keep the interpreter's young-collection threshold, any device",
+    "decode-gemm": "projections of 17-256 rows through the decode GEMM where its tuning record beats cuBLAS"
+    " (benchmarks/decode_gemm_variant.py)",
 }
 
 
@@ -83,23 +85,35 @@ def apply(name: str) -> None:
 
         CudaPlatform.triton_target = no_pdl  # type: ignore[method-assign]
         return
-    edits: dict[str, Callable[[OpTable], OpTable]] = {
-        "no-decoder-stack": lambda t: dataclasses.replace(t, llama_decoder_stack=None),
-        "no-skinny": lambda t: dataclasses.replace(t, linear=None, llama_decoder_stack=None),
-        "reference-ops": lambda t: OpTable(),
-        "no-temperature-sample": lambda t: dataclasses.replace(t, temperature_sample=None),
+
+    def decode_gemm(table: OpTable, platform: Any) -> OpTable:
+        from benchmarks.decode_gemm_variant import decode_gemm_linear_op
+
+        return dataclasses.replace(table, linear=decode_gemm_linear_op(platform.triton_target()))
+
+    edits: dict[str, Callable[[OpTable, Any], OpTable]] = {
+        "no-decoder-stack": lambda t, _: dataclasses.replace(t, llama_decoder_stack=None),
+        "no-skinny": lambda t, _: dataclasses.replace(t, linear=None, llama_decoder_stack=None),
+        "reference-ops": lambda t, _: OpTable(),
+        "no-temperature-sample": lambda t, _: dataclasses.replace(t, temperature_sample=None),
+        "decode-gemm": decode_gemm,
     }
     shipped_table = CudaPlatform.op_table
 
     def op_table(self: Any) -> OpTable:
-        return edits[name](shipped_table(self))
+        return edits[name](shipped_table(self), self)
 
     CudaPlatform.op_table = op_table  # type: ignore[method-assign]
 
 
+if __name__ in ("__main__", "__mp_main__"):  # run as a file: the variants' modules are benchmarks.*
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 if __name__ == "__main__":
     import os
-    import sys
 
     from hallm.entrypoints.cli import main
 

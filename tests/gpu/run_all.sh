@@ -33,6 +33,8 @@
 #           the GPU), then benchmarks/gpu_sampler.py: the sampler's device time on Llama-3's vocabulary
 #           (batch 1/32/192/512, temperature 0.6) with the one-pass op vs the torch path
 # g2-anatomy-ab  g2-anatomy with the sampler's torch path (variant no-temperature-sample), to pair with g2-anatomy
+# g2-decode-gemm  g2-anatomy with decode batches' projections through the decode GEMM (variant decode-gemm,
+#           tuned by the decode-gemm.jsonl a linear-decode step wrote to $HALLM_GPU_RESULTS), to pair with g2-anatomy
 # served-parse-ab  served-qwen (no py-spy) with every request body parsed on the worker pool (server
 #           variant offloaded-parse), then as shipped (small bodies parsed on the event loop)
 # mixed-graphs-ab  served-qwen (no py-spy) with CUDA graphs of decode steps alone (engine variant
@@ -139,6 +141,7 @@ for step in $STEPS; do
              run sampler-conformance $PY -m hallm.entrypoints.cli conformance --device cuda --require-device \
                --report "$RES/sampler-conformance-cuda.json" -- -k temperature_sample
              run sampler $PY benchmarks/gpu_sampler.py ;;
+    g2-decode-gemm) run g2-anatomy-decode-gemm $PY benchmarks/gpu_g2_anatomy.py --out "$RES" --max-num-batched-tokens 8192 --variant decode-gemm ;;
     g2-anatomy-ab) run g2-anatomy-torch-sampler $PY benchmarks/gpu_g2_anatomy.py --out "$RES" --max-num-batched-tokens 8192 --variant no-temperature-sample ;;
     step-budget-host) run step-budget-host $PY benchmarks/gpu_step_budget.py --out "$RES" --model qwen2.5-0.5b --budgets 2048 --num-iters 1 --host-profile ;;
     step-budget) run step-budget $PY benchmarks/gpu_step_budget.py --out "$RES" --model qwen2.5-0.5b --budgets 2048,8192,16384 ;;
