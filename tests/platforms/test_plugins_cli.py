@@ -155,6 +155,10 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--port", "70000"])
+    assert exc.value.code == 2
+    assert "expected a port in 0-65535, got '70000'" in capsys.readouterr().err
 
 
 def test_device_arg_defaults_to_none_and_documents_the_fallback_order() -> None:

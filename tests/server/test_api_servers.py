@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
+from hallm.entrypoints.openai.api_workers import bind_sockets, bound_port
+from hallm.platforms import ConfigError
 from tests.server.utils import MODEL_NAME, Server, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -130,6 +133,31 @@ def success_total(conn: http.client.HTTPConnection) -> float:
         for line in raw.decode().splitlines()
         if line.startswith("hallm:request_success_total{")
     )
+
+
+def test_port_0_is_one_port_on_every_address() -> None:
+    """`--port 0` on a host of several addresses (IPv4 and IPv6) listens on one port on all."""
+    sockets = bind_sockets("", 0)
+    try:
+        if len(sockets) < 2:
+            pytest.skip("this host resolves the wildcard address to one family only")
+        port = bound_port(sockets)
+        assert port != 0
+        assert [s.getsockname()[1] for s in sockets] == [port] * len(sockets)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_a_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(
+            ConfigError, match=f"cannot listen on 127.0.0.1 port {port}: .*choose another --port"
+        ):
+            bind_sockets("127.0.0.1", port)
 
 
 def test_two_api_servers_answer_like_one_and_count_together(

@@ -1,4 +1,5 @@
-"""Helpers of the server tests: `hallm serve` in a subprocess on a free loopback port."""
+"""Helpers of the server tests: `hallm serve` in a subprocess on a loopback port it chooses
+(`--port 0`; the port is read from its "serving ... on http://host:port/v1" log line)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,8 +82,7 @@ class Server:
 def start_server(
     model_dir: Path, log_dir: Path, *extra: str, api_key: str | None = None, timeout: float = 240.0
 ) -> Server:
-    """Start `hallm serve` and wait until /health answers 200."""
-    port = free_port()
+    """Start `hallm serve --port 0`, read its port from the log, and wait until /health answers 200."""
     cmd = [
         sys.executable,
         "-m",
@@ -95,7 +96,7 @@ def start_server(
         "--host",
         "127.0.0.1",
         "--port",
-        str(port),
+        "0",
         "--served-model-name",
         MODEL_NAME,
         "--max-model-len",
@@ -111,25 +112,34 @@ def start_server(
         cmd += ["--api-key", api_key]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("HALLM_API_KEY", None)
-    log_path = log_dir / f"server-{port}.log"
+    log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=log_dir)[1])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2]
         )
-    server = Server(proc, port, log_path, api_key)
+    server: Server | None = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
+            raise AssertionError(f"the server exited with {proc.returncode}:\n{_read(log_path)}")
+        if server is None:
+            match = re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)/v1", _read(log_path))
+            if match:
+                server = Server(proc, int(match.group(1)), log_path, api_key)
+        if server is not None:
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
         time.sleep(0.2)
     proc.kill()
     proc.wait(10)
-    raise AssertionError(f"the server did not become healthy in {timeout} s:\n{server.log()}")
+    raise AssertionError(f"the server did not become healthy in {timeout} s:\n{_read(log_path)}")
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hallm.entrypoints.cli.common import positive_float, positive_int
+from hallm.entrypoints.cli.common import port_number, positive_float, positive_int
 from hallm.entrypoints.cli.engine_args import add_engine_args, engine_args_from
 from hallm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
@@ -28,7 +28,12 @@ def register(subparsers: Any) -> None:
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    g.add_argument(
+        "--port",
+        type=port_number,
+        default=8000,
+        help="port to bind (default: 8000; 0: one the system chooses, logged)",
+    )
     g.add_argument(
         "--api-key",
         default=None,

@@ -259,13 +259,19 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
 
     from hallm.core.model_loader import load_tokenizer
     from hallm.core.server_gc import prepare_server_gc
-    from hallm.entrypoints.openai.api_workers import ApiWorkers, bind_sockets, publish_metrics_periodically
+    from hallm.entrypoints.openai.api_workers import (
+        ApiWorkers,
+        bind_sockets,
+        bound_port,
+        publish_metrics_periodically,
+    )
     from hallm.entrypoints.openai.metrics_share import MetricsShare
 
     count = options.api_server_count
     client = AsyncEngineClient(logging.getLogger("hallm").level)
     client.spawn(count)  # it imports the engine while this process resolves the device and the model
     workers: ApiWorkers | None = None
+    sockets: list[Any] = []
     try:
         config = engine_args.create_engine_config()  # resolves the device, once, in this process
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.model)
@@ -275,10 +281,12 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
         client.on_stats = metrics.engine_stats
         eos = eos_token_ids(tokenizer, config.model.hf_config)
         uv_config = uvicorn_config(None, options)
-        sockets = None
+        # The listening sockets, bound before the model loads (a port in use is an error now, not
+        # after the load; with --port 0 the log names the port chosen), accepted on by every API
+        # server process.
+        sockets = bind_sockets(options.host, options.port)
+        port = bound_port(sockets)
         if count > 1:
-            # The listening sockets, bound here, accepted on by every API server process.
-            sockets = bind_sockets(options.host, options.port)
             workers = ApiWorkers(client, config, options, sockets)
             workers.spawn()  # they load the tokenizer while the engine loads the model
         await client.start(config, eos)
@@ -297,7 +305,7 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             "serving %s on http://%s:%d/v1 (engine pid %s%s)%s",
             name,
             options.host,
-            options.port,
+            port,
             client.pid,
             f", {count} API server processes" if count > 1 else "",
             ", API key required" if api_key else "",
@@ -314,6 +322,8 @@ async def serve(engine_args: Any, options: ServeOptions, on_started: Any = None)
             if workers is not None:
                 await workers.stop(options.shutdown_timeout + 5.0)
         finally:
+            for sock in sockets:
+                sock.close()
             await client.shutdown()
 
 

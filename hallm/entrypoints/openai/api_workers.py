@@ -284,7 +284,8 @@ class ApiWorkers:
 def bind_sockets(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on every address `host` resolves to (as asyncio's create_server binds
     them), to be shared by all API server processes; not listening yet (connections are refused
-    until the servers start)."""
+    until the servers start). Port 0: the port the system chooses for the first address, on
+    every address (`bound_port`)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -294,6 +295,8 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], bound_port(sockets), *address[2:])
             try:
                 sock.bind(address)
             except OSError as exc:
@@ -307,3 +310,8 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def bound_port(sockets: list[socket.socket]) -> int:
+    """The port `bind_sockets`' sockets are bound to."""
+    return int(sockets[0].getsockname()[1])
