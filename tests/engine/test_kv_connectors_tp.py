@@ -7,6 +7,7 @@ test_tensor_parallel.py). Each worker runs torch on one thread (test_tensor_para
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,19 @@ def expected(model_dir: str) -> list[list[int]]:
     return generate(make_llm(model_dir), PROMPTS)
 
 
+@pytest.fixture(scope="module")
+def tp2_saved(model_dir: str, expected: list[list[int]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What a synchronous-mp TP=2 kv_producer saved of PROMPTS (each test works on a copy)."""
+    path = tmp_path_factory.mktemp("tp2-producer")
+    with engine_of(make_llm(model_dir, storage(path, "kv_producer"), **TP2)) as producer:
+        assert generate(producer, PROMPTS, max_tokens=1) == [t[:1] for t in expected]
+    return path
+
+
+def copy_of(saved: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved, tmp_path / "kv"))
+
+
 def block_file(root: Path, prompt: list[int], index: int, rank: int) -> Path:
     """The file of `rank`'s shard of the prompt's block `index`, as a TP=2 instance names it."""
     hashes: list[bytes] = []
@@ -52,7 +66,7 @@ def block_file(root: Path, prompt: list[int], index: int, rank: int) -> Path:
     return found
 
 
-# Synchronous mp (the default) runs the same producer/consumer round in
+# Synchronous mp (the default) runs the same producer/consumer round in tp2_saved and
 # test_one_ranks_shard_broken_or_missing.
 @pytest.mark.parametrize(
     "engine",
@@ -80,17 +94,18 @@ def test_p2p_prefill_pushes_to_decode(model_dir: str, expected: list[list[int]])
     check_p2p_push(model_dir, expected, ranks=2)
 
 
-def test_one_ranks_shard_broken_or_missing(model_dir: str, expected: list[list[int]], tmp_path: Path) -> None:
+def test_one_ranks_shard_broken_or_missing(
+    model_dir: str, expected: list[list[int]], tp2_saved: Path, tmp_path: Path
+) -> None:
     """Rank 1's shard of PROMPTS[2]'s first block truncated: rank 0 loads its shard, rank 1 fails,
     and the request recomputes on both ranks (counted as a load failure). Rank 1's shard of
     PROMPTS[0]'s last loadable block deleted: that block is not offered (rank 0's shard alone
     is no use), the blocks before it are."""
-    with engine_of(make_llm(model_dir, storage(tmp_path, "kv_producer"), **TP2)) as producer:
-        generate(producer, PROMPTS, max_tokens=1)
-    broken = block_file(tmp_path, PROMPTS[2], 0, rank=1)
+    path = copy_of(tp2_saved, tmp_path)
+    broken = block_file(path, PROMPTS[2], 0, rank=1)
     broken.write_bytes(broken.read_bytes()[:100])
-    block_file(tmp_path, PROMPTS[0], 4, rank=1).unlink()
-    consumer = make_llm(model_dir, storage(tmp_path, "kv_consumer"), enable_prefix_caching=False, **TP2)
+    block_file(path, PROMPTS[0], 4, rank=1).unlink()
+    consumer = make_llm(model_dir, storage(path, "kv_consumer"), enable_prefix_caching=False, **TP2)
     with engine_of(consumer):
         assert generate(consumer, PROMPTS) == expected
         stats = kv_stats(consumer)
@@ -101,17 +116,17 @@ def test_one_ranks_shard_broken_or_missing(model_dir: str, expected: list[list[i
 
 
 def test_one_rank_instance_ignores_a_split_instances_files(
-    model_dir: str, expected: list[list[int]], tmp_path: Path
+    model_dir: str, expected: list[list[int]], tp2_saved: Path, tmp_path: Path
 ) -> None:
     """A TP=1 instance looks for other file names than a TP=2 one: it loads nothing of the
     TP=2 shards (and neither reads them as corrupt nor deletes them), then saves its own."""
-    with engine_of(make_llm(model_dir, storage(tmp_path, "kv_producer"), **TP2)) as producer:
-        generate(producer, PROMPTS, max_tokens=1)
-    shards = sorted(tmp_path.rglob("*.kvb"))
-    llm = make_llm(model_dir, storage(tmp_path))
+    path = copy_of(tp2_saved, tmp_path)
+    shards = sorted(path.rglob("*.kvb"))
+    assert len(shards) == (5 + 1 + 2) * 2
+    llm = make_llm(model_dir, storage(path))
     assert generate(llm, PROMPTS) == expected
     stats = kv_stats(llm)
     assert stats.get("kv_connector_tokens_loaded", 0) == 0
     assert stats.get("kv_connector_corrupt_blocks", 0) == 0
     assert all(p.is_file() for p in shards)
-    assert len(list(tmp_path.rglob("*.kvb"))) == len(shards) + 5 + 1 + 2
+    assert len(list(path.rglob("*.kvb"))) == len(shards) + 5 + 1 + 2
