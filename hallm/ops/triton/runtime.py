@@ -9,6 +9,8 @@ GPU targets without a GPU). A kernel's parameters are annotated only with `tl.co
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -34,10 +36,25 @@ def decorate(fn: Callable[..., Any], interpret: bool, **jit_options: Any) -> Any
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
+        _skip_dropped_overflow_checks()
         return InterpretedFunction(fn)
     from triton.runtime.jit import JITFunction
 
     return JITFunction(fn, **jit_options)
+
+
+@functools.cache
+def _skip_dropped_overflow_checks() -> None:
+    """Triton's interpreter evaluates an overflow check for every 32-bit integer add, sub and mul
+    of a kernel (`sanitize_overflow`), then drops it: its assertions run only with the `debug`
+    option, which the interpreter never sets (a compiled kernel without debug has no check either).
+    The checks are most of an interpreted attention kernel's time; with debug off they are not
+    evaluated."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    if not builder.options.debug and builder.options.sanitize_overflow:
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
 def pdl_launch(target: TritonTarget | None) -> dict[str, Any]:
