@@ -17,7 +17,7 @@ not depend on the host, so what moves the numbers is the API process (and the cl
 which on a small machine shares its cores).
 
 Each timed run starts a fresh server. Printed per run and as medians per variant and number of
-API server processes (`--api-server-counts`; runs alternate, after one untimed run):
+API server processes (`--api-server-counts`; runs alternate, after `--warmup-iters` untimed runs):
   api_cpu_us     the API processes' CPU time (from /proc: the server's process tree less the
                  stand-in's own) over the burst, per request
   gc_*           the first API process's cycle collections once serving (young, full) and their
@@ -307,7 +307,10 @@ def main() -> int:
     p.add_argument("--step-ms", type=float, default=2.2, help="the stand-in engine's step period")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--iters", type=int, default=3, help="timed runs of each variant (after one warm-up run)")
+    p.add_argument("--iters", type=int, default=3, help="timed runs of each variant (after the warm-up runs)")
+    p.add_argument(
+        "--warmup-iters", type=int, default=1, help="untimed runs of the first variant before them"
+    )
     p.add_argument(
         "--variants",
         default="shipped",
@@ -344,7 +347,8 @@ def main() -> int:
     names = {c: c[0] if c[1] == 1 else f"{c[0]}/api-x{c[1]}" for c in configs}
     runs: dict[str, list[dict[str, float]]] = {names[c]: [] for c in configs}
     try:
-        one_run(args, tmp, configs[0], seed=0, spy=False)  # warm-up: file caches, imports
+        for _ in range(args.warmup_iters):  # file caches, imports
+            one_run(args, tmp, configs[0], seed=0, spy=False)
         seed = 1
         for i in range(args.iters):
             for c in configs:

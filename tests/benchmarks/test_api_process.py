@@ -23,7 +23,7 @@ def test_ideal_steps_counts_admission_and_generation() -> None:
 def test_api_process_benchmark_runs_both_variants(tmp_path: Path) -> None:
     out = tmp_path / "api.jsonl"
     cmd = [sys.executable, str(ROOT / "benchmarks/api_process.py"), "--num-prompts", "12"]
-    cmd += ["--input-len", "32", "--output-len", "6", "--step-ms", "5", "--iters", "1"]
+    cmd += ["--input-len", "32", "--output-len", "6", "--step-ms", "5", "--iters", "1", "--warmup-iters", "0"]
     cmd += ["--variants", "shipped,interpreter-gc", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
