@@ -52,9 +52,12 @@ def _skip_dropped_overflow_checks() -> None:
     evaluated."""
     from triton.runtime import interpreter
 
-    builder = interpreter.interpreter_builder
-    if not builder.options.debug and builder.options.sanitize_overflow:
-        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    builder: Any = getattr(interpreter, "interpreter_builder", None)
+    options: Any = getattr(builder, "options", None)
+    # another Triton's interpreter may hold its options elsewhere: then it is left as it is
+    checks = getattr(options, "sanitize_overflow", False) and not getattr(options, "debug", True)
+    if checks and dataclasses.is_dataclass(options) and not isinstance(options, type):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
 def pdl_launch(target: TritonTarget | None) -> dict[str, Any]:
