@@ -75,7 +75,8 @@ def plan_for(
     rows: int, n: int, k: int, tuning: dict[tuple[int, int], list[Measured]], target: Any
 ) -> Any | None:
     """The configuration a call of `rows` rows takes, or None for cuBLAS."""
-    from hallm.ops.triton.decode_gemm import SHARED_RESERVE, decode_gemm_config
+    from benchmarks.gpu_decode_gemm import refit
+    from hallm.ops.triton.decode_gemm import decode_gemm_config
 
     measured = tuning.get((n, k))
     if not measured:
@@ -83,12 +84,8 @@ def plan_for(
     nearest = min(measured, key=lambda m: (abs(m.rows - rows), m.rows))
     if nearest.cublas_over_best <= 1.0:
         return None
-    cfg = nearest.config
-    stages = min(cfg.num_stages, (target.shared_memory_bytes - SHARED_RESERVE) // cfg.stage_bytes(rows))
-    padded = -(-rows // cfg.block_m) * cfg.block_m
-    if stages < 2 or padded * cfg.block_n > 128 * 32 * cfg.num_warps:  # no room: the shipped one
-        return decode_gemm_config(rows, n, k, target)
-    return dataclasses.replace(cfg, num_stages=stages)
+    # the measured configuration with its stages cut to these rows; the shipped one where no room
+    return refit(nearest.config, rows, target) or decode_gemm_config(rows, n, k, target)
 
 
 class DecodeGemmLinear(LinearKernel):
