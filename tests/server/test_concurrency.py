@@ -1,6 +1,11 @@
 """64 concurrent streaming clients, a quarter of which disconnect midway: every other stream
 completes with exact usage, the abandoned ones are aborted, and the engine's free-block count
-returns to where it started."""
+returns to where it started.
+
+A stream the client leaves after its first token can still finish in the engine before the server
+sees the disconnect (the client's event loop runs 64 streams and can fall a whole generation
+behind on a loaded 2-core machine); such a request is then a success with its full length, not an
+abort. The test counts each abandoned request as one or the other, and needs aborts to happen."""
 
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from tests.server.utils import API_KEY, MODEL_NAME, Server, wait_until
 
 NUM_CLIENTS = 64
 OUTPUT_LEN = 12
-# The ones that disconnect ask for far more, so that if they were not aborted they would keep
-# the engine busy (and their blocks held) long after the others finished.
+# A request whose client gives up asks for far more, so that if it were not aborted it would keep
+# the engine busy (and its blocks held) long after the others finished. The streams that leave ask
+# for no max_tokens at all (the rest of the context).
 LONG_OUTPUT_LEN = 200
 
 
@@ -38,7 +44,7 @@ def test_64_streams_quarter_disconnect(server: Server) -> None:
         stream = await client.chat.completions.create(
             model=MODEL_NAME,
             messages=messages,
-            max_tokens=LONG_OUTPUT_LEN if leave else OUTPUT_LEN,
+            max_tokens=None if leave else OUTPUT_LEN,
             temperature=0.8,
             seed=i,
             logprobs=True,
@@ -52,7 +58,7 @@ def test_64_streams_quarter_disconnect(server: Server) -> None:
                 tokens += len(choice.logprobs.content or []) if choice.logprobs else 0
                 finish = choice.finish_reason or finish
             usage = chunk.usage or usage
-            if leave and tokens >= 3:
+            if leave and tokens >= 1:
                 await stream.close()  # disconnect midway
                 break
         return {"left": leave, "tokens": tokens, "usage": usage, "finish": finish}
@@ -81,10 +87,15 @@ def test_64_streams_quarter_disconnect(server: Server) -> None:
     end_free = wait_until(lambda: idle_with_free_blocks(server), timeout=20)
     assert end_free == start_free
     m = server.metrics()
-    assert m["hallm:num_requests_aborted"] - before["hallm:num_requests_aborted"] == len(aborting)
-    assert m.get("hallm:request_success_total[abort]", 0) - before.get(
-        "hallm:request_success_total[abort]", 0
-    ) == len(aborting)
+
+    def delta(name: str) -> float:
+        return m.get(name, 0) - before.get(name, 0)
+
+    aborted = delta("hallm:num_requests_aborted")
+    assert delta("hallm:request_success_total[abort]") == aborted
+    # Every abandoned request was aborted or ran to the context limit; none is lost or stuck.
+    assert aborted + delta("hallm:request_success_total[length]") == NUM_CLIENTS
+    assert 1 <= aborted <= len(aborting), f"{aborted} of {len(aborting)} abandoned streams aborted"
     assert m["hallm:kv_cache_usage_perc"] == 0.0
 
 
