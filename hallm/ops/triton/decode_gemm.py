@@ -99,7 +99,7 @@ def _decode_gemm_kernel(  # type: ignore[no-untyped-def]
     M, N, K, x_stride, out_stride, TILES, UNITS, PROGRAMS, SLOTS,
     HAS_BIAS: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
     CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     # fmt: on
     # x [M, K] (row stride x_stride), w [N, K] contiguous, or with TMA their descriptors
@@ -107,6 +107,8 @@ def _decode_gemm_kernel(  # type: ignore[no-untyped-def]
     # TILES K tiles per column block, UNITS = column blocks x TILES units over PROGRAMS.
     # part fp32 [PROGRAMS x SLOTS, M, BLOCK_N]: slot 0 a program's partial sums of its first
     # column block, slot 1 of its last; counter int32 [column blocks]: K tiles summed so far.
+    # SPLIT: programs share column blocks; without it part and counter are stand-ins (the
+    # output) and the code that reads them is compiled out.
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
@@ -163,7 +165,7 @@ def _decode_gemm_kernel(  # type: ignore[no-untyped-def]
                 y = (accs[c] + bias[None, :]).to(out_ptr.dtype.element_ty)
                 out_mask = (rows < M)[:, None] & n_mask[None, :]
                 tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], y, mask=out_mask)
-        else:
+        elif SPLIT:
             # Store this range's partial sums. The barrier orders every thread's stores before
             # the counter's release; the acquire orders the last program's loads (through L2:
             # .cg) after the other programs' stores.
@@ -333,7 +335,7 @@ def decode_linear(
         # the interpreter's 16-bit dot is broken (triton 3.9 reinterprets the bits): fp32 there
         DOT_F32=interpreting(),
         CHUNKS=chunks, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(target),
+        SPLIT=programs != col_blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(target),
     )
     # fmt: on
     return out
