@@ -16,7 +16,9 @@ their attention backends; nothing imports it at plugin load). Kernels:
   RMSNorm prologue and rotary epilogue; streams the weight once for all rows.
 - `decode_gemm.decode_linear`: a linear layer over a decode batch of 17-256 rows (each weight
   tile loaded once for every 64-row chunk; split-K or stream-K where column blocks leave SMs
-  idle). Measured against cuBLAS by `benchmarks/gpu_decode_gemm.py`; no op table uses it yet.
+  idle). Measured against cuBLAS by `benchmarks/gpu_decode_gemm.py` (results in
+  benchmarks/results/gpu.md): cuBLAS is faster on nearly every decode shape, so no op table
+  uses it.
 - `fused_moe.fused_moe`: a mixture-of-experts MLP as two grouped GEMMs over the step's
   (token, expert) pairs sorted by expert (`moe_align`): gate/up with SiLU-and-mul, then down
   scaled by the routing weight; only the chosen experts' weights are read.
