@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         serve(ns.address, ns.rank)
     except BaseException:
         sys.exit(1)
+    # The engine waits for its ranks to exit: skip the interpreter's teardown of torch's modules
+    # (about a second), as multiprocessing's children do; the worker's own shutdown hook has run.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
