@@ -87,7 +87,7 @@ class MultiprocExecutor(RanksExecutor):
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
         self._gather(self.setup_timeout_s)  # every rank says hello
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        hello = pickle.dumps((self.config, self.world_size, init_method))
+        hello = pickle.dumps((self.rank_config(), self.world_size, init_method))
         self._broadcast_raw(hello)
         self._gather(self.setup_timeout_s)
         self._call_all("load_model")

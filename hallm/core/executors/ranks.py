@@ -15,6 +15,7 @@ rank loaded it).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from abc import abstractmethod
@@ -69,6 +70,18 @@ class RanksExecutor(Executor):
         #: output is discarded when it comes.
         self._waiting: weakref.WeakValueDictionary[int, RankStep] = weakref.WeakValueDictionary()
         self._kv = KVReportMerger(int(config.parallel.tensor_parallel_size))
+
+    def rank_config(self) -> Any:
+        """The engine config as the ranks get it: the model config as plain values where that
+        builds the same model (`plain_config`), so that a rank does not import transformers."""
+        from hallm.core.model_loader.plain_config import plain_config
+        from hallm.platforms.registry import models as contributed_models
+
+        model = self.config.model
+        plain = plain_config(model.hf_config, contributed_models())
+        if plain is model.hf_config:
+            return self.config
+        return dataclasses.replace(self.config, model=dataclasses.replace(model, hf_config=plain))
 
     @abstractmethod
     def _call_all(self, method: str, *args: Any) -> list[Any]:

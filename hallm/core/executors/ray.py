@@ -155,9 +155,10 @@ class RayExecutor(RanksExecutor):
         self.pids = [pid for _, _, pid in addresses]
         ip, port, _ = addresses[0]
         init_method = f"tcp://{ip}:{port}"
+        config = self.rank_config()
         self._gather(
             [
-                a.setup.remote(self.config, rank, self.world_size, init_method, resource)
+                a.setup.remote(config, rank, self.world_size, init_method, resource)
                 for rank, a in enumerate(self.actors)
             ],
             self.setup_timeout_s,

@@ -42,12 +42,12 @@ def _default_inv_freq(config: Any, head_size: int, params: dict[str, Any]) -> to
 
 def compute_inv_freq(config: Any, head_size: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq float32 [rotary_dim/2] on CPU, attention scaling of cos/sin) for `config`."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     params = rope_parameters(config)
     rope_type = params["rope_type"]
     if rope_type == "default":
         return _default_inv_freq(config, head_size, params), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     init_fn = ROPE_INIT_FUNCTIONS.get(rope_type)
     if init_fn is None:
         known = ["default", *sorted(ROPE_INIT_FUNCTIONS)]
