@@ -101,3 +101,22 @@ def test_to_dict_is_the_configs() -> None:
     """A KV connector identifies the model by `to_dict()`: ranks and the engine must agree."""
     config = tiny_config("qwen3_moe", 512)
     assert plain_config(config).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama3", "gpt_neox"])
+def test_what_a_rank_and_the_engine_process_get(arch: str) -> None:
+    """`with_plain_model_config`: the engine config a rank and the server's engine process are
+    sent; only the model config differs, and only where `plain_config` copies it."""
+    from hallm.core.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+    from hallm.core.model_loader.plain_config import with_plain_model_config
+
+    hf = tiny_config(arch, 512)
+    model = ModelConfig("m", None, "float32", 128, 0, "dummy", hf)
+    config = EngineConfig(model, CacheConfig(), SchedulerConfig(), ParallelConfig(), {"name": "cpu"})
+    sent = with_plain_model_config(config)
+    if arch == "qwen2":
+        assert isinstance(sent.model.hf_config, PlainConfig) and sent.model.hf_config.num_key_value_heads == 2
+        assert sent.cache is config.cache and sent.model.max_model_len == 128
+        assert config.model.hf_config is hf  # the caller's config is left as it was
+    else:  # llama3 rope; the generic path
+        assert sent is config

@@ -15,7 +15,6 @@ rank loaded it).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import weakref
 from abc import abstractmethod
@@ -74,14 +73,9 @@ class RanksExecutor(Executor):
     def rank_config(self) -> Any:
         """The engine config as the ranks get it: the model config as plain values where that
         builds the same model (`plain_config`), so that a rank does not import transformers."""
-        from hallm.core.model_loader.plain_config import plain_config
-        from hallm.platforms.registry import models as contributed_models
+        from hallm.core.model_loader.plain_config import with_plain_model_config
 
-        model = self.config.model
-        plain = plain_config(model.hf_config, contributed_models())
-        if plain is model.hf_config:
-            return self.config
-        return dataclasses.replace(self.config, model=dataclasses.replace(model, hf_config=plain))
+        return with_plain_model_config(self.config)
 
     @abstractmethod
     def _call_all(self, method: str, *args: Any) -> list[Any]:

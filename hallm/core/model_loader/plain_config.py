@@ -14,6 +14,7 @@ and a rope type other than the default (transformers' rope functions call the co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from hallm.core.layers.rotary import rope_parameters
 from hallm.core.models.registry import NATIVE_MODELS, architecture_of
 
-__all__ = ["PlainConfig", "plain_config"]
+__all__ = ["PlainConfig", "plain_config", "with_plain_model_config"]
 
 
 class PlainConfig:
@@ -98,3 +99,15 @@ def plain_config(hf_config: Any, extra_models: Mapping[str, type] | None = None)
     if rope_parameters(hf_config)["rope_type"] != "default":
         return hf_config
     return _copy(hf_config) or hf_config
+
+
+def with_plain_model_config(config: Any) -> Any:
+    """An engine config for a process that builds the model from it (a rank, the server's engine
+    process): `config` with its model config as `plain_config` makes it."""
+    from hallm.platforms.registry import models as contributed_models
+
+    model = config.model
+    plain = plain_config(model.hf_config, contributed_models())
+    if plain is model.hf_config:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(model, hf_config=plain))

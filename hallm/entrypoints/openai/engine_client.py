@@ -184,8 +184,13 @@ class AsyncEngineClient:
         if self._process is None and self._requests is None:
             self.spawn()
         if self._config_conn is not None:
+            # the model config as plain values where they build the same model: the engine
+            # process then never imports transformers (seconds of CPU beside this process's start)
+            from hallm.core.model_loader.plain_config import with_plain_model_config
+
+            sent = with_plain_model_config(config)
             with contextlib.suppress(OSError):  # if it died already, that is reported below
-                self._config_conn.send((config, list(eos_token_ids)))
+                self._config_conn.send((sent, list(eos_token_ids)))
             self._config_conn.close()
             self._config_conn = None
         deadline = time.monotonic() + timeout
