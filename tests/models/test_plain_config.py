@@ -87,14 +87,28 @@ def test_a_plugin_architecture_keeps_the_config() -> None:
 
 
 def test_unpickles_without_transformers() -> None:
-    """What a rank process does with it first: no transformers module is imported."""
-    data = pickle.dumps(plain_config(tiny_config("qwen2", 512)))
+    """What a rank process does with it first: no transformers module is imported, for every
+    native arch the copy is made for."""
+    plain = [plain_config(tiny_config(arch, 512)) for arch in NATIVE]
+    plain = [p for p in plain if isinstance(p, PlainConfig)]
+    assert len(plain) >= len(NATIVE) - 2  # all but llama3 rope and gpt_oss's yarn
     code = (
         "import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); "
-        "print(c.hidden_size, c.model_type, any(m.split('.')[0] == 'transformers' for m in sys.modules))"
+        "print(c[0].hidden_size, c[0].model_type, any(m.split('.')[0] == 'transformers' for m in sys.modules))"
     )
+    data = pickle.dumps(plain)
     out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True)
-    assert out.stdout.decode().split() == ["64", "qwen2", "False"]
+    assert out.stdout.decode().split() == ["64", plain[0].model_type, "False"]
+
+
+def test_a_value_that_needs_transformers_keeps_the_config() -> None:
+    """An instance attribute holding an object of transformers' (here its GenerationConfig, in a
+    list) would import transformers in the rank: the config goes as it is."""
+    from transformers import GenerationConfig
+
+    config = tiny_config("qwen2", 512)
+    config.hallm_extra = [GenerationConfig()]
+    assert plain_config(config) is config
 
 
 def test_to_dict_is_the_configs() -> None:

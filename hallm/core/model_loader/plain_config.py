@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import io
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,8 +51,8 @@ def _from_transformers(value: Any) -> bool:
 
 
 def _copy(config: Any) -> PlainConfig | None:
-    """The values of `config`, or None if one of them is an object of transformers' that is not
-    a config (it would import transformers when unpickled)."""
+    """The values of `config`, or None if one of them (besides nested configs, copied the same
+    way) would import transformers when unpickled."""
     values: dict[str, Any] = {}
     cls = type(config)
     for name in dir(cls):
@@ -78,9 +80,31 @@ def _copy(config: Any) -> PlainConfig | None:
             if nested is None:
                 return None
             values[name] = nested
-        elif _from_transformers(value):
-            return None
-    return PlainConfig(values, config.to_dict())
+    plain = PlainConfig(values, config.to_dict())
+    return None if _pickle_needs_transformers(plain) else plain
+
+
+class _NeedsTransformers(Exception):
+    pass
+
+
+class _TransformersFinder(pickle.Pickler):
+    """Pickles to nowhere, raising at the first object whose unpickling imports transformers (an
+    instance of one of its classes, or a class or function of it, at any depth)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        owner = obj if isinstance(obj, type) or callable(obj) else type(obj)
+        if str(getattr(owner, "__module__", "")).split(".")[0] == "transformers":
+            raise _NeedsTransformers
+        return NotImplemented
+
+
+def _pickle_needs_transformers(value: Any) -> bool:
+    try:
+        _TransformersFinder(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except _NeedsTransformers:
+        return True
+    return False
 
 
 def plain_config(hf_config: Any, extra_models: Mapping[str, type] | None = None) -> Any:
