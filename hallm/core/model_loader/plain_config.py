@@ -46,8 +46,9 @@ def _is_config(value: Any) -> bool:
     return hasattr(value, "attribute_map") and hasattr(value, "to_dict")
 
 
-def _from_transformers(value: Any) -> bool:
-    return type(value).__module__.split(".")[0] == "transformers"
+def _in_transformers(owner: Any) -> bool:
+    """Whether a class or function is transformers' own (unpickling it imports transformers)."""
+    return str(getattr(owner, "__module__", "")).split(".")[0] == "transformers"
 
 
 def _copy(config: Any) -> PlainConfig | None:
@@ -66,7 +67,7 @@ def _copy(config: Any) -> PlainConfig | None:
                 continue
             # a view of transformers' over the config (per-layer settings) is no value a model
             # reads; reading it from a PlainConfig raises, it never answers wrong
-            if _is_config(value) or not _from_transformers(value):
+            if _is_config(value) or not _in_transformers(type(value)):
                 values[name] = value
         elif not callable(static) and not isinstance(static, (classmethod, staticmethod)):
             values[name] = static
@@ -93,8 +94,7 @@ class _TransformersFinder(pickle.Pickler):
     instance of one of its classes, or a class or function of it, at any depth)."""
 
     def reducer_override(self, obj: Any) -> Any:
-        owner = obj if isinstance(obj, type) or callable(obj) else type(obj)
-        if str(getattr(owner, "__module__", "")).split(".")[0] == "transformers":
+        if _in_transformers(obj if isinstance(obj, type) or callable(obj) else type(obj)):
             raise _NeedsTransformers
         return NotImplemented
 
